@@ -1,0 +1,3 @@
+from naics_mlflow.cli import main
+
+main()

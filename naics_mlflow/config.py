@@ -1,0 +1,411 @@
+"""Typed configuration: YAML files and dotted ``KEY=VALUE`` overrides, checked against dataclasses.
+
+``conf/config.yaml`` is the single source of default values: the dataclasses below only name the
+keys and their types. Every later layer (a curriculum's or chain's per-stage values, command-line
+overrides) is a partial dict checked against the same schema before it is merged, so an unknown key
+or a value of the wrong type is reported with the layer it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from naics_mlflow.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration file or override that does not match the schema."""
+
+
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a float.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-4``) and ``1e-4`` is a string; the
+    training guide writes learning rates as ``1e-4``, so we use the YAML 1.2 float rule instead.
+    """
+
+
+_Yaml12FloatLoader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:float"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text safely (no object construction), reporting syntax errors in one line."""
+    try:
+        return yaml.load(text, Loader=_Yaml12FloatLoader)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(
+            f"{source}{line}: not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from exc
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file with :func:`parse_yaml`; a missing file is a :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    return parse_yaml(path.read_text(encoding="utf-8"), str(path))
+
+
+@dataclass(frozen=True)
+class DirsConfig:
+    data: str
+    raw: str
+    checkpoints: str
+    outputs: str
+
+
+@dataclass(frozen=True)
+class TokenizationConfig:
+    title_max_length: int
+    description_max_length: int
+    excluded_max_length: int
+    examples_max_length: int
+
+
+@dataclass(frozen=True)
+class DataLoaderConfig:
+    batch_size: int
+    num_workers: int
+    val_split: float
+    tokenization: TokenizationConfig
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str]
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    num_experts: int
+    top_k: int
+    hidden_dim: int
+    load_balancing_coef: float
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base_model_name: str
+    embedding_dim: int
+    eval_sample_size: int | None
+    lora: LoraConfig
+    moe: MoeConfig
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    temperature: float
+    curvature: float
+    hard_negative_k: int | None
+    fn_curriculum_start_epoch: int | None
+    fn_cluster_every_n_epochs: int
+    fn_num_clusters: int
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    max_epochs: int
+    accelerator: str
+    devices: int | str
+    num_nodes: int
+    strategy: str
+    precision: str | int
+    gradient_clip_val: float | None
+    accumulate_grad_batches: int
+    log_every_n_steps: int
+    val_check_interval: float
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    seed: int
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    warmup_steps: int
+    trainer: TrainerConfig
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment_name: str
+
+
+@dataclass(frozen=True)
+class Config:
+    dirs: DirsConfig
+    data_loader: DataLoaderConfig
+    model: ModelConfig
+    loss: LossConfig
+    training: TrainingConfig
+    mlflow: MlflowConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to leaf values, as logged to MLflow params."""
+        return _flatten(self.to_dict())
+
+    def hash(self) -> str:
+        """A short stable digest of every value, to tag runs made with the same configuration."""
+        payload = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()[:12]
+
+
+# Values that must be strictly positive: a zero or negative size is never meaningful.
+_POSITIVE_KEYS = {
+    "data_loader.batch_size",
+    "data_loader.tokenization.title_max_length",
+    "data_loader.tokenization.description_max_length",
+    "data_loader.tokenization.excluded_max_length",
+    "data_loader.tokenization.examples_max_length",
+    "model.embedding_dim",
+    "model.eval_sample_size",
+    "model.lora.r",
+    "model.lora.alpha",
+    "model.moe.num_experts",
+    "model.moe.top_k",
+    "model.moe.hidden_dim",
+    "loss.temperature",
+    "loss.curvature",
+    "loss.hard_negative_k",
+    "loss.fn_cluster_every_n_epochs",
+    "loss.fn_num_clusters",
+    "training.learning_rate",
+    "training.trainer.max_epochs",
+    "training.trainer.num_nodes",
+    "training.trainer.accumulate_grad_batches",
+    "training.trainer.log_every_n_steps",
+    "training.trainer.val_check_interval",
+}
+_NON_NEGATIVE_KEYS = {
+    "data_loader.num_workers",
+    "model.lora.dropout",
+    "model.moe.load_balancing_coef",
+    "loss.fn_curriculum_start_epoch",
+    "training.weight_decay",
+    "training.warmup_steps",
+}
+_CHOICES = {
+    "training.optimizer": ("adamw", "riemannian_adam"),
+    "training.trainer.precision": ("16-mixed", "bf16-mixed", "32-true", "32", "16", "bf16", "64"),
+}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _schema_paths(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the schema (sections included) mapped to its type annotation."""
+    paths: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        annotation = typing.get_type_hints(cls)[field.name]
+        dotted = f"{prefix}{field.name}"
+        paths[dotted] = annotation
+        if dataclasses.is_dataclass(annotation):
+            paths.update(_schema_paths(annotation, f"{dotted}."))
+    return paths
+
+
+_SCHEMA = _schema_paths(Config)
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if typing.get_origin(annotation) is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    if isinstance(annotation, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _unknown_key_error(dotted: str, source: str) -> ConfigError:
+    parent, _, leaf = dotted.rpartition(".")
+    siblings = {p.rpartition(".")[2]: p for p in _SCHEMA if p.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=3, cutoff=0.3)
+    suggestions = [siblings[name] for name in close] or sorted(siblings.values())
+    return ConfigError(
+        f"unknown config key '{dotted}' in {source}; closest valid keys: {', '.join(suggestions)}"
+    )
+
+
+def check_layer(layer: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Check a (partial) nested dict against the schema; raise on the first bad key or value."""
+    if not isinstance(layer, dict):
+        where = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+        raise ConfigError(f"{source}: {where} must be a mapping of keys to values")
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if dotted not in _SCHEMA:
+            raise _unknown_key_error(dotted, source)
+        annotation = _SCHEMA[dotted]
+        if dataclasses.is_dataclass(annotation):
+            check_layer(value, source, f"{dotted}.")
+        else:
+            _check_value(dotted, value, annotation, source)
+
+
+def _check_value(dotted: str, value: Any, annotation: Any, source: str) -> None:
+    if not _matches(value, annotation):
+        raise ConfigError(
+            f"config key '{dotted}' in {source} must be {_type_name(annotation)}, "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    if dotted in _CHOICES:
+        if str(value) not in _CHOICES[dotted]:
+            raise ConfigError(
+                f"config key '{dotted}' in {source} must be one of "
+                f"{', '.join(_CHOICES[dotted])}, got {value!r}"
+            )
+        return
+    if value is None or isinstance(value, str | list):
+        return
+    if dotted in _POSITIVE_KEYS and value <= 0:
+        raise ConfigError(f"config key '{dotted}' in {source} must be > 0, got {value!r}")
+    if dotted in _NON_NEGATIVE_KEYS and value < 0:
+        raise ConfigError(f"config key '{dotted}' in {source} must be >= 0, got {value!r}")
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...], source: str) -> dict[str, Any]:
+    """Turn ``a.b.c=value`` strings into a nested dict; values are typed by YAML rules."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw_value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"override {item!r} in {source} is not KEY=VALUE "
+                "(write it as e.g. training.learning_rate=1e-4)"
+            )
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} in {source} conflicts with another override")
+        node[leaf] = parse_yaml(raw_value, f"override {item!r}") if raw_value != "" else ""
+    return nested
+
+
+def merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: ``layer``'s leaves replace ``base``'s, recursively."""
+    merged = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _build(cls: type, tree: dict[str, Any], source: str, prefix: str = "") -> Any:
+    values = {}
+    for field in dataclasses.fields(cls):
+        dotted = f"{prefix}{field.name}"
+        if field.name not in tree:
+            raise ConfigError(f"config key '{dotted}' is missing from {source}; add it")
+        annotation = _SCHEMA[dotted]
+        value = tree[field.name]
+        values[field.name] = (
+            _build(annotation, value, source, f"{dotted}.")
+            if dataclasses.is_dataclass(annotation)
+            else value
+        )
+    return cls(**values)
+
+
+def build_config(
+    base_path: str | Path, layers: list[tuple[dict[str, Any], str]] | None = None
+) -> Config:
+    """Load the base config file and merge each ``(partial dict, source name)`` layer over it.
+
+    Each layer is validated on its own, so errors name the file or override that caused them.
+    """
+    base = read_yaml(base_path) or {}
+    check_layer(base, str(base_path))
+    merged = base
+    for layer, source in layers or []:
+        check_layer(layer, source)
+        merged = merge(merged, layer)
+    config = _build(Config, merged, str(base_path))
+    _check_cross_field(config)
+    return config
+
+
+def _check_cross_field(config: Config) -> None:
+    moe = config.model.moe
+    if moe.top_k > moe.num_experts:
+        raise ConfigError(
+            f"model.moe.top_k ({moe.top_k}) must not exceed model.moe.num_experts "
+            f"({moe.num_experts}); lower top_k or add experts"
+        )
+    if not 0 < config.data_loader.val_split < 1:
+        raise ConfigError(
+            f"data_loader.val_split must be between 0 and 1 (exclusive), "
+            f"got {config.data_loader.val_split}"
+        )
+
+
+def load_config(
+    path: str | Path = "conf/config.yaml", overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """The configuration from a file plus command-line ``KEY=VALUE`` overrides."""
+    layers = [
+        (parse_overrides([item], "the command line"), f"override '{item}'") for item in overrides
+    ]
+    return build_config(path, layers)

@@ -1,0 +1,1 @@
+"""Census files, the NAICS tree, curricula and the Lightning data module."""

@@ -1,0 +1,326 @@
+"""``naics-embedder data build``: Census workbooks -> the parquet and .npy files in ``data/``.
+
+The build is all-or-nothing: every output is written to a temporary folder next to the outputs and
+moved into place only when all of them are complete, with ``manifest.json`` last. The manifest holds
+a fingerprint of the inputs (the four workbooks and this build code), so an unchanged rebuild does
+nothing unless forced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from naics_mlflow.data import census, taxonomy
+from naics_mlflow.data.census import INDEX_POINTER_CODE, CensusRelease, DataError
+from naics_mlflow.data.taxonomy import (
+    CODES_FILE,
+    DISTANCE_MATRIX_FILE,
+    DISTANCES_FILE,
+    HOLDOUT_FILE,
+    RELATION_MATRIX_FILE,
+    RELATIONS_FILE,
+)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+OUTPUT_FILES = (
+    CODES_FILE,
+    HOLDOUT_FILE,
+    DISTANCE_MATRIX_FILE,
+    RELATION_MATRIX_FILE,
+    DISTANCES_FILE,
+    RELATIONS_FILE,
+)
+# Codes at levels 2-5 have no index items of their own; they get up to this many of their
+# descendants' training items (see docs/data.md).
+MAX_INHERITED_EXAMPLES = 32
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_dir: Path
+    rebuilt: bool
+    n_codes: int
+    n_training_examples: int
+    n_holdout: int
+
+
+def _fingerprint(paths: dict[str, Path]) -> str:
+    """Digest of the input workbooks and of the code that turns them into outputs."""
+    digest = hashlib.sha256()
+    sources = [Path(census.__file__), Path(taxonomy.__file__), Path(__file__)]
+    for path in [*(paths[role] for role in sorted(paths)), *sources]:
+        digest.update(path.name.encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _up_to_date(out_dir: Path, fingerprint: str) -> bool:
+    manifest = out_dir / MANIFEST_FILE
+    if not manifest.is_file() or not all((out_dir / name).is_file() for name in OUTPUT_FILES):
+        return False
+    return json.loads(manifest.read_text()).get("fingerprint") == fingerprint
+
+
+class _Progress:
+    """One log line per build step, with the step's wall time."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+
+    def step(self, message: str) -> None:
+        now = time.perf_counter()
+        logger.info("data build: %s (%.1f s)", message, now - self.last)
+        self.last = now
+
+
+def _read_codes(path: Path, release: CensusRelease) -> tuple[list[str], dict[str, str]]:
+    codes: list[str] = []
+    titles: dict[str, str] = {}
+    for row_number, row in census.read_rows(path, release.files["codes"]):
+        code = census.parse_code(row["2022 NAICS US   Code"], path, row_number)
+        if code in titles:
+            raise DataError(f"{path} row {row_number}: code {code} appears twice")
+        parent = taxonomy.parent_of(code)
+        if parent is not None and parent not in titles:
+            raise DataError(
+                f"{path} row {row_number}: code {code} comes before (or without) its parent "
+                f"{parent}; the codes file must list each parent before its children"
+            )
+        titles[code] = taxonomy.clean_title(
+            census.parse_text(row["2022 NAICS US Title"], path, row_number, "2022 NAICS US Title")
+        )
+        codes.append(code)
+    return codes, titles
+
+
+def _read_descriptions(
+    path: Path, release: CensusRelease, titles: dict[str, str]
+) -> dict[str, str]:
+    descriptions: dict[str, str] = {}
+    for row_number, row in census.read_rows(path, release.files["descriptions"]):
+        code = census.parse_code(row["Code"], path, row_number)
+        if code not in titles:
+            raise DataError(f"{path} row {row_number}: code {code} is not in the codes file")
+        if code in descriptions:
+            raise DataError(f"{path} row {row_number}: code {code} appears twice")
+        title = taxonomy.clean_title(census.parse_text(row["Title"], path, row_number, "Title"))
+        if title != titles[code]:
+            raise DataError(
+                f"{path} row {row_number}: title of {code} {title!r} differs from the codes "
+                f"file's {titles[code]!r}; are both files from the 2022 release?"
+            )
+        descriptions[code] = taxonomy.clean_description(row["Description"])
+    missing = [code for code in titles if code not in descriptions]
+    if missing:
+        raise DataError(f"{path}: no description row for {len(missing)} codes, e.g. {missing[0]}")
+    return descriptions
+
+
+def _fill_descriptions(
+    codes: list[str], titles: dict[str, str], descriptions: dict[str, str]
+) -> dict[str, str]:
+    """Resolve ``See industry description for X`` placeholders to X's text, then fill empty
+    descriptions from the code's only child (deepest codes first, so fills can chain), else
+    from the title."""
+    resolved = {}
+    for code in codes:
+        pointer = taxonomy.description_pointer(descriptions[code])
+        resolved[code] = descriptions[pointer] if pointer in descriptions else descriptions[code]
+    children: dict[str, list[str]] = defaultdict(list)
+    for code in codes:
+        parent = taxonomy.parent_of(code)
+        if parent is not None:
+            children[parent].append(code)
+    for code in sorted(codes, key=len, reverse=True):
+        if resolved[code] == "":
+            only_child = children[code][0] if len(children[code]) == 1 else None
+            resolved[code] = resolved[only_child] if only_child else titles[code]
+    return resolved
+
+
+def _read_index(
+    path: Path, release: CensusRelease, titles: dict[str, str]
+) -> tuple[dict[str, list[str]], list[tuple[str, str]], int]:
+    """Training items by code, held-out ``(code, text)`` pairs, and the pointer rows dropped."""
+    training: dict[str, list[str]] = defaultdict(list)
+    held_out: list[tuple[str, str]] = []
+    pointers = 0
+    for row_number, row in census.read_rows(path, release.files["index"]):
+        if str(row["NAICS22"]).strip() == INDEX_POINTER_CODE:
+            pointers += 1
+            continue
+        code = census.parse_code(row["NAICS22"], path, row_number)
+        if code not in titles:
+            raise DataError(f"{path} row {row_number}: code {code} is not in the codes file")
+        text = census.parse_text(
+            row["INDEX ITEM DESCRIPTION"], path, row_number, "INDEX ITEM DESCRIPTION"
+        )
+        if taxonomy.is_held_out(code, text):
+            held_out.append((code, text))
+        else:
+            training[code].append(text)
+    return training, held_out, pointers
+
+
+def _read_cross_references(
+    path: Path, release: CensusRelease, titles: dict[str, str]
+) -> dict[str, list[str]]:
+    sentences: dict[str, list[str]] = defaultdict(list)
+    for row_number, row in census.read_rows(path, release.files["cross_references"]):
+        code = census.parse_code(row["Code"], path, row_number)
+        if code not in titles:
+            raise DataError(f"{path} row {row_number}: code {code} is not in the codes file")
+        sentences[code].append(
+            census.parse_text(row["Cross-Reference"], path, row_number, "Cross-Reference")
+        )
+    return sentences
+
+
+def _examples(codes: list[str], training: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Six-digit codes keep their own training items; an upper-level code takes its descendants'
+    items round-robin (first item of each descendant, then the second, ...) up to a cap, so
+    every child is represented."""
+    descendant_items: dict[str, list[list[str]]] = defaultdict(list)
+    for code in codes:
+        node = taxonomy.parent_of(code)
+        while node is not None and code in training:
+            descendant_items[node].append(training[code])
+            node = taxonomy.parent_of(node)
+    examples = {}
+    for code in codes:
+        if len(code) == taxonomy.MAX_LEVEL:
+            examples[code] = list(training.get(code, []))
+            continue
+        lists = descendant_items[code]
+        merged: list[str] = []
+        for rank in range(max((len(items) for items in lists), default=0)):
+            merged.extend(items[rank] for items in lists if rank < len(items))
+            if len(merged) >= MAX_INHERITED_EXAMPLES:
+                break
+        examples[code] = merged[:MAX_INHERITED_EXAMPLES]
+    return examples
+
+
+def _pair_table(codes: list[str], matrix: np.ndarray, column: str) -> pa.Table:
+    """Long form of an (N, N) matrix: one row per ordered pair, codes dictionary-encoded."""
+    n = len(codes)
+    dictionary = pa.array(codes, type=pa.string())
+    rows = np.repeat(np.arange(n, dtype=np.int32), n)
+    cols = np.tile(np.arange(n, dtype=np.int32), n)
+    return pa.table(
+        {
+            "code_i": pa.DictionaryArray.from_arrays(rows, dictionary),
+            "code_j": pa.DictionaryArray.from_arrays(cols, dictionary),
+            column: pa.array(matrix.reshape(-1), type=pa.int8()),
+        }
+    )
+
+
+def build_data(
+    raw_dir: Path, out_dir: Path, release: CensusRelease, force: bool = False
+) -> BuildResult:
+    """Build every output under ``out_dir`` from the workbooks in ``raw_dir``."""
+    progress = _Progress()
+    paths = census.ensure_raw_files(raw_dir, release)
+    fingerprint = _fingerprint(paths)
+    if not force and _up_to_date(out_dir, fingerprint):
+        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+        logger.info("data build: %s is up to date with %s; nothing to do", out_dir, raw_dir)
+        return BuildResult(out_dir, False, **manifest["counts"])
+
+    codes, titles = _read_codes(paths["codes"], release)
+    progress.step(f"read {len(codes):,} codes")
+    descriptions = _fill_descriptions(
+        codes, titles, _read_descriptions(paths["descriptions"], release, titles)
+    )
+    progress.step("read descriptions")
+    training, held_out, pointers = _read_index(paths["index"], release, titles)
+    n_training = sum(len(items) for items in training.values())
+    logger.info(
+        "data build: dropped %d index rows with code %s (pointers, not examples)",
+        pointers,
+        INDEX_POINTER_CODE,
+    )
+    progress.step(f"read index: {n_training:,} training items, {len(held_out):,} held out")
+    cross_references = _read_cross_references(paths["cross_references"], release, titles)
+    progress.step(f"read cross-references of {len(cross_references):,} codes")
+
+    valid = set(codes)
+    examples = _examples(codes, training)
+    rows = []
+    for code in codes:
+        sentences = cross_references.get(code, [])
+        named = [c for s in sentences for c in taxonomy.mentioned_codes(s, valid) if c != code]
+        rows.append(
+            {
+                "code": code,
+                "display_code": taxonomy.display_code(code),
+                "level": len(code),
+                "parent": taxonomy.parent_of(code),
+                "title": titles[code],
+                "description": descriptions[code],
+                "examples": examples[code],
+                "excluded": sentences,
+                "excluded_codes": list(dict.fromkeys(named)),
+            }
+        )
+    distance, relation = taxonomy.tree_matrices(codes)
+    progress.step("computed tree distances and relations")
+
+    counts = {"n_codes": len(codes), "n_training_examples": n_training, "n_holdout": len(held_out)}
+    _write_atomically(
+        out_dir,
+        {
+            CODES_FILE: lambda p: pq.write_table(taxonomy.codes_table(rows), p),
+            HOLDOUT_FILE: lambda p: pq.write_table(
+                pa.table(
+                    {"code": [c for c, _ in held_out], "text": [t for _, t in held_out]},
+                    schema=pa.schema([("code", pa.string()), ("text", pa.string())]),
+                ),
+                p,
+            ),
+            DISTANCE_MATRIX_FILE: lambda p: np.save(p, distance),
+            RELATION_MATRIX_FILE: lambda p: np.save(p, relation),
+            DISTANCES_FILE: lambda p: pq.write_table(_pair_table(codes, distance, "distance"), p),
+            RELATIONS_FILE: lambda p: pq.write_table(
+                _pair_table(codes, relation, "relation_id"), p
+            ),
+        },
+        {"fingerprint": fingerprint, "counts": counts},
+    )
+    progress.step(f"wrote {len(OUTPUT_FILES)} files to {out_dir}")
+    logger.info("data build: done in %.1f s", time.perf_counter() - progress.started)
+    return BuildResult(out_dir, True, **counts)
+
+
+def _write_atomically(out_dir: Path, writers: dict, manifest: dict) -> None:
+    """Write every output into a temporary folder, then move each into ``out_dir``, the
+    manifest last: a build killed midway leaves no manifest that vouches for partial files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".build-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
+    try:
+        for name, write in writers.items():
+            write(staging / name)
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+        for name in [*writers, MANIFEST_FILE]:
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

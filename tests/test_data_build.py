@@ -1,0 +1,274 @@
+"""The data build on the real Census files: counts, cleaning, split, tree matrices, errors."""
+
+from __future__ import annotations
+
+import collections
+import http.server
+import shutil
+import socket
+import threading
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import openpyxl
+import pyarrow.parquet as pq
+import pytest
+
+from naics_mlflow.data.build import MANIFEST_FILE, OUTPUT_FILES, build_data
+from naics_mlflow.data.census import DataError
+from naics_mlflow.data.taxonomy import DISTANCES_FILE, HOLDOUT_FILE, RELATIONS_FILE
+
+
+def test_level_counts(taxonomy):
+    assert taxonomy.size == 2125
+    assert collections.Counter(taxonomy.levels.tolist()) == {2: 20, 3: 96, 4: 308, 5: 689, 6: 1012}
+
+
+def test_range_sectors_and_parents(data_dir, taxonomy):
+    rows = {r["code"]: r for r in pq.read_table(data_dir / "naics_codes.parquet").to_pylist()}
+    assert rows["31"]["display_code"] == "31-33"
+    assert rows["44"]["display_code"] == "44-45"
+    assert rows["541511"]["display_code"] == "541511"
+    assert rows["31"]["parent"] is None
+    assert rows["321"]["parent"] == "31"
+    assert rows["493"]["parent"] == "48"
+    assert rows["541511"]["parent"] == "54151"
+    assert "32" not in taxonomy.positions
+
+
+def test_titles_lose_the_trilateral_marker(taxonomy):
+    assert taxonomy.titles[taxonomy.positions["111110"]] == "Soybean Farming"
+    assert taxonomy.titles[taxonomy.positions["31"]] == "Manufacturing"
+    assert all(t == t.strip() and t for t in taxonomy.titles)
+
+
+def test_descriptions_are_cleaned_and_filled(taxonomy):
+    descriptions = dict(zip(taxonomy.codes, taxonomy.descriptions, strict=True))
+    assert all(descriptions.values())
+    assert not any("Cross-References" in d for d in descriptions.values())
+    assert not any(d.startswith("See industry description") for d in descriptions.values())
+    assert descriptions["541511"].startswith("This U.S. industry comprises establishments")
+    # 1111 (Oilseed and Grain Farming) has a description of its own in the file.
+    assert descriptions["1111"].startswith("This industry group comprises")
+    # 11111 pointed at 111110's text.
+    assert descriptions["11111"] == descriptions["111110"]
+
+
+def test_empty_four_digit_descriptions_come_from_only_child_or_title(taxonomy):
+    positions = taxonomy.positions
+    children = collections.defaultdict(list)
+    for i, parent in enumerate(taxonomy.parents):
+        if parent >= 0:
+            children[int(parent)].append(i)
+    # 1133 (Logging) has the single child 11331 in the 2022 release and no text of its own.
+    logging = positions["1133"]
+    assert children[logging] == [positions["11331"]]
+    assert taxonomy.descriptions[logging] == taxonomy.descriptions[positions["11331"]]
+
+
+def test_excluded_codes_of_541511(taxonomy):
+    i = taxonomy.positions["541511"]
+    assert taxonomy.excluded_codes[i] == ["513210", "518210", "541512"]
+    assert len(taxonomy.excluded[i]) == 3
+    assert taxonomy.excluded_matrix()[i, taxonomy.positions["541512"]]
+
+
+def test_held_out_split(data_dir, taxonomy):
+    held_out = pq.read_table(data_dir / HOLDOUT_FILE).to_pylist()
+    assert len(held_out) == 1951
+    held_texts = {row["text"] for row in held_out}
+    training_texts = {text for examples in taxonomy.examples for text in examples}
+    assert sum(len(e) for e in taxonomy.examples if e) > 0
+    for column in (training_texts, set(taxonomy.titles), set(taxonomy.descriptions)):
+        assert not held_texts & column
+    six_digit_examples = sum(
+        len(e) for e, level in zip(taxonomy.examples, taxonomy.levels, strict=True) if level == 6
+    )
+    assert six_digit_examples + len(held_out) == 20373
+
+
+def test_upper_levels_inherit_descendant_examples(taxonomy):
+    sector = taxonomy.examples[taxonomy.positions["11"]]
+    assert 0 < len(sector) <= 32
+    six_digit = {
+        text
+        for code, ex in zip(taxonomy.codes, taxonomy.examples, strict=True)
+        for text in ex
+        if code.startswith("11") and len(code) == 6
+    }
+    assert set(sector) <= six_digit
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "distance", "relation"),
+    [
+        ("541511", "541512", 2, 2),
+        ("111110", "541511", 10, 15),
+        ("54", "541511", 4, 6),
+        ("5415", "54151", 1, 1),
+        ("541511", "541511", 0, 0),
+        ("5416", "54151", 3, 5),
+        ("541511", "5416", 4, 8),
+        ("541511", "5617", 8, 15),
+        ("541511", "54", 4, 6),
+        ("54151", "54161", 4, 7),
+        ("541511", "541611", 6, 11),
+        ("31", "325110", 4, 6),
+        ("311111", "331110", 8, 14),
+    ],
+)
+def test_tree_distance_and_relation(taxonomy, a, b, distance, relation):
+    i, j = taxonomy.positions[a], taxonomy.positions[b]
+    assert taxonomy.distance[i, j] == taxonomy.distance[j, i] == distance
+    assert taxonomy.relation[i, j] == taxonomy.relation[j, i] == relation
+
+
+def test_matrices_are_consistent(taxonomy, data_dir):
+    assert taxonomy.distance.dtype == taxonomy.relation.dtype == np.int8
+    assert (np.diag(taxonomy.distance) == 0).all()
+    different_sectors = taxonomy.relation == 15
+    depth = taxonomy.levels.astype(int) - 1
+    assert (
+        taxonomy.distance[different_sectors] == (depth[:, None] + depth[None, :])[different_sectors]
+    ).all()
+    long_distances = pq.read_table(data_dir / DISTANCES_FILE).slice(2125 * 7, 2125)
+    assert long_distances["code_i"][0].as_py() == taxonomy.codes[7]
+    assert long_distances["distance"].to_numpy().tolist() == taxonomy.distance[7].tolist()
+    long_relations = pq.read_table(data_dir / RELATIONS_FILE).slice(2125 * 9, 2125)
+    assert long_relations["relation_id"].to_numpy().tolist() == taxonomy.relation[9].tolist()
+
+
+def test_unchanged_rebuild_does_nothing_unless_forced(data_dir, raw_dir, release):
+    before = (data_dir / "naics_codes.parquet").stat().st_mtime_ns
+    assert not build_data(raw_dir, data_dir, release).rebuilt
+    assert (data_dir / "naics_codes.parquet").stat().st_mtime_ns == before
+    assert build_data(raw_dir, data_dir, release, force=True).rebuilt
+
+
+# --- malformed inputs ------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def raw_copy(tmp_path: Path, raw_dir: Path) -> Path:
+    copy = tmp_path / "raw"
+    shutil.copytree(raw_dir, copy)
+    for path in copy.iterdir():
+        path.chmod(0o644)
+    return copy
+
+
+def _assert_build_fails_cleanly(raw: Path, out: Path, release, *fragments: str) -> None:
+    out.mkdir(exist_ok=True)
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(DataError) as caught:
+        build_data(raw, out, release)
+    message = str(caught.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def _rewrite_sheet(path: Path, edit) -> None:
+    workbook = openpyxl.load_workbook(path)
+    edit(workbook)
+    workbook.save(path)
+
+
+def test_corrupt_workbook(raw_copy, tmp_path, release):
+    target = raw_copy / "2022_NAICS_Index_File.xlsx"
+    target.write_bytes(b"this is not a zip file")
+    _assert_build_fails_cleanly(
+        raw_copy, tmp_path / "out", release, str(target), "not a readable xlsx"
+    )
+
+
+def test_truncated_workbook(raw_copy, tmp_path, release):
+    target = raw_copy / "2022_NAICS_Cross_References.xlsx"
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    _assert_build_fails_cleanly(raw_copy, tmp_path / "out", release, str(target))
+
+
+def test_missing_column(raw_copy, tmp_path, release):
+    target = raw_copy / "2022_NAICS_Descriptions.xlsx"
+    _rewrite_sheet(target, lambda wb: wb.active.cell(row=1, column=3, value="Text"))
+    _assert_build_fails_cleanly(
+        raw_copy, tmp_path / "out", release, str(target), "no column 'Description'"
+    )
+
+
+def test_wrong_sheet(raw_copy, tmp_path, release):
+    target = raw_copy / "2022_NAICS_Cross_References.xlsx"
+
+    def rename(wb):
+        wb.active.title = "Sheet1"
+
+    _rewrite_sheet(target, rename)
+    _assert_build_fails_cleanly(
+        raw_copy, tmp_path / "out", release, "no sheet '2022_NAICS_Cross_References'", "Sheet1"
+    )
+
+
+@pytest.mark.parametrize("bad_code", ["1234567", "5", "54-AB", "abc"])
+def test_malformed_code_names_file_and_row(raw_copy, tmp_path, release, bad_code):
+    target = raw_copy / "2022_NAICS_Index_File.xlsx"
+    _rewrite_sheet(target, lambda wb: wb.active.cell(row=5, column=1, value=bad_code))
+    _assert_build_fails_cleanly(
+        raw_copy, tmp_path / "out", release, str(target), "row 5", repr(bad_code)
+    )
+
+
+def test_duplicate_code(raw_copy, tmp_path, release):
+    target = raw_copy / "2-6 digit_2022_Codes.xlsx"
+    _rewrite_sheet(target, lambda wb: wb.active.cell(row=5, column=2, value=111))
+    _assert_build_fails_cleanly(raw_copy, tmp_path / "out", release, "row 5", "appears twice")
+
+
+def test_failed_rebuild_keeps_previous_outputs(raw_copy, tmp_path, release):
+    out = tmp_path / "out"
+    build_data(raw_copy, out, release)
+    before = {name: (out / name).read_bytes() for name in (*OUTPUT_FILES, MANIFEST_FILE)}
+    (raw_copy / "2022_NAICS_Index_File.xlsx").write_bytes(b"garbage")
+    with pytest.raises(DataError):
+        build_data(raw_copy, out, release)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not list(out.glob(".build-*"))
+
+
+# --- missing files: download ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_missing_file_without_network_names_it(raw_copy, tmp_path, release):
+    (raw_copy / "2022_NAICS_Index_File.xlsx").unlink()
+    offline = replace(release, base_url=f"http://127.0.0.1:{_free_port()}/", retries=1)
+    _assert_build_fails_cleanly(
+        raw_copy, tmp_path / "out", offline, "2022_NAICS_Index_File.xlsx", "--raw-dir"
+    )
+    assert not (raw_copy / "2022_NAICS_Index_File.xlsx").exists()
+
+
+def test_missing_file_is_downloaded(raw_copy, raw_dir, tmp_path, release):
+    served = tmp_path / "served"
+    shutil.copytree(raw_dir, served)
+    (raw_copy / "2-6 digit_2022_Codes.xlsx").unlink()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        local = replace(release, base_url=f"http://127.0.0.1:{server.server_address[1]}/")
+        result = build_data(raw_copy, tmp_path / "out", local)
+    finally:
+        server.shutdown()
+    assert result.n_codes == 2125
+    assert (raw_copy / "2-6 digit_2022_Codes.xlsx").read_bytes() == (
+        served / "2-6 digit_2022_Codes.xlsx"
+    ).read_bytes()
