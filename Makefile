@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine (see README.md):
+#   make quickstart   install, build the data and train the quick-start chain
+#   make test         install, lint and run the tests
+# Everything installs into .venv; torch comes first, pinned to the CPU wheel that lies on disk,
+# so that pip never resolves a multi-GB CUDA build for the bare `torch` requirement.
+
+VENV ?= .venv
+BIN := $(VENV)/bin
+NAICS_RAW_DIR ?= ../shared/naics2022
+export NAICS_RAW_DIR
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install test lint quickstart
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest
+
+quickstart: install
+	$(BIN)/naics-embedder data build

@@ -1,0 +1,138 @@
+"""Configuration loading: YAML typing of overrides, unknown keys, wrong types, cross-field rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from naics_mlflow.config import ConfigError, build_config, load_config, parse_overrides
+
+BASE = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
+
+
+def test_base_config_loads():
+    config = load_config(BASE)
+    assert config.model.base_model_name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert config.training.trainer.precision == "16-mixed"
+
+
+def test_overrides_are_typed_by_yaml_rules():
+    config = load_config(
+        BASE,
+        [
+            "training.learning_rate=1e-4",
+            "data_loader.batch_size=8",
+            "training.trainer.max_epochs=15",
+            "model.eval_sample_size=null",
+            "loss.hard_negative_k=4",
+            "model.lora.target_modules=[query, key, value]",
+            "training.trainer.gradient_clip_val=null",
+            "training.trainer.devices=auto",
+        ],
+    )
+    assert config.training.learning_rate == pytest.approx(1e-4)
+    assert isinstance(config.training.learning_rate, float)
+    assert config.data_loader.batch_size == 8
+    assert config.training.trainer.max_epochs == 15
+    assert config.model.eval_sample_size is None
+    assert config.loss.hard_negative_k == 4
+    assert config.model.lora.target_modules == ["query", "key", "value"]
+    assert config.training.trainer.gradient_clip_val is None
+    assert config.training.trainer.devices == "auto"
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert load_config(BASE, ["loss.temperature=1"]).loss.temperature == 1
+
+
+def test_later_override_wins():
+    config = load_config(BASE, ["data_loader.batch_size=8", "data_loader.batch_size=4"])
+    assert config.data_loader.batch_size == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        (
+            "training.learning_rat=1e-4",
+            ["unknown config key 'training.learning_rat'", "training.learning_rate", "override"],
+        ),
+        ("model.lora.rr=4", ["'model.lora.rr'", "model.lora.r"]),
+        ("data_loader.batch_size=eight", ["'data_loader.batch_size'", "must be int", "'eight'"]),
+        ("data_loader.batch_size=true", ["must be int"]),
+        ("training.learning_rate=fast", ["must be float"]),
+        ("data_loader.batch_size=0", ["must be > 0"]),
+        ("model.lora.r=-2", ["must be > 0"]),
+        ("training.weight_decay=-0.1", ["must be >= 0"]),
+        ("model.moe.top_k=5", ["top_k (5)", "num_experts (4)"]),
+        ("training.optimizer=sgd", ["must be one of", "adamw"]),
+        ("data_loader.val_split=1.5", ["val_split"]),
+        ("model=3", ["'model' must be a mapping"]),
+        ("no_equals_sign", ["not KEY=VALUE"]),
+    ],
+)
+def test_bad_overrides_fail_in_one_line(override, fragments):
+    with pytest.raises(ConfigError) as caught:
+        load_config(BASE, [override])
+    message = str(caught.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    raw = yaml.safe_load(BASE.read_text())
+    raw["training"]["trainer"]["max_epoch"] = 3
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        ConfigError, match=r"'training.trainer.max_epoch' in .*config.yaml.*max_epochs"
+    ):
+        load_config(path)
+
+
+def test_missing_key_in_base_file(tmp_path):
+    raw = yaml.safe_load(BASE.read_text())
+    del raw["loss"]["temperature"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="'loss.temperature' is missing"):
+        load_config(path)
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("training:\n  learning_rate: [1e-4\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("!!python/object/apply:os.system ['echo unsafe']\n")
+    with pytest.raises(ConfigError):
+        load_config(path)
+
+
+def test_layers_apply_in_order_and_name_their_source():
+    config = build_config(
+        BASE,
+        [
+            ({"training": {"learning_rate": 1e-3}}, "01_stage.yaml"),
+            ({"training": {"learning_rate": 5e-5}}, "chain"),
+        ],
+    )
+    assert config.training.learning_rate == 5e-5
+    with pytest.raises(ConfigError, match="in chain_default.yaml"):
+        build_config(BASE, [({"training": {"lr": 1}}, "chain_default.yaml")])
+
+
+def test_hash_changes_with_values():
+    assert load_config(BASE).hash() == load_config(BASE).hash()
+    assert load_config(BASE).hash() != load_config(BASE, ["training.seed=1"]).hash()
+
+
+def test_parse_overrides_nests_keys():
+    assert parse_overrides(["a.b.c=1", "a.d=x"], "test") == {"a": {"b": {"c": 1}, "d": "x"}}
