@@ -98,7 +98,7 @@ def test_missing_key_in_base_file(tmp_path):
     del raw["loss"]["temperature"]
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="'loss.temperature' is missing"):
+    with pytest.raises(ConfigError, match=r"'loss\.temperature' is missing"):
         load_config(path)
 
 
@@ -125,7 +125,7 @@ def test_layers_apply_in_order_and_name_their_source():
         ],
     )
     assert config.training.learning_rate == 5e-5
-    with pytest.raises(ConfigError, match="in chain_default.yaml"):
+    with pytest.raises(ConfigError, match=r"in chain_default\.yaml"):
         build_config(BASE, [({"training": {"lr": 1}}, "chain_default.yaml")])
 
 

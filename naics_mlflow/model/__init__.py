@@ -1,0 +1,1 @@
+"""Hyperbolic embedding model: Lorentz geometry, mixture of experts and contrastive loss."""

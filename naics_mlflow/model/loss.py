@@ -1,0 +1,190 @@
+"""Hyperbolic InfoNCE and the negative-selection helpers around it.
+
+``curvature`` is ``loss.curvature``, ``c > 0`` for sectional curvature ``-c`` (see
+``naics_mlflow.model.lorentz``).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from naics_mlflow.model.lorentz import distance, pairwise_distance
+
+
+def hyperbolic_infonce(
+    anchor: Tensor,
+    positive: Tensor,
+    negatives: Tensor,
+    curvature: float,
+    temperature: float,
+    negative_valid: Tensor | None = None,
+    in_batch_negatives: Tensor | None = None,
+) -> Tensor:
+    """InfoNCE with logits ``-distance / temperature`` and the positive as the target class.
+
+    Each anchor's positive competes with the anchor's own sampled negatives and, where
+    ``in_batch_negatives`` allows, with the other anchors' positives. Excluded candidates get
+    logit ``-inf``; the positive is always present, so every row's softmax stays finite. Padded
+    negatives must still hold finite coordinates, since their distances are computed before
+    masking.
+
+    Args:
+        anchor: ``(B, D + 1)`` points.
+        positive: ``(B, D + 1)`` points, the positive of each anchor.
+        negatives: ``(B, K, D + 1)`` points, each anchor's sampled negatives.
+        curvature: ``c > 0``.
+        temperature: softmax temperature ``> 0``.
+        negative_valid: ``(B, K)`` bool, False for padding and masked false negatives;
+            None keeps all.
+        in_batch_negatives: ``(B, B)`` bool, True where ``positive[j]`` is a valid negative for
+            ``anchor[i]`` (see ``in_batch_negative_mask``); None uses no in-batch negatives.
+
+    Returns:
+        Scalar mean loss over the batch.
+    """
+    positive_logits = -distance(anchor, positive, curvature).unsqueeze(1) / temperature
+    candidate_logits = [-distance(anchor.unsqueeze(1), negatives, curvature) / temperature]
+    candidate_masks = [negative_valid]
+    if in_batch_negatives is not None:
+        candidate_logits.append(-pairwise_distance(anchor, positive, curvature) / temperature)
+        candidate_masks.append(in_batch_negatives)
+    masked = [
+        logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+        for logits, mask in zip(candidate_logits, candidate_masks, strict=True)
+    ]
+    logits = torch.cat([positive_logits, *masked], dim=1)
+    target = torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device)
+    return F.cross_entropy(logits, target)
+
+
+def in_batch_negative_mask(
+    anchor_ids: Tensor, positive_ids: Tensor, positive_sets: Tensor
+) -> Tensor:
+    """Which other anchors' positives may serve as in-batch negatives.
+
+    ``positive_ids[j]`` is a negative for anchor ``i`` unless it is the anchor itself, anchor
+    ``i``'s own positive (this also excludes ``j == i`` and duplicates of it), or any code in
+    anchor ``i``'s positive set.
+
+    Args:
+        anchor_ids: ``(B,)`` long code ids of the anchors.
+        positive_ids: ``(B,)`` long code ids of the anchors' positives.
+        positive_sets: ``(B, P)`` long ids of every positive of each anchor, padded with -1
+            (ids are non-negative, so padding never matches).
+
+    Returns:
+        ``(B, B)`` bool, True where ``positive_ids[j]`` is a valid negative for anchor ``i``.
+    """
+    candidate = positive_ids.unsqueeze(0)
+    in_positive_set = (positive_sets.unsqueeze(1) == candidate.unsqueeze(2)).any(dim=2)
+    is_anchor = candidate == anchor_ids.unsqueeze(1)
+    is_own_positive = candidate == positive_ids.unsqueeze(1)
+    return ~(in_positive_set | is_anchor | is_own_positive)
+
+
+def false_negative_mask(anchor_clusters: Tensor, negative_clusters: Tensor) -> Tensor:
+    """True where a sampled negative shares its anchor's cluster, i.e. is a likely false negative.
+
+    Args:
+        anchor_clusters: ``(B,)`` long cluster ids.
+        negative_clusters: ``(B, K)`` long cluster ids.
+
+    Returns:
+        ``(B, K)`` bool; combine as ``negative_valid & ~false_negative_mask(...)``.
+    """
+    return negative_clusters == anchor_clusters.unsqueeze(1)
+
+
+def _kmeans_plus_plus(points: Tensor, num_clusters: int, generator: torch.Generator) -> Tensor:
+    """k-means++ seeding: each new centroid is drawn with probability proportional to its squared
+    distance from the nearest centroid chosen so far.
+
+    Args:
+        points: ``(N, D)``.
+
+    Returns:
+        ``(num_clusters, D)`` initial centroids.
+    """
+    first = torch.randint(points.shape[0], (1,), generator=generator)
+    centroids = [points[first]]
+    nearest_sq = (points - centroids[0]).square().sum(dim=1)
+    for _ in range(1, num_clusters):
+        # All points coincide with a centroid when there are fewer distinct points than
+        # clusters; any choice is then as good as another, and multinomial rejects all zeros.
+        weights = nearest_sq if nearest_sq.sum() > 0 else torch.ones_like(nearest_sq)
+        chosen = torch.multinomial(weights, 1, generator=generator)
+        centroids.append(points[chosen])
+        nearest_sq = torch.minimum(nearest_sq, (points - points[chosen]).square().sum(dim=1))
+    return torch.cat(centroids)
+
+
+def kmeans_clusters(
+    embeddings_tangent: Tensor, num_clusters: int, seed: int, iterations: int = 30
+) -> Tensor:
+    """Deterministic k-means (k-means++ seeding, Lloyd iterations) on tangent vectors.
+
+    Pass ``logmap0`` of the hyperboloid points. The tangent space at the origin is a Euclidean
+    vector space, so means and Euclidean distances are well defined there, and ``logmap0`` keeps
+    each point's hyperbolic radius and direction; on the hyperboloid itself a centroid would need
+    an iterative Fréchet mean. Runs on the CPU in float32: the problem is small, and this makes
+    the result the same whatever device the embeddings are on.
+
+    Args:
+        embeddings_tangent: ``(N, D)``.
+        num_clusters: number of clusters, at most ``N``.
+        seed: seeds the k-means++ draws.
+        iterations: maximum number of Lloyd iterations; stops early once assignments settle.
+
+    Returns:
+        ``(N,)`` long cluster ids on the input's device.
+    """
+    points = embeddings_tangent.detach().float().cpu()
+    if not 1 <= num_clusters <= points.shape[0]:
+        raise ValueError(
+            f"num_clusters must be between 1 and the number of points ({points.shape[0]}), "
+            f"got {num_clusters}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    centroids = _kmeans_plus_plus(points, num_clusters, generator)
+    assignment = torch.cdist(points, centroids).argmin(dim=1)
+    for _ in range(iterations):
+        counts = torch.bincount(assignment, minlength=num_clusters).unsqueeze(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)
+        # An emptied cluster keeps its old centroid rather than dividing by zero.
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+        new_assignment = torch.cdist(points, centroids).argmin(dim=1)
+        if torch.equal(new_assignment, assignment):
+            break
+        assignment = new_assignment
+    return assignment.to(embeddings_tangent.device)
+
+
+@torch.no_grad()
+def hardest_negatives(
+    anchor: Tensor, negatives: Tensor, valid_mask: Tensor, k: int, curvature: float
+) -> tuple[Tensor, Tensor]:
+    """Indices of each anchor's ``k`` nearest valid sampled negatives (hard-negative mining).
+
+    Selection only, so no gradient is tracked; gather the returned indices from ``negatives``
+    to compute the loss.
+
+    Args:
+        anchor: ``(B, D + 1)`` points.
+        negatives: ``(B, K, D + 1)`` points.
+        valid_mask: ``(B, K)`` bool, False for padding and masked negatives.
+        k: number of negatives to keep; ``k >= K`` keeps all of them in their original order.
+        curvature: ``c > 0``.
+
+    Returns:
+        ``indices`` ``(B, min(k, K))`` long into the K axis, nearest first when ``k < K``, and
+        ``valid`` ``(B, min(k, K))`` bool; rows with fewer than ``k`` valid negatives are filled
+        with invalid ones, marked False.
+    """
+    batch, num_negatives = valid_mask.shape
+    if k >= num_negatives:
+        indices = torch.arange(num_negatives, device=negatives.device).expand(batch, -1)
+        return indices, valid_mask
+    distances = distance(anchor.unsqueeze(1), negatives, curvature)
+    distances = distances.masked_fill(~valid_mask, float("inf"))
+    indices = distances.topk(k, dim=1, largest=False).indices
+    return indices, valid_mask.gather(1, indices)

@@ -1,0 +1,84 @@
+"""Top-k gated mixture of two-layer MLP experts with a Switch Transformer load-balancing loss."""
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MoEOutput(NamedTuple):
+    """Result of ``MixtureOfExperts.forward``.
+
+    Attributes:
+        output: ``(B, output_dim)`` gate-weighted sum of the selected experts' outputs.
+        load_balancing_loss: scalar, 1.0 at perfectly uniform routing; the caller scales it.
+        expert_utilisation: ``(E,)`` fraction of the ``B * top_k`` routing slots taken by each
+            expert; sums to 1.
+    """
+
+    output: Tensor
+    load_balancing_loss: Tensor
+    expert_utilisation: Tensor
+
+
+def _uniform_(tensor: Tensor, fan_in: int) -> Tensor:
+    """``nn.Linear``'s default initialisation, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.init.uniform_(tensor, -bound, bound)
+
+
+class MixtureOfExperts(nn.Module):
+    """Top-k mixture of ``Linear -> GELU -> Linear`` experts.
+
+    The experts' weights are stacked into ``(E, ...)`` parameters and every expert runs on the
+    whole batch with one ``einsum`` per layer; the unselected outputs get weight zero. With few
+    experts this costs ``E / top_k`` times the strictly necessary compute but avoids the gather,
+    scatter and per-expert kernel launches of sparse dispatch.
+
+    The kept gate probabilities are renormalised to sum to 1. With ``top_k = 1`` that makes every
+    weight 1, so the gate then learns only from the load-balancing loss.
+    """
+
+    def __init__(
+        self, input_dim: int, output_dim: int, num_experts: int, top_k: int, hidden_dim: int
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"top_k must be between 1 and num_experts, got top_k={top_k} "
+                f"and num_experts={num_experts}"
+            )
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gate = nn.Linear(input_dim, num_experts)
+        self.w1 = nn.Parameter(
+            _uniform_(torch.empty(num_experts, input_dim, hidden_dim), input_dim)
+        )
+        self.b1 = nn.Parameter(_uniform_(torch.empty(num_experts, hidden_dim), input_dim))
+        self.w2 = nn.Parameter(
+            _uniform_(torch.empty(num_experts, hidden_dim, output_dim), hidden_dim)
+        )
+        self.b2 = nn.Parameter(_uniform_(torch.empty(num_experts, output_dim), hidden_dim))
+
+    def forward(self, x: Tensor) -> MoEOutput:
+        """Route ``(B, input_dim)`` inputs to their ``top_k`` experts.
+
+        The load-balancing loss is ``E * sum_e f_e * P_e``, where ``f_e`` is expert ``e``'s share
+        of the routing slots (not differentiable) and ``P_e`` its mean gate probability (through
+        which the gradient flows). Its minimum, 1, is reached when routing is uniform.
+        """
+        probs = F.softmax(self.gate(x), dim=-1)
+        kept_probs, kept_experts = probs.topk(self.top_k, dim=-1)
+        kept_weights = kept_probs / kept_probs.sum(dim=-1, keepdim=True)
+        weights = torch.zeros_like(probs).scatter(1, kept_experts, kept_weights)
+
+        hidden = F.gelu(torch.einsum("bi,eih->beh", x, self.w1) + self.b1)
+        expert_outputs = torch.einsum("beh,eho->beo", hidden, self.w2) + self.b2
+        output = torch.einsum("be,beo->bo", weights, expert_outputs)
+
+        slots = F.one_hot(kept_experts, self.num_experts).flatten(0, 1)
+        utilisation = slots.float().mean(dim=0)
+        load_balancing_loss = self.num_experts * (utilisation * probs.mean(dim=0)).sum()
+        return MoEOutput(output, load_balancing_loss, utilisation)

@@ -1,0 +1,179 @@
+import math
+
+import torch
+
+from naics_mlflow.model.lorentz import expmap0
+from naics_mlflow.model.loss import (
+    false_negative_mask,
+    hardest_negatives,
+    hyperbolic_infonce,
+    in_batch_negative_mask,
+    kmeans_clusters,
+)
+
+
+def _random_points(*shape: int, curvature: float = 1.0, seed: int = 0) -> torch.Tensor:
+    tangent = torch.randn(*shape, 4, generator=torch.Generator().manual_seed(seed))
+    return expmap0(tangent.double(), curvature)
+
+
+def _hand_distance(x: list[float], y: list[float], curvature: float) -> float:
+    inner = -x[0] * y[0] + sum(a * b for a, b in zip(x[1:], y[1:], strict=True))
+    return math.acosh(-curvature * inner) / math.sqrt(curvature)
+
+
+def _on_hyperboloid(space: list[float], curvature: float) -> list[float]:
+    return [math.sqrt(1 / curvature + sum(s * s for s in space)), *space]
+
+
+def test_infonce_matches_hand_computed_example():
+    c, tau = 2.0, 0.5
+    a = [_on_hyperboloid(s, c) for s in ([0.1, 0.2], [-0.3, 0.4])]
+    p = [_on_hyperboloid(s, c) for s in ([0.2, 0.1], [-0.5, 0.2])]
+    n = [_on_hyperboloid(s, c) for s in ([0.9, -0.7], [0.6, 0.6])]
+    expected = 0.0
+    for i, j in ((0, 1), (1, 0)):
+        logits = [-_hand_distance(a[i], q, c) / tau for q in (p[i], n[i], p[j])]
+        expected += -logits[0] + math.log(sum(math.exp(z) for z in logits))
+    expected /= 2
+
+    loss = hyperbolic_infonce(
+        torch.tensor(a, dtype=torch.float64),
+        torch.tensor(p, dtype=torch.float64),
+        torch.tensor(n, dtype=torch.float64).unsqueeze(1),
+        curvature=c,
+        temperature=tau,
+        in_batch_negatives=~torch.eye(2, dtype=torch.bool),
+    )
+    assert math.isclose(loss.item(), expected, rel_tol=1e-12)
+
+
+def test_masking_a_negative_equals_removing_it():
+    anchor, positive = _random_points(3, seed=1), _random_points(3, seed=2)
+    negatives = _random_points(3, 4, seed=3)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[0, 1] = False
+    masked = hyperbolic_infonce(anchor, positive, negatives, 1.0, 0.1, negative_valid=valid)
+
+    kept = [negatives[0, [0, 2, 3]], negatives[1], negatives[2]]
+    per_row = [
+        hyperbolic_infonce(anchor[i : i + 1], positive[i : i + 1], kept[i].unsqueeze(0), 1.0, 0.1)
+        for i in range(3)
+    ]
+    torch.testing.assert_close(masked, torch.stack(per_row).mean())
+
+
+def test_in_batch_mask_rows_are_anchors_and_columns_are_other_positives():
+    anchor, positive = _random_points(3, seed=4), _random_points(3, seed=5)
+    negatives = _random_points(3, 2, seed=6)
+    allowed = torch.tensor([[False, True, False], [False, False, False], [True, True, False]])
+    loss = hyperbolic_infonce(anchor, positive, negatives, 1.0, 0.1, in_batch_negatives=allowed)
+
+    per_row = []
+    for i in range(3):
+        extra = positive[allowed[i]]
+        row_negatives = torch.cat([negatives[i], extra]).unsqueeze(0)
+        per_row.append(
+            hyperbolic_infonce(anchor[i : i + 1], positive[i : i + 1], row_negatives, 1.0, 0.1)
+        )
+    torch.testing.assert_close(loss, torch.stack(per_row).mean())
+
+
+def test_in_batch_negative_mask_excludes_anchor_positive_set_and_anchor_itself():
+    anchor_ids = torch.tensor([0, 1, 10])
+    positive_ids = torch.tensor([10, 11, 13])
+    positive_sets = torch.tensor([[10, 11], [11, 12], [13, -1]])
+    expected = torch.tensor(
+        [
+            [False, False, True],  # 11 is in anchor 0's positive set
+            [True, False, True],
+            [False, True, False],  # 10 is anchor 2 itself
+        ]
+    )
+    assert torch.equal(in_batch_negative_mask(anchor_ids, positive_ids, positive_sets), expected)
+
+
+def test_in_batch_negative_mask_excludes_duplicates_of_own_positive():
+    mask = in_batch_negative_mask(
+        torch.tensor([0, 1]), torch.tensor([5, 5]), torch.full((2, 1), -1)
+    )
+    assert not mask.any()
+
+
+def test_loss_falls_when_optimising_free_embeddings():
+    torch.manual_seed(0)
+    tangent = torch.nn.Parameter(0.1 * torch.randn(12, 3))
+    anchors = torch.arange(0, 12, 2)
+    positives = anchors + 1
+    negatives = torch.stack(
+        [torch.tensor([j for j in range(12) if j not in (a, a + 1)]) for a in anchors]
+    )
+    in_batch = ~torch.eye(6, dtype=torch.bool)
+    optimiser = torch.optim.Adam([tangent], lr=0.05)
+
+    def loss_value() -> torch.Tensor:
+        x = expmap0(tangent, 1.0)
+        return hyperbolic_infonce(
+            x[anchors], x[positives], x[negatives], 1.0, 0.5, in_batch_negatives=in_batch
+        )
+
+    initial = loss_value().item()
+    for _ in range(100):
+        optimiser.zero_grad()
+        loss = loss_value()
+        loss.backward()
+        optimiser.step()
+    assert loss_value().item() < 0.25 * initial
+
+
+def test_false_negative_mask_marks_shared_clusters():
+    mask = false_negative_mask(torch.tensor([0, 2]), torch.tensor([[0, 1, 0], [2, 2, 3]]))
+    assert torch.equal(mask, torch.tensor([[True, False, True], [True, True, False]]))
+
+
+def _two_blobs() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    noise = 0.1 * torch.randn(60, 8, generator=generator)
+    centres = torch.zeros(60, 8)
+    centres[:25, 0], centres[25:, 0] = 3.0, -3.0
+    return centres + noise
+
+
+def test_kmeans_separates_well_separated_blobs():
+    clusters = kmeans_clusters(_two_blobs(), num_clusters=2, seed=0)
+    assert clusters.dtype == torch.long
+    assert (clusters[:25] == clusters[0]).all()
+    assert (clusters[25:] == clusters[25]).all()
+    assert clusters[0] != clusters[25]
+
+
+def test_kmeans_is_deterministic_for_a_seed():
+    points = torch.randn(300, 5, generator=torch.Generator().manual_seed(1))
+    first = kmeans_clusters(points, num_clusters=7, seed=3)
+    assert torch.equal(first, kmeans_clusters(points, num_clusters=7, seed=3))
+    assert set(first.tolist()) <= set(range(7))
+
+
+def test_hardest_negatives_keeps_nearest_valid():
+    radii = torch.tensor([3.0, 1.0, 2.0, 0.5, 4.0], dtype=torch.float64)
+    direction = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    negatives = expmap0(radii.unsqueeze(1) * direction, 1.0).unsqueeze(0)
+    anchor = expmap0(torch.zeros(1, 3, dtype=torch.float64), 1.0)
+    valid = torch.tensor([[True, True, True, False, True]])
+
+    indices, kept_valid = hardest_negatives(anchor, negatives, valid, k=2, curvature=1.0)
+    assert indices.tolist() == [[1, 2]]
+    assert kept_valid.all()
+
+    indices, kept_valid = hardest_negatives(anchor, negatives, valid, k=5, curvature=1.0)
+    assert indices.tolist() == [[0, 1, 2, 3, 4]]
+    assert torch.equal(kept_valid, valid)
+
+
+def test_hardest_negatives_flags_rows_short_of_valid_negatives():
+    anchor = _random_points(2, seed=7)
+    negatives = _random_points(2, 4, seed=8)
+    valid = torch.tensor([[True, False, False, False], [True, True, True, True]])
+    indices, kept_valid = hardest_negatives(anchor, negatives, valid, k=2, curvature=1.0)
+    assert indices[0, 0] == 0
+    assert kept_valid.tolist() == [[True, False], [True, True]]

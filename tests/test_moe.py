@@ -1,0 +1,83 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from naics_mlflow.model.moe import MixtureOfExperts
+
+
+def _moe(top_k: int = 2, num_experts: int = 4) -> MixtureOfExperts:
+    torch.manual_seed(0)
+    return MixtureOfExperts(
+        input_dim=6, output_dim=5, num_experts=num_experts, top_k=top_k, hidden_dim=8
+    )
+
+
+def _fix_gate(moe: MixtureOfExperts, probabilities: list[float]) -> None:
+    """Make every input get the same gate probabilities."""
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.bias.copy_(torch.tensor(probabilities).log())
+
+
+def _expert(moe: MixtureOfExperts, e: int, x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x @ moe.w1[e] + moe.b1[e]) @ moe.w2[e] + moe.b2[e]
+
+
+def test_output_shapes():
+    out = _moe()(torch.randn(10, 6))
+    assert out.output.shape == (10, 5)
+    assert out.load_balancing_loss.shape == ()
+    assert out.expert_utilisation.shape == (4,)
+
+
+def test_top_k_above_num_experts_is_rejected():
+    with pytest.raises(ValueError, match=r"top_k=5.*num_experts=4"):
+        MixtureOfExperts(input_dim=6, output_dim=5, num_experts=4, top_k=5, hidden_dim=8)
+
+
+def test_output_is_renormalised_mix_of_the_top_k_experts():
+    moe = _moe(top_k=2)
+    _fix_gate(moe, [0.1, 0.4, 0.2, 0.3])
+    x = torch.randn(3, 6)
+    expected = (0.4 * _expert(moe, 1, x) + 0.3 * _expert(moe, 3, x)) / 0.7
+    torch.testing.assert_close(moe(x).output, expected)
+
+
+def test_utilisation_counts_routing_slots():
+    moe = _moe(top_k=2)
+    _fix_gate(moe, [0.1, 0.4, 0.2, 0.3])
+    out = moe(torch.randn(7, 6))
+    torch.testing.assert_close(out.expert_utilisation, torch.tensor([0.0, 0.5, 0.0, 0.5]))
+    out = _moe(top_k=3)(torch.randn(9, 6))
+    torch.testing.assert_close(out.expert_utilisation.sum(), torch.tensor(1.0))
+
+
+def test_load_balancing_loss_formula():
+    moe = _moe(top_k=2)
+    _fix_gate(moe, [0.1, 0.4, 0.2, 0.3])
+    # Experts 1 and 3 each take half of the slots: 4 * (0.5 * 0.4 + 0.5 * 0.3).
+    loss = moe(torch.randn(7, 6)).load_balancing_loss
+    torch.testing.assert_close(loss, torch.tensor(1.4))
+
+
+def test_load_balancing_loss_is_one_for_uniform_gate_probabilities():
+    moe = _moe(top_k=2)
+    _fix_gate(moe, [0.25] * 4)
+    torch.testing.assert_close(moe(torch.randn(8, 6)).load_balancing_loss, torch.tensor(1.0))
+
+
+def test_gradients_reach_the_gate_through_output_and_balancing_loss():
+    moe = _moe(top_k=2)
+    moe(torch.randn(8, 6)).output.square().sum().backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
+
+    moe.zero_grad()
+    moe(torch.randn(8, 6)).load_balancing_loss.backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
+    assert moe.w1.grad is None or moe.w1.grad.abs().sum() == 0
+
+
+def test_every_expert_learns_when_routed():
+    moe = _moe(top_k=4)
+    moe(torch.randn(8, 6)).output.square().sum().backward()
+    assert all(moe.w1.grad[e].abs().sum() > 0 for e in range(4))
