@@ -18,7 +18,6 @@ import click
 from naics_mlflow.errors import UserError
 
 DEFAULT_CONFIG = "conf/config.yaml"
-DEFAULT_DATA_CONFIG = "conf/data.yaml"
 
 
 def _reports_user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,10 +78,100 @@ def data_build(raw_dir: Path | None, out_dir: Path | None, force: bool, config_p
     result = build_data(
         resolve_raw_dir(str(raw_dir) if raw_dir else None, config.dirs.raw),
         out_dir or Path(config.dirs.data),
-        load_release(DEFAULT_DATA_CONFIG),
+        load_release(_census_sources(config_path)),
         force=force,
     )
     click.echo(
         f"{result.out_dir}: {result.n_codes:,} codes, {result.n_training_examples:,} training "
         f"index items, {result.n_holdout:,} held out" + ("" if result.rebuilt else " (unchanged)")
     )
+
+
+def _census_sources(config_path: str) -> Path:
+    """``data.yaml`` beside the config file: where the Census workbooks are published."""
+    return Path(config_path).parent / "data.yaml"
+
+
+def _curricula_dir(config_path: str) -> Path:
+    return Path(config_path).parent / "text_curriculum"
+
+
+def _load_stage_curriculum(config_path: str, name: str):
+    from naics_mlflow.data.curriculum import CurriculumError, list_curricula, load_curriculum
+
+    directory = _curricula_dir(config_path)
+    path = directory / f"{name}.yaml"
+    if not path.is_file():
+        available = ", ".join(spec.name for spec in list_curricula(directory))
+        raise CurriculumError(f"unknown curriculum '{name}' in {directory}; available: {available}")
+    return load_curriculum(path)
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("--curriculum", "-c", "curriculum_name", help="Curriculum name, e.g. 01_stage.")
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@click.option("--list-curricula", is_flag=True, help="List the curricula and exit.")
+@click.option(
+    "--from-checkpoint",
+    "from_checkpoint",
+    default="",
+    help="Initialise from a checkpoint file or a runs:/<run_id>/ckpt URI.",
+)
+@click.option("--raw-dir", default=None, help="Census files (default: $NAICS_RAW_DIR, dirs.raw).")
+@click.argument("overrides", nargs=-1)
+@_reports_user_errors
+def train(
+    curriculum_name: str | None,
+    config_path: str,
+    list_curricula: bool,
+    from_checkpoint: str,
+    raw_dir: str | None,
+    overrides: tuple[str, ...],
+) -> None:
+    """Train one curriculum stage as one MLflow run. Overrides: KEY=VALUE, e.g.
+    training.learning_rate=1e-4 data_loader.batch_size=8."""
+    if list_curricula:
+        from naics_mlflow.data.curriculum import list_curricula as read_curricula
+
+        for spec in read_curricula(_curricula_dir(config_path)):
+            click.echo(f"{spec.name:<14} {spec.description}")
+        return
+    if not curriculum_name:
+        raise click.UsageError("give --curriculum NAME (see --list-curricula)")
+    import tempfile
+    import time
+
+    from naics_mlflow import tracking
+    from naics_mlflow.config import load_config
+    from naics_mlflow.data.census import load_release
+    from naics_mlflow.training.stage import train_stage
+
+    config = load_config(config_path, overrides)
+    curriculum = _load_stage_curriculum(config_path, curriculum_name)
+    with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
+        init = (
+            tracking.resolve_checkpoint(from_checkpoint, Path(download_dir))
+            if from_checkpoint
+            else None
+        )
+        result = train_stage(
+            config,
+            curriculum,
+            run_group=f"single_{time.strftime('%Y%m%d-%H%M%S')}",
+            release=load_release(_census_sources(config_path)),
+            raw_dir=raw_dir,
+            init_checkpoint=init,
+        )
+    _print_summary(result)
+
+
+def _print_summary(result) -> None:
+    from naics_mlflow import tracking
+
+    click.echo("")
+    click.echo(f"stage            {result.stage}")
+    click.echo(f"mlflow run       {result.run_id}  ({tracking.tracking_uri()})")
+    click.echo(f"best checkpoint  {result.best_checkpoint}")
+    click.echo(f"                 runs:/{result.run_id}/{tracking.CHECKPOINT_ARTIFACT_PATH}")
+    for name, value in result.metrics.items():
+        click.echo(f"{name:<16} {value:.4f}")

@@ -174,6 +174,14 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, tree: dict[str, Any], source: str = "a saved configuration") -> Config:
+        """Rebuild a configuration saved with :meth:`to_dict` (in a checkpoint, say)."""
+        check_layer(tree, source)
+        config = _build(cls, tree, source)
+        _check_cross_field(config)
+        return config
+
     def flat(self) -> dict[str, Any]:
         """Dotted keys to leaf values, as logged to MLflow params."""
         return _flatten(self.to_dict())

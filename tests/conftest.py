@@ -39,3 +39,68 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, raw_dir: Path, release) -
 @pytest.fixture(scope="session")
 def taxonomy(data_dir: Path) -> Taxonomy:
     return load_taxonomy(data_dir)
+
+
+def make_tiny_backbone(folder: Path, taxonomy: Taxonomy) -> Path:
+    """A randomly initialised 2-layer BERT (hidden size 32) with a vocabulary of the most
+    frequent words in the NAICS titles, saved like any Hugging Face model folder."""
+    import collections
+    import re
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = collections.Counter(
+        word
+        for text in [*taxonomy.titles, *taxonomy.descriptions[:300]]
+        for word in re.findall(r"[a-z]+", text.lower())
+    )
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    characters = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:()-'")
+    vocabulary = specials + characters + [f"##{c}" for c in characters]
+    vocabulary += [w for w, _ in words.most_common(800) if w not in vocabulary]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocabulary) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(
+        folder
+    )
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocabulary),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) -> Path:
+    return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"), taxonomy)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(tiny_backbone: Path, data_dir: Path) -> list[str]:
+    """KEY=VALUE overrides that shrink a run to seconds: tiny backbone, small sizes, 2 epochs."""
+    return [
+        f"model.base_model_name={tiny_backbone}",
+        f"dirs.data={data_dir}",
+        "model.embedding_dim=16",
+        "model.lora.r=2",
+        "model.lora.alpha=4",
+        "model.moe.num_experts=2",
+        "model.moe.top_k=1",
+        "model.moe.hidden_dim=32",
+        "data_loader.batch_size=64",
+        "data_loader.tokenization.title_max_length=16",
+        "data_loader.tokenization.description_max_length=32",
+        "data_loader.tokenization.excluded_max_length=32",
+        "data_loader.tokenization.examples_max_length=32",
+        "training.learning_rate=1e-3",
+        "training.warmup_steps=2",
+        "training.trainer.max_epochs=2",
+        "training.trainer.log_every_n_steps=1",
+    ]

@@ -1,0 +1,85 @@
+"""Every code's four text channels, tokenized once per run and padded per batch.
+
+Tokenizing the 2,125 x 4 texts takes a second or two; doing it once (cached by tokenizer and token
+limits, so the stages of a chain share it) and padding each batch only to its own longest text is
+what keeps a training step at ~30 tokens per title instead of a fixed 512.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from naics_mlflow.config import TokenizationConfig
+from naics_mlflow.data.taxonomy import Taxonomy
+from naics_mlflow.model.encoder import CHANNELS, ChannelTokens
+
+
+def channel_texts(taxonomy: Taxonomy) -> dict[str, list[str]]:
+    """The text of each channel for every code, in taxonomy order."""
+    return {
+        "title": taxonomy.titles,
+        "description": taxonomy.descriptions,
+        "excluded": [" ".join(sentences) for sentences in taxonomy.excluded],
+        "examples": ["; ".join(items) for items in taxonomy.examples],
+    }
+
+
+def max_lengths(config: TokenizationConfig) -> dict[str, int]:
+    return {
+        "title": config.title_max_length,
+        "description": config.description_max_length,
+        "excluded": config.excluded_max_length,
+        "examples": config.examples_max_length,
+    }
+
+
+@dataclass(frozen=True)
+class CodeTokens:
+    """Unpadded token ids of every code's channels; :meth:`batch` pads a selection."""
+
+    ids: dict[str, list[np.ndarray]]  # channel -> N arrays of token ids (with special tokens)
+    pad_token_id: int
+
+    def batch(self, rows: np.ndarray | torch.Tensor) -> ChannelTokens:
+        """``(input_ids, attention_mask)`` per channel for the codes at ``rows``, each (U, L)
+        where L is the longest of those codes' texts in that channel."""
+        rows = np.asarray(rows)
+        tokens = {}
+        for channel in CHANNELS:
+            sequences = [self.ids[channel][row] for row in rows]
+            length = max(len(seq) for seq in sequences)
+            input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+            for i, seq in enumerate(sequences):
+                input_ids[i, : len(seq)] = torch.from_numpy(seq)
+                attention_mask[i, : len(seq)] = 1
+            tokens[channel] = (input_ids, attention_mask)
+        return tokens
+
+
+_CACHE: dict[tuple, CodeTokens] = {}
+
+
+def tokenize_codes(
+    taxonomy: Taxonomy, tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
+) -> CodeTokens:
+    """Tokenize all codes' channels, truncated to the configured per-channel limits."""
+    limits = max_lengths(config)
+    key = (tokenizer.name_or_path, len(tokenizer), tuple(limits.items()), tuple(taxonomy.codes))
+    if key not in _CACHE:
+        texts = channel_texts(taxonomy)
+        ids = {
+            channel: [
+                np.asarray(seq, dtype=np.int64)
+                for seq in tokenizer(
+                    texts[channel], truncation=True, max_length=limits[channel]
+                )["input_ids"]
+            ]
+            for channel in CHANNELS
+        }
+        _CACHE[key] = CodeTokens(ids=ids, pad_token_id=tokenizer.pad_token_id)
+    return _CACHE[key]

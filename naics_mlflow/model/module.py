@@ -1,0 +1,236 @@
+"""The LightningModule: the encoder, the contrastive loss, and the optimiser with its schedule."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import geoopt
+import lightning as L
+import numpy as np
+import torch
+
+from naics_mlflow.config import Config
+from naics_mlflow.data.tokenization import CodeTokens
+from naics_mlflow.errors import UserError
+from naics_mlflow.evaluation.metrics import hierarchy_metrics
+from naics_mlflow.model.encoder import CHANNELS, MultiChannelEncoder
+from naics_mlflow.model.lorentz import logmap0
+from naics_mlflow.model.loss import (
+    false_negative_mask,
+    hardest_negatives,
+    hyperbolic_infonce,
+    kmeans_clusters,
+)
+
+CHECKPOINT_FORMAT = 1
+# Codes per forward pass when embedding the whole taxonomy without gradients.
+EMBED_BATCH_SIZE = 256
+
+
+class NaicsEmbedder(L.LightningModule):
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = Config.from_dict(config)
+        self.encoder = MultiChannelEncoder(self.config.model, self.config.loss.curvature)
+        # Checkpoints hold only trainable weights; the frozen backbone comes from its name.
+        self.strict_loading = False
+        self.code_clusters: torch.Tensor | None = None  # (N,) k-means ids for false negatives
+
+    def forward(self, tokens):
+        return self.encoder(tokens)
+
+    # --- training ------------------------------------------------------------------------
+
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        loss_config = self.config.loss
+        encoded = self.encoder(batch["tokens"])
+        embeddings = encoded.embeddings
+        anchor = embeddings[batch["anchor"]]
+        positive = embeddings[batch["positive"]]
+        negatives = embeddings[batch["negatives"]]
+        valid = batch["negative_valid"]
+        if self.code_clusters is not None:
+            negative_clusters = self.code_clusters[batch["negative_rows"].clamp(min=0)]
+            anchor_clusters = self.code_clusters[batch["anchor_rows"]]
+            valid = valid & ~false_negative_mask(anchor_clusters, negative_clusters)
+        if loss_config.hard_negative_k is not None:
+            keep, valid = hardest_negatives(
+                anchor, negatives, valid, loss_config.hard_negative_k, loss_config.curvature
+            )
+            negatives = negatives.gather(1, keep.unsqueeze(-1).expand(-1, -1, negatives.shape[-1]))
+        contrastive = hyperbolic_infonce(
+            anchor,
+            positive,
+            negatives,
+            loss_config.curvature,
+            loss_config.temperature,
+            negative_valid=valid,
+            in_batch_negatives=batch["in_batch_negatives"],
+        )
+        load_balancing = encoded.load_balancing_loss * self.config.model.moe.load_balancing_coef
+        return {
+            "contrastive_loss": contrastive,
+            "load_balancing_loss": load_balancing,
+            "total_loss": contrastive + load_balancing,
+            "expert_utilisation": encoded.expert_utilisation,
+        }
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self._losses(batch)
+        batch_size = len(batch["anchor"])
+        for name in ("contrastive_loss", "load_balancing_loss", "total_loss"):
+            self.log(
+                f"train/{name}", losses[name], prog_bar=name == "total_loss", batch_size=batch_size
+            )
+        for expert, share in enumerate(losses["expert_utilisation"]):
+            self.log(f"train/moe/expert_{expert}_utilisation", share, batch_size=batch_size)
+        return losses["total_loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self._losses(batch)
+        batch_size = len(batch["anchor"])
+        self.log("val_loss", losses["total_loss"], prog_bar=True, batch_size=batch_size)
+        self.log("val/contrastive_loss", losses["contrastive_loss"], batch_size=batch_size)
+
+    # --- whole-taxonomy passes -----------------------------------------------------------
+
+    @torch.no_grad()
+    def embed_codes(self, tokens: CodeTokens, rows: np.ndarray) -> torch.Tensor:
+        """(len(rows), D+1) embeddings, in eval mode, batched by similar text length so that
+        dynamic padding wastes little."""
+        was_training = self.training
+        self.eval()
+        order = np.argsort([len(tokens.ids["description"][row]) for row in rows], kind="stable")
+        embeddings = torch.empty(
+            (len(rows), self.config.model.embedding_dim + 1), device=self.device
+        )
+        for start in range(0, len(rows), EMBED_BATCH_SIZE):
+            chunk = order[start : start + EMBED_BATCH_SIZE]
+            batch = {
+                channel: tuple(t.to(self.device) for t in pair)
+                for channel, pair in tokens.batch(rows[chunk]).items()
+            }
+            embeddings[torch.from_numpy(chunk).to(self.device)] = self.encoder(batch).embeddings
+        self.train(was_training)
+        return embeddings
+
+    def on_train_epoch_start(self) -> None:
+        loss_config = self.config.loss
+        start = loss_config.fn_curriculum_start_epoch
+        epoch = self.current_epoch
+        if start is None or epoch < start:
+            return
+        if (epoch - start) % loss_config.fn_cluster_every_n_epochs == 0:
+            datamodule = self.trainer.datamodule
+            rows = np.arange(datamodule.taxonomy.size)
+            tangent = logmap0(self.embed_codes(datamodule.tokens, rows), loss_config.curvature)
+            clusters = min(loss_config.fn_num_clusters, len(rows))
+            self.code_clusters = kmeans_clusters(tangent, clusters, seed=self.config.training.seed)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        datamodule = self.trainer.datamodule
+        taxonomy = datamodule.taxonomy
+        rows = np.arange(taxonomy.size)
+        sample_size = self.config.model.eval_sample_size
+        if sample_size is not None and sample_size < taxonomy.size:
+            rng = np.random.default_rng(self.config.training.seed)
+            rows = np.sort(rng.choice(taxonomy.size, size=sample_size, replace=False))
+        metrics = hierarchy_metrics(
+            self.embed_codes(datamodule.tokens, rows),
+            taxonomy.distance[np.ix_(rows, rows)],
+            taxonomy.levels[rows],
+            self.config.loss.curvature,
+        )
+        self.log_dict(metrics)
+
+    # --- optimisation --------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        training = self.config.training
+        parameters = [p for p in self.parameters() if p.requires_grad]
+        if training.optimizer == "riemannian_adam":
+            optimizer = geoopt.optim.RiemannianAdam(
+                parameters, lr=training.learning_rate, weight_decay=training.weight_decay
+            )
+        else:
+            optimizer = torch.optim.AdamW(
+                parameters, lr=training.learning_rate, weight_decay=training.weight_decay
+            )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        # A short run (a smoke test, a quick-start stage) still gets a cosine phase.
+        warmup_steps = min(training.warmup_steps, total_steps // 2)
+
+        def warmup_then_cosine(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = self.encoder.trainable_state_dict()
+        checkpoint["state_dict"] = {f"encoder.{name}": t for name, t in trainable.items()}
+        checkpoint["naics_embedder"] = {
+            "format": CHECKPOINT_FORMAT,
+            "base_model_name": self.config.model.base_model_name,
+            "channels": list(CHANNELS),
+        }
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read, or that belongs to another model."""
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint file without executing code from it (``weights_only``)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from exc
+    if not isinstance(checkpoint, dict) or "naics_embedder" not in checkpoint:
+        raise CheckpointError(f"{path}: not a naics-embedder checkpoint")
+    return checkpoint
+
+
+def load_trainable_weights(module: NaicsEmbedder, path: Path) -> None:
+    """Initialise ``module``'s adapters, experts and projection from a checkpoint's weights.
+
+    The checkpoint must come from the same backbone, channels and layer sizes; otherwise the
+    error names the first difference.
+    """
+    checkpoint = read_checkpoint(path)
+    info = checkpoint["naics_embedder"]
+    backbone = module.config.model.base_model_name
+    if info["base_model_name"] != backbone:
+        raise CheckpointError(
+            f"{path} was trained on backbone '{info['base_model_name']}', not '{backbone}'; "
+            f"set model.base_model_name={info['base_model_name']} or pick another checkpoint"
+        )
+    if list(info["channels"]) != list(CHANNELS):
+        raise CheckpointError(
+            f"{path} has channels {info['channels']}, this model has {list(CHANNELS)}"
+        )
+    saved = {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items()}
+    expected = module.encoder.trainable_state_dict()
+    for name in sorted(set(saved) | set(expected)):
+        if name not in saved or name not in expected or saved[name].shape != expected[name].shape:
+            raise CheckpointError(
+                f"{path} does not fit this model's shape at '{name}' (different lora, moe or "
+                "embedding sizes?); use the configuration it was trained with"
+            )
+    module.encoder.load_state_dict(saved, strict=False)

@@ -1,0 +1,202 @@
+"""Everything that talks to MLflow: the store, runs and their tags, metrics, checkpoint artifacts.
+
+The tracking URI is ``$MLFLOW_TRACKING_URI`` or the embedded ``sqlite:///mlflow.db`` in the working
+directory. With a local store, experiments put artifacts in ``./mlartifacts`` explicitly, so they
+never land in whatever folder a command happens to run from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import mlflow
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+
+from naics_mlflow.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+LOCAL_ARTIFACT_DIR = "mlartifacts"
+CHECKPOINT_ARTIFACT_PATH = "ckpt"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def use_experiment(name: str) -> str:
+    """Point MLflow at the tracking store and return the experiment's id, creating it if new.
+
+    Under ``mlflow run`` the launcher has already chosen the experiment (and opened the run that
+    the first :func:`run` adopts), so its ``MLFLOW_EXPERIMENT_ID`` wins over the configured name.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = Path(LOCAL_ARTIFACT_DIR).resolve().as_uri() if _is_local_store(uri) else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        # Another process created it between our lookup and our create.
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def git_commit() -> str:
+    """The commit of the working tree, or ``unknown`` outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return result.stdout.strip()
+
+
+@contextlib.contextmanager
+def run(
+    experiment_id: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    parent_run_id: str | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that ends FINISHED, KILLED on Ctrl-C, or FAILED with the error as a tag."""
+    active = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=run_name,
+        tags=dict(tags),
+        nested=parent_run_id is not None,
+        parent_run_id=parent_run_id,
+    )
+    try:
+        yield active
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as exc:
+        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    mlflow.log_params({key: "null" if value is None else value for key, value in params.items()})
+
+
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    mlflow.log_metrics(dict(metrics))
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    mlflow.set_tags(dict(tags))
+
+
+def log_dict(values: Mapping[str, Any], artifact_file: str) -> None:
+    mlflow.log_dict(dict(values), artifact_file)
+
+
+def log_checkpoint(run_id: str, path: Path) -> None:
+    MlflowClient().log_artifact(run_id, str(path), CHECKPOINT_ARTIFACT_PATH)
+
+
+class MetricsLogger(Logger):
+    """Lightning logger that sends metrics to an MLflow run this project opened and will close.
+
+    Lightning's own MLFlowLogger ends the run when training stops, before the best checkpoint is
+    uploaded; a run must only read FINISHED once its checkpoints are there.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__()
+        self._run_id = run_id
+        self._client = MlflowClient()
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str:
+        return self._run_id
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), timestamp, step or 0) for key, value in metrics.items()]
+        self._client.log_batch(self._run_id, metrics=batch)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Parameters are logged once, flattened, when the run starts (see :func:`log_params`)."""
+
+
+class LastCheckpointUpload(L.Callback):
+    """Upload ``last.ckpt`` at every epoch end, so an interrupted run loses at most one epoch."""
+
+    def __init__(self, run_id: str, checkpoint_dir: Path) -> None:
+        self._run_id = run_id
+        self._last = checkpoint_dir / LAST_CHECKPOINT
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and self._last.is_file():
+            log_checkpoint(self._run_id, self._last)
+
+
+class CheckpointReferenceError(UserError):
+    """A ``--from-checkpoint`` reference that names no usable checkpoint."""
+
+
+def _best_in(folder: Path, reference: str) -> Path:
+    """The best checkpoint in a downloaded ``ckpt/`` folder: the one that is not ``last.ckpt``."""
+    candidates = sorted(p for p in folder.rglob("*.ckpt") if p.name != LAST_CHECKPOINT)
+    if not candidates:
+        raise CheckpointReferenceError(f"{reference} holds no best checkpoint (*.ckpt)")
+    return candidates[0]
+
+
+def resolve_checkpoint(reference: str, download_dir: Path) -> Path:
+    """A local checkpoint file for a ``runs:/<id>/ckpt`` (or any artifact) URI or a file path."""
+    if "://" in reference or reference.startswith("runs:/"):
+        mlflow.set_tracking_uri(tracking_uri())
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=reference, dst_path=str(download_dir)
+            )
+        except (MlflowException, OSError) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointReferenceError(
+                f"cannot download {reference} from {tracking_uri()} ({message})"
+            ) from exc
+        local_path = Path(local)
+        return local_path if local_path.is_file() else _best_in(local_path, reference)
+    path = Path(reference)
+    if path.is_file():
+        return path
+    raise CheckpointReferenceError(
+        f"checkpoint {reference!r} is neither a file nor a runs:/<run_id>/ckpt URI"
+    )

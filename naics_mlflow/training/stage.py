@@ -1,0 +1,141 @@
+"""Train one curriculum stage as one MLflow run: data module, model, configured Trainer, logging."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from naics_mlflow import tracking
+from naics_mlflow.config import Config
+from naics_mlflow.data.census import CensusRelease
+from naics_mlflow.data.curriculum import CurriculumSpec
+from naics_mlflow.data.datamodule import NaicsDataModule
+from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
+
+logger = logging.getLogger(__name__)
+
+_HALF_PRECISIONS = {"16-mixed", "16", "16-true", "bf16-mixed", "bf16", "bf16-true"}
+SUMMARY_METRICS = ("val_loss", "val/spearman", "val/ndcg_at_10", "val/mean_distortion")
+
+
+def resolve_precision(requested: str | int, accelerator: str) -> str:
+    """The configured precision, or ``32-true`` where it cannot run.
+
+    Mixed precision needs a GPU: on a CPU, fp16 autocast is unsupported and bf16 is usually
+    slower than float32, so CPU runs train in float32 with one warning.
+    """
+    requested = str(requested)
+    on_cpu = accelerator == "cpu" or not torch.cuda.is_available()
+    if requested in _HALF_PRECISIONS and on_cpu:
+        logger.warning("precision %s needs a CUDA GPU; training in 32-true on the CPU", requested)
+        return "32-true"
+    return requested
+
+
+@dataclass(frozen=True)
+class StageResult:
+    run_id: str
+    stage: str
+    best_checkpoint: Path
+    last_checkpoint: Path
+    metrics: dict[str, float]
+
+
+def train_stage(
+    config: Config,
+    curriculum: CurriculumSpec,
+    *,
+    run_group: str,
+    release: CensusRelease,
+    raw_dir: str | None = None,
+    init_checkpoint: Path | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> StageResult:
+    """Train ``curriculum`` from scratch or from ``init_checkpoint``'s weights (fresh optimiser)
+    inside a new MLflow run, and log its checkpoints under the run's ``ckpt/`` artifacts."""
+    L.seed_everything(config.training.seed, workers=True)
+    experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
+    datamodule = NaicsDataModule(config, curriculum, release, raw_dir)
+    module = NaicsEmbedder(config.to_dict())
+    if init_checkpoint is not None:
+        load_trainable_weights(module, init_checkpoint)
+    tags = {
+        "stage": curriculum.name,
+        "curriculum": curriculum.name,
+        "config_hash": config.hash(),
+        "git_commit": tracking.git_commit(),
+        "run_group": run_group,
+        **(extra_tags or {}),
+    }
+    if init_checkpoint is not None:
+        tags["init_checkpoint"] = str(init_checkpoint)
+    with tracking.run(experiment_id, curriculum.name, tags, parent_run_id) as active:
+        run_id = active.info.run_id
+        tracking.log_params(config.flat())
+        tracking.log_params({f"curriculum.{k}": v for k, v in asdict(curriculum).items()})
+        tracking.log_dict(config.to_dict(), "config.yaml")
+        checkpoint_dir = Path(config.dirs.checkpoints) / run_group / curriculum.name
+        checkpoint = ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            filename=f"{curriculum.name}-{{epoch:02d}}-{{val_loss:.4f}}",
+            monitor="val_loss",
+            mode="min",
+            save_top_k=1,
+            save_last=True,
+        )
+        trainer_config = config.training.trainer
+        trainer = L.Trainer(
+            max_epochs=trainer_config.max_epochs,
+            accelerator=trainer_config.accelerator,
+            devices=trainer_config.devices,
+            num_nodes=trainer_config.num_nodes,
+            strategy=trainer_config.strategy,
+            precision=resolve_precision(trainer_config.precision, trainer_config.accelerator),
+            gradient_clip_val=trainer_config.gradient_clip_val,
+            accumulate_grad_batches=trainer_config.accumulate_grad_batches,
+            log_every_n_steps=trainer_config.log_every_n_steps,
+            val_check_interval=trainer_config.val_check_interval,
+            reload_dataloaders_every_n_epochs=1,
+            callbacks=[
+                checkpoint,
+                tracking.LastCheckpointUpload(run_id, checkpoint_dir),
+                LearningRateMonitor(logging_interval="step"),
+            ],
+            logger=[
+                tracking.MetricsLogger(run_id),
+                TensorBoardLogger(config.dirs.outputs, name=run_group, version=curriculum.name),
+            ],
+            enable_model_summary=False,
+        )
+        trainer.fit(module, datamodule=datamodule)
+        best = Path(checkpoint.best_model_path)
+        tracking.log_checkpoint(run_id, best)
+        tracking.log_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)
+        metrics = _final_metrics(trainer.callback_metrics, checkpoint)
+        tracking.set_tags({"best_checkpoint": best.name})
+        tracking.log_metrics({"best_val_loss": metrics["best_val_loss"]})
+    return StageResult(
+        run_id=run_id,
+        stage=curriculum.name,
+        best_checkpoint=best,
+        last_checkpoint=checkpoint_dir / tracking.LAST_CHECKPOINT,
+        metrics=metrics,
+    )
+
+
+def _final_metrics(
+    callback_metrics: dict[str, Any], checkpoint: ModelCheckpoint
+) -> dict[str, float]:
+    metrics = {
+        name: float(callback_metrics[name]) for name in SUMMARY_METRICS if name in callback_metrics
+    }
+    metrics["best_val_loss"] = float(checkpoint.best_model_score)
+    return metrics
