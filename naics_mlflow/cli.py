@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +88,15 @@ def data_build(raw_dir: Path | None, out_dir: Path | None, force: bool, config_p
     )
 
 
+_overrides_option = click.option(
+    "--overrides",
+    "overrides_string",
+    default="",
+    help="KEY=VALUE overrides as one space-separated string (the MLproject parameter); "
+    "applied before the trailing KEY=VALUE arguments.",
+)
+
+
 def _census_sources(config_path: str) -> Path:
     """``data.yaml`` beside the config file: where the Census workbooks are published."""
     return Path(config_path).parent / "data.yaml"
@@ -118,6 +128,7 @@ def _load_stage_curriculum(config_path: str, name: str):
     help="Initialise from a checkpoint file or a runs:/<run_id>/ckpt URI.",
 )
 @click.option("--raw-dir", default=None, help="Census files (default: $NAICS_RAW_DIR, dirs.raw).")
+@_overrides_option
 @click.argument("overrides", nargs=-1)
 @_reports_user_errors
 def train(
@@ -126,6 +137,7 @@ def train(
     list_curricula: bool,
     from_checkpoint: str,
     raw_dir: str | None,
+    overrides_string: str,
     overrides: tuple[str, ...],
 ) -> None:
     """Train one curriculum stage as one MLflow run. Overrides: KEY=VALUE, e.g.
@@ -138,16 +150,20 @@ def train(
         return
     if not curriculum_name:
         raise click.UsageError("give --curriculum NAME (see --list-curricula)")
+    from naics_mlflow.config import load_config
+    from naics_mlflow.data.census import load_release
+
+    # Bad settings fail here, before the seconds-long import of the training stack.
+    config = load_config(config_path, [*shlex.split(overrides_string), *overrides])
+    curriculum = _load_stage_curriculum(config_path, curriculum_name)
+    release = load_release(_census_sources(config_path))
+
     import tempfile
     import time
 
     from naics_mlflow import tracking
-    from naics_mlflow.config import load_config
-    from naics_mlflow.data.census import load_release
     from naics_mlflow.training.stage import train_stage
 
-    config = load_config(config_path, overrides)
-    curriculum = _load_stage_curriculum(config_path, curriculum_name)
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         init = (
             tracking.resolve_checkpoint(from_checkpoint, Path(download_dir))
@@ -158,7 +174,7 @@ def train(
             config,
             curriculum,
             run_group=f"single_{time.strftime('%Y%m%d-%H%M%S')}",
-            release=load_release(_census_sources(config_path)),
+            release=release,
             raw_dir=raw_dir,
             init_checkpoint=init,
         )

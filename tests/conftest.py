@@ -21,6 +21,7 @@ def raw_dir() -> Path:
     path = Path(os.environ.get("NAICS_RAW_DIR", REPO_ROOT.parent / "shared" / "naics2022"))
     if not (path / "2022_NAICS_Index_File.xlsx").is_file():
         pytest.fail(f"the Census files are not in {path}; set NAICS_RAW_DIR")
+    os.environ["NAICS_RAW_DIR"] = str(path)  # for the command-line runs in subprocesses
     return path
 
 

@@ -7,7 +7,6 @@ from naics_mlflow.model.loss import (
     false_negative_mask,
     hardest_negatives,
     hyperbolic_infonce,
-    in_batch_negative_mask,
     kmeans_clusters,
 )
 
@@ -77,27 +76,6 @@ def test_in_batch_mask_rows_are_anchors_and_columns_are_other_positives():
             hyperbolic_infonce(anchor[i : i + 1], positive[i : i + 1], row_negatives, 1.0, 0.1)
         )
     torch.testing.assert_close(loss, torch.stack(per_row).mean())
-
-
-def test_in_batch_negative_mask_excludes_anchor_positive_set_and_anchor_itself():
-    anchor_ids = torch.tensor([0, 1, 10])
-    positive_ids = torch.tensor([10, 11, 13])
-    positive_sets = torch.tensor([[10, 11], [11, 12], [13, -1]])
-    expected = torch.tensor(
-        [
-            [False, False, True],  # 11 is in anchor 0's positive set
-            [True, False, True],
-            [False, True, False],  # 10 is anchor 2 itself
-        ]
-    )
-    assert torch.equal(in_batch_negative_mask(anchor_ids, positive_ids, positive_sets), expected)
-
-
-def test_in_batch_negative_mask_excludes_duplicates_of_own_positive():
-    mask = in_batch_negative_mask(
-        torch.tensor([0, 1]), torch.tensor([5, 5]), torch.full((2, 1), -1)
-    )
-    assert not mask.any()
 
 
 def test_loss_falls_when_optimising_free_embeddings():

@@ -69,11 +69,17 @@ def _fingerprint(paths: dict[str, Path]) -> str:
     return digest.hexdigest()
 
 
+def is_built(out_dir: Path) -> bool:
+    """Whether a complete build is in ``out_dir`` (its manifest is written last)."""
+    return (out_dir / MANIFEST_FILE).is_file() and all(
+        (out_dir / name).is_file() for name in OUTPUT_FILES
+    )
+
+
 def _up_to_date(out_dir: Path, fingerprint: str) -> bool:
-    manifest = out_dir / MANIFEST_FILE
-    if not manifest.is_file() or not all((out_dir / name).is_file() for name in OUTPUT_FILES):
+    if not is_built(out_dir):
         return False
-    return json.loads(manifest.read_text()).get("fingerprint") == fingerprint
+    return json.loads((out_dir / MANIFEST_FILE).read_text()).get("fingerprint") == fingerprint
 
 
 class _Progress:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from naics_mlflow.config import Config
-from naics_mlflow.data.build import build_data
+from naics_mlflow.data.build import build_data, is_built
 from naics_mlflow.data.census import CensusRelease, resolve_raw_dir
 from naics_mlflow.data.curriculum import CurriculumSampler, CurriculumSpec, EpochSample
 from naics_mlflow.data.taxonomy import Taxonomy, load_taxonomy
@@ -88,8 +88,8 @@ class NaicsDataModule(L.LightningDataModule):
         self._validation_pair_keys: np.ndarray  # anchor * N + positive of each validation item
 
     def prepare_data(self) -> None:
-        # A no-op when data/ is up to date with the raw files (content fingerprint).
-        build_data(self.raw_dir, self.data_dir, self.release)
+        if not is_built(self.data_dir):
+            build_data(self.raw_dir, self.data_dir, self.release)
 
     def setup(self, stage: str | None = None) -> None:
         if self.taxonomy is not None:

@@ -51,6 +51,11 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     return _load(AutoTokenizer, name)
 
 
+def _is_trainable(name: str) -> bool:
+    """All but the backbone's own weights train: its adapters, the experts, the projection."""
+    return not name.startswith("backbone.") or "lora_" in name
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Average of the token states over real (unpadded) tokens: (U, L, H), (U, L) -> (U, H)."""
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -92,7 +97,6 @@ class MultiChannelEncoder(nn.Module):
             ) from exc
         for channel in CHANNELS[1:]:
             self.backbone.add_adapter(channel, copy.deepcopy(lora))
-        self._adapter_parameters = [p for n, p in self.backbone.named_parameters() if "lora_" in n]
         hidden = backbone.config.hidden_size
         self.fusion = MixtureOfExperts(
             input_dim=len(CHANNELS) * hidden,
@@ -102,6 +106,9 @@ class MultiChannelEncoder(nn.Module):
             hidden_dim=config.moe.hidden_dim,
         )
         self.projection = LorentzProjection(hidden, config.embedding_dim, curvature)
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(_is_trainable(name))
+        self._adapter_parameters = [p for n, p in self.backbone.named_parameters() if "lora_" in n]
 
     def _activate(self, channel: str) -> None:
         self.backbone.set_adapter(channel)
@@ -130,5 +137,4 @@ class MultiChannelEncoder(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes: the frozen backbone is rebuilt from its name on load."""
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {name: t for name, t in self.state_dict().items() if name in trainable}
+        return {name: t for name, t in self.state_dict().items() if _is_trainable(name)}

@@ -37,7 +37,8 @@ def hyperbolic_infonce(
         negative_valid: ``(B, K)`` bool, False for padding and masked false negatives;
             None keeps all.
         in_batch_negatives: ``(B, B)`` bool, True where ``positive[j]`` is a valid negative for
-            ``anchor[i]`` (see ``in_batch_negative_mask``); None uses no in-batch negatives.
+            ``anchor[i]`` (built by ``naics_mlflow.data.datamodule.in_batch_negatives``); None
+            uses no in-batch negatives.
 
     Returns:
         Scalar mean loss over the batch.
@@ -55,31 +56,6 @@ def hyperbolic_infonce(
     logits = torch.cat([positive_logits, *masked], dim=1)
     target = torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device)
     return F.cross_entropy(logits, target)
-
-
-def in_batch_negative_mask(
-    anchor_ids: Tensor, positive_ids: Tensor, positive_sets: Tensor
-) -> Tensor:
-    """Which other anchors' positives may serve as in-batch negatives.
-
-    ``positive_ids[j]`` is a negative for anchor ``i`` unless it is the anchor itself, anchor
-    ``i``'s own positive (this also excludes ``j == i`` and duplicates of it), or any code in
-    anchor ``i``'s positive set.
-
-    Args:
-        anchor_ids: ``(B,)`` long code ids of the anchors.
-        positive_ids: ``(B,)`` long code ids of the anchors' positives.
-        positive_sets: ``(B, P)`` long ids of every positive of each anchor, padded with -1
-            (ids are non-negative, so padding never matches).
-
-    Returns:
-        ``(B, B)`` bool, True where ``positive_ids[j]`` is a valid negative for anchor ``i``.
-    """
-    candidate = positive_ids.unsqueeze(0)
-    in_positive_set = (positive_sets.unsqueeze(1) == candidate.unsqueeze(2)).any(dim=2)
-    is_anchor = candidate == anchor_ids.unsqueeze(1)
-    is_own_positive = candidate == positive_ids.unsqueeze(1)
-    return ~(in_positive_set | is_anchor | is_own_positive)
 
 
 def false_negative_mask(anchor_clusters: Tensor, negative_clusters: Tensor) -> Tensor:

