@@ -50,8 +50,22 @@ def cli_run(tmp_path_factory, tiny_overrides):
     """One stage trained through the command line in a fresh working directory."""
     workdir = tmp_path_factory.mktemp("cli-run")
     env = {"MLFLOW_TRACKING_URI": ""}
+    # Clustering from epoch 1 and hard-negative mining run the full training path.
+    extra = [
+        "loss.fn_curriculum_start_epoch=1",
+        "loss.fn_num_clusters=20",
+        "loss.hard_negative_k=8",
+    ]
     result = _cli(
-        "train", "-c", "01_stage", "--config", str(CONFIG), *tiny_overrides, cwd=workdir, env=env
+        "train",
+        "-c",
+        "01_stage",
+        "--config",
+        str(CONFIG),
+        *tiny_overrides,
+        *extra,
+        cwd=workdir,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
@@ -82,6 +96,7 @@ def test_cli_run_is_tracked(cli_run):
         "train/contrastive_loss",
         "train/load_balancing_loss",
         "train/moe/expert_0_utilisation",
+        "train/false_negative_fraction",
     ):
         assert metric in run.data.metrics, metric
     assert run.data.metrics["val/manifold_valid"] == 1.0

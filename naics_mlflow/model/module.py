@@ -54,10 +54,13 @@ class NaicsEmbedder(L.LightningModule):
         positive = embeddings[batch["positive"]]
         negatives = embeddings[batch["negatives"]]
         valid = batch["negative_valid"]
+        extra = {}
         if self.code_clusters is not None:
             negative_clusters = self.code_clusters[batch["negative_rows"].clamp(min=0)]
             anchor_clusters = self.code_clusters[batch["anchor_rows"]]
-            valid = valid & ~false_negative_mask(anchor_clusters, negative_clusters)
+            false_negatives = valid & false_negative_mask(anchor_clusters, negative_clusters)
+            extra["false_negative_fraction"] = false_negatives.sum() / valid.sum().clamp(min=1)
+            valid = valid & ~false_negatives
         if loss_config.hard_negative_k is not None:
             keep, valid = hardest_negatives(
                 anchor, negatives, valid, loss_config.hard_negative_k, loss_config.curvature
@@ -78,6 +81,7 @@ class NaicsEmbedder(L.LightningModule):
             "load_balancing_loss": load_balancing,
             "total_loss": contrastive + load_balancing,
             "expert_utilisation": encoded.expert_utilisation,
+            **extra,
         }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -89,6 +93,12 @@ class NaicsEmbedder(L.LightningModule):
             )
         for expert, share in enumerate(losses["expert_utilisation"]):
             self.log(f"train/moe/expert_{expert}_utilisation", share, batch_size=batch_size)
+        if "false_negative_fraction" in losses:
+            self.log(
+                "train/false_negative_fraction",
+                losses["false_negative_fraction"],
+                batch_size=batch_size,
+            )
         return losses["total_loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
