@@ -191,3 +191,109 @@ def _print_summary(result) -> None:
     click.echo(f"                 runs:/{result.run_id}/{tracking.CHECKPOINT_ARTIFACT_PATH}")
     for name, value in result.metrics.items():
         click.echo(f"{name:<16} {value:.4f}")
+
+
+_BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+@main.command("train-curriculum")
+@click.option(
+    "--curricula",
+    "-c",
+    default="01_stage,02_stage,03_stage,04_stage,05_stage",
+    show_default=True,
+    help="Comma-separated curriculum stages to train in order.",
+)
+@click.option(
+    "--chain", "chain_name", default="", help="A chain file name (overrides --curricula)."
+)
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@click.option(
+    "--resume",
+    "resume_word",
+    is_flag=False,
+    flag_value="true",
+    default="true",
+    show_default=True,
+    help="Reuse finished stages and continue interrupted ones (--resume false to retrain).",
+)
+@click.option("--no-resume", is_flag=True, help="Same as --resume false.")
+@click.option(
+    "--from-checkpoint",
+    "from_checkpoint",
+    default="",
+    help="Start stage 1 from a stage name, a runs:/<run_id>/ckpt URI or a .ckpt file.",
+)
+@click.option("--raw-dir", default=None, help="Census files (default: $NAICS_RAW_DIR, dirs.raw).")
+@_overrides_option
+@click.argument("overrides", nargs=-1)
+@_reports_user_errors
+def train_curriculum(
+    curricula: str,
+    chain_name: str,
+    config_path: str,
+    resume_word: str,
+    no_resume: bool,
+    from_checkpoint: str,
+    raw_dir: str | None,
+    overrides_string: str,
+    overrides: tuple[str, ...],
+) -> None:
+    """Train curriculum stages in sequence, each from the previous stage's best checkpoint, as
+    one parent MLflow run with a nested run per stage. Overrides (KEY=VALUE) apply to every
+    stage."""
+    from naics_mlflow.data.census import load_release
+    from naics_mlflow.data.curriculum import CurriculumError, load_chain
+
+    if resume_word.lower() not in _BOOLEAN_WORDS:
+        raise click.BadParameter(
+            f"takes true or false, got {resume_word!r} (put KEY=VALUE overrides after the options)",
+            param_hint="--resume",
+        )
+    resume = _BOOLEAN_WORDS[resume_word.lower()] and not no_resume
+    directory = _curricula_dir(config_path)
+    chain = None
+    if chain_name:
+        chain_path = (
+            Path(chain_name) if chain_name.endswith(".yaml") else directory / f"{chain_name}.yaml"
+        )
+        if not chain_path.is_file():
+            available = sorted(p.stem for p in directory.glob("chain_*.yaml"))
+            raise CurriculumError(
+                f"unknown chain '{chain_name}' in {directory}; available: {', '.join(available)}"
+            )
+        chain = load_chain(chain_path)
+    names = [name.strip() for name in curricula.split(",") if name.strip()]
+    for name in [stage.name for stage in chain.stages] if chain else names:
+        _load_stage_curriculum(config_path, name)
+    release = load_release(_census_sources(config_path))
+
+    import tempfile
+
+    from naics_mlflow import tracking
+    from naics_mlflow.model.module import check_compatible
+    from naics_mlflow.training.chain import plan_chain, run_chain
+
+    plan = plan_chain(
+        config_path, directory, chain, names, [*shlex.split(overrides_string), *overrides]
+    )
+    with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
+        init = None
+        if from_checkpoint:
+            init = tracking.resolve_checkpoint(from_checkpoint, Path(download_dir))
+            check_compatible(init, plan.stages[0].config)
+        result = run_chain(
+            plan, release=release, resume=resume, init_checkpoint=init, raw_dir=raw_dir
+        )
+    click.echo("")
+    click.echo(f"chain            {plan.name} ({plan.sequence})")
+    click.echo(f"parent run       {result.parent_run_id}  ({tracking.tracking_uri()})")
+    for stage, stage_result in zip(plan.stages, result.stages, strict=True):
+        if stage_result is None:
+            click.echo(f"{stage.curriculum.name:<16} reused from an earlier run")
+        else:
+            loss = stage_result.metrics["best_val_loss"]
+            click.echo(
+                f"{stage.curriculum.name:<16} run {stage_result.run_id}  best_val_loss {loss:.4f}"
+            )
+    click.echo(f"final checkpoint runs:/{result.final_run_id}/{tracking.CHECKPOINT_ARTIFACT_PATH}")

@@ -145,6 +145,8 @@ class TrainerConfig:
     accumulate_grad_batches: int
     log_every_n_steps: int
     val_check_interval: float
+    limit_train_batches: int | float
+    limit_val_batches: int | float
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,8 @@ _POSITIVE_KEYS = {
     "training.trainer.accumulate_grad_batches",
     "training.trainer.log_every_n_steps",
     "training.trainer.val_check_interval",
+    "training.trainer.limit_train_batches",
+    "training.trainer.limit_val_batches",
 }
 _NON_NEGATIVE_KEYS = {
     "data_loader.num_workers",

@@ -20,7 +20,7 @@ import lightning as L
 import mlflow
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -83,10 +83,15 @@ def run(
     run_name: str,
     tags: Mapping[str, str],
     parent_run_id: str | None = None,
+    reopen_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run that ends FINISHED, KILLED on Ctrl-C, or FAILED with the error as a tag."""
+    """An MLflow run that ends FINISHED, KILLED on Ctrl-C, or FAILED with the error as a tag.
+
+    ``reopen_run_id`` continues an existing run (a resumed chain's parent) instead of a new one.
+    """
     active = mlflow.start_run(
-        experiment_id=experiment_id,
+        run_id=reopen_run_id,
+        experiment_id=None if reopen_run_id else experiment_id,
         run_name=run_name,
         tags=dict(tags),
         nested=parent_run_id is not None,
@@ -180,23 +185,93 @@ def _best_in(folder: Path, reference: str) -> Path:
 
 
 def resolve_checkpoint(reference: str, download_dir: Path) -> Path:
-    """A local checkpoint file for a ``runs:/<id>/ckpt`` (or any artifact) URI or a file path."""
+    """A local checkpoint file for ``--from-checkpoint``: a stage name (its best run in the
+    store), a ``runs:/<id>/ckpt`` or other artifact URI, or a path to a ``.ckpt`` file."""
     if "://" in reference or reference.startswith("runs:/"):
-        mlflow.set_tracking_uri(tracking_uri())
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=reference, dst_path=str(download_dir)
-            )
-        except (MlflowException, OSError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointReferenceError(
-                f"cannot download {reference} from {tracking_uri()} ({message})"
-            ) from exc
-        local_path = Path(local)
-        return local_path if local_path.is_file() else _best_in(local_path, reference)
+        return _download_reference(reference, download_dir)
     path = Path(reference)
     if path.is_file():
         return path
-    raise CheckpointReferenceError(
-        f"checkpoint {reference!r} is neither a file nor a runs:/<run_id>/ckpt URI"
+    if path.suffix == ".ckpt" or len(path.parts) > 1:
+        raise CheckpointReferenceError(f"checkpoint file {reference} does not exist")
+    run = best_run_of_stage(reference)
+    return download_checkpoint(run, run.data.tags["best_checkpoint"], download_dir)
+
+
+def _download_reference(reference: str, download_dir: Path) -> Path:
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(download_dir))
+        )
+    except (MlflowException, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointReferenceError(
+            f"cannot download {reference} from {tracking_uri()} ({message})"
+        ) from exc
+    return local if local.is_file() else _best_in(local, reference)
+
+
+# --- discovery -----------------------------------------------------------------------------
+
+
+def search_runs(filter_string: str, order_by: list[str] | None = None) -> list[Run]:
+    """Runs of every experiment in the store matching an MLflow filter, in ``order_by`` order.
+
+    All experiments, because ``mlflow run`` puts runs in the experiment its caller chose.
+    """
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=filter_string,
+        order_by=order_by or ["attributes.start_time DESC"],
+        output_format="list",
     )
+
+
+def has_checkpoint(run: Run, name: str) -> bool:
+    return any(
+        artifact.path == f"{CHECKPOINT_ARTIFACT_PATH}/{name}"
+        for artifact in MlflowClient().list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_PATH)
+    )
+
+
+def download_checkpoint(run: Run, name: str, download_dir: Path) -> Path:
+    """``ckpt/<name>`` of ``run`` as a local file in ``download_dir``."""
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id,
+        artifact_path=f"{CHECKPOINT_ARTIFACT_PATH}/{name}",
+        dst_path=str(download_dir / run.info.run_id),
+    )
+    return Path(local)
+
+
+def best_run_of_stage(stage: str) -> Run:
+    """The FINISHED run of ``stage`` with the lowest ``best_val_loss`` that logged its best
+    checkpoint."""
+    runs = search_runs(
+        f"tags.stage = '{stage}' AND attributes.status = 'FINISHED'",
+        ["metrics.best_val_loss ASC"],
+    )
+    for candidate in runs:
+        best = candidate.data.tags.get("best_checkpoint")
+        if best and "best_val_loss" in candidate.data.metrics and has_checkpoint(candidate, best):
+            logger.info(
+                "checkpoint of stage %s: run %s, best_val_loss %.4f, the lowest of %d finished "
+                "runs of that stage",
+                stage,
+                candidate.info.run_id,
+                candidate.data.metrics["best_val_loss"],
+                len(runs),
+            )
+            return candidate
+    raise CheckpointReferenceError(
+        f"no finished run of stage '{stage}' with a logged checkpoint in {tracking_uri()}; "
+        "train that stage first, or pass a checkpoint file or a runs:/<run_id>/ckpt URI"
+    )
+
+
+def mark_killed_if_running(run: Run) -> None:
+    """A run left RUNNING by a process that died is over: record it as KILLED."""
+    if run.info.status == "RUNNING":
+        MlflowClient().set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))

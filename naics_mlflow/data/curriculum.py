@@ -125,11 +125,14 @@ class CurriculumSpec:
 @dataclass(frozen=True)
 class ChainStage:
     """One step of a chain: the curriculum named ``name`` (``conf/text_curriculum/<name>.yaml``)
-    with optional per-stage overrides of the trainer's epochs and learning rate."""
+    with optional per-stage values: the trainer's epochs, the learning rate, and ``overrides``,
+    dotted config keys to values (``{data_loader.batch_size: 16}``), checked against the config
+    schema when the chain is planned."""
 
     name: str
     max_epochs: int | None = None
     learning_rate: float | None = None
+    overrides: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -137,6 +140,11 @@ class ChainStage:
         if self.max_epochs is not None and (not _is_int(self.max_epochs) or self.max_epochs < 1):
             raise CurriculumError(
                 f"field 'max_epochs' must be an integer >= 1 or null, got {self.max_epochs!r}"
+            )
+        if self.overrides is not None and not isinstance(self.overrides, dict):
+            raise CurriculumError(
+                "field 'overrides' must be a mapping of dotted config keys to values, "
+                f"got {self.overrides!r}"
             )
         rate = self.learning_rate
         is_number = isinstance(rate, int | float) and not isinstance(rate, bool)

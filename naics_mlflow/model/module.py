@@ -217,30 +217,50 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def load_trainable_weights(module: NaicsEmbedder, path: Path) -> None:
-    """Initialise ``module``'s adapters, experts and projection from a checkpoint's weights.
+# Model settings a checkpoint's weights depend on: any difference makes them unusable.
+_SHAPE_KEYS = (
+    ("base_model_name",),
+    ("embedding_dim",),
+    ("lora", "r"),
+    ("lora", "target_modules"),
+    ("moe", "num_experts"),
+    ("moe", "hidden_dim"),
+)
 
-    The checkpoint must come from the same backbone, channels and layer sizes; otherwise the
-    error names the first difference.
-    """
+
+def check_compatible(path: Path, config: Config) -> dict[str, Any]:
+    """Read ``path`` and check it was trained with this backbone, channels and layer sizes;
+    returns the checkpoint. Raises :class:`CheckpointError` naming the first difference."""
     checkpoint = read_checkpoint(path)
-    info = checkpoint["naics_embedder"]
-    backbone = module.config.model.base_model_name
-    if info["base_model_name"] != backbone:
+    if list(checkpoint["naics_embedder"]["channels"]) != list(CHANNELS):
         raise CheckpointError(
-            f"{path} was trained on backbone '{info['base_model_name']}', not '{backbone}'; "
-            f"set model.base_model_name={info['base_model_name']} or pick another checkpoint"
+            f"{path} has channels {checkpoint['naics_embedder']['channels']}, "
+            f"this model has {list(CHANNELS)}"
         )
-    if list(info["channels"]) != list(CHANNELS):
-        raise CheckpointError(
-            f"{path} has channels {info['channels']}, this model has {list(CHANNELS)}"
-        )
+    saved_model = checkpoint["hyper_parameters"]["config"]["model"]
+    current_model = config.to_dict()["model"]
+    for keys in _SHAPE_KEYS:
+        saved, current = saved_model, current_model
+        for key in keys:
+            saved, current = saved[key], current[key]
+        if saved != current:
+            dotted = "model." + ".".join(keys)
+            raise CheckpointError(
+                f"{path} was trained with {dotted}={saved}, this run has {current}; "
+                f"set {dotted}={saved} or pick another checkpoint"
+            )
+    return checkpoint
+
+
+def load_trainable_weights(module: NaicsEmbedder, path: Path) -> None:
+    """Initialise ``module``'s adapters, experts and projection from a checkpoint's weights."""
+    checkpoint = check_compatible(path, module.config)
     saved = {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items()}
     expected = module.encoder.trainable_state_dict()
     for name in sorted(set(saved) | set(expected)):
         if name not in saved or name not in expected or saved[name].shape != expected[name].shape:
             raise CheckpointError(
-                f"{path} does not fit this model's shape at '{name}' (different lora, moe or "
-                "embedding sizes?); use the configuration it was trained with"
+                f"{path} does not fit this model at '{name}'; use the configuration it was "
+                "trained with"
             )
     module.encoder.load_state_dict(saved, strict=False)

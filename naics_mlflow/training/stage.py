@@ -56,11 +56,16 @@ def train_stage(
     release: CensusRelease,
     raw_dir: str | None = None,
     init_checkpoint: Path | None = None,
+    resume_checkpoint: Path | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
 ) -> StageResult:
-    """Train ``curriculum`` from scratch or from ``init_checkpoint``'s weights (fresh optimiser)
-    inside a new MLflow run, and log its checkpoints under the run's ``ckpt/`` artifacts."""
+    """Train ``curriculum`` inside a new MLflow run and log its checkpoints under ``ckpt/``.
+
+    It starts from scratch, from ``init_checkpoint``'s weights with a fresh optimiser and
+    schedule, or continues an interrupted run from ``resume_checkpoint`` (a ``last.ckpt``) with
+    optimiser, schedule and epoch restored.
+    """
     L.seed_everything(config.training.seed, workers=True)
     experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
     datamodule = NaicsDataModule(config, curriculum, release, raw_dir)
@@ -103,6 +108,8 @@ def train_stage(
             accumulate_grad_batches=trainer_config.accumulate_grad_batches,
             log_every_n_steps=trainer_config.log_every_n_steps,
             val_check_interval=trainer_config.val_check_interval,
+            limit_train_batches=trainer_config.limit_train_batches,
+            limit_val_batches=trainer_config.limit_val_batches,
             reload_dataloaders_every_n_epochs=1,
             callbacks=[
                 checkpoint,
@@ -115,7 +122,7 @@ def train_stage(
             ],
             enable_model_summary=False,
         )
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
         best = Path(checkpoint.best_model_path)
         tracking.log_checkpoint(run_id, best)
         tracking.log_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)

@@ -1,0 +1,208 @@
+"""Sequential curriculum training: one parent MLflow run, one nested run per stage, each stage
+starting from the previous stage's best checkpoint, and resumption of interrupted chains."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from naics_mlflow import tracking
+from naics_mlflow.config import Config, build_config, parse_overrides
+from naics_mlflow.data.census import CensusRelease
+from naics_mlflow.data.curriculum import ChainSpec, CurriculumSpec, load_curriculum
+from naics_mlflow.training.stage import StageResult, train_stage
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CURRICULA = ("01_stage", "02_stage", "03_stage", "04_stage", "05_stage")
+INTERRUPTED_STATUSES = ("RUNNING", "FAILED", "KILLED")
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    curriculum: CurriculumSpec
+    config: Config
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """What a chain will train: its name, stage ids and each stage's effective configuration."""
+
+    name: str
+    chain: str | None
+    sequence: str
+    stages: list[PlannedStage]
+
+    @property
+    def run_group(self) -> str:
+        """The local checkpoint folder, ``checkpoints/<run_group>/<stage>/``."""
+        suffix = f"_{self.chain}" if self.chain else ""
+        return f"sequential_{self.sequence}{suffix}"
+
+    def hash(self) -> str:
+        """Digest of every stage's curriculum and effective configuration: a rerun with the same
+        hash may reuse this chain's finished stages."""
+        payload = [[asdict(s.curriculum), s.config.to_dict()] for s in self.stages]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def stage_id(name: str) -> str:
+    """``01_stage`` -> ``01``: the short form used in sequence ids such as ``01-02-03``."""
+    return name.split("_", 1)[0]
+
+
+def plan_chain(
+    config_path: str | Path,
+    curricula_dir: Path,
+    chain: ChainSpec | None,
+    curricula: list[str],
+    overrides: list[str],
+) -> ChainPlan:
+    """Each stage's settings, lowest precedence first: the base config, the chain stage's
+    ``overrides``, its ``max_epochs`` and ``learning_rate``, the command-line overrides."""
+    stages = chain.stages if chain else None
+    names = [stage.name for stage in stages] if stages else curricula
+    command_line = [
+        (parse_overrides([item], "the command line"), f"override '{item}'") for item in overrides
+    ]
+    planned = []
+    for position, name in enumerate(names):
+        curriculum = load_curriculum(curricula_dir / f"{name}.yaml")
+        layers: list[tuple[dict[str, Any], str]] = []
+        if stages:
+            stage = stages[position]
+            source = f"chain {chain.chain_name}, stage {name}"
+            if stage.overrides:
+                dotted = [f"{key}={json.dumps(value)}" for key, value in stage.overrides.items()]
+                layers.append((parse_overrides(dotted, source), source))
+            per_stage: dict[str, Any] = {}
+            if stage.max_epochs is not None:
+                per_stage["training"] = {"trainer": {"max_epochs": stage.max_epochs}}
+            if stage.learning_rate is not None:
+                per_stage.setdefault("training", {})["learning_rate"] = stage.learning_rate
+            layers.append((per_stage, source))
+        config = build_config(config_path, [*layers, *command_line])
+        planned.append(PlannedStage(curriculum, config))
+    sequence = "-".join(stage_id(name) for name in names)
+    chain_name = chain.chain_name if chain else None
+    return ChainPlan(chain_name or sequence, chain_name, sequence, planned)
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    parent_run_id: str
+    stages: list[StageResult | None]  # None for a stage reused from an earlier run
+    final_run_id: str  # the run holding the last stage's best checkpoint
+
+
+def run_chain(
+    plan: ChainPlan,
+    *,
+    release: CensusRelease,
+    resume: bool,
+    init_checkpoint: Path | None,
+    raw_dir: str | None = None,
+) -> ChainResult:
+    """Train every stage of ``plan`` in one parent run; see docs/training.md for resumption."""
+    first_config = plan.stages[0].config
+    experiment_id = tracking.use_experiment(first_config.mlflow.experiment_name)
+    chain_hash = plan.hash()
+    chain_tags = {"sequence": plan.sequence, "chain_hash": chain_hash}
+    if plan.chain:
+        chain_tags["chain"] = plan.chain
+    parent_tags = {**chain_tags, "config_hash": chain_hash, "role": "chain"}
+    earlier_parent = _earlier_parent_run(chain_hash) if resume else None
+    results: list[StageResult | None] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="naics-chain-") as download_dir,
+        tracking.run(experiment_id, plan.name, parent_tags, reopen_run_id=earlier_parent) as parent,
+    ):
+        if earlier_parent is None:
+            tracking.log_params({"stages": ",".join(s.curriculum.name for s in plan.stages)})
+        else:
+            logger.info("resuming chain %s in its parent run %s", plan.name, earlier_parent)
+        previous_best = init_checkpoint
+        for stage in plan.stages:
+            name = stage.curriculum.name
+            if resume:
+                finished = _finished_stage_run(chain_hash, name)
+                if finished is not None:
+                    logger.info(
+                        "stage %s already finished in run %s; reusing its best checkpoint",
+                        name,
+                        finished.info.run_id,
+                    )
+                    tracking.set_tags({f"reused.{name}": finished.info.run_id})
+                    previous_best = tracking.download_checkpoint(
+                        finished, finished.data.tags["best_checkpoint"], Path(download_dir)
+                    )
+                    results.append(None)
+                    final_run_id = finished.info.run_id
+                    continue
+            interrupted = _interrupted_stage_run(chain_hash, name) if resume else None
+            extra_tags = dict(chain_tags)
+            resume_checkpoint = None
+            if interrupted is not None:
+                logger.info(
+                    "stage %s was interrupted in run %s; continuing from its last.ckpt",
+                    name,
+                    interrupted.info.run_id,
+                )
+                resume_checkpoint = tracking.download_checkpoint(
+                    interrupted, tracking.LAST_CHECKPOINT, Path(download_dir)
+                )
+                tracking.mark_killed_if_running(interrupted)
+                extra_tags["resumed_from"] = interrupted.info.run_id
+            result = train_stage(
+                stage.config,
+                stage.curriculum,
+                run_group=plan.run_group,
+                release=release,
+                raw_dir=raw_dir,
+                init_checkpoint=None if resume_checkpoint else previous_best,
+                resume_checkpoint=resume_checkpoint,
+                parent_run_id=parent.info.run_id,
+                extra_tags=extra_tags,
+            )
+            results.append(result)
+            previous_best = result.best_checkpoint
+            final_run_id = result.run_id
+        tracking.set_tags(
+            {"final_stage": plan.stages[-1].curriculum.name, "final_run_id": final_run_id}
+        )
+    return ChainResult(parent.info.run_id, results, final_run_id)
+
+
+def _earlier_parent_run(chain_hash: str) -> str | None:
+    """The latest parent run of this very chain, to continue in, unless ``mlflow run`` already
+    opened the run this process must use."""
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    runs = tracking.search_runs(f"tags.chain_hash = '{chain_hash}' AND tags.role = 'chain'")
+    return runs[0].info.run_id if runs else None
+
+
+def _finished_stage_run(chain_hash: str, stage: str):
+    for run in tracking.search_runs(
+        f"tags.chain_hash = '{chain_hash}' AND tags.stage = '{stage}' "
+        "AND attributes.status = 'FINISHED'"
+    ):
+        best = run.data.tags.get("best_checkpoint")
+        if best and tracking.has_checkpoint(run, best):
+            return run
+    return None
+
+
+def _interrupted_stage_run(chain_hash: str, stage: str):
+    for run in tracking.search_runs(f"tags.chain_hash = '{chain_hash}' AND tags.stage = '{stage}'"):
+        if run.info.status in INTERRUPTED_STATUSES and tracking.has_checkpoint(
+            run, tracking.LAST_CHECKPOINT
+        ):
+            return run
+    return None
