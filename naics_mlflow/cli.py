@@ -297,3 +297,59 @@ def train_curriculum(
                 f"{stage.curriculum.name:<16} run {stage_result.run_id}  best_val_loss {loss:.4f}"
             )
     click.echo(f"final checkpoint runs:/{result.final_run_id}/{tracking.CHECKPOINT_ARTIFACT_PATH}")
+
+
+@main.command()
+@click.option("--chain", "chain_name", default=None, help="Only stages of this chain.")
+@click.option("--stage", default=None, help="Only runs of this stage, e.g. 03_stage.")
+@_reports_user_errors
+def runs(chain_name: str | None, stage: str | None) -> None:
+    """A table of stage runs in the tracking store: what the MLflow UI compares, in a terminal."""
+    from naics_mlflow import tracking
+
+    conditions = ["tags.stage != ''"]
+    if chain_name:
+        conditions.append(f"tags.chain = '{chain_name}'")
+    if stage:
+        conditions.append(f"tags.stage = '{stage}'")
+    found = tracking.search_runs(" AND ".join(conditions), ["attributes.start_time ASC"])
+    if not found:
+        click.echo(f"no stage runs in {tracking.tracking_uri()}")
+        return
+    columns = [
+        "run_id",
+        "stage",
+        "parent",
+        "status",
+        "epochs",
+        "best_val_loss",
+        "spearman",
+        "ndcg_at_10",
+        "checkpoint",
+    ]
+    rows = []
+    for run in found:
+        metrics, tags = run.data.metrics, run.data.tags
+        epoch = metrics.get("epoch")
+        rows.append(
+            [
+                run.info.run_id[:12],
+                tags["stage"],
+                tags.get("mlflow.parentRunId", "")[:12] or "-",
+                run.info.status,
+                "-" if epoch is None else str(int(epoch) + 1),
+                _number(metrics.get("best_val_loss")),
+                _number(metrics.get("val/spearman")),
+                _number(metrics.get("val/ndcg_at_10")),
+                f"runs:/{run.info.run_id}/{tracking.CHECKPOINT_ARTIFACT_PATH}"
+                if tags.get("best_checkpoint")
+                else "-",
+            ]
+        )
+    widths = [max(len(str(v)) for v in column) for column in zip(columns, *rows, strict=True)]
+    for line in [columns, *rows]:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

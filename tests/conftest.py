@@ -105,3 +105,29 @@ def tiny_overrides(tiny_backbone: Path, data_dir: Path) -> list[str]:
         "training.trainer.max_epochs=2",
         "training.trainer.log_every_n_steps=1",
     ]
+
+
+def write_tiny_conf(workdir: Path, overrides: list[str]) -> Path:
+    """``workdir/conf``: the project's conf/ with the tiny settings baked into config.yaml, every
+    directory inside ``workdir``, and epochs cut to two batches, so that commands run as users
+    type them (``--config conf/config.yaml`` by default) and finish in seconds."""
+    import shutil
+
+    import yaml
+
+    from naics_mlflow.config import load_config
+
+    conf = workdir / "conf"
+    shutil.copytree(REPO_ROOT / "conf", conf)
+    config = load_config(
+        REPO_ROOT / "conf" / "config.yaml",
+        [
+            *overrides,
+            f"dirs.checkpoints={workdir / 'checkpoints'}",
+            f"dirs.outputs={workdir / 'outputs'}",
+            "training.trainer.limit_train_batches=2",
+            "training.trainer.limit_val_batches=2",
+        ],
+    )
+    (conf / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return conf / "config.yaml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pickle
 import zipfile
@@ -264,3 +265,13 @@ def load_trainable_weights(module: NaicsEmbedder, path: Path) -> None:
                 "trained with"
             )
     module.encoder.load_state_dict(saved, strict=False)
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short digest of trainable weights (names without the ``encoder.`` prefix), recorded on a
+    stage run that starts from a checkpoint so the weights it started from can be checked."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.removeprefix("encoder.").encode())
+        digest.update(state[name].detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -17,7 +17,7 @@ from naics_mlflow.config import Config
 from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
-from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
+from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights, weights_digest
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def train_stage(
     }
     if init_checkpoint is not None:
         tags["init_checkpoint"] = str(init_checkpoint)
+        tags["init_weights_digest"] = weights_digest(module.encoder.trainable_state_dict())
     with tracking.run(experiment_id, curriculum.name, tags, parent_run_id) as active:
         run_id = active.info.run_id
         tracking.log_params(config.flat())

@@ -1,0 +1,310 @@
+"""Sequential training with the tiny backbone: chains, nested runs, checkpoint references and
+resumption, all against real sqlite stores and real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from naics_mlflow.model.module import weights_digest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@pytest.fixture()
+def workdir(tiny_workdir: Path) -> Path:
+    return tiny_workdir
+
+
+def _environment(workdir: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": ENV_PATH,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db",
+    }
+
+
+def _cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "naics_mlflow", *args],
+        cwd=workdir,
+        env=_environment(workdir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _client(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+
+
+def _runs(workdir: Path, filter_string: str = "") -> list:
+    client = _client(workdir)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, filter_string, order_by=["attributes.start_time ASC"])
+
+
+def _write_chain(workdir: Path, name: str, stages: str) -> None:
+    (workdir / "conf" / "text_curriculum" / f"{name}.yaml").write_text(
+        f"chain_name: {name}\nstages:\n{stages}"
+    )
+
+
+def _best_digest(workdir: Path, run) -> str:
+    client = _client(workdir)
+    path = client.download_artifacts(
+        run.info.run_id, f"ckpt/{run.data.tags['best_checkpoint']}", str(workdir / "dl")
+    )
+    return weights_digest(torch.load(path, weights_only=True)["state_dict"])
+
+
+def test_mlflow_run_chain_nests_three_stages(workdir):
+    _write_chain(
+        workdir,
+        "chain_test",
+        "  - name: 01_stage\n    max_epochs: 2\n    learning_rate: 1e-3\n"
+        "  - name: 02_stage\n    max_epochs: 1\n    learning_rate: 5e-4\n"
+        "  - name: 03_stage\n    max_epochs: 1\n",
+    )
+    client = _client(workdir)
+    client.create_experiment("naics-embedder", artifact_location=(workdir / "art").as_uri())
+    _ok(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "run",
+                str(REPO_ROOT),
+                "-e",
+                "chain",
+                "--env-manager",
+                "local",
+                "--experiment-name",
+                "naics-embedder",
+                "-P",
+                "chain=chain_test",
+                "-P",
+                f"config={workdir}/conf/config.yaml",
+            ],
+            cwd=workdir,
+            env=_environment(workdir),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
+    runs = _runs(workdir)
+    parents = [r for r in runs if r.data.tags.get("role") == "chain"]
+    assert len(parents) == 1 and len(runs) == 4
+    parent = parents[0]
+    assert parent.data.params["chain"] == "chain_test"  # the launcher's run is the parent
+    assert parent.data.tags["sequence"] == "01-02-03"
+    children = [r for r in runs if r is not parent]
+    assert [r.data.tags["stage"] for r in children] == ["01_stage", "02_stage", "03_stage"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    epochs = [r.data.params["training.trainer.max_epochs"] for r in children]
+    rates = [r.data.params["training.learning_rate"] for r in children]
+    assert epochs == ["2", "1", "1"]
+    assert rates[:2] == ["0.001", "0.0005"]
+    assert rates[2] == "0.001"  # no per-stage value: the base config's (tiny) learning rate
+    first, second, third = children
+    assert "init_checkpoint" not in first.data.tags
+    assert second.data.tags["init_weights_digest"] == _best_digest(workdir, first)
+    assert third.data.tags["init_weights_digest"] == _best_digest(workdir, second)
+    assert list(
+        (workdir / "checkpoints" / "sequential_01-02-03_chain_test" / "02_stage").glob(
+            "02_stage-epoch=00-val_loss=*.ckpt"
+        )
+    )
+
+
+def test_command_line_overrides_beat_chain_values(workdir):
+    _write_chain(
+        workdir,
+        "chain_one",
+        "  - name: 01_stage\n    max_epochs: 3\n    overrides:\n      data_loader.batch_size: 32\n",
+    )
+    _ok(_cli(workdir, "train-curriculum", "--chain", "chain_one", "training.trainer.max_epochs=1"))
+    (child,) = _runs(workdir, "tags.stage = '01_stage'")
+    assert child.data.params["training.trainer.max_epochs"] == "1"
+    assert child.data.params["data_loader.batch_size"] == "32"
+
+
+def test_from_checkpoint_references(workdir):
+    """A stage name picks the lowest val_loss; runs:/ URIs and files work; bad ones fail."""
+    for rate in ("1e-2", "1e-4"):
+        _ok(
+            _cli(
+                workdir,
+                "train",
+                "-c",
+                "01_stage",
+                f"training.learning_rate={rate}",
+                "training.trainer.max_epochs=1",
+            )
+        )
+    first, second = _runs(workdir)
+    losses = {r.info.run_id: r.data.metrics["best_val_loss"] for r in (first, second)}
+    assert losses[first.info.run_id] != losses[second.info.run_id]
+    best = min((first, second), key=lambda r: r.data.metrics["best_val_loss"])
+
+    result = _ok(
+        _cli(
+            workdir,
+            "train-curriculum",
+            "--curricula",
+            "02_stage",
+            "--from-checkpoint",
+            "01_stage",
+            "training.trainer.max_epochs=1",
+        )
+    )
+    assert best.info.run_id in result.stderr and "lowest" in result.stderr
+    (stage_two,) = _runs(workdir, "tags.stage = '02_stage'")
+    assert stage_two.data.tags["init_weights_digest"] == _best_digest(workdir, best)
+
+    uri = f"runs:/{first.info.run_id}/ckpt"
+    _ok(
+        _cli(
+            workdir,
+            "train",
+            "-c",
+            "02_stage",
+            "--from-checkpoint",
+            uri,
+            "training.trainer.max_epochs=1",
+        )
+    )
+    local = next((workdir / "checkpoints").rglob(second.data.tags["best_checkpoint"]))
+    _ok(
+        _cli(
+            workdir,
+            "train",
+            "-c",
+            "02_stage",
+            "--from-checkpoint",
+            str(local),
+            "training.trainer.max_epochs=1",
+        )
+    )
+    by_uri, by_file = _runs(workdir, "tags.stage = '02_stage'")[1:]
+    assert by_uri.data.tags["init_weights_digest"] == _best_digest(workdir, first)
+    assert by_file.data.tags["init_weights_digest"] == _best_digest(workdir, second)
+
+    empty_run = _client(workdir).create_run(first.info.experiment_id).info.run_id
+    garbage = workdir / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    other_backbone = workdir / "other.ckpt"
+    checkpoint = torch.load(local, weights_only=True)
+    checkpoint["hyper_parameters"]["config"]["model"]["base_model_name"] = "bert-base-uncased"
+    torch.save(checkpoint, other_backbone)
+    before = len(_runs(workdir))
+    for reference, expected in [
+        ("04_stage", "no finished run of stage '04_stage'"),
+        ("runs:/0123456789abcdef0123456789abcdef/ckpt", "cannot download"),
+        (f"runs:/{empty_run}/ckpt", "cannot download"),
+        ("missing/file.ckpt", "does not exist"),
+        (str(garbage), "not a readable checkpoint"),
+        (str(other_backbone), "model.base_model_name=bert-base-uncased"),
+    ]:
+        for command in (
+            ["train", "-c", "02_stage"],
+            ["train-curriculum", "--curricula", "02_stage"],
+        ):
+            result = _cli(workdir, *command, "--from-checkpoint", reference)
+            assert result.returncode == 2, (reference, result.stderr[-2000:])
+            message = result.stderr.strip().splitlines()[-1]
+            assert message.startswith("error: ") and expected in message, (reference, message)
+    assert len(_runs(workdir)) == before  # nothing was trained
+
+
+def _stage_runs(workdir: Path, stage: str) -> list:
+    return _runs(workdir, f"tags.stage = '{stage}'")
+
+
+def test_killed_chain_resumes_where_it_stopped(workdir):
+    _write_chain(
+        workdir,
+        "chain_kill",
+        "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 4\n",
+    )
+    command = [sys.executable, "-m", "naics_mlflow", "train-curriculum", "--chain", "chain_kill"]
+    process = subprocess.Popen(
+        command,
+        cwd=workdir,
+        env=_environment(workdir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    client = _client(workdir)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            runs = _stage_runs(workdir, "02_stage") if (workdir / "mlflow.db").exists() else []
+            if runs and any(
+                a.path == "ckpt/last.ckpt"
+                for a in client.list_artifacts(runs[0].info.run_id, "ckpt")
+            ):
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the chain ended before it could be killed"
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    (killed,) = _stage_runs(workdir, "02_stage")
+    assert killed.info.status == "RUNNING"  # what a dead process leaves behind
+    (stage_one,) = _stage_runs(workdir, "01_stage")
+
+    _ok(_cli(workdir, "train-curriculum", "--chain", "chain_kill"))
+    assert [r.info.run_id for r in _stage_runs(workdir, "01_stage")] == [stage_one.info.run_id]
+    old, resumed = _stage_runs(workdir, "02_stage")
+    assert client.get_run(old.info.run_id).info.status == "KILLED"
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["resumed_from"] == old.info.run_id
+    assert resumed.data.tags["mlflow.parentRunId"] == old.data.tags["mlflow.parentRunId"]
+    epochs = [m.value for m in client.get_metric_history(resumed.info.run_id, "epoch")]
+    assert min(epochs) >= 1 and max(epochs) == 3  # continued, not restarted
+    (parent,) = _runs(workdir, "tags.role = 'chain'")
+    assert parent.info.status == "FINISHED"
+
+    _ok(_cli(workdir, "train-curriculum", "--chain", "chain_kill", "--resume", "false"))
+    assert len(_stage_runs(workdir, "01_stage")) == 2
+    assert len(_stage_runs(workdir, "02_stage")) == 3
+    assert len(_runs(workdir, "tags.role = 'chain'")) == 2
+
+
+def test_runs_table(workdir):
+    _ok(
+        _cli(
+            workdir,
+            "train-curriculum",
+            "--curricula",
+            "01_stage,02_stage",
+            "training.trainer.max_epochs=1",
+        )
+    )
+    result = _ok(_cli(workdir, "runs", "--stage", "02_stage"))
+    header, *rows = result.stdout.strip().splitlines()
+    assert header.split()[:4] == ["run_id", "stage", "parent", "status"]
+    assert len(rows) == 1 and "02_stage" in rows[0] and "FINISHED" in rows[0]
+    (run,) = _stage_runs(workdir, "02_stage")
+    assert f"runs:/{run.info.run_id}/ckpt" in rows[0]
+    assert f"{run.data.metrics['best_val_loss']:.4f}" in rows[0]
