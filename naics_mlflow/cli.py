@@ -161,15 +161,10 @@ def train(
     import tempfile
     import time
 
-    from naics_mlflow import tracking
-    from naics_mlflow.training.stage import train_stage
-
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
-        init = (
-            tracking.resolve_checkpoint(from_checkpoint, Path(download_dir))
-            if from_checkpoint
-            else None
-        )
+        init = _checked_checkpoint(from_checkpoint, config, Path(download_dir))
+        from naics_mlflow.training.stage import train_stage
+
         result = train_stage(
             config,
             curriculum,
@@ -179,6 +174,19 @@ def train(
             init_checkpoint=init,
         )
     _print_summary(result)
+
+
+def _checked_checkpoint(reference: str, config, download_dir: Path) -> Path | None:
+    """The local file a ``--from-checkpoint`` reference names, checked to fit ``config``; done
+    before the training stack is imported, so a bad reference fails within seconds."""
+    if not reference:
+        return None
+    from naics_mlflow import tracking
+    from naics_mlflow.model.checkpoint import check_compatible
+
+    path = tracking.resolve_checkpoint(reference, download_dir)
+    check_compatible(path, config)
+    return path
 
 
 def _print_summary(result) -> None:
@@ -271,17 +279,15 @@ def train_curriculum(
     import tempfile
 
     from naics_mlflow import tracking
-    from naics_mlflow.model.module import check_compatible
-    from naics_mlflow.training.chain import plan_chain, run_chain
+    from naics_mlflow.training.plan import plan_chain
 
     plan = plan_chain(
         config_path, directory, chain, names, [*shlex.split(overrides_string), *overrides]
     )
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
-        init = None
-        if from_checkpoint:
-            init = tracking.resolve_checkpoint(from_checkpoint, Path(download_dir))
-            check_compatible(init, plan.stages[0].config)
+        init = _checked_checkpoint(from_checkpoint, plan.stages[0].config, Path(download_dir))
+        from naics_mlflow.training.chain import run_chain
+
         result = run_chain(
             plan, release=release, resume=resume, init_checkpoint=init, raw_dir=raw_dir
         )

@@ -16,10 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import mlflow
-from lightning.pytorch.loggers.logger import Logger
-from lightning.pytorch.utilities import rank_zero_only
 from mlflow.entities import Metric, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -129,47 +126,11 @@ def log_checkpoint(run_id: str, path: Path) -> None:
     MlflowClient().log_artifact(run_id, str(path), CHECKPOINT_ARTIFACT_PATH)
 
 
-class MetricsLogger(Logger):
-    """Lightning logger that sends metrics to an MLflow run this project opened and will close.
-
-    Lightning's own MLFlowLogger ends the run when training stops, before the best checkpoint is
-    uploaded; a run must only read FINISHED once its checkpoints are there.
-    """
-
-    def __init__(self, run_id: str) -> None:
-        super().__init__()
-        self._run_id = run_id
-        self._client = MlflowClient()
-
-    @property
-    def name(self) -> str:
-        return "mlflow"
-
-    @property
-    def version(self) -> str:
-        return self._run_id
-
-    @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        timestamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), timestamp, step or 0) for key, value in metrics.items()]
-        self._client.log_batch(self._run_id, metrics=batch)
-
-    @rank_zero_only
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        """Parameters are logged once, flattened, when the run starts (see :func:`log_params`)."""
-
-
-class LastCheckpointUpload(L.Callback):
-    """Upload ``last.ckpt`` at every epoch end, so an interrupted run loses at most one epoch."""
-
-    def __init__(self, run_id: str, checkpoint_dir: Path) -> None:
-        self._run_id = run_id
-        self._last = checkpoint_dir / LAST_CHECKPOINT
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and self._last.is_file():
-            log_checkpoint(self._run_id, self._last)
+def log_metric_batch(run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Metrics of one step to a run that need not be the active one (Lightning logs from hooks)."""
+    timestamp = int(time.time() * 1000)
+    batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+    MlflowClient().log_batch(run_id, metrics=batch)
 
 
 class CheckpointReferenceError(UserError):

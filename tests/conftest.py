@@ -107,6 +107,13 @@ def tiny_overrides(tiny_backbone: Path, data_dir: Path) -> list[str]:
     ]
 
 
+@pytest.fixture()
+def tiny_workdir(tmp_path: Path, tiny_overrides: list[str]) -> Path:
+    """A fresh working folder with a tiny-settings ``conf/`` (see :func:`write_tiny_conf`)."""
+    write_tiny_conf(tmp_path, tiny_overrides)
+    return tmp_path
+
+
 def write_tiny_conf(workdir: Path, overrides: list[str]) -> Path:
     """``workdir/conf``: the project's conf/ with the tiny settings baked into config.yaml, every
     directory inside ``workdir``, and epochs cut to two batches, so that commands run as users

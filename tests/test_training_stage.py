@@ -19,9 +19,11 @@ from naics_mlflow.config import load_config
 from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule, in_batch_negatives
 from naics_mlflow.data.tokenization import tokenize_codes
-from naics_mlflow.model.encoder import CHANNELS, load_tokenizer
+from naics_mlflow.model import CHANNELS
+from naics_mlflow.model.checkpoint import CheckpointError
+from naics_mlflow.model.encoder import load_tokenizer
 from naics_mlflow.model.lorentz import manifold_violation
-from naics_mlflow.model.module import CheckpointError, NaicsEmbedder, load_trainable_weights
+from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
 from naics_mlflow.training.stage import resolve_precision, train_stage
 
 REPO = Path(__file__).resolve().parents[1]

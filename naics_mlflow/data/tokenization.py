@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from naics_mlflow.config import TokenizationConfig
 from naics_mlflow.data.taxonomy import Taxonomy
-from naics_mlflow.model.encoder import CHANNELS, ChannelTokens
+from naics_mlflow.model import CHANNELS
+from naics_mlflow.model.encoder import ChannelTokens
 
 
 def channel_texts(taxonomy: Taxonomy) -> dict[str, list[str]]:

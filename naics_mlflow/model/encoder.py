@@ -13,10 +13,10 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from naics_mlflow.config import ModelConfig
 from naics_mlflow.errors import UserError
+from naics_mlflow.model import CHANNELS
 from naics_mlflow.model.lorentz import LorentzProjection
 from naics_mlflow.model.moe import MixtureOfExperts
 
-CHANNELS = ("title", "description", "excluded", "examples")
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 
 ChannelTokens = dict[str, tuple[torch.Tensor, torch.Tensor]]

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +13,10 @@ import torch
 
 from naics_mlflow.config import Config
 from naics_mlflow.data.tokenization import CodeTokens
-from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.metrics import hierarchy_metrics
-from naics_mlflow.model.encoder import CHANNELS, MultiChannelEncoder
+from naics_mlflow.model import CHANNELS
+from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_compatible
+from naics_mlflow.model.encoder import MultiChannelEncoder
 from naics_mlflow.model.lorentz import logmap0
 from naics_mlflow.model.loss import (
     false_negative_mask,
@@ -27,7 +25,6 @@ from naics_mlflow.model.loss import (
     kmeans_clusters,
 )
 
-CHECKPOINT_FORMAT = 1
 # Codes per forward pass when embedding the whole taxonomy without gradients.
 EMBED_BATCH_SIZE = 256
 
@@ -202,57 +199,6 @@ class NaicsEmbedder(L.LightningModule):
         }
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read, or that belongs to another model."""
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint file without executing code from it (``weights_only``)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from exc
-    if not isinstance(checkpoint, dict) or "naics_embedder" not in checkpoint:
-        raise CheckpointError(f"{path}: not a naics-embedder checkpoint")
-    return checkpoint
-
-
-# Model settings a checkpoint's weights depend on: any difference makes them unusable.
-_SHAPE_KEYS = (
-    ("base_model_name",),
-    ("embedding_dim",),
-    ("lora", "r"),
-    ("lora", "target_modules"),
-    ("moe", "num_experts"),
-    ("moe", "hidden_dim"),
-)
-
-
-def check_compatible(path: Path, config: Config) -> dict[str, Any]:
-    """Read ``path`` and check it was trained with this backbone, channels and layer sizes;
-    returns the checkpoint. Raises :class:`CheckpointError` naming the first difference."""
-    checkpoint = read_checkpoint(path)
-    if list(checkpoint["naics_embedder"]["channels"]) != list(CHANNELS):
-        raise CheckpointError(
-            f"{path} has channels {checkpoint['naics_embedder']['channels']}, "
-            f"this model has {list(CHANNELS)}"
-        )
-    saved_model = checkpoint["hyper_parameters"]["config"]["model"]
-    current_model = config.to_dict()["model"]
-    for keys in _SHAPE_KEYS:
-        saved, current = saved_model, current_model
-        for key in keys:
-            saved, current = saved[key], current[key]
-        if saved != current:
-            dotted = "model." + ".".join(keys)
-            raise CheckpointError(
-                f"{path} was trained with {dotted}={saved}, this run has {current}; "
-                f"set {dotted}={saved} or pick another checkpoint"
-            )
-    return checkpoint
-
-
 def load_trainable_weights(module: NaicsEmbedder, path: Path) -> None:
     """Initialise ``module``'s adapters, experts and projection from a checkpoint's weights."""
     checkpoint = check_compatible(path, module.config)
@@ -265,13 +211,3 @@ def load_trainable_weights(module: NaicsEmbedder, path: Path) -> None:
                 "trained with"
             )
     module.encoder.load_state_dict(saved, strict=False)
-
-
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """A short digest of trainable weights (names without the ``encoder.`` prefix), recorded on a
-    stage run that starts from a checkpoint so the weights it started from can be checked."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.removeprefix("encoder.").encode())
-        digest.update(state[name].detach().cpu().float().numpy().tobytes())
-    return digest.hexdigest()[:16]

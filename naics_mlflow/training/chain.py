@@ -3,95 +3,21 @@ starting from the previous stage's best checkpoint, and resumption of interrupte
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from naics_mlflow import tracking
-from naics_mlflow.config import Config, build_config, parse_overrides
 from naics_mlflow.data.census import CensusRelease
-from naics_mlflow.data.curriculum import ChainSpec, CurriculumSpec, load_curriculum
+from naics_mlflow.model.checkpoint import read_checkpoint, weights_digest
+from naics_mlflow.training.plan import ChainPlan
 from naics_mlflow.training.stage import StageResult, train_stage
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CURRICULA = ("01_stage", "02_stage", "03_stage", "04_stage", "05_stage")
 INTERRUPTED_STATUSES = ("RUNNING", "FAILED", "KILLED")
-
-
-@dataclass(frozen=True)
-class PlannedStage:
-    curriculum: CurriculumSpec
-    config: Config
-
-
-@dataclass(frozen=True)
-class ChainPlan:
-    """What a chain will train: its name, stage ids and each stage's effective configuration."""
-
-    name: str
-    chain: str | None
-    sequence: str
-    stages: list[PlannedStage]
-
-    @property
-    def run_group(self) -> str:
-        """The local checkpoint folder, ``checkpoints/<run_group>/<stage>/``."""
-        suffix = f"_{self.chain}" if self.chain else ""
-        return f"sequential_{self.sequence}{suffix}"
-
-    def hash(self) -> str:
-        """Digest of every stage's curriculum and effective configuration: a rerun with the same
-        hash may reuse this chain's finished stages."""
-        payload = [[asdict(s.curriculum), s.config.to_dict()] for s in self.stages]
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def stage_id(name: str) -> str:
-    """``01_stage`` -> ``01``: the short form used in sequence ids such as ``01-02-03``."""
-    return name.split("_", 1)[0]
-
-
-def plan_chain(
-    config_path: str | Path,
-    curricula_dir: Path,
-    chain: ChainSpec | None,
-    curricula: list[str],
-    overrides: list[str],
-) -> ChainPlan:
-    """Each stage's settings, lowest precedence first: the base config, the chain stage's
-    ``overrides``, its ``max_epochs`` and ``learning_rate``, the command-line overrides."""
-    stages = chain.stages if chain else None
-    names = [stage.name for stage in stages] if stages else curricula
-    command_line = [
-        (parse_overrides([item], "the command line"), f"override '{item}'") for item in overrides
-    ]
-    planned = []
-    for position, name in enumerate(names):
-        curriculum = load_curriculum(curricula_dir / f"{name}.yaml")
-        layers: list[tuple[dict[str, Any], str]] = []
-        if stages:
-            stage = stages[position]
-            source = f"chain {chain.chain_name}, stage {name}"
-            if stage.overrides:
-                dotted = [f"{key}={json.dumps(value)}" for key, value in stage.overrides.items()]
-                layers.append((parse_overrides(dotted, source), source))
-            per_stage: dict[str, Any] = {}
-            if stage.max_epochs is not None:
-                per_stage["training"] = {"trainer": {"max_epochs": stage.max_epochs}}
-            if stage.learning_rate is not None:
-                per_stage.setdefault("training", {})["learning_rate"] = stage.learning_rate
-            layers.append((per_stage, source))
-        config = build_config(config_path, [*layers, *command_line])
-        planned.append(PlannedStage(curriculum, config))
-    sequence = "-".join(stage_id(name) for name in names)
-    chain_name = chain.chain_name if chain else None
-    return ChainPlan(chain_name or sequence, chain_name, sequence, planned)
 
 
 @dataclass(frozen=True)
@@ -112,7 +38,10 @@ def run_chain(
     """Train every stage of ``plan`` in one parent run; see docs/training.md for resumption."""
     first_config = plan.stages[0].config
     experiment_id = tracking.use_experiment(first_config.mlflow.experiment_name)
-    chain_hash = plan.hash()
+    starting_weights = (
+        weights_digest(read_checkpoint(init_checkpoint)["state_dict"]) if init_checkpoint else None
+    )
+    chain_hash = plan.hash(starting_weights)
     chain_tags = {"sequence": plan.sequence, "chain_hash": chain_hash}
     if plan.chain:
         chain_tags["chain"] = plan.chain

@@ -17,7 +17,9 @@ from naics_mlflow.config import Config
 from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
-from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights, weights_digest
+from naics_mlflow.model.checkpoint import weights_digest
+from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
+from naics_mlflow.training.mlflow_logging import LastCheckpointUpload, MetricsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +116,11 @@ def train_stage(
             reload_dataloaders_every_n_epochs=1,
             callbacks=[
                 checkpoint,
-                tracking.LastCheckpointUpload(run_id, checkpoint_dir),
+                LastCheckpointUpload(run_id, checkpoint_dir),
                 LearningRateMonitor(logging_interval="step"),
             ],
             logger=[
-                tracking.MetricsLogger(run_id),
+                MetricsLogger(run_id),
                 TensorBoardLogger(config.dirs.outputs, name=run_group, version=curriculum.name),
             ],
             enable_model_summary=False,

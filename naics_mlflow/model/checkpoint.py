@@ -1,0 +1,82 @@
+"""Reading checkpoint files safely and checking they fit a configuration.
+
+Kept free of Lightning and transformers, so that a bad ``--from-checkpoint`` is reported before
+the training stack is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from naics_mlflow.config import Config
+from naics_mlflow.errors import UserError
+from naics_mlflow.model import CHANNELS
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read, or that belongs to another model."""
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint file without executing code from it (``weights_only``)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from exc
+    if not isinstance(checkpoint, dict) or "naics_embedder" not in checkpoint:
+        raise CheckpointError(f"{path}: not a naics-embedder checkpoint")
+    return checkpoint
+
+
+# Model settings a checkpoint's weights depend on: any difference makes them unusable.
+_SHAPE_KEYS = (
+    ("base_model_name",),
+    ("embedding_dim",),
+    ("lora", "r"),
+    ("lora", "target_modules"),
+    ("moe", "num_experts"),
+    ("moe", "hidden_dim"),
+)
+
+
+def check_compatible(path: Path, config: Config) -> dict[str, Any]:
+    """Read ``path`` and check it was trained with this backbone, channels and layer sizes;
+    returns the checkpoint. Raises :class:`CheckpointError` naming the first difference."""
+    checkpoint = read_checkpoint(path)
+    if list(checkpoint["naics_embedder"]["channels"]) != list(CHANNELS):
+        raise CheckpointError(
+            f"{path} has channels {checkpoint['naics_embedder']['channels']}, "
+            f"this model has {list(CHANNELS)}"
+        )
+    saved_model = checkpoint["hyper_parameters"]["config"]["model"]
+    current_model = config.to_dict()["model"]
+    for keys in _SHAPE_KEYS:
+        saved, current = saved_model, current_model
+        for key in keys:
+            saved, current = saved[key], current[key]
+        if saved != current:
+            dotted = "model." + ".".join(keys)
+            raise CheckpointError(
+                f"{path} was trained with {dotted}={saved}, this run has {current}; "
+                f"set {dotted}={saved} or pick another checkpoint"
+            )
+    return checkpoint
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short digest of trainable weights (names without the ``encoder.`` prefix), recorded on a
+    stage run that starts from a checkpoint so the weights it started from can be checked."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.removeprefix("encoder.").encode())
+        digest.update(state[name].detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,54 @@
+"""Lightning's side of the MLflow record: a logger for metrics and a callback for checkpoints,
+both writing through :mod:`naics_mlflow.tracking` into a run this project opened."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.utilities import rank_zero_only
+
+from naics_mlflow import tracking
+
+
+class MetricsLogger(Logger):
+    """Lightning logger that sends metrics to an MLflow run this project opened and will close.
+
+    Lightning's own MLFlowLogger ends the run when training stops, before the best checkpoint is
+    uploaded; a run must only read FINISHED once its checkpoints are there.
+    """
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__()
+        self._run_id = run_id
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str:
+        return self._run_id
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        tracking.log_metric_batch(self._run_id, metrics, step or 0)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Parameters are logged once, flattened, as the run starts (``tracking.log_params``)."""
+
+
+class LastCheckpointUpload(L.Callback):
+    """Upload ``last.ckpt`` at every epoch end, so an interrupted run loses at most one epoch."""
+
+    def __init__(self, run_id: str, checkpoint_dir: Path) -> None:
+        self._run_id = run_id
+        self._last = checkpoint_dir / tracking.LAST_CHECKPOINT
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and self._last.is_file():
+            tracking.log_checkpoint(self._run_id, self._last)
