@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (see README.md):
-#   make quickstart   install, build the data and train a first stage on the CPU
+#   make quickstart   install, build the data and train the quick-start chain (CPU, < 15 min)
 #   make test         install, lint and run the tests
 # Everything installs into .venv; torch comes first, pinned to the CPU wheel that lies on disk,
 # so that pip never resolves a multi-GB CUDA build for the bare `torch` requirement.
@@ -30,4 +30,4 @@ test: lint
 
 quickstart: install
 	$(BIN)/naics-embedder data build
-	$(BIN)/naics-embedder train --curriculum 01_stage training.trainer.max_epochs=2
+	$(BIN)/naics-embedder train-curriculum --chain chain_quickstart

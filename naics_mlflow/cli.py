@@ -47,6 +47,13 @@ def main(debug: bool) -> None:
         format="%(message)s",
         stream=sys.stderr,
     )
+    # The `lightning` package prints through a console handler of its own when imported; without
+    # this its messages would also reach the root handler and show twice.
+    logging.getLogger("lightning").propagate = False
+    # Lightning advertises its cloud logger at every fit; this project logs to MLflow.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage()
+    )
 
 
 @main.group()
