@@ -191,7 +191,7 @@ def _checked_checkpoint(reference: str, config, download_dir: Path) -> Path | No
     from naics_mlflow import tracking
     from naics_mlflow.model.checkpoint import check_compatible
 
-    path = tracking.resolve_checkpoint(reference, download_dir)
+    path = tracking.resolve_checkpoint(reference, download_dir).path
     check_compatible(path, config)
     return path
 
@@ -366,3 +366,181 @@ def runs(chain_name: str | None, stage: str | None) -> None:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+# --- using a trained model ------------------------------------------------------------------
+
+_checkpoint_option = click.option(
+    "--from-checkpoint",
+    "reference",
+    required=True,
+    help="A stage name (its best run), a runs:/<run_id>/ckpt URI or a .ckpt file.",
+)
+
+
+def _load_engine(reference: str, config_path: str, download_dir: Path):
+    """The checkpoint's model with every code embedded, the taxonomy, and the resolved reference
+    (whose run, if any, receives what the command logs)."""
+    from naics_mlflow import tracking
+    from naics_mlflow.config import load_config
+    from naics_mlflow.model.checkpoint import read_checkpoint
+
+    config = load_config(config_path)
+    resolved = tracking.resolve_checkpoint(reference, download_dir)
+    read_checkpoint(resolved.path)  # a bad file fails before the model stack is imported
+
+    from naics_mlflow.data.build import build_data, is_built
+    from naics_mlflow.data.census import load_release, resolve_raw_dir
+    from naics_mlflow.data.taxonomy import load_taxonomy
+    from naics_mlflow.evaluation.retrieval import SearchEngine
+    from naics_mlflow.model.module import load_embedder
+
+    data_dir = Path(config.dirs.data)
+    if not is_built(data_dir):
+        build_data(
+            resolve_raw_dir(None, config.dirs.raw),
+            data_dir,
+            load_release(_census_sources(config_path)),
+        )
+    taxonomy = load_taxonomy(data_dir)
+    return SearchEngine.build(load_embedder(resolved.path), taxonomy), taxonomy, resolved, config
+
+
+@main.command()
+@_checkpoint_option
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("outputs/naics_embeddings.parquet"),
+    show_default=True,
+)
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@_reports_user_errors
+def embed(reference: str, out: Path, config_path: str) -> None:
+    """Lorentz embeddings of all 2,125 codes to parquet (code, level, title, embedding); logged
+    to the checkpoint's run when the reference names one."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from naics_mlflow import tracking
+
+    with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
+        engine, taxonomy, resolved, _ = _load_engine(reference, config_path, Path(download_dir))
+    table = pa.table(
+        {
+            "code": taxonomy.codes,
+            "level": pa.array(taxonomy.levels.tolist(), type=pa.int8()),
+            "title": taxonomy.titles,
+            "embedding": pa.array(
+                engine.code_embeddings.numpy().tolist(), type=pa.list_(pa.float32())
+            ),
+        }
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    pq.write_table(table, partial)
+    partial.replace(out)
+    if resolved.run_id:
+        tracking.log_file_to_run(resolved.run_id, out, "embeddings")
+    click.echo(
+        f"{out}: {len(taxonomy.codes):,} codes, {engine.code_embeddings.shape[1]} coordinates"
+    )
+
+
+@main.command()
+@click.argument("text")
+@_checkpoint_option
+@click.option("--top", "top_k", default=5, show_default=True, help="How many codes to show.")
+@click.option(
+    "--level",
+    type=click.Choice(["2", "3", "4", "5", "6", "any"]),
+    default="6",
+    show_default=True,
+    help="Code level to search (6: national industries).",
+)
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@_reports_user_errors
+def search(reference: str, text: str, top_k: int, level: str, config_path: str) -> None:
+    """The NAICS codes closest to a business description."""
+    import tempfile
+
+    from naics_mlflow.evaluation.retrieval import check_request
+
+    chosen_level = None if level == "any" else int(level)
+    check_request([text], top_k, chosen_level)
+    with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
+        engine, *_ = _load_engine(reference, config_path, Path(download_dir))
+    (matches,) = engine.search([text], top_k, chosen_level)
+    click.echo(f"{'rank':<5} {'code':<8} {'distance':>8}  title")
+    for rank, match in enumerate(matches, start=1):
+        click.echo(f"{rank:<5} {match.code:<8} {match.distance:>8.4f}  {match.title}")
+
+
+@main.command()
+@_checkpoint_option
+@click.option(
+    "--unseen-queries",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="CSV (code,text) of evaluation-only queries (default: evaluation.unseen_queries).",
+)
+@click.option("--no-baselines", is_flag=True, help="Skip the untrained-backbone and TF-IDF rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@_reports_user_errors
+def evaluate(
+    reference: str, unseen_queries: Path | None, no_baselines: bool, as_json: bool, config_path: str
+) -> None:
+    """Hierarchy metrics over all codes and retrieval on the held-out and unseen query sets, with
+    baselines; logged to a run nested under the checkpoint's run."""
+    import json
+    import tempfile
+
+    from naics_mlflow import tracking
+    from naics_mlflow.evaluation.evaluate import evaluate as run_evaluation
+    from naics_mlflow.evaluation.evaluate import load_query_sets
+
+    with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
+        engine, taxonomy, resolved, config = _load_engine(
+            reference, config_path, Path(download_dir)
+        )
+    query_sets = load_query_sets(
+        Path(config.dirs.data),
+        unseen_queries or Path(config.evaluation.unseen_queries),
+        set(taxonomy.codes),
+    )
+    report = run_evaluation(engine, taxonomy, query_sets, baselines=not no_baselines)
+    experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
+    tags = {"evaluation": "true", "checkpoint": reference}
+    with tracking.run(experiment_id, "evaluation", tags, parent_run_id=resolved.run_id) as active:
+        tracking.log_metrics(report.metrics())
+        tracking.log_dict(report.as_dict(), "evaluation.json")
+    if as_json:
+        click.echo(json.dumps({"run_id": active.info.run_id, **report.as_dict()}))
+    else:
+        click.echo(report.table())
+        click.echo(f"\nlogged to run {active.info.run_id} ({tracking.tracking_uri()})")
+
+
+@main.command()
+@_checkpoint_option
+@click.option("--register", "registered_name", default=None, help="Also register it under NAME.")
+@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@_reports_user_errors
+def export(reference: str, registered_name: str | None, config_path: str) -> None:
+    """Log the checkpoint as an MLflow model named `model` in the run it came from (a new run
+    for a checkpoint file), ready for `mlflow models serve`."""
+    import tempfile
+
+    from naics_mlflow import tracking
+    from naics_mlflow.serving import log_search_model
+
+    with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
+        engine, _, resolved, config = _load_engine(reference, config_path, Path(download_dir))
+        experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
+        with tracking.run(experiment_id, "export", {}, reopen_run_id=resolved.run_id):
+            uri = log_search_model(resolved.path, engine, registered_name)
+    click.echo(f"model logged: {uri}")
+    click.echo(f"serve it:     mlflow models serve -m {uri} --env-manager local")

@@ -127,6 +127,7 @@ class ModelConfig:
 class LossConfig:
     temperature: float
     curvature: float
+    query_weight: float
     hard_negative_k: int | None
     fn_curriculum_start_epoch: int | None
     fn_cluster_every_n_epochs: int
@@ -165,6 +166,11 @@ class MlflowConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    unseen_queries: str
+
+
+@dataclass(frozen=True)
 class Config:
     dirs: DirsConfig
     data_loader: DataLoaderConfig
@@ -172,6 +178,7 @@ class Config:
     loss: LossConfig
     training: TrainingConfig
     mlflow: MlflowConfig
+    evaluation: EvaluationConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,6 +233,7 @@ _NON_NEGATIVE_KEYS = {
     "data_loader.num_workers",
     "model.lora.dropout",
     "model.moe.load_balancing_coef",
+    "loss.query_weight",
     "loss.fn_curriculum_start_epoch",
     "training.weight_decay",
     "training.warmup_steps",

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +86,13 @@ def run(
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that ends FINISHED, KILLED on Ctrl-C, or FAILED with the error as a tag.
 
-    ``reopen_run_id`` continues an existing run (a resumed chain's parent) instead of a new one.
+    ``reopen_run_id`` continues an existing run (a resumed chain's parent, the run a model is
+    exported into) under its own name instead of starting a new one.
     """
     active = mlflow.start_run(
         run_id=reopen_run_id,
         experiment_id=None if reopen_run_id else experiment_id,
-        run_name=run_name,
+        run_name=None if reopen_run_id else run_name,
         tags=dict(tags),
         nested=parent_run_id is not None,
         parent_run_id=parent_run_id,
@@ -122,8 +125,26 @@ def log_dict(values: Mapping[str, Any], artifact_file: str) -> None:
     mlflow.log_dict(dict(values), artifact_file)
 
 
+def metric_history(run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """``(step, value)`` pairs of each metric the run logged, for plotting."""
+    client = MlflowClient()
+    history = {
+        key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)] for key in keys
+    }
+    return {key: points for key, points in history.items() if points}
+
+
+def log_artifact(path: Path, artifact_path: str) -> None:
+    mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_file_to_run(run_id: str, path: Path, artifact_path: str) -> None:
+    """Upload a file into a run that need not be active (a finished stage run, say)."""
+    MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
 def log_checkpoint(run_id: str, path: Path) -> None:
-    MlflowClient().log_artifact(run_id, str(path), CHECKPOINT_ARTIFACT_PATH)
+    log_file_to_run(run_id, path, CHECKPOINT_ARTIFACT_PATH)
 
 
 def log_metric_batch(run_id: str, metrics: Mapping[str, float], step: int) -> None:
@@ -145,18 +166,28 @@ def _best_in(folder: Path, reference: str) -> Path:
     return candidates[0]
 
 
-def resolve_checkpoint(reference: str, download_dir: Path) -> Path:
-    """A local checkpoint file for ``--from-checkpoint``: a stage name (its best run in the
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    path: Path  # a local checkpoint file
+    run_id: str | None  # the run that logged it, when the reference named one
+
+
+def resolve_checkpoint(reference: str, download_dir: Path) -> ResolvedCheckpoint:
+    """The checkpoint a ``--from-checkpoint`` reference names: a stage name (its best run in the
     store), a ``runs:/<id>/ckpt`` or other artifact URI, or a path to a ``.ckpt`` file."""
     if "://" in reference or reference.startswith("runs:/"):
-        return _download_reference(reference, download_dir)
+        run_id = re.match(r"runs:/([^/]+)", reference)
+        return ResolvedCheckpoint(
+            _download_reference(reference, download_dir), run_id.group(1) if run_id else None
+        )
     path = Path(reference)
     if path.is_file():
-        return path
+        return ResolvedCheckpoint(path, None)
     if path.suffix == ".ckpt" or len(path.parts) > 1:
         raise CheckpointReferenceError(f"checkpoint file {reference} does not exist")
     run = best_run_of_stage(reference)
-    return download_checkpoint(run, run.data.tags["best_checkpoint"], download_dir)
+    best = download_checkpoint(run, run.data.tags["best_checkpoint"], download_dir)
+    return ResolvedCheckpoint(best, run.info.run_id)
 
 
 def _download_reference(reference: str, download_dir: Path) -> Path:

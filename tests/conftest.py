@@ -107,6 +107,12 @@ def tiny_overrides(tiny_backbone: Path, data_dir: Path) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="session")
+def tiny_conf_factory(tiny_overrides: list[str]):
+    """``factory(folder)`` writes a tiny-settings conf/ into ``folder`` (for wider fixtures)."""
+    return lambda folder: write_tiny_conf(folder, tiny_overrides)
+
+
 @pytest.fixture()
 def tiny_workdir(tmp_path: Path, tiny_overrides: list[str]) -> Path:
     """A fresh working folder with a tiny-settings ``conf/`` (see :func:`write_tiny_conf`)."""

@@ -99,6 +99,8 @@ def test_cli_run_is_tracked(cli_run):
         "train/load_balancing_loss",
         "train/moe/expert_0_utilisation",
         "train/false_negative_fraction",
+        "train/query_loss",
+        "val/query_loss",
     ):
         assert metric in run.data.metrics, metric
     assert run.data.metrics["val/manifold_valid"] == 1.0
@@ -117,6 +119,9 @@ def test_cli_run_logs_checkpoints_config_and_tensorboard(cli_run):
     local = list((workdir / "checkpoints").glob(f"single_*/01_stage/{best}"))
     assert len(local) == 1 and (local[0].parent / "last.ckpt").is_file()
     assert any(a.path == "config.yaml" for a in client.list_artifacts(run.info.run_id))
+    pictures = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert set(pictures) == {"plots/embeddings_poincare.png", "plots/training_curves.png"}
+    assert all(size > 10_000 for size in pictures.values())
     assert list((workdir / "mlartifacts").rglob("last.ckpt"))
     assert list((workdir / "outputs").rglob("events.out.tfevents.*"))
 
@@ -126,7 +131,9 @@ def test_logged_checkpoint_reloads_to_the_same_embeddings(
 ):
     workdir, _, _, run, _ = cli_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
-    downloaded = tracking.resolve_checkpoint(f"runs:/{run.info.run_id}/ckpt", tmp_path)
+    resolved = tracking.resolve_checkpoint(f"runs:/{run.info.run_id}/ckpt", tmp_path)
+    assert resolved.run_id == run.info.run_id
+    downloaded = resolved.path
     assert downloaded.name == run.data.tags["best_checkpoint"]
     (local,) = (workdir / "checkpoints").glob(f"single_*/01_stage/{downloaded.name}")
     config = load_config(CONFIG, tiny_overrides)

@@ -20,7 +20,7 @@ from naics_mlflow.data.build import build_data, is_built
 from naics_mlflow.data.census import CensusRelease, resolve_raw_dir
 from naics_mlflow.data.curriculum import CurriculumSampler, CurriculumSpec, EpochSample
 from naics_mlflow.data.taxonomy import Taxonomy, load_taxonomy
-from naics_mlflow.data.tokenization import CodeTokens, tokenize_codes
+from naics_mlflow.data.tokenization import CodeTokens, tokenize_codes, tokenize_queries
 from naics_mlflow.model.encoder import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -47,10 +47,21 @@ def in_batch_negatives(
 
 
 class TripletItems:
-    """Flat training or validation items: ``anchor[t]``, ``positive[t]``, ``negatives[t]``."""
+    """Flat training or validation items: ``anchor[t]``, ``positive[t]``, ``negatives[t]``, and
+    ``queries[t]``, one of the anchor's training index items ("" when it has none), which the
+    model learns to place at the anchor as if a user had typed it."""
 
     def __init__(self, anchor: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> None:
         self.anchor, self.positive, self.negatives = anchor, positive, negatives
+        self.queries: list[str] = [""] * len(anchor)
+
+    def draw_queries(self, examples: list[list[str]], seed: int) -> None:
+        """Pick each item's query among its anchor's training index items."""
+        rng = np.random.default_rng(seed)
+        self.queries = [
+            examples[anchor][rng.integers(len(examples[anchor]))] if examples[anchor] else ""
+            for anchor in self.anchor.tolist()
+        ]
 
     def __len__(self) -> int:
         return len(self.anchor)
@@ -102,8 +113,10 @@ class NaicsDataModule(L.LightningDataModule):
             self.taxonomy.distance,
             self.taxonomy.excluded_matrix(),
         )
-        tokenizer = load_tokenizer(self.config.model.base_model_name)
-        self.tokens = tokenize_codes(self.taxonomy, tokenizer, self.config.data_loader.tokenization)
+        self.tokenizer = load_tokenizer(self.config.model.base_model_name)
+        self.tokens = tokenize_codes(
+            self.taxonomy, self.tokenizer, self.config.data_loader.tokenization
+        )
         seed = self.config.training.seed
         validation_sample = self.sampler.sample_epoch(seed + _VALIDATION_SEED_OFFSET)
         rng = np.random.default_rng(seed)
@@ -111,6 +124,7 @@ class NaicsDataModule(L.LightningDataModule):
             rng.random(validation_sample.positives.shape) < self.config.data_loader.val_split
         )
         self._validation_items = TripletItems.from_sample(validation_sample, validation_pairs)
+        self._validation_items.draw_queries(self.taxonomy.examples, seed)
         self._validation_pair_keys = self._pair_keys(
             self._validation_items.anchor, self._validation_items.positive
         )
@@ -125,7 +139,9 @@ class NaicsDataModule(L.LightningDataModule):
         """The epoch's items: a fresh draw seeded by ``seed + epoch``, validation pairs removed."""
         sample = self.sampler.sample_epoch(self.config.training.seed + epoch)
         keys = self._pair_keys(sample.anchors[:, None], sample.positives)
-        return TripletItems.from_sample(sample, ~np.isin(keys, self._validation_pair_keys))
+        items = TripletItems.from_sample(sample, ~np.isin(keys, self._validation_pair_keys))
+        items.draw_queries(self.taxonomy.examples, self.config.training.seed + epoch)
+        return items
 
     def _pair_keys(self, anchors: np.ndarray, positives: np.ndarray) -> np.ndarray:
         """One integer per (anchor, positive) pair, for vectorised membership tests."""
@@ -156,7 +172,9 @@ class NaicsDataModule(L.LightningDataModule):
         Keys: ``rows`` (U,) code rows; ``tokens`` per channel; ``anchor``, ``positive`` (B,) and
         ``negatives`` (B, K) local indices (padding points at 0 and is masked by
         ``negative_valid``); ``anchor_rows`` (B,) and ``negative_rows`` (B, K, -1 for padding)
-        code rows; ``in_batch_negatives`` (B, B) bool.
+        code rows; ``in_batch_negatives`` (B, B) bool; when ``loss.query_weight`` > 0,
+        ``query_tokens`` per channel for the items that have a query and ``query_items`` (Q,)
+        their positions in the batch.
         """
         anchors = items.anchor[indices]
         positives = items.positive[indices]
@@ -165,7 +183,7 @@ class NaicsDataModule(L.LightningDataModule):
         rows = np.unique(np.concatenate([anchors, positives, negatives[valid]]))
         local = np.zeros(self.taxonomy.size, dtype=np.int64)
         local[rows] = np.arange(len(rows))
-        return {
+        batch = {
             "rows": torch.from_numpy(rows.astype(np.int64)),
             "tokens": self.tokens.batch(rows),
             "anchor": torch.from_numpy(local[anchors]),
@@ -178,3 +196,13 @@ class NaicsDataModule(L.LightningDataModule):
                 in_batch_negatives(anchors, positives, self.sampler.positive_candidates)
             ),
         }
+        queries = [items.queries[i] for i in indices.tolist()]
+        with_query = [i for i, text in enumerate(queries) if text]
+        if self.config.loss.query_weight > 0 and with_query:
+            batch["query_tokens"], _ = tokenize_queries(
+                [queries[i] for i in with_query],
+                self.tokenizer,
+                self.config.data_loader.tokenization,
+            )
+            batch["query_items"] = torch.tensor(with_query, dtype=torch.long)
+        return batch

@@ -62,7 +62,27 @@ class CodeTokens:
         return tokens
 
 
+# A free-text query (a business description) fills the channels a code's short texts use: it reads
+# like a title and like an index item. Training pairs index items with their codes through exactly
+# this mapping (see ``NaicsDataModule``), so the adapters learn it.
+QUERY_CHANNELS = ("title", "examples")
+
 _CACHE: dict[tuple, CodeTokens] = {}
+
+
+def _tokenize(
+    texts: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, limits: dict[str, int]
+) -> CodeTokens:
+    ids = {
+        channel: [
+            np.asarray(seq, dtype=np.int64)
+            for seq in tokenizer(texts[channel], truncation=True, max_length=limits[channel])[
+                "input_ids"
+            ]
+        ]
+        for channel in CHANNELS
+    }
+    return CodeTokens(ids=ids, pad_token_id=tokenizer.pad_token_id)
 
 
 def tokenize_codes(
@@ -72,15 +92,20 @@ def tokenize_codes(
     limits = max_lengths(config)
     key = (tokenizer.name_or_path, len(tokenizer), tuple(limits.items()), tuple(taxonomy.codes))
     if key not in _CACHE:
-        texts = channel_texts(taxonomy)
-        ids = {
-            channel: [
-                np.asarray(seq, dtype=np.int64)
-                for seq in tokenizer(
-                    texts[channel], truncation=True, max_length=limits[channel]
-                )["input_ids"]
-            ]
-            for channel in CHANNELS
-        }
-        _CACHE[key] = CodeTokens(ids=ids, pad_token_id=tokenizer.pad_token_id)
+        _CACHE[key] = _tokenize(channel_texts(taxonomy), tokenizer, limits)
     return _CACHE[key]
+
+
+def tokenize_queries(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
+) -> tuple[ChannelTokens, list[bool]]:
+    """Queries as channel tokens (text in :data:`QUERY_CHANNELS`, the other channels empty), and
+    for each query whether it was cut at the channels' token limit."""
+    limits = max_lengths(config)
+    empty = [""] * len(texts)
+    by_channel = {channel: texts if channel in QUERY_CHANNELS else empty for channel in CHANNELS}
+    tokens = _tokenize(by_channel, tokenizer, limits)
+    full_lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    limit = max(limits[channel] for channel in QUERY_CHANNELS)
+    truncated = [length > limit for length in full_lengths]
+    return tokens.batch(np.arange(len(texts))), truncated

@@ -2,7 +2,8 @@
 
 ``hierarchy_metrics`` scores code embeddings against the tree: correlation and distortion of
 distances, neighbourhood ranking (NDCG), radius by level, manifold validity and collapse checks.
-``retrieval_metrics`` scores query embeddings by where their true code ranks among candidates.
+``retrieval_metrics`` scores query embeddings by where their true code ranks among candidates;
+``ranking_metrics`` does the ranking for it and for the text baselines (``evaluation.baselines``).
 
 Distances are computed in float32 on the embeddings' device (see ``model.lorentz`` for why never
 lower precision); statistics over the ~2.25M code pairs are taken in float64 numpy, where sums of
@@ -10,7 +11,7 @@ that many terms keep their digits.
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from itertools import pairwise
 
 import numpy as np
@@ -261,17 +262,16 @@ def code_prefix(code: str, digits: int) -> str:
     return sector_of(prefix) if len(prefix) == 2 else prefix
 
 
-@torch.no_grad()
-def retrieval_metrics(
-    query_embeddings: Tensor,
-    code_embeddings: Tensor,
-    true_codes: list[str],
-    candidate_codes: list[str],
-    curvature: float,
+def ranking_metrics(
+    distance_blocks: Iterable[Tensor],
+    true_codes: Sequence[str],
+    candidate_codes: Sequence[str],
     prefix_levels: Sequence[int] = (2, 3, 4),
-    chunk_size: int = QUERY_CHUNK_SIZE,
 ) -> dict[str, float]:
-    """Rank candidates by Lorentz distance to each query and score the true code's rank.
+    """Score where each query's true code ranks among candidates ordered by a distance.
+
+    Shared by every retriever: ``retrieval_metrics`` passes Lorentz distances, similarity-based
+    baselines pass negated scores, so all report the same numbers for the same ranking.
 
     - ``top1``, ``top5``: fraction of queries whose true code ranks within 1 / 5 (ties count
       against it, see ``rank_of_true``); a true code absent from the candidates is a miss.
@@ -281,30 +281,28 @@ def retrieval_metrics(
       for range sectors), i.e. how often a miss still lands in the right part of the tree.
 
     Args:
-        query_embeddings: ``(Q, D + 1)`` points.
-        code_embeddings: ``(C, D + 1)`` points.
+        distance_blocks: consecutive row blocks of the ``(Q, C)`` distances, smaller is nearer
+            (``[distances]`` for one block); blocks let callers bound memory for large ``Q``.
         true_codes: ``Q`` codes.
-        candidate_codes: ``C`` distinct codes, rows of ``code_embeddings``.
-        curvature: ``c > 0``.
+        candidate_codes: ``C`` distinct codes, the columns.
         prefix_levels: prefix lengths to score.
-        chunk_size: queries per block of ``(chunk_size, C)`` distances.
     """
     if not true_codes:
         raise ValueError("retrieval metrics need at least one query")
     column = {code: i for i, code in enumerate(candidate_codes)}
     if len(column) != len(candidate_codes):
         raise ValueError("candidate_codes contains duplicates, so ranks would be ambiguous")
-    device = code_embeddings.device
-    candidates = code_embeddings.float()
-    true_index = torch.tensor([column.get(code, -1) for code in true_codes], device=device)
+    true_index = torch.tensor([column.get(code, -1) for code in true_codes])
 
-    ranks, nearest = [], []
-    for start in range(0, len(true_codes), chunk_size):
-        queries = query_embeddings[start : start + chunk_size].to(device).float()
-        distances = pairwise_distance(queries, candidates, curvature)
-        ranks.append(rank_of_true(distances, true_index[start : start + chunk_size]))
-        nearest.append(distances.argmin(dim=1))
-    rank = torch.cat(ranks).cpu().numpy()
+    ranks, nearest, start = [], [], 0
+    for distances in distance_blocks:
+        block_index = true_index[start : start + distances.shape[0]].to(distances.device)
+        ranks.append(rank_of_true(distances, block_index).cpu())
+        nearest.append(distances.argmin(dim=1).cpu())
+        start += distances.shape[0]
+    if start != len(true_codes):
+        raise ValueError(f"distances have {start} rows for {len(true_codes)} true codes")
+    rank = torch.cat(ranks).numpy()
     top_codes = [candidate_codes[i] for i in torch.cat(nearest).tolist()]
 
     found = rank > 0
@@ -320,3 +318,39 @@ def retrieval_metrics(
         ]
         metrics[f"prefix{digits}_accuracy"] = float(np.mean(hits))
     return metrics
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    query_embeddings: Tensor,
+    code_embeddings: Tensor,
+    true_codes: list[str],
+    candidate_codes: list[str],
+    curvature: float,
+    prefix_levels: Sequence[int] = (2, 3, 4),
+    chunk_size: int = QUERY_CHUNK_SIZE,
+) -> dict[str, float]:
+    """Rank candidates by Lorentz distance to each query and score the true code's rank.
+
+    The keys and their meaning are those of ``ranking_metrics``.
+
+    Args:
+        query_embeddings: ``(Q, D + 1)`` points.
+        code_embeddings: ``(C, D + 1)`` points.
+        true_codes: ``Q`` codes.
+        candidate_codes: ``C`` distinct codes, rows of ``code_embeddings``.
+        curvature: ``c > 0``.
+        prefix_levels: prefix lengths to score.
+        chunk_size: queries per block of ``(chunk_size, C)`` distances.
+    """
+    candidates = code_embeddings.float()
+    # Lazy, so only one block of distances is alive at a time.
+    blocks = (
+        pairwise_distance(
+            query_embeddings[start : start + chunk_size].to(candidates.device).float(),
+            candidates,
+            curvature,
+        )
+        for start in range(0, len(true_codes), chunk_size)
+    )
+    return ranking_metrics(blocks, true_codes, candidate_codes, prefix_levels)

@@ -11,11 +11,16 @@ import lightning as L
 import numpy as np
 import torch
 
-from naics_mlflow.config import Config
+from naics_mlflow.config import Config, merge
 from naics_mlflow.data.tokenization import CodeTokens
-from naics_mlflow.evaluation.metrics import hierarchy_metrics
+from naics_mlflow.evaluation.metrics import hierarchy_metrics, sample_codes
 from naics_mlflow.model import CHANNELS
-from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT, CheckpointError, check_compatible
+from naics_mlflow.model.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    check_compatible,
+    read_checkpoint,
+)
 from naics_mlflow.model.encoder import MultiChannelEncoder
 from naics_mlflow.model.lorentz import logmap0
 from naics_mlflow.model.loss import (
@@ -38,6 +43,8 @@ class NaicsEmbedder(L.LightningModule):
         # Checkpoints hold only trainable weights; the frozen backbone comes from its name.
         self.strict_loading = False
         self.code_clusters: torch.Tensor | None = None  # (N,) k-means ids for false negatives
+        # Rows and embeddings of the codes the last validation epoch evaluated (for pictures).
+        self.last_evaluated: tuple[np.ndarray, torch.Tensor] | None = None
 
     def forward(self, tokens):
         return self.encoder(tokens)
@@ -74,13 +81,40 @@ class NaicsEmbedder(L.LightningModule):
             in_batch_negatives=batch["in_batch_negatives"],
         )
         load_balancing = encoded.load_balancing_loss * self.config.model.moe.load_balancing_coef
+        total = contrastive + load_balancing
+        if "query_tokens" in batch:
+            extra["query_loss"] = self._query_loss(batch, embeddings, negatives, valid)
+            total = total + loss_config.query_weight * extra["query_loss"]
         return {
             "contrastive_loss": contrastive,
             "load_balancing_loss": load_balancing,
-            "total_loss": contrastive + load_balancing,
+            "total_loss": total,
             "expert_utilisation": encoded.expert_utilisation,
             **extra,
         }
+
+    def _query_loss(
+        self,
+        batch: dict[str, Any],
+        code_embeddings: torch.Tensor,
+        negatives: torch.Tensor,
+        negative_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """InfoNCE of each query (an index item of the anchor, encoded as free text) against its
+        anchor code, the anchor's negatives, and the other queries' codes."""
+        items = batch["query_items"]
+        queries = self.encoder(batch["query_tokens"]).embeddings
+        targets = code_embeddings[batch["anchor"][items]]
+        target_rows = batch["anchor_rows"][items]
+        return hyperbolic_infonce(
+            queries,
+            targets,
+            negatives[items],
+            self.config.loss.curvature,
+            self.config.loss.temperature,
+            negative_valid=negative_valid[items],
+            in_batch_negatives=target_rows[:, None] != target_rows[None, :],
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch)
@@ -91,12 +125,9 @@ class NaicsEmbedder(L.LightningModule):
             )
         for expert, share in enumerate(losses["expert_utilisation"]):
             self.log(f"train/moe/expert_{expert}_utilisation", share, batch_size=batch_size)
-        if "false_negative_fraction" in losses:
-            self.log(
-                "train/false_negative_fraction",
-                losses["false_negative_fraction"],
-                batch_size=batch_size,
-            )
+        for name in ("false_negative_fraction", "query_loss"):
+            if name in losses:
+                self.log(f"train/{name}", losses[name], batch_size=batch_size)
         return losses["total_loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -104,6 +135,8 @@ class NaicsEmbedder(L.LightningModule):
         batch_size = len(batch["anchor"])
         self.log("val_loss", losses["total_loss"], prog_bar=True, batch_size=batch_size)
         self.log("val/contrastive_loss", losses["contrastive_loss"], batch_size=batch_size)
+        if "query_loss" in losses:
+            self.log("val/query_loss", losses["query_loss"], batch_size=batch_size)
 
     # --- whole-taxonomy passes -----------------------------------------------------------
 
@@ -145,18 +178,18 @@ class NaicsEmbedder(L.LightningModule):
             return
         datamodule = self.trainer.datamodule
         taxonomy = datamodule.taxonomy
-        rows = np.arange(taxonomy.size)
-        sample_size = self.config.model.eval_sample_size
-        if sample_size is not None and sample_size < taxonomy.size:
-            rng = np.random.default_rng(self.config.training.seed)
-            rows = np.sort(rng.choice(taxonomy.size, size=sample_size, replace=False))
+        rows = sample_codes(
+            taxonomy.size, self.config.model.eval_sample_size, self.config.training.seed
+        )
+        embeddings = self.embed_codes(datamodule.tokens, rows)
         metrics = hierarchy_metrics(
-            self.embed_codes(datamodule.tokens, rows),
+            embeddings,
             taxonomy.distance[np.ix_(rows, rows)],
             taxonomy.levels[rows],
             self.config.loss.curvature,
         )
         self.log_dict(metrics)
+        self.last_evaluated = (rows, embeddings.cpu())
 
     # --- optimisation --------------------------------------------------------------------
 
@@ -201,7 +234,10 @@ class NaicsEmbedder(L.LightningModule):
 
 def load_trainable_weights(module: NaicsEmbedder, path: Path) -> None:
     """Initialise ``module``'s adapters, experts and projection from a checkpoint's weights."""
-    checkpoint = check_compatible(path, module.config)
+    _load_state(module, check_compatible(path, module.config), path)
+
+
+def _load_state(module: NaicsEmbedder, checkpoint: dict[str, Any], path: Path) -> None:
     saved = {k.removeprefix("encoder."): v for k, v in checkpoint["state_dict"].items()}
     expected = module.encoder.trainable_state_dict()
     for name in sorted(set(saved) | set(expected)):
@@ -211,3 +247,20 @@ def load_trainable_weights(module: NaicsEmbedder, path: Path) -> None:
                 "trained with"
             )
     module.encoder.load_state_dict(saved, strict=False)
+
+
+def load_embedder(path: Path, backbone_location: str | None = None) -> NaicsEmbedder:
+    """The trained model in a checkpoint, built from the configuration saved with it, in eval
+    mode: what ``embed``, ``search``, ``evaluate`` and the served model use.
+
+    ``backbone_location`` loads the same backbone from another place (the copy a served model
+    carries) instead of the name the checkpoint records.
+    """
+    checkpoint = read_checkpoint(path)
+    tree = checkpoint["hyper_parameters"]["config"]
+    if backbone_location is not None:
+        tree = merge(tree, {"model": {"base_model_name": backbone_location}})
+    config = Config.from_dict(tree, f"the config saved in {path}")
+    module = NaicsEmbedder(config.to_dict())
+    _load_state(module, checkpoint, path)
+    return module.eval()

@@ -10,8 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from naics_mlflow import tracking
+from naics_mlflow.config import Config
 from naics_mlflow.data.census import CensusRelease
+from naics_mlflow.data.taxonomy import load_taxonomy
+from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.checkpoint import read_checkpoint, weights_digest
+from naics_mlflow.model.module import load_embedder
+from naics_mlflow.serving import log_search_model
 from naics_mlflow.training.plan import ChainPlan
 from naics_mlflow.training.stage import StageResult, train_stage
 
@@ -105,7 +110,16 @@ def run_chain(
         tracking.set_tags(
             {"final_stage": plan.stages[-1].curriculum.name, "final_run_id": final_run_id}
         )
+        if earlier_parent is None or any(results):
+            _log_final_model(previous_best, plan.stages[-1].config)
     return ChainResult(parent.info.run_id, results, final_run_id)
+
+
+def _log_final_model(checkpoint: Path, config: Config) -> None:
+    """The chain's result as a servable MLflow model in the parent run."""
+    engine = SearchEngine.build(load_embedder(checkpoint), load_taxonomy(config.dirs.data))
+    uri = log_search_model(checkpoint, engine)
+    logger.info("chain model logged as %s", uri)
 
 
 def _earlier_parent_run(chain_hash: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,13 @@ from naics_mlflow.config import Config
 from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
+from naics_mlflow.data.taxonomy import MIN_LEVEL, Taxonomy
+from naics_mlflow.evaluation.plots import (
+    curve_panels,
+    poincare_disk_figure,
+    save_png,
+    training_curves_figure,
+)
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
 from naics_mlflow.training.mlflow_logging import LastCheckpointUpload, MetricsLogger
@@ -132,6 +140,7 @@ def train_stage(
         metrics = _final_metrics(trainer.callback_metrics, checkpoint)
         tracking.set_tags({"best_checkpoint": best.name})
         tracking.log_metrics({"best_val_loss": metrics["best_val_loss"]})
+        _log_pictures(run_id, module, datamodule.taxonomy)
     return StageResult(
         run_id=run_id,
         stage=curriculum.name,
@@ -149,3 +158,29 @@ def _final_metrics(
     }
     metrics["best_val_loss"] = float(checkpoint.best_model_score)
     return metrics
+
+
+def _log_pictures(run_id: str, module: NaicsEmbedder, taxonomy: Taxonomy) -> None:
+    """``plots/embeddings_poincare.png`` (the codes of the last validation epoch) and
+    ``plots/training_curves.png`` in the stage run."""
+    keys = [metric for panel in curve_panels() for metric, _ in panel.series]
+    figures = {"training_curves.png": training_curves_figure(tracking.metric_history(run_id, keys))}
+    if module.last_evaluated is not None:
+        rows, embeddings = module.last_evaluated
+        sectors = {
+            code: title
+            for code, title, level in zip(
+                taxonomy.codes, taxonomy.titles, taxonomy.levels, strict=True
+            )
+            if level == MIN_LEVEL
+        }
+        figures["embeddings_poincare.png"] = poincare_disk_figure(
+            embeddings,
+            [taxonomy.codes[row] for row in rows],
+            taxonomy.levels[rows],
+            sectors,
+            module.config.loss.curvature,
+        )
+    with tempfile.TemporaryDirectory(prefix="naics-plots-") as folder:
+        for name, figure in figures.items():
+            tracking.log_artifact(save_png(figure, Path(folder) / name), "plots")

