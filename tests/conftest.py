@@ -122,8 +122,9 @@ def tiny_workdir(tmp_path: Path, tiny_overrides: list[str]) -> Path:
 
 def write_tiny_conf(workdir: Path, overrides: list[str]) -> Path:
     """``workdir/conf``: the project's conf/ with the tiny settings baked into config.yaml, every
-    directory inside ``workdir``, and epochs cut to two batches, so that commands run as users
-    type them (``--config conf/config.yaml`` by default) and finish in seconds."""
+    directory inside ``workdir``, epochs cut to two small batches and evaluation to 300 codes, so
+    that commands run as users type them (``--config conf/config.yaml`` by default) and finish in
+    seconds."""
     import shutil
 
     import yaml
@@ -138,8 +139,10 @@ def write_tiny_conf(workdir: Path, overrides: list[str]) -> Path:
             *overrides,
             f"dirs.checkpoints={workdir / 'checkpoints'}",
             f"dirs.outputs={workdir / 'outputs'}",
+            "data_loader.batch_size=16",
+            "model.eval_sample_size=300",
             "training.trainer.limit_train_batches=2",
-            "training.trainer.limit_val_batches=2",
+            "training.trainer.limit_val_batches=1",
         ],
     )
     (conf / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -128,6 +128,22 @@ def test_mlflow_run_chain_nests_three_stages(workdir):
     assert "init_checkpoint" not in first.data.tags
     assert second.data.tags["init_weights_digest"] == _best_digest(workdir, first)
     assert third.data.tags["init_weights_digest"] == _best_digest(workdir, second)
+    predict = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import mlflow, pandas as pd\n"
+            f"model = mlflow.pyfunc.load_model('runs:/{parent.info.run_id}/model')\n"
+            "print(len(model.predict(pd.DataFrame({'text': ['grow soybeans']}))))",
+        ],
+        cwd=workdir,
+        env=_environment(workdir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert predict.returncode == 0, predict.stderr[-2000:]
+    assert predict.stdout.strip().splitlines()[-1] == "5"  # the chain's model, in its parent run
     assert list(
         (workdir / "checkpoints" / "sequential_01-02-03_chain_test" / "02_stage").glob(
             "02_stage-epoch=00-val_loss=*.ckpt"
@@ -135,7 +151,7 @@ def test_mlflow_run_chain_nests_three_stages(workdir):
     )
 
 
-def test_command_line_overrides_beat_chain_values(workdir):
+def test_command_line_overrides_beat_chain_values_and_runs_lists_the_stage(workdir):
     _write_chain(
         workdir,
         "chain_one",
@@ -145,6 +161,14 @@ def test_command_line_overrides_beat_chain_values(workdir):
     (child,) = _runs(workdir, "tags.stage = '01_stage'")
     assert child.data.params["training.trainer.max_epochs"] == "1"
     assert child.data.params["data_loader.batch_size"] == "32"
+
+    result = _ok(_cli(workdir, "runs", "--chain", "chain_one"))
+    header, *rows = result.stdout.strip().splitlines()
+    assert header.split()[:4] == ["run_id", "stage", "parent", "status"]
+    assert len(rows) == 1 and "01_stage" in rows[0] and "FINISHED" in rows[0]
+    assert f"runs:/{child.info.run_id}/ckpt" in rows[0]
+    assert f"{child.data.metrics['best_val_loss']:.4f}" in rows[0]
+    assert _ok(_cli(workdir, "runs", "--stage", "02_stage")).stdout.startswith("no stage runs")
 
 
 def test_from_checkpoint_references(workdir):
@@ -289,22 +313,3 @@ def test_killed_chain_resumes_where_it_stopped(workdir):
     assert len(_stage_runs(workdir, "01_stage")) == 2
     assert len(_stage_runs(workdir, "02_stage")) == 3
     assert len(_runs(workdir, "tags.role = 'chain'")) == 2
-
-
-def test_runs_table(workdir):
-    _ok(
-        _cli(
-            workdir,
-            "train-curriculum",
-            "--curricula",
-            "01_stage,02_stage",
-            "training.trainer.max_epochs=1",
-        )
-    )
-    result = _ok(_cli(workdir, "runs", "--stage", "02_stage"))
-    header, *rows = result.stdout.strip().splitlines()
-    assert header.split()[:4] == ["run_id", "stage", "parent", "status"]
-    assert len(rows) == 1 and "02_stage" in rows[0] and "FINISHED" in rows[0]
-    (run,) = _stage_runs(workdir, "02_stage")
-    assert f"runs:/{run.info.run_id}/ckpt" in rows[0]
-    assert f"{run.data.metrics['best_val_loss']:.4f}" in rows[0]

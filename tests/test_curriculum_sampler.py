@@ -439,7 +439,15 @@ def test_list_curricula_skips_chain_files(tmp_path: Path) -> None:
 
 # --- Shipped configuration -----------------------------------------------------------------------
 
-SHIPPED_STAGES = ["01_stage", "02_stage", "03_stage", "04_stage", "05_stage", "default"]
+SHIPPED_STAGES = [
+    "01_stage",
+    "02_stage",
+    "03_stage",
+    "04_stage",
+    "05_stage",
+    "default",
+    "quickstart",
+]
 
 
 def test_every_shipped_stage_loads_and_leaves_anchors_on_a_naics_like_tree() -> None:
