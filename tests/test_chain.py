@@ -15,38 +15,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow.model.checkpoint import weights_digest
+from tests.commands import environment, ok, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture()
 def workdir(tiny_workdir: Path) -> Path:
     return tiny_workdir
-
-
-def _environment(workdir: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": ENV_PATH,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db",
-    }
-
-
-def _cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "naics_mlflow", *args],
-        cwd=workdir,
-        env=_environment(workdir),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
 
 
 def _client(workdir: Path) -> MlflowClient:
@@ -83,7 +59,7 @@ def test_mlflow_run_chain_nests_three_stages(workdir):
     )
     client = _client(workdir)
     client.create_experiment("naics-embedder", artifact_location=(workdir / "art").as_uri())
-    _ok(
+    ok(
         subprocess.run(
             [
                 sys.executable,
@@ -103,7 +79,7 @@ def test_mlflow_run_chain_nests_three_stages(workdir):
                 f"config={workdir}/conf/config.yaml",
             ],
             cwd=workdir,
-            env=_environment(workdir),
+            env=environment(workdir),
             capture_output=True,
             text=True,
             timeout=600,
@@ -137,7 +113,7 @@ def test_mlflow_run_chain_nests_three_stages(workdir):
             "print(len(model.predict(pd.DataFrame({'text': ['grow soybeans']}))))",
         ],
         cwd=workdir,
-        env=_environment(workdir),
+        env=environment(workdir),
         capture_output=True,
         text=True,
         timeout=300,
@@ -157,25 +133,29 @@ def test_command_line_overrides_beat_chain_values_and_runs_lists_the_stage(workd
         "chain_one",
         "  - name: 01_stage\n    max_epochs: 3\n    overrides:\n      data_loader.batch_size: 32\n",
     )
-    _ok(_cli(workdir, "train-curriculum", "--chain", "chain_one", "training.trainer.max_epochs=1"))
+    ok(
+        run_cli(
+            workdir, "train-curriculum", "--chain", "chain_one", "training.trainer.max_epochs=1"
+        )
+    )
     (child,) = _runs(workdir, "tags.stage = '01_stage'")
     assert child.data.params["training.trainer.max_epochs"] == "1"
     assert child.data.params["data_loader.batch_size"] == "32"
 
-    result = _ok(_cli(workdir, "runs", "--chain", "chain_one"))
+    result = ok(run_cli(workdir, "runs", "--chain", "chain_one"))
     header, *rows = result.stdout.strip().splitlines()
     assert header.split()[:4] == ["run_id", "stage", "parent", "status"]
     assert len(rows) == 1 and "01_stage" in rows[0] and "FINISHED" in rows[0]
     assert f"runs:/{child.info.run_id}/ckpt" in rows[0]
     assert f"{child.data.metrics['best_val_loss']:.4f}" in rows[0]
-    assert _ok(_cli(workdir, "runs", "--stage", "02_stage")).stdout.startswith("no stage runs")
+    assert ok(run_cli(workdir, "runs", "--stage", "02_stage")).stdout.startswith("no stage runs")
 
 
 def test_from_checkpoint_references(workdir):
     """A stage name picks the lowest val_loss; runs:/ URIs and files work; bad ones fail."""
     for rate in ("1e-2", "1e-4"):
-        _ok(
-            _cli(
+        ok(
+            run_cli(
                 workdir,
                 "train",
                 "-c",
@@ -189,8 +169,8 @@ def test_from_checkpoint_references(workdir):
     assert losses[first.info.run_id] != losses[second.info.run_id]
     best = min((first, second), key=lambda r: r.data.metrics["best_val_loss"])
 
-    result = _ok(
-        _cli(
+    result = ok(
+        run_cli(
             workdir,
             "train-curriculum",
             "--curricula",
@@ -205,8 +185,8 @@ def test_from_checkpoint_references(workdir):
     assert stage_two.data.tags["init_weights_digest"] == _best_digest(workdir, best)
 
     uri = f"runs:/{first.info.run_id}/ckpt"
-    _ok(
-        _cli(
+    ok(
+        run_cli(
             workdir,
             "train",
             "-c",
@@ -217,8 +197,8 @@ def test_from_checkpoint_references(workdir):
         )
     )
     local = next((workdir / "checkpoints").rglob(second.data.tags["best_checkpoint"]))
-    _ok(
-        _cli(
+    ok(
+        run_cli(
             workdir,
             "train",
             "-c",
@@ -248,13 +228,13 @@ def test_from_checkpoint_references(workdir):
         (str(garbage), "not a readable checkpoint"),
         (str(other_backbone), "model.base_model_name=bert-base-uncased"),
     ]:
-        result = _cli(
+        result = run_cli(
             workdir, "train-curriculum", "--curricula", "02_stage", "--from-checkpoint", reference
         )
         assert result.returncode == 2, (reference, result.stderr[-2000:])
         message = result.stderr.strip().splitlines()[-1]
         assert message.startswith("error: ") and expected in message, (reference, message)
-    result = _cli(workdir, "train", "-c", "02_stage", "--from-checkpoint", str(garbage))
+    result = run_cli(workdir, "train", "-c", "02_stage", "--from-checkpoint", str(garbage))
     assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
     assert len(_runs(workdir)) == before  # nothing was trained
 
@@ -273,7 +253,7 @@ def test_killed_chain_resumes_where_it_stopped(workdir):
     process = subprocess.Popen(
         command,
         cwd=workdir,
-        env=_environment(workdir),
+        env=environment(workdir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -297,7 +277,7 @@ def test_killed_chain_resumes_where_it_stopped(workdir):
     assert killed.info.status == "RUNNING"  # what a dead process leaves behind
     (stage_one,) = _stage_runs(workdir, "01_stage")
 
-    _ok(_cli(workdir, "train-curriculum", "--chain", "chain_kill"))
+    ok(run_cli(workdir, "train-curriculum", "--chain", "chain_kill"))
     assert [r.info.run_id for r in _stage_runs(workdir, "01_stage")] == [stage_one.info.run_id]
     old, resumed = _stage_runs(workdir, "02_stage")
     assert client.get_run(old.info.run_id).info.status == "KILLED"
@@ -309,7 +289,7 @@ def test_killed_chain_resumes_where_it_stopped(workdir):
     (parent,) = _runs(workdir, "tags.role = 'chain'")
     assert parent.info.status == "FINISHED"
 
-    _ok(_cli(workdir, "train-curriculum", "--chain", "chain_kill", "--resume", "false"))
+    ok(run_cli(workdir, "train-curriculum", "--chain", "chain_kill", "--resume", "false"))
     assert len(_stage_runs(workdir, "01_stage")) == 2
     assert len(_stage_runs(workdir, "02_stage")) == 3
     assert len(_runs(workdir, "tags.role = 'chain'")) == 2

@@ -7,15 +7,15 @@ commands run unchanged in minutes.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from tests.commands import environment
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "training.md"
@@ -48,8 +48,7 @@ def test_every_guide_command_works_as_written(tiny_workdir):
     _shorten_chains(tiny_workdir / "conf")
     for name in ("MLproject", "python_env.yaml"):
         shutil.copy(REPO / name, tiny_workdir / name)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = environment(tiny_workdir, own_store=False)  # the guide's embedded default store
     for command in guide_commands():
         started = time.perf_counter()
         result = subprocess.run(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,40 +24,24 @@ from naics_mlflow.model.encoder import load_tokenizer
 from naics_mlflow.model.lorentz import manifold_violation
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
 from naics_mlflow.training.stage import resolve_precision, train_stage
+from tests.commands import environment, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "conf" / "config.yaml"
-
-
-def _environment(**extra: str) -> dict[str, str]:
-    """This interpreter's scripts first on PATH, as in an activated virtual environment."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, **extra}
-
-
-def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "naics_mlflow", *args],
-        cwd=cwd,
-        env=_environment(**(env or {})),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, tiny_overrides):
     """One stage trained through the command line in a fresh working directory."""
     workdir = tmp_path_factory.mktemp("cli-run")
-    env = {"MLFLOW_TRACKING_URI": ""}
     # Clustering from epoch 1 and hard-negative mining run the full training path.
     extra = [
         "loss.fn_curriculum_start_epoch=1",
         "loss.fn_num_clusters=20",
         "loss.hard_negative_k=8",
     ]
-    result = _cli(
+    result = run_cli(
+        workdir,
         "train",
         "-c",
         "01_stage",
@@ -66,8 +49,7 @@ def cli_run(tmp_path_factory, tiny_overrides):
         str(CONFIG),
         *tiny_overrides,
         *extra,
-        cwd=workdir,
-        env=env,
+        own_store=False,  # the embedded default: sqlite:///mlflow.db in the working directory
     )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
@@ -186,7 +168,7 @@ def test_mlflow_run_stage_entry_point(tmp_path, tiny_overrides):
             f"overrides={' '.join(overrides)}",
         ],
         cwd=tmp_path,
-        env=_environment(MLFLOW_TRACKING_URI=store),
+        env=environment(tmp_path),
         capture_output=True,
         text=True,
         timeout=600,
@@ -365,7 +347,9 @@ def test_precision_falls_back_to_float32_on_cpu(caplog):
 
 
 def test_list_curricula(tmp_path):
-    result = _cli("train", "--list-curricula", "--config", str(CONFIG), cwd=tmp_path)
+    result = run_cli(
+        tmp_path, "train", "--list-curricula", "--config", str(CONFIG), own_store=False
+    )
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert names[:5] == ["01_stage", "02_stage", "03_stage", "04_stage", "05_stage"]
@@ -373,7 +357,7 @@ def test_list_curricula(tmp_path):
 
 
 def test_unknown_curriculum_lists_the_available_ones(tmp_path):
-    result = _cli("train", "-c", "09_stage", "--config", str(CONFIG), cwd=tmp_path)
+    result = run_cli(tmp_path, "train", "-c", "09_stage", "--config", str(CONFIG), own_store=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
     assert "unknown curriculum '09_stage'" in result.stderr and "01_stage" in result.stderr
@@ -381,8 +365,8 @@ def test_unknown_curriculum_lists_the_available_ones(tmp_path):
 
 
 def test_bad_override_is_one_line(tmp_path):
-    result = _cli(
-        "train", "-c", "01_stage", "--config", str(CONFIG), "model.moe.top_k=9", cwd=tmp_path
+    result = run_cli(
+        tmp_path, "train", "-c", "01_stage", "--config", str(CONFIG), "model.moe.top_k=9"
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (

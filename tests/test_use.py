@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,33 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow.model.lorentz import manifold_violation
-
-ENV_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-
-
-def _environment(workdir: Path) -> dict[str, str]:
-    return {**os.environ, "PATH": ENV_PATH, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db"}
-
-
-def _cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "naics_mlflow", *args],
-        cwd=workdir,
-        env=_environment(workdir),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def _error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr[-3000:]
-    return result.stderr.strip().splitlines()[-1]
+from tests.commands import environment, error_line, ok, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +27,7 @@ def trained(tmp_path_factory, tiny_conf_factory):
     """A working folder whose store holds one finished 01_stage run."""
     workdir = tmp_path_factory.mktemp("use")
     tiny_conf_factory(workdir)
-    _ok(_cli(workdir, "train", "-c", "01_stage", "training.trainer.max_epochs=1"))
+    ok(run_cli(workdir, "train", "-c", "01_stage", "training.trainer.max_epochs=1"))
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     checkpoint = next((workdir / "checkpoints").rglob(run.data.tags["best_checkpoint"]))
@@ -63,7 +36,7 @@ def trained(tmp_path_factory, tiny_conf_factory):
 
 def test_embed_writes_every_code_on_the_manifold(trained):
     workdir, client, run, _ = trained
-    _ok(_cli(workdir, "embed", "--from-checkpoint", "01_stage", "--out", "emb.parquet"))
+    ok(run_cli(workdir, "embed", "--from-checkpoint", "01_stage", "--out", "emb.parquet"))
     table = pq.read_table(workdir / "emb.parquet").to_pydict()
     assert len(table["code"]) == 2125
     assert set(table["level"]) == {2, 3, 4, 5, 6}
@@ -77,8 +50,10 @@ def test_embed_writes_every_code_on_the_manifold(trained):
 
 def test_search_returns_the_closest_codes(trained):
     workdir, _, _, checkpoint = trained
-    result = _ok(
-        _cli(workdir, "search", "grow soybeans", "--top", "3", "--from-checkpoint", str(checkpoint))
+    result = ok(
+        run_cli(
+            workdir, "search", "grow soybeans", "--top", "3", "--from-checkpoint", str(checkpoint)
+        )
     )
     header, *rows = result.stdout.strip().splitlines()
     assert header.split()[:3] == ["rank", "code", "distance"]
@@ -86,8 +61,8 @@ def test_search_returns_the_closest_codes(trained):
     assert all(len(row.split()[1]) == 6 for row in rows)
     distances = [float(row.split()[2]) for row in rows]
     assert distances == sorted(distances)
-    sectors = _ok(
-        _cli(
+    sectors = ok(
+        run_cli(
             workdir,
             "search",
             "farming",
@@ -111,7 +86,7 @@ def test_search_returns_the_closest_codes(trained):
 )
 def test_search_rejects_bad_requests(trained, arguments, expected):
     workdir, _, _, checkpoint = trained
-    line = _error_line(_cli(workdir, "search", *arguments, "--from-checkpoint", str(checkpoint)))
+    line = error_line(run_cli(workdir, "search", *arguments, "--from-checkpoint", str(checkpoint)))
     assert line.startswith("error: ") and expected in line
 
 
@@ -119,7 +94,7 @@ def test_search_with_a_checkpoint_of_another_model(trained):
     workdir, *_ = trained
     foreign = workdir / "foreign.ckpt"
     torch.save({"state_dict": {}, "epoch": 3}, foreign)
-    line = _error_line(_cli(workdir, "search", "bakery", "--from-checkpoint", str(foreign)))
+    line = error_line(run_cli(workdir, "search", "bakery", "--from-checkpoint", str(foreign)))
     assert "not a naics-embedder checkpoint" in line
 
 
@@ -127,8 +102,8 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     workdir, client, run, _ = trained
     queries = workdir / "unseen.csv"
     queries.write_text("code,text\n111110,Soybean growing\n541511,Writing custom software\n")
-    result = _ok(
-        _cli(
+    result = ok(
+        run_cli(
             workdir,
             "evaluate",
             "--from-checkpoint",
@@ -151,8 +126,10 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     assert "holdout/tfidf/top5" in evaluation.data.metrics
 
     queries.write_text("code,text\n999999,Not a code\n")
-    line = _error_line(
-        _cli(workdir, "evaluate", "--from-checkpoint", "01_stage", "--unseen-queries", str(queries))
+    line = error_line(
+        run_cli(
+            workdir, "evaluate", "--from-checkpoint", "01_stage", "--unseen-queries", str(queries)
+        )
     )
     assert "line 2: code '999999' is not a NAICS 2022 code" in line
 
@@ -176,7 +153,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 
 def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
     workdir, _, run, _ = trained
-    result = _ok(_cli(workdir, "export", "--from-checkpoint", "01_stage", "--register", "naics"))
+    result = ok(run_cli(workdir, "export", "--from-checkpoint", "01_stage", "--register", "naics"))
     uri = f"runs:/{run.info.run_id}/model"
     assert uri in result.stdout
     load = subprocess.run(
@@ -191,7 +168,7 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
             "print(len(out), list(out.columns), len(emb.iloc[0]['embedding']))\n",
         ],
         cwd=workdir,
-        env={**_environment(workdir), "HF_HUB_OFFLINE": "1"},
+        env={**environment(workdir), "HF_HUB_OFFLINE": "1"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -221,7 +198,7 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
             str(port),
         ],
         cwd=workdir,
-        env=_environment(workdir),
+        env=environment(workdir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -1,0 +1,40 @@
+"""Running the real command line in a subprocess, as a user would, from a working folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def environment(workdir: Path, own_store: bool = True) -> dict[str, str]:
+    """This interpreter's scripts first on PATH (as in an activated virtual environment) and,
+    with ``own_store``, a sqlite tracking store in ``workdir``; without it, the default store."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if own_store:
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
+    return env
+
+
+def run_cli(workdir: Path, *args: str, own_store: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "naics_mlflow", *args],
+        cwd=workdir,
+        env=environment(workdir, own_store),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a user error ends with (exit status 2)."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    return result.stderr.strip().splitlines()[-1]
