@@ -29,7 +29,15 @@ SYSTEM_NAMES = {
     "backbone": "untrained backbone (cosine, title + description)",
     "tfidf": "TF-IDF (title + description + training items)",
 }
-TABLE_METRICS = ("top1", "top5", "mrr", "prefix2_accuracy", "prefix3_accuracy", "prefix4_accuracy")
+# Metric -> table column; prefixN: share of queries whose top code has the right first N digits.
+TABLE_COLUMNS = {
+    "top1": "top1",
+    "top5": "top5",
+    "mrr": "mrr",
+    "prefix2_accuracy": "prefix2",
+    "prefix3_accuracy": "prefix3",
+    "prefix4_accuracy": "prefix4",
+}
 
 
 @dataclass(frozen=True)
@@ -99,11 +107,13 @@ class EvaluationReport:
                 for name in ("spearman", "pearson", "ndcg_at_10", "mean_distortion")
             )
         ]
-        header = f"{'query set':<12} {'system':<50}" + "".join(f"{m:>9}" for m in TABLE_METRICS)
+        header = f"{'query set':<12} {'system':<50}" + "".join(
+            f"{column:>9}" for column in TABLE_COLUMNS.values()
+        )
         for query_set, systems in self.retrieval.items():
             lines += ["", header]
             for system, values in systems.items():
-                cells = "".join(f"{values[m]:>9.4f}" for m in TABLE_METRICS)
+                cells = "".join(f"{values[metric]:>9.4f}" for metric in TABLE_COLUMNS)
                 lines.append(f"{query_set:<12} {SYSTEM_NAMES[system]:<50}{cells}")
             verdict = "beats" if self.beats_baselines(query_set) else "does NOT beat"
             lines.append(f"the trained model {verdict} both baselines on top-5 for {query_set}")
