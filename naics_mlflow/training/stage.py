@@ -54,7 +54,6 @@ class StageResult:
     run_id: str
     stage: str
     best_checkpoint: Path
-    last_checkpoint: Path
     metrics: dict[str, float]
 
 
@@ -145,7 +144,6 @@ def train_stage(
         run_id=run_id,
         stage=curriculum.name,
         best_checkpoint=best,
-        last_checkpoint=checkpoint_dir / tracking.LAST_CHECKPOINT,
         metrics=metrics,
     )
 
