@@ -99,7 +99,8 @@ def run(
     )
     try:
         yield active
-    except KeyboardInterrupt:
+    # Lightning answers Ctrl-C with a graceful shutdown and then SystemExit(1).
+    except (KeyboardInterrupt, SystemExit):
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException as exc:
