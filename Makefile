@@ -6,7 +6,7 @@
 
 VENV ?= .venv
 BIN := $(VENV)/bin
-NAICS_RAW_DIR ?= ../shared/naics2022
+NAICS_RAW_DIR ?= $(abspath ../shared/naics2022)
 export NAICS_RAW_DIR
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

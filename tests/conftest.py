@@ -18,7 +18,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def raw_dir() -> Path:
-    path = Path(os.environ.get("NAICS_RAW_DIR", REPO_ROOT.parent / "shared" / "naics2022"))
+    # Resolved: command-line tests run in other working folders.
+    path = Path(
+        os.environ.get("NAICS_RAW_DIR", REPO_ROOT.parent / "shared" / "naics2022")
+    ).resolve()
     if not (path / "2022_NAICS_Index_File.xlsx").is_file():
         pytest.fail(f"the Census files are not in {path}; set NAICS_RAW_DIR")
     os.environ["NAICS_RAW_DIR"] = str(path)  # for the command-line runs in subprocesses
