@@ -434,7 +434,7 @@ def embed(reference: str, out: Path, config_path: str) -> None:
             "level": pa.array(taxonomy.levels.tolist(), type=pa.int8()),
             "title": taxonomy.titles,
             "embedding": pa.array(
-                engine.code_embeddings.numpy().tolist(), type=pa.list_(pa.float32())
+                engine.code_embeddings.cpu().numpy().tolist(), type=pa.list_(pa.float32())
             ),
         }
     )

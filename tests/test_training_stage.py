@@ -17,7 +17,12 @@ from naics_mlflow import tracking
 from naics_mlflow.config import load_config
 from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule, in_batch_negatives
-from naics_mlflow.data.tokenization import tokenize_codes
+from naics_mlflow.data.tokenization import (
+    QUERY_CHANNELS,
+    tokenize_codes,
+    tokenize_queries,
+    truncated_queries,
+)
 from naics_mlflow.model import CHANNELS
 from naics_mlflow.model.checkpoint import CheckpointError
 from naics_mlflow.model.encoder import load_tokenizer
@@ -373,3 +378,17 @@ def test_bad_override_is_one_line(tmp_path):
         "error: model.moe.top_k (9) must not exceed model.moe.num_experts (4); "
         "lower top_k or add experts"
     )
+
+
+def test_queries_fill_the_query_channels_and_long_ones_are_flagged(tiny_setup):
+    config, datamodule = tiny_setup
+    texts = ["soybean farming", " ".join(["farming"] * 200)]
+    tokens = tokenize_queries(texts, datamodule.tokenizer, config.data_loader.tokenization)
+    for channel in CHANNELS:
+        _, mask = tokens[channel]
+        filled = mask.sum(dim=1) > 2  # more than [CLS] [SEP]
+        assert filled.tolist() == ([True, True] if channel in QUERY_CHANNELS else [False, False])
+    assert truncated_queries(texts, datamodule.tokenizer, config.data_loader.tokenization) == [
+        False,
+        True,
+    ]

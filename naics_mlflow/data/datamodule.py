@@ -199,7 +199,7 @@ class NaicsDataModule(L.LightningDataModule):
         queries = [items.queries[i] for i in indices.tolist()]
         with_query = [i for i, text in enumerate(queries) if text]
         if self.config.loss.query_weight > 0 and with_query:
-            batch["query_tokens"], _ = tokenize_queries(
+            batch["query_tokens"] = tokenize_queries(
                 [queries[i] for i in with_query],
                 self.tokenizer,
                 self.config.data_loader.tokenization,

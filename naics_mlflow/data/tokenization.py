@@ -98,14 +98,18 @@ def tokenize_codes(
 
 def tokenize_queries(
     texts: list[str], tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
-) -> tuple[ChannelTokens, list[bool]]:
-    """Queries as channel tokens (text in :data:`QUERY_CHANNELS`, the other channels empty), and
-    for each query whether it was cut at the channels' token limit."""
-    limits = max_lengths(config)
+) -> ChannelTokens:
+    """Queries as channel tokens: the text in :data:`QUERY_CHANNELS`, the other channels empty."""
     empty = [""] * len(texts)
     by_channel = {channel: texts if channel in QUERY_CHANNELS else empty for channel in CHANNELS}
-    tokens = _tokenize(by_channel, tokenizer, limits)
-    full_lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    return _tokenize(by_channel, tokenizer, max_lengths(config)).batch(np.arange(len(texts)))
+
+
+def truncated_queries(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
+) -> list[bool]:
+    """For each query, whether it is longer than the query channels read (only its beginning is
+    used); a second tokenizer pass, so only ``search`` pays for it, not training."""
+    limits = max_lengths(config)
     limit = max(limits[channel] for channel in QUERY_CHANNELS)
-    truncated = [length > limit for length in full_lengths]
-    return tokens.batch(np.arange(len(texts))), truncated
+    return [len(ids) > limit for ids in tokenizer(texts)["input_ids"]]

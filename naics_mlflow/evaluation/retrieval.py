@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL, Taxonomy
-from naics_mlflow.data.tokenization import tokenize_codes, tokenize_queries
+from naics_mlflow.data.tokenization import tokenize_codes, tokenize_queries, truncated_queries
 from naics_mlflow.errors import UserError
 from naics_mlflow.model.encoder import load_tokenizer
 from naics_mlflow.model.lorentz import pairwise_distance
@@ -76,10 +76,9 @@ class SearchEngine:
         chunks = []
         truncated_count = 0
         for start in range(0, len(texts), QUERY_BATCH_SIZE):
-            tokens, truncated = tokenize_queries(
-                texts[start : start + QUERY_BATCH_SIZE], self.tokenizer, config
-            )
-            truncated_count += sum(truncated)
+            chunk = texts[start : start + QUERY_BATCH_SIZE]
+            tokens = tokenize_queries(chunk, self.tokenizer, config)
+            truncated_count += sum(truncated_queries(chunk, self.tokenizer, config))
             device_tokens = {
                 channel: tuple(t.to(self.embedder.device) for t in pair)
                 for channel, pair in tokens.items()
