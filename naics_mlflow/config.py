@@ -119,6 +119,7 @@ class ModelConfig:
     base_model_name: str
     embedding_dim: int
     eval_sample_size: int | None
+    length_buckets: int
     lora: LoraConfig
     moe: MoeConfig
 
@@ -210,6 +211,7 @@ _POSITIVE_KEYS = {
     "data_loader.tokenization.examples_max_length",
     "model.embedding_dim",
     "model.eval_sample_size",
+    "model.length_buckets",
     "model.lora.r",
     "model.lora.alpha",
     "model.moe.num_experts",

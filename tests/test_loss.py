@@ -4,6 +4,7 @@ import torch
 
 from naics_mlflow.model.lorentz import expmap0
 from naics_mlflow.model.loss import (
+    candidate_infonce,
     false_negative_mask,
     hardest_negatives,
     hyperbolic_infonce,
@@ -155,3 +156,27 @@ def test_hardest_negatives_flags_rows_short_of_valid_negatives():
     indices, kept_valid = hardest_negatives(anchor, negatives, valid, k=2, curvature=1.0)
     assert indices[0, 0] == 0
     assert kept_valid.tolist() == [[True, False], [True, True]]
+
+
+def test_candidate_infonce_matches_hand_computed_example():
+    c, tau = 1.0, 0.2
+    queries = [_on_hyperboloid(s, c) for s in ([0.1, 0.0], [0.0, -0.4])]
+    candidates = [_on_hyperboloid(s, c) for s in ([0.2, 0.1], [-0.3, 0.3], [0.5, -0.5])]
+    target = [0, 2]
+    valid = [[False, True, True], [False, False, True]]  # query 1 keeps only its target
+    expected = 0.0
+    for i in range(2):
+        kept = [j for j in range(3) if valid[i][j] or j == target[i]]
+        logits = {j: -_hand_distance(queries[i], candidates[j], c) / tau for j in kept}
+        expected += -logits[target[i]] + math.log(sum(math.exp(z) for z in logits.values()))
+    expected /= 2
+
+    loss = candidate_infonce(
+        torch.tensor(queries, dtype=torch.float64),
+        torch.tensor(candidates, dtype=torch.float64),
+        torch.tensor(target),
+        torch.tensor(valid),
+        curvature=c,
+        temperature=tau,
+    )
+    assert math.isclose(loss.item(), expected, rel_tol=1e-12)

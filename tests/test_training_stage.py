@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -25,8 +26,8 @@ from naics_mlflow.data.tokenization import (
 )
 from naics_mlflow.model import CHANNELS
 from naics_mlflow.model.checkpoint import CheckpointError
-from naics_mlflow.model.encoder import load_tokenizer
-from naics_mlflow.model.lorentz import manifold_violation
+from naics_mlflow.model.encoder import load_tokenizer, semantic_mean
+from naics_mlflow.model.lorentz import distance_to_origin, manifold_violation, pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
 from naics_mlflow.training.stage import resolve_precision, train_stage
 from tests.commands import environment, run_cli
@@ -246,6 +247,25 @@ def test_validation_pairs_never_reach_training(tiny_setup):
         assert not held_out & set(zip(items.anchor.tolist(), items.positive.tolist(), strict=True))
 
 
+def test_batch_codes_bring_their_index_items_as_queries(tiny_setup):
+    _, datamodule = tiny_setup
+    taxonomy = datamodule.taxonomy
+    batch = _fixed_batch(datamodule)
+    rows = batch["rows"].numpy()
+    targets = batch["query_targets"].numpy()
+    six_digit = taxonomy.levels[rows] == 6
+    with_items = [i for i, row in enumerate(rows) if six_digit[i] and taxonomy.examples[row]]
+    assert targets.tolist() == with_items and len(targets) > 0
+    assert not six_digit.all()  # higher codes are in the batch, and bring no queries
+    for query, target in enumerate(targets):
+        expected = six_digit.copy()
+        expected[target] = False
+        assert batch["query_negatives"][query].numpy().tolist() == expected.tolist()
+    assert batch["query_tokens"]["title"][0].shape[0] == len(targets)
+    again = _fixed_batch(datamodule)  # the same batch brings the same queries
+    assert again["query_tokens"]["title"][0].equal(batch["query_tokens"]["title"][0])
+
+
 def test_in_batch_negatives_mask_positives_of_the_anchor():
     candidates = np.zeros((6, 6), dtype=bool)
     candidates[0, [1, 2]] = True  # codes 1 and 2 are positives of anchor 0
@@ -264,6 +284,41 @@ def test_model_embeddings_stay_on_the_manifold(tiny_setup):
     embeddings = module.embed_codes(datamodule.tokens, np.arange(datamodule.taxonomy.size))
     assert embeddings.dtype == torch.float32
     assert manifold_violation(embeddings, config.loss.curvature).max() < 1e-4
+
+
+def test_untrained_model_ranks_codes_like_the_backbone(tiny_setup):
+    """Before training, distance follows the backbone's cosine similarity of the codes'
+    descriptive channels, all codes at radius 1: training starts from the pretrained semantics."""
+    config, datamodule = tiny_setup
+    module = NaicsEmbedder(config.to_dict())
+    rows = np.arange(0, datamodule.taxonomy.size, 7)
+    embeddings = module.embed_codes(datamodule.tokens, rows)
+    torch.testing.assert_close(
+        distance_to_origin(embeddings, 1.0), torch.ones(len(rows)), atol=1e-4, rtol=0
+    )
+    tokens = datamodule.tokens.batch(rows)
+    encoder = module.encoder.eval()
+    with torch.no_grad():
+        pooled = {c: encoder.encode_channel(c, *tokens[c]) for c in CHANNELS}
+    present = {c: encoder.has_text(*tokens[c]) for c in CHANNELS}
+    means = semantic_mean(pooled, present)
+    cosine = means @ means.T
+    distances = pairwise_distance(embeddings, embeddings, 1.0)
+    off_diagonal = ~torch.eye(len(rows), dtype=torch.bool)
+    correlation = scipy.stats.spearmanr(
+        distances[off_diagonal].numpy(), -cosine[off_diagonal].numpy()
+    ).statistic
+    assert correlation > 0.999
+
+
+def test_empty_channels_are_told_apart_from_text(tiny_setup):
+    config, datamodule = tiny_setup
+    tokens = tokenize_queries(
+        ["soybean farming"], datamodule.tokenizer, config.data_loader.tokenization
+    )
+    encoder = NaicsEmbedder(config.to_dict()).encoder
+    for channel in CHANNELS:
+        assert encoder.has_text(*tokens[channel]).tolist() == [channel in QUERY_CHANNELS]
 
 
 def test_every_adapter_learns(tiny_setup):
@@ -333,6 +388,11 @@ def test_checkpoint_of_another_shape_is_rejected(tiny_setup, tmp_path, cli_run, 
     config = load_config(CONFIG, [*tiny_overrides, "model.lora.r=4"])
     with pytest.raises(CheckpointError, match=r"trained with model\.lora\.r=2, this run has 4"):
         load_trainable_weights(NaicsEmbedder(config.to_dict()), last)
+    older = torch.load(last, weights_only=True)
+    older["naics_embedder"]["format"] = 1
+    torch.save(older, tmp_path / "older.ckpt")
+    with pytest.raises(CheckpointError, match="has checkpoint format 1, this naics-embedder reads"):
+        load_trainable_weights(NaicsEmbedder(config.to_dict()), tmp_path / "older.ckpt")
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):

@@ -2,7 +2,9 @@
 
 A training item is ``(anchor, positive, the anchor's sampled negatives)``. A batch gathers every
 code its items mention, so each distinct code is encoded once per step, and carries local indices
-into that set for the loss.
+into that set for the loss. Every six-digit code in the batch that has training index items also
+brings one of them as a free-text query, which the model learns to place at that code rather than
+at the batch's other six-digit codes (see ``NaicsEmbedder``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from naics_mlflow.config import Config
 from naics_mlflow.data.build import build_data, is_built
 from naics_mlflow.data.census import CensusRelease, resolve_raw_dir
 from naics_mlflow.data.curriculum import CurriculumSampler, CurriculumSpec, EpochSample
-from naics_mlflow.data.taxonomy import Taxonomy, load_taxonomy
+from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy, load_taxonomy
 from naics_mlflow.data.tokenization import CodeTokens, tokenize_codes, tokenize_queries
 from naics_mlflow.model.encoder import load_tokenizer
 
@@ -47,21 +49,14 @@ def in_batch_negatives(
 
 
 class TripletItems:
-    """Flat training or validation items: ``anchor[t]``, ``positive[t]``, ``negatives[t]``, and
-    ``queries[t]``, one of the anchor's training index items ("" when it has none), which the
-    model learns to place at the anchor as if a user had typed it."""
+    """Flat training or validation items: ``anchor[t]``, ``positive[t]``, ``negatives[t]``;
+    ``query_seed`` decides which index item each batch's codes bring as queries."""
 
-    def __init__(self, anchor: np.ndarray, positive: np.ndarray, negatives: np.ndarray) -> None:
+    def __init__(
+        self, anchor: np.ndarray, positive: np.ndarray, negatives: np.ndarray, query_seed: int = 0
+    ) -> None:
         self.anchor, self.positive, self.negatives = anchor, positive, negatives
-        self.queries: list[str] = [""] * len(anchor)
-
-    def draw_queries(self, examples: list[list[str]], seed: int) -> None:
-        """Pick each item's query among its anchor's training index items."""
-        rng = np.random.default_rng(seed)
-        self.queries = [
-            examples[anchor][rng.integers(len(examples[anchor]))] if examples[anchor] else ""
-            for anchor in self.anchor.tolist()
-        ]
+        self.query_seed = query_seed
 
     def __len__(self) -> int:
         return len(self.anchor)
@@ -70,12 +65,16 @@ class TripletItems:
         return index
 
     @classmethod
-    def from_sample(cls, sample: EpochSample, keep_pair: np.ndarray | None = None) -> TripletItems:
+    def from_sample(
+        cls, sample: EpochSample, query_seed: int, keep_pair: np.ndarray | None = None
+    ) -> TripletItems:
         """One item per valid (anchor, positive) of the sample; ``keep_pair`` (M, P) bool
         further selects pairs (to separate the validation pairs from training)."""
         keep = sample.positive_mask if keep_pair is None else sample.positive_mask & keep_pair
         rows, columns = np.nonzero(keep)
-        return cls(sample.anchors[rows], sample.positives[rows, columns], sample.negatives[rows])
+        return cls(
+            sample.anchors[rows], sample.positives[rows, columns], sample.negatives[rows], query_seed
+        )
 
 
 class NaicsDataModule(L.LightningDataModule):
@@ -123,8 +122,9 @@ class NaicsDataModule(L.LightningDataModule):
         validation_pairs = (
             rng.random(validation_sample.positives.shape) < self.config.data_loader.val_split
         )
-        self._validation_items = TripletItems.from_sample(validation_sample, validation_pairs)
-        self._validation_items.draw_queries(self.taxonomy.examples, seed)
+        self._validation_items = TripletItems.from_sample(
+            validation_sample, seed + _VALIDATION_SEED_OFFSET, validation_pairs
+        )
         self._validation_pair_keys = self._pair_keys(
             self._validation_items.anchor, self._validation_items.positive
         )
@@ -137,11 +137,10 @@ class NaicsDataModule(L.LightningDataModule):
 
     def training_items(self, epoch: int) -> TripletItems:
         """The epoch's items: a fresh draw seeded by ``seed + epoch``, validation pairs removed."""
-        sample = self.sampler.sample_epoch(self.config.training.seed + epoch)
+        seed = self.config.training.seed + epoch
+        sample = self.sampler.sample_epoch(seed)
         keys = self._pair_keys(sample.anchors[:, None], sample.positives)
-        items = TripletItems.from_sample(sample, ~np.isin(keys, self._validation_pair_keys))
-        items.draw_queries(self.taxonomy.examples, self.config.training.seed + epoch)
-        return items
+        return TripletItems.from_sample(sample, seed, ~np.isin(keys, self._validation_pair_keys))
 
     def _pair_keys(self, anchors: np.ndarray, positives: np.ndarray) -> np.ndarray:
         """One integer per (anchor, positive) pair, for vectorised membership tests."""
@@ -172,9 +171,11 @@ class NaicsDataModule(L.LightningDataModule):
         Keys: ``rows`` (U,) code rows; ``tokens`` per channel; ``anchor``, ``positive`` (B,) and
         ``negatives`` (B, K) local indices (padding points at 0 and is masked by
         ``negative_valid``); ``anchor_rows`` (B,) and ``negative_rows`` (B, K, -1 for padding)
-        code rows; ``in_batch_negatives`` (B, B) bool; when ``loss.query_weight`` > 0,
-        ``query_tokens`` per channel for the items that have a query and ``query_items`` (Q,)
-        their positions in the batch.
+        code rows; ``in_batch_negatives`` (B, B) bool; when ``loss.query_weight`` > 0 and some
+        six-digit code has training index items, ``query_tokens`` per channel for one item of
+        each such code, ``query_targets`` (Q,) the local index of its code and
+        ``query_negatives`` (Q, U) bool, True at the batch's other six-digit codes (the
+        candidates a search ranks).
         """
         anchors = items.anchor[indices]
         positives = items.positive[indices]
@@ -196,13 +197,21 @@ class NaicsDataModule(L.LightningDataModule):
                 in_batch_negatives(anchors, positives, self.sampler.positive_candidates)
             ),
         }
-        queries = [items.queries[i] for i in indices.tolist()]
-        with_query = [i for i, text in enumerate(queries) if text]
-        if self.config.loss.query_weight > 0 and with_query:
+        examples = self.taxonomy.examples
+        six_digit = self.taxonomy.levels[rows] == MAX_LEVEL
+        # Only six-digit codes: a higher code's examples are its descendants' items, whose own
+        # six-digit code may be in the batch and would then count as a negative.
+        targets = [i for i in np.flatnonzero(six_digit).tolist() if examples[rows[i]]]
+        if self.config.loss.query_weight > 0 and targets:
+            # Seeded by the batch's first item, so a batch brings the same queries every time.
+            rng = np.random.default_rng((items.query_seed, int(indices[0])))
+            texts = [examples[rows[i]][rng.integers(len(examples[rows[i]]))] for i in targets]
             batch["query_tokens"] = tokenize_queries(
-                [queries[i] for i in with_query],
-                self.tokenizer,
-                self.config.data_loader.tokenization,
+                texts, self.tokenizer, self.config.data_loader.tokenization
             )
-            batch["query_items"] = torch.tensor(with_query, dtype=torch.long)
+            target_index = np.asarray(targets)
+            batch["query_targets"] = torch.from_numpy(target_index)
+            batch["query_negatives"] = torch.from_numpy(
+                six_digit[None, :] & (np.arange(len(rows))[None, :] != target_index[:, None])
+            )
         return batch

@@ -120,7 +120,7 @@ def backbone_scores(
     deterministic. ``backbone_name`` goes through ``resolve_backbone``, so the default MiniLM
     loads from its installed package without network access.
     """
-    model = AutoModel.from_pretrained(resolve_backbone(backbone_name)).eval()
+    model = AutoModel.from_pretrained(resolve_backbone(backbone_name), dtype=torch.float32).eval()
     tokenizer = load_tokenizer(backbone_name)
     codes = embed_texts(model, tokenizer, code_texts, batch_size, max_length)
     query_embeddings = embed_texts(model, tokenizer, queries, batch_size, max_length)

@@ -18,7 +18,8 @@ from naics_mlflow.config import Config
 from naics_mlflow.errors import UserError
 from naics_mlflow.model import CHANNELS
 
-CHECKPOINT_FORMAT = 1
+# 2: the fusion has a semantic skip path, so format-1 weights mean something else.
+CHECKPOINT_FORMAT = 2
 
 
 class CheckpointError(UserError):
@@ -34,6 +35,12 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from exc
     if not isinstance(checkpoint, dict) or "naics_embedder" not in checkpoint:
         raise CheckpointError(f"{path}: not a naics-embedder checkpoint")
+    written_format = checkpoint["naics_embedder"].get("format")
+    if written_format != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} has checkpoint format {written_format}, this naics-embedder reads format "
+            f"{CHECKPOINT_FORMAT}; train it again, or use the naics-embedder version that wrote it"
+        )
     return checkpoint
 
 

@@ -1,5 +1,6 @@
 """The multi-channel text encoder: one frozen backbone, one LoRA adapter per text channel, a
-mixture of experts over the pooled channels, and a projection onto the Lorentz hyperboloid."""
+mixture of experts over the pooled channels added to a semantic skip path, and a projection onto
+the Lorentz hyperboloid."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from typing import NamedTuple
 
 import peft
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from naics_mlflow.config import ModelConfig
 from naics_mlflow.errors import UserError
-from naics_mlflow.model import CHANNELS
+from naics_mlflow.model import CHANNELS, SEMANTIC_CHANNELS
 from naics_mlflow.model.lorentz import LorentzProjection
 from naics_mlflow.model.moe import MixtureOfExperts
 
@@ -37,9 +39,9 @@ def resolve_backbone(name: str) -> str:
     return name
 
 
-def _load(loader, name: str):
+def _load(loader, name: str, **kwargs):
     try:
-        return loader.from_pretrained(resolve_backbone(name))
+        return loader.from_pretrained(resolve_backbone(name), **kwargs)
     except (OSError, ValueError) as exc:
         raise BackboneError(
             f"cannot load backbone '{name}' ({str(exc).splitlines()[0]}); use a local model "
@@ -62,6 +64,22 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+def semantic_mean(
+    pooled: dict[str, torch.Tensor], present: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Unit-length mean of the unit-length pooled vectors of the :data:`SEMANTIC_CHANNELS` that
+    hold text: ``{channel: (U, H)}``, ``{channel: (U,) bool}`` -> ``(U, H)``.
+
+    Each channel is normalised first because the backbone's pooled norms differ by channel (a
+    MiniLM title's is about twice a description's), which would otherwise let one channel decide
+    the direction. An empty channel (a free-text query has no description) is left out rather
+    than averaged in as the embedding of an empty string.
+    """
+    vectors = torch.stack([F.normalize(pooled[c], dim=-1) for c in SEMANTIC_CHANNELS])
+    weights = torch.stack([present[c] for c in SEMANTIC_CHANNELS]).to(vectors.dtype)
+    return F.normalize((vectors * weights.unsqueeze(-1)).sum(dim=0), dim=-1)
+
+
 class EncoderOutput(NamedTuple):
     embeddings: torch.Tensor  # (U, D+1) float32 points on the hyperboloid
     load_balancing_loss: torch.Tensor  # scalar, not yet scaled by its coefficient
@@ -73,11 +91,19 @@ class MultiChannelEncoder(nn.Module):
 
     The backbone is loaded once and frozen; each channel runs through it with its own LoRA
     adapter active, so only the adapters, the mixture of experts and the projection train.
+
+    The fused feature is ``semantic_mean(channels) + MoE(all four channels)``, with the experts'
+    output layer and the projection's bias starting at zero and its weight orthogonal. An untrained
+    model therefore places codes and queries by the pretrained backbone's own sentence similarity
+    (all at radius 1, so distance ranks like cosine) and training starts from there, instead of
+    from a random mixing of the channels that a few minutes of training cannot undo.
     """
 
     def __init__(self, config: ModelConfig, curvature: float) -> None:
         super().__init__()
-        backbone = _load(AutoModel, config.base_model_name)
+        # float32 whatever the saved weights' precision: mixed precision comes from autocast, and
+        # adapters trained in a half-precision backbone would lose their small updates.
+        backbone = _load(AutoModel, config.base_model_name, dtype=torch.float32)
         backbone.requires_grad_(False)
         # from_pretrained returns eval mode, which would silence the adapters' dropout in training.
         backbone.train()
@@ -105,10 +131,21 @@ class MultiChannelEncoder(nn.Module):
             top_k=config.moe.top_k,
             hidden_dim=config.moe.hidden_dim,
         )
+        nn.init.zeros_(self.fusion.w2)
+        nn.init.zeros_(self.fusion.b2)
         self.projection = LorentzProjection(hidden, config.embedding_dim, curvature)
+        nn.init.orthogonal_(self.projection.linear.weight)
+        nn.init.zeros_(self.projection.linear.bias)
+        # A channel holds text when it has a token besides the special ones added to any text.
+        self.register_buffer(
+            "special_token_ids",
+            torch.tensor(load_tokenizer(config.base_model_name).all_special_ids),
+            persistent=False,
+        )
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(_is_trainable(name))
         self._adapter_parameters = [p for n, p in self.backbone.named_parameters() if "lora_" in n]
+        self.length_buckets = config.length_buckets
 
     def _activate(self, channel: str) -> None:
         self.backbone.set_adapter(channel)
@@ -121,16 +158,39 @@ class MultiChannelEncoder(nn.Module):
     def encode_channel(
         self, channel: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Pooled backbone states of one channel's texts with its adapter: (U, L) -> (U, H)."""
+        """Pooled backbone states of one channel's texts with its adapter: (U, L) -> (U, H).
+
+        With ``length_buckets`` > 1 the texts run as that many groups of similar length, each
+        cut to its own longest text, so short titles are not padded to the longest one.
+        """
         self._activate(channel)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        return mean_pool(hidden.last_hidden_state, attention_mask)
+        if self.length_buckets == 1:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+            return mean_pool(hidden.last_hidden_state, attention_mask)
+        lengths = attention_mask.sum(dim=1)
+        order = lengths.argsort()
+        pooled = []
+        for group in order.tensor_split(self.length_buckets):
+            if len(group) == 0:
+                continue
+            length = int(lengths[group].max())
+            ids, mask = input_ids[group, :length], attention_mask[group, :length]
+            hidden = self.backbone(input_ids=ids, attention_mask=mask)
+            pooled.append(mean_pool(hidden.last_hidden_state, mask))
+        return torch.cat(pooled)[order.argsort()]
+
+    def has_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(U, L) -> (U,) bool: whether each text has any token besides special ones."""
+        real = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
+        return real.any(dim=1)
 
     def forward(self, tokens: ChannelTokens) -> EncoderOutput:
-        pooled = [self.encode_channel(channel, *tokens[channel]) for channel in CHANNELS]
-        fused = self.fusion(torch.cat(pooled, dim=-1))
+        pooled = {channel: self.encode_channel(channel, *tokens[channel]) for channel in CHANNELS}
+        present = {channel: self.has_text(*tokens[channel]) for channel in SEMANTIC_CHANNELS}
+        fused = self.fusion(torch.cat([pooled[channel] for channel in CHANNELS], dim=-1))
+        features = semantic_mean(pooled, present) + fused.output
         return EncoderOutput(
-            embeddings=self.projection(fused.output),
+            embeddings=self.projection(features),
             load_balancing_loss=fused.load_balancing_loss,
             expert_utilisation=fused.expert_utilisation,
         )

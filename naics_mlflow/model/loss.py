@@ -58,6 +58,34 @@ def hyperbolic_infonce(
     return F.cross_entropy(logits, target)
 
 
+def candidate_infonce(
+    queries: Tensor,
+    candidates: Tensor,
+    target: Tensor,
+    negative_valid: Tensor,
+    curvature: float,
+    temperature: float,
+) -> Tensor:
+    """InfoNCE of each query against a shared candidate set: its target candidate is the positive,
+    the candidates ``negative_valid`` marks are the negatives, the rest are ignored.
+
+    Args:
+        queries: ``(Q, D + 1)`` points.
+        candidates: ``(U, D + 1)`` points.
+        target: ``(Q,)`` long, the index of each query's positive among the candidates.
+        negative_valid: ``(Q, U)`` bool; its value at the target is ignored.
+        curvature: ``c > 0``.
+        temperature: softmax temperature ``> 0``.
+
+    Returns:
+        Scalar mean loss over the queries.
+    """
+    logits = -pairwise_distance(queries, candidates, curvature) / temperature
+    keep = negative_valid.clone()
+    keep[torch.arange(len(target), device=target.device), target] = True
+    return F.cross_entropy(logits.masked_fill(~keep, float("-inf")), target)
+
+
 def false_negative_mask(anchor_clusters: Tensor, negative_clusters: Tensor) -> Tensor:
     """True where a sampled negative shares its anchor's cluster, i.e. is a likely false negative.
 

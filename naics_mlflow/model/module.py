@@ -24,6 +24,7 @@ from naics_mlflow.model.checkpoint import (
 from naics_mlflow.model.encoder import MultiChannelEncoder
 from naics_mlflow.model.lorentz import logmap0
 from naics_mlflow.model.loss import (
+    candidate_infonce,
     false_negative_mask,
     hardest_negatives,
     hyperbolic_infonce,
@@ -83,7 +84,7 @@ class NaicsEmbedder(L.LightningModule):
         load_balancing = encoded.load_balancing_loss * self.config.model.moe.load_balancing_coef
         total = contrastive + load_balancing
         if "query_tokens" in batch:
-            extra["query_loss"] = self._query_loss(batch, embeddings, negatives, valid)
+            extra["query_loss"] = self._query_loss(batch, embeddings)
             total = total + loss_config.query_weight * extra["query_loss"]
         return {
             "contrastive_loss": contrastive,
@@ -93,27 +94,18 @@ class NaicsEmbedder(L.LightningModule):
             **extra,
         }
 
-    def _query_loss(
-        self,
-        batch: dict[str, Any],
-        code_embeddings: torch.Tensor,
-        negatives: torch.Tensor,
-        negative_valid: torch.Tensor,
-    ) -> torch.Tensor:
-        """InfoNCE of each query (an index item of the anchor, encoded as free text) against its
-        anchor code, the anchor's negatives, and the other queries' codes."""
-        items = batch["query_items"]
+    def _query_loss(self, batch: dict[str, Any], code_embeddings: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of each query (an index item of a batch code, encoded as free text) against the
+        batch's six-digit codes: the hard negatives a search must rank it above, siblings
+        included."""
         queries = self.encoder(batch["query_tokens"]).embeddings
-        targets = code_embeddings[batch["anchor"][items]]
-        target_rows = batch["anchor_rows"][items]
-        return hyperbolic_infonce(
+        return candidate_infonce(
             queries,
-            targets,
-            negatives[items],
+            code_embeddings,
+            batch["query_targets"],
+            batch["query_negatives"],
             self.config.loss.curvature,
             self.config.loss.temperature,
-            negative_valid=negative_valid[items],
-            in_batch_negatives=target_rows[:, None] != target_rows[None, :],
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
