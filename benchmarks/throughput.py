@@ -1,0 +1,414 @@
+"""Training throughput against the seed's design, inference speed, and memory.
+
+    python benchmarks/throughput.py                       # CPU, MiniLM, batch 8, 5 timed steps
+    python benchmarks/throughput.py --device cuda --json
+    python benchmarks/throughput.py --batch-size 1 --negatives 8          # a 24 GB, 2-core CPU
+    python benchmarks/throughput.py --skip-seed model.length_buckets=4    # KEY=VALUE overrides
+    python benchmarks/throughput.py --skip-seed --skip-inference --profile 20   # op profile
+
+Two training set-ups run in this one process on the same backbone, curriculum, batch of anchors
+and number of negatives per anchor:
+
+- ``seed``: the seed's design, re-created here. Four deep copies of the backbone, each with its
+  own LoRA; every text padded to 512 tokens; every item of every triplet (anchor, positive,
+  negatives) encoded on its own, with no reuse across the batch; the loss scores each anchor
+  against its own sampled negatives only. Two choices are generous to it: the texts are tokenized
+  once before timing, and each triplet's items go through a copy as one batch, backpropagated
+  triplet by triplet (the seed's peak memory would be higher, not its speed).
+- ``project``: this project's own step (``NaicsEmbedder`` on a ``NaicsDataModule`` batch): one
+  backbone with four adapters, texts padded per batch to their longest, each distinct code encoded
+  once per step, in-batch negatives and the free-text query loss.
+
+On a CPU the seed's design needs more memory than most machines have: one triplet with 24
+negatives is 104 sequences of 512 tokens whose activations autograd keeps at once, which exceeded
+24 GB here; with 8 negatives it fits, at about a minute per triplet on 2 cores.
+
+Both share the fusion (mixture of experts), the Lorentz projection and the hyperbolic InfoNCE.
+Reported per set-up: anchor-negative pairs scored per second, sequences encoded per second,
+seconds per optimizer step (median of the timed steps, warm-up excluded) and peak memory; then
+the ratio project / seed. The project set-up runs first, so the process's peak resident memory
+after it is its own. Then inference with the (untrained) project model: ``embed`` of all 2,125
+codes and single-query ``search`` latency against precomputed code embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import peft
+import torch
+from transformers import AutoModel
+
+from naics_mlflow.config import load_config
+from naics_mlflow.data.census import load_release
+from naics_mlflow.data.curriculum import load_curriculum
+from naics_mlflow.data.datamodule import NaicsDataModule
+from naics_mlflow.data.taxonomy import HOLDOUT_FILE
+from naics_mlflow.data.tokenization import channel_texts
+from naics_mlflow.evaluation.retrieval import SearchEngine
+from naics_mlflow.model import CHANNELS
+from naics_mlflow.model.encoder import mean_pool, resolve_backbone
+from naics_mlflow.model.loss import hyperbolic_infonce
+from naics_mlflow.model.module import NaicsEmbedder
+
+REPO = Path(__file__).resolve().parents[1]
+SEED_MAX_LENGTH = 512
+SEARCH_QUERIES = 200
+
+
+@dataclasses.dataclass
+class StepCounts:
+    pairs: int  # anchor-negative pairs the loss scored
+    sequences: int  # texts run through the backbone
+
+
+@dataclasses.dataclass
+class SetupResult:
+    name: str
+    step_seconds: float
+    pairs_per_second: float
+    sequences_per_second: float
+    mean_tokens: float
+    peak_rss_mb: float
+    peak_cuda_mb: float | None
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device):
+    # The project trains in mixed precision on a GPU; both set-ups get the same.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    return value
+
+
+def time_steps(
+    step: Callable[[], StepCounts], warmup: int, steps: int, device: torch.device
+) -> tuple[float, StepCounts]:
+    """Median seconds of ``steps`` timed optimizer steps after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    seconds = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        counts = step()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), counts
+
+
+def measure(
+    name: str,
+    step: Callable[[], StepCounts],
+    mean_tokens: float,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> SetupResult:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, counts = time_steps(step, args.warmup, args.steps, device)
+    peak_cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return SetupResult(
+        name=name,
+        step_seconds=seconds,
+        pairs_per_second=counts.pairs / seconds,
+        sequences_per_second=counts.sequences / seconds,
+        mean_tokens=mean_tokens,
+        peak_rss_mb=peak_rss_mb(),
+        peak_cuda_mb=peak_cuda,
+    )
+
+
+# --- the project's step ------------------------------------------------------------------------
+
+
+def adamw(module: torch.nn.Module, learning_rate: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=learning_rate)
+
+
+def project_step(module: NaicsEmbedder, batch: dict, device: torch.device):
+    """The project's training step on ``batch``; returns (step, mean real tokens per sequence)."""
+    optimizer = adamw(module, module.config.training.learning_rate)
+    batch = to_device(batch, device)
+    texts = [*batch["tokens"].values(), *batch.get("query_tokens", {}).values()]
+    sequences = sum(len(ids) for ids, _ in texts)
+    real_tokens = sum(int(mask.sum()) for _, mask in texts)
+    pairs = int(batch["negative_valid"].sum() + batch["in_batch_negatives"].sum())
+
+    def step() -> StepCounts:
+        with autocast(device):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepCounts(pairs=pairs, sequences=sequences)
+
+    return step, real_tokens / sequences
+
+
+def profile(step: Callable[[], StepCounts], device: torch.device, rows: int) -> str:
+    """The torch profiler's table of one step's costliest ops (by self time on the device)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        step()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+
+
+# --- the seed's design -------------------------------------------------------------------------
+
+
+class SeedEncoder(torch.nn.Module):
+    """Four backbone copies, one LoRA each; fusion and projection borrowed from the project."""
+
+    def __init__(self, project: NaicsEmbedder) -> None:
+        super().__init__()
+        model_config = project.config.model
+        backbone = AutoModel.from_pretrained(
+            resolve_backbone(model_config.base_model_name), dtype=torch.float32
+        )
+        backbone.requires_grad_(False)
+        backbone.train()
+        lora = peft.LoraConfig(
+            r=model_config.lora.r,
+            lora_alpha=model_config.lora.alpha,
+            lora_dropout=model_config.lora.dropout,
+            target_modules=list(model_config.lora.target_modules),
+            bias="none",
+        )
+        self.copies = torch.nn.ModuleDict(
+            {
+                channel: peft.get_peft_model(copy.deepcopy(backbone), copy.deepcopy(lora))
+                for channel in CHANNELS
+            }
+        )
+        self.fusion = copy.deepcopy(project.encoder.fusion)
+        self.projection = copy.deepcopy(project.encoder.projection)
+
+    def forward(self, tokens: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        pooled = [
+            mean_pool(self.copies[c](input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+            for c, (ids, mask) in ((c, tokens[c]) for c in CHANNELS)
+        ]
+        return self.projection(self.fusion(torch.cat(pooled, dim=-1)).output)
+
+
+def seed_step(project: NaicsEmbedder, datamodule: NaicsDataModule, batch: dict, device):
+    """The seed's step on the same anchors, positives and sampled negatives as ``batch``."""
+    encoder = SeedEncoder(project).to(device)
+    optimizer = adamw(encoder, project.config.training.learning_rate)
+    tokenizer = datamodule.tokenizer
+    texts = channel_texts(datamodule.taxonomy)
+    rows = batch["rows"].numpy()
+    triplets = []  # per anchor: code rows of (anchor, positive, valid negatives...)
+    for i in range(len(batch["anchor"])):
+        negatives = batch["negatives"][i][batch["negative_valid"][i]]
+        local = [batch["anchor"][i], batch["positive"][i], *negatives]
+        triplets.append(rows[torch.stack(local).numpy()])
+    padded = {
+        channel: tokenizer(
+            [texts[channel][row] for row in rows],
+            padding="max_length",
+            truncation=True,
+            max_length=SEED_MAX_LENGTH,
+            return_tensors="pt",
+        )
+        for channel in CHANNELS
+    }
+    position = {row: i for i, row in enumerate(rows.tolist())}
+    triplet_tokens = [
+        {
+            channel: tuple(
+                padded[channel][key][[position[row] for row in triplet]].to(device)
+                for key in ("input_ids", "attention_mask")
+            )
+            for channel in CHANNELS
+        }
+        for triplet in triplets
+    ]
+    temperature = project.config.loss.temperature
+    curvature = project.config.loss.curvature
+    sequences = sum(len(triplet) for triplet in triplets) * len(CHANNELS)
+    pairs = sum(len(triplet) - 2 for triplet in triplets)
+
+    def step() -> StepCounts:
+        for tokens in triplet_tokens:
+            with autocast(device):
+                embeddings = encoder(tokens)
+            loss = hyperbolic_infonce(
+                embeddings[:1], embeddings[1:2], embeddings[None, 2:], curvature, temperature
+            )
+            (loss / len(triplet_tokens)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return StepCounts(pairs=pairs, sequences=sequences)
+
+    real = sum(
+        int(padded[c]["attention_mask"][[position[r] for r in t]].sum())
+        for c in CHANNELS
+        for t in triplets
+    )
+    return step, real / sequences
+
+
+# --- inference ---------------------------------------------------------------------------------
+
+
+def inference(module: NaicsEmbedder, datamodule: NaicsDataModule, data_dir: Path, device):
+    """(codes embedded per second, search p50 ms, search p95 ms)."""
+    module.eval()
+    rows = np.arange(datamodule.taxonomy.size)
+    module.embed_codes(datamodule.tokens, rows[:256])  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    module.embed_codes(datamodule.tokens, rows)
+    synchronize(device)
+    codes_per_second = len(rows) / (time.perf_counter() - start)
+
+    engine = SearchEngine.build(module, datamodule.taxonomy)
+    queries = pd.read_parquet(data_dir / HOLDOUT_FILE)["text"].tolist()[:SEARCH_QUERIES]
+    engine.search(queries[:5])  # warm-up
+    latencies = []
+    for query in queries:
+        start = time.perf_counter()
+        engine.search([query], top_k=5)
+        latencies.append((time.perf_counter() - start) * 1000)
+    p50, p95 = np.percentile(latencies, [50, 95])
+    return codes_per_second, float(p50), float(p95)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--backbone", default="sentence-transformers/all-MiniLM-L6-v2")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    parser.add_argument("--batch-size", type=int, default=8, help="anchors per step")
+    parser.add_argument("--negatives", type=int, default=24, help="sampled negatives per anchor")
+    parser.add_argument("--curriculum", default="03_stage")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--raw-dir", default=os.environ.get("NAICS_RAW_DIR"))
+    parser.add_argument("--skip-seed", action="store_true", help="only the project's set-up")
+    parser.add_argument("--skip-inference", action="store_true", help="only training steps")
+    parser.add_argument(
+        "--profile", type=int, metavar="N", help="print the N costliest ops of one project step"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    config = load_config(
+        REPO / "conf" / "config.yaml",
+        [
+            f"model.base_model_name={args.backbone}",
+            f"data_loader.batch_size={args.batch_size}",
+            f"dirs.data={args.data_dir}",
+            *args.overrides,
+        ],
+    )
+    curriculum = dataclasses.replace(
+        load_curriculum(REPO / "conf" / "text_curriculum" / f"{args.curriculum}.yaml"),
+        n_negatives=args.negatives,
+    )
+    datamodule = NaicsDataModule(config, curriculum, load_release(), args.raw_dir)
+    datamodule.prepare_data()
+    datamodule.setup()
+    items = datamodule.training_items(epoch=0)
+    batch = datamodule.collate(items, np.arange(args.batch_size))
+    module = NaicsEmbedder(config.to_dict()).to(device)
+
+    results = []
+    step, mean_tokens = project_step(module, batch, device)
+    results.append(measure("project", step, mean_tokens, args, device))
+    if args.profile:
+        print(profile(step, device, args.profile))
+    if not args.skip_seed:
+        step, mean_tokens = seed_step(module, datamodule, batch, device)
+        results.append(measure("seed", step, mean_tokens, args, device))
+
+    report = {
+        "machine": machine(device),
+        "backbone": args.backbone,
+        "batch_size": args.batch_size,
+        "negatives": args.negatives,
+        "timed_steps": args.steps,
+        "overrides": args.overrides,
+        "setups": [dataclasses.asdict(r) for r in results],
+    }
+    if not args.skip_inference:
+        codes_per_second, p50, p95 = inference(module, datamodule, args.data_dir, device)
+        report["embed_codes_per_second"] = codes_per_second
+        report["embed_all_codes_seconds"] = datamodule.taxonomy.size / codes_per_second
+        report["search_p50_ms"] = p50
+        report["search_p95_ms"] = p95
+    if len(results) == 2:
+        report["ratio_pairs_per_second"] = results[0].pairs_per_second / results[1].pairs_per_second
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(
+        f"{report['machine']}, {args.backbone}, batch {args.batch_size}, "
+        f"{args.negatives} negatives, median of {args.steps} steps"
+    )
+    header = f"{'set-up':8} {'pairs/s':>10} {'seq/s':>10} {'s/step':>9} {'tokens':>7} {'RSS MB':>8}"
+    print(header + (f" {'CUDA MB':>8}" if device.type == "cuda" else ""))
+    for r in results:
+        line = (
+            f"{r.name:8} {r.pairs_per_second:10.1f} {r.sequences_per_second:10.1f} "
+            f"{r.step_seconds:9.3f} {r.mean_tokens:7.1f} {r.peak_rss_mb:8.0f}"
+        )
+        print(line + (f" {r.peak_cuda_mb:8.0f}" if r.peak_cuda_mb is not None else ""))
+    if "ratio_pairs_per_second" in report:
+        print(f"pairs/s ratio project/seed: {report['ratio_pairs_per_second']:.1f}x")
+    if "search_p95_ms" in report:
+        print(
+            f"embed all {datamodule.taxonomy.size} codes: {report['embed_all_codes_seconds']:.1f} s"
+            f" ({report['embed_codes_per_second']:.0f} codes/s)"
+        )
+        print(
+            "search, single queries against precomputed codes: "
+            f"p50 {report['search_p50_ms']:.1f} ms, p95 {report['search_p95_ms']:.1f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()
