@@ -278,6 +278,23 @@ def test_in_batch_negatives_mask_positives_of_the_anchor():
     ]
 
 
+def test_length_buckets_change_speed_not_embeddings(tiny_setup, tiny_overrides):
+    config, datamodule = tiny_setup
+    rows = np.arange(0, datamodule.taxonomy.size, 5)
+    torch.manual_seed(0)
+    one_group = NaicsEmbedder(config.to_dict())
+    bucketed = NaicsEmbedder(
+        load_config(CONFIG, [*tiny_overrides, "model.length_buckets=4"]).to_dict()
+    )
+    bucketed.load_state_dict(one_group.state_dict())
+    torch.testing.assert_close(
+        bucketed.embed_codes(datamodule.tokens, rows),
+        one_group.embed_codes(datamodule.tokens, rows),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
 def test_model_embeddings_stay_on_the_manifold(tiny_setup):
     config, datamodule = tiny_setup
     module = NaicsEmbedder(config.to_dict())
@@ -286,11 +303,14 @@ def test_model_embeddings_stay_on_the_manifold(tiny_setup):
     assert manifold_violation(embeddings, config.loss.curvature).max() < 1e-4
 
 
-def test_untrained_model_ranks_codes_like_the_backbone(tiny_setup):
+def test_untrained_model_ranks_codes_like_the_backbone(tiny_setup, tiny_overrides):
     """Before training, distance follows the backbone's cosine similarity of the codes'
-    descriptive channels, all codes at radius 1: training starts from the pretrained semantics."""
-    config, datamodule = tiny_setup
-    module = NaicsEmbedder(config.to_dict())
+    descriptive channels, all codes at radius 1: training starts from the pretrained semantics.
+    (The projection preserves angles when embedding_dim is at least the hidden size, 32 here.)"""
+    _, datamodule = tiny_setup
+    module = NaicsEmbedder(
+        load_config(CONFIG, [*tiny_overrides, "model.embedding_dim=32"]).to_dict()
+    )
     rows = np.arange(0, datamodule.taxonomy.size, 7)
     embeddings = module.embed_codes(datamodule.tokens, rows)
     torch.testing.assert_close(

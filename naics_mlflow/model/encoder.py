@@ -95,8 +95,9 @@ class MultiChannelEncoder(nn.Module):
     The fused feature is ``semantic_mean(channels) + MoE(all four channels)``, with the experts'
     output layer and the projection's bias starting at zero and its weight orthogonal. An untrained
     model therefore places codes and queries by the pretrained backbone's own sentence similarity
-    (all at radius 1, so distance ranks like cosine) and training starts from there, instead of
-    from a random mixing of the channels that a few minutes of training cannot undo.
+    (all at radius 1, so distance ranks like cosine, when ``embedding_dim`` is at least the
+    backbone's hidden size) and training starts from there, instead of from a random mixing of
+    the channels that a few minutes of training cannot undo.
     """
 
     def __init__(self, config: ModelConfig, curvature: float) -> None:
@@ -136,12 +137,11 @@ class MultiChannelEncoder(nn.Module):
         self.projection = LorentzProjection(hidden, config.embedding_dim, curvature)
         nn.init.orthogonal_(self.projection.linear.weight)
         nn.init.zeros_(self.projection.linear.bias)
-        # A channel holds text when it has a token besides the special ones added to any text.
-        self.register_buffer(
-            "special_token_ids",
-            torch.tensor(load_tokenizer(config.base_model_name).all_special_ids),
-            persistent=False,
-        )
+        # A channel holds text when it has a token besides padding and those the tokenizer adds
+        # to any text ([CLS] and [SEP] for BERT); an unknown word ([UNK]) is text.
+        tokenizer = load_tokenizer(config.base_model_name)
+        framing = {*tokenizer("")["input_ids"], tokenizer.pad_token_id}
+        self.register_buffer("framing_token_ids", torch.tensor(sorted(framing)), persistent=False)
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(_is_trainable(name))
         self._adapter_parameters = [p for n, p in self.backbone.named_parameters() if "lora_" in n]
@@ -180,8 +180,8 @@ class MultiChannelEncoder(nn.Module):
         return torch.cat(pooled)[order.argsort()]
 
     def has_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(U, L) -> (U,) bool: whether each text has any token besides special ones."""
-        real = attention_mask.bool() & ~torch.isin(input_ids, self.special_token_ids)
+        """(U, L) -> (U,) bool: whether each text has any token besides the framing ones."""
+        real = attention_mask.bool() & ~torch.isin(input_ids, self.framing_token_ids)
         return real.any(dim=1)
 
     def forward(self, tokens: ChannelTokens) -> EncoderOutput:
