@@ -53,7 +53,7 @@ class TripletItems:
     ``query_seed`` decides which index item each batch's codes bring as queries."""
 
     def __init__(
-        self, anchor: np.ndarray, positive: np.ndarray, negatives: np.ndarray, query_seed: int = 0
+        self, anchor: np.ndarray, positive: np.ndarray, negatives: np.ndarray, query_seed: int
     ) -> None:
         self.anchor, self.positive, self.negatives = anchor, positive, negatives
         self.query_seed = query_seed
