@@ -30,7 +30,7 @@ from naics_mlflow.model.encoder import load_tokenizer, semantic_mean
 from naics_mlflow.model.lorentz import distance_to_origin, manifold_violation, pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
 from naics_mlflow.training.stage import resolve_precision, train_stage
-from tests.commands import environment, run_cli
+from tests.commands import environment, error_line, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "conf" / "config.yaml"
@@ -204,6 +204,28 @@ def test_failed_training_marks_the_run_failed(tmp_path, monkeypatch, tiny_overri
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "FAILED"
     assert run.data.tags["error"]
+
+
+def test_a_diverging_loss_stops_the_stage_with_one_line(tmp_path, tiny_overrides):
+    # A temperature this small turns every logit into -inf, so the very first loss is NaN.
+    result = run_cli(
+        tmp_path,
+        "train",
+        "-c",
+        "01_stage",
+        "--config",
+        str(CONFIG),
+        *tiny_overrides,
+        "loss.temperature=1e-45",
+    )
+    assert error_line(result) == (
+        "error: the training loss became nan at epoch 0, step 0; lower training.learning_rate "
+        "(now 0.001) or raise loss.temperature (now 1e-45); checkpoints of earlier epochs are kept"
+    )
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+    assert "NonFiniteLossError" in run.data.tags["error"]
 
 
 # --- model and loss behaviour ---------------------------------------------------------------

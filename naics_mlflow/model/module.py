@@ -13,6 +13,7 @@ import torch
 
 from naics_mlflow.config import Config, merge
 from naics_mlflow.data.tokenization import CodeTokens
+from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.metrics import hierarchy_metrics, sample_codes
 from naics_mlflow.model import CHANNELS
 from naics_mlflow.model.checkpoint import (
@@ -30,6 +31,11 @@ from naics_mlflow.model.loss import (
     hyperbolic_infonce,
     kmeans_clusters,
 )
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged: the loss is NaN or infinite."""
+
 
 # Codes per forward pass when embedding the whole taxonomy without gradients.
 EMBED_BATCH_SIZE = 256
@@ -110,6 +116,16 @@ class NaicsEmbedder(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch)
+        if not torch.isfinite(losses["total_loss"]):
+            # Stop at once: optimising on NaN or inf would overwrite the weights with garbage,
+            # and the checkpoints written so far are still good.
+            training, loss = self.config.training, self.config.loss
+            raise NonFiniteLossError(
+                f"the training loss became {losses['total_loss'].item()} at epoch "
+                f"{self.current_epoch}, step {self.global_step}; lower training.learning_rate "
+                f"(now {training.learning_rate:g}) or raise loss.temperature (now "
+                f"{loss.temperature:g}); checkpoints of earlier epochs are kept"
+            )
         batch_size = len(batch["anchor"])
         for name in ("contrastive_loss", "load_balancing_loss", "total_loss"):
             self.log(
