@@ -49,7 +49,6 @@ import numpy as np
 import pandas as pd
 import peft
 import torch
-from transformers import AutoModel
 
 from naics_mlflow.config import load_config
 from naics_mlflow.data.census import load_release
@@ -59,7 +58,7 @@ from naics_mlflow.data.taxonomy import HOLDOUT_FILE
 from naics_mlflow.data.tokenization import channel_texts
 from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model import CHANNELS
-from naics_mlflow.model.encoder import mean_pool, resolve_backbone
+from naics_mlflow.model.encoder import load_frozen_backbone, lora_config, mean_pool
 from naics_mlflow.model.loss import hyperbolic_infonce
 from naics_mlflow.model.module import NaicsEmbedder
 
@@ -194,19 +193,8 @@ class SeedEncoder(torch.nn.Module):
 
     def __init__(self, project: NaicsEmbedder) -> None:
         super().__init__()
-        model_config = project.config.model
-        backbone = AutoModel.from_pretrained(
-            resolve_backbone(model_config.base_model_name), dtype=torch.float32
-        )
-        backbone.requires_grad_(False)
-        backbone.train()
-        lora = peft.LoraConfig(
-            r=model_config.lora.r,
-            lora_alpha=model_config.lora.alpha,
-            lora_dropout=model_config.lora.dropout,
-            target_modules=list(model_config.lora.target_modules),
-            bias="none",
-        )
+        backbone = load_frozen_backbone(project.config.model.base_model_name)
+        lora = lora_config(project.config.model)
         self.copies = torch.nn.ModuleDict(
             {
                 channel: peft.get_peft_model(copy.deepcopy(backbone), copy.deepcopy(lora))

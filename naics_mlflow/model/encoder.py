@@ -80,6 +80,29 @@ def semantic_mean(
     return F.normalize((vectors * weights.unsqueeze(-1)).sum(dim=0), dim=-1)
 
 
+def load_frozen_backbone(name: str) -> nn.Module:
+    """The pretrained backbone, frozen, in float32 and in training mode.
+
+    float32 whatever the saved weights' precision: mixed precision comes from autocast, and
+    adapters trained in a half-precision backbone would lose their small updates. Training mode
+    because from_pretrained returns eval mode, which would silence the adapters' dropout.
+    """
+    backbone = _load(AutoModel, name, dtype=torch.float32)
+    backbone.requires_grad_(False)
+    return backbone.train()
+
+
+def lora_config(config: ModelConfig) -> peft.LoraConfig:
+    """The LoRA adapter every channel gets, from ``model.lora``."""
+    return peft.LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=list(config.lora.target_modules),
+        bias="none",
+    )
+
+
 class EncoderOutput(NamedTuple):
     embeddings: torch.Tensor  # (U, D+1) float32 points on the hyperboloid
     load_balancing_loss: torch.Tensor  # scalar, not yet scaled by its coefficient
@@ -102,19 +125,8 @@ class MultiChannelEncoder(nn.Module):
 
     def __init__(self, config: ModelConfig, curvature: float) -> None:
         super().__init__()
-        # float32 whatever the saved weights' precision: mixed precision comes from autocast, and
-        # adapters trained in a half-precision backbone would lose their small updates.
-        backbone = _load(AutoModel, config.base_model_name, dtype=torch.float32)
-        backbone.requires_grad_(False)
-        # from_pretrained returns eval mode, which would silence the adapters' dropout in training.
-        backbone.train()
-        lora = peft.LoraConfig(
-            r=config.lora.r,
-            lora_alpha=config.lora.alpha,
-            lora_dropout=config.lora.dropout,
-            target_modules=list(config.lora.target_modules),
-            bias="none",
-        )
+        backbone = load_frozen_backbone(config.base_model_name)
+        lora = lora_config(config)
         try:
             self.backbone = peft.get_peft_model(backbone, copy.deepcopy(lora), CHANNELS[0])
         except ValueError as exc:
