@@ -105,8 +105,8 @@ def lora_config(config: ModelConfig) -> peft.LoraConfig:
 
 class EncoderOutput(NamedTuple):
     embeddings: torch.Tensor  # (U, D+1) float32 points on the hyperboloid
-    load_balancing_loss: torch.Tensor  # scalar, not yet scaled by its coefficient
     expert_utilisation: torch.Tensor  # (E,) share of routing slots per expert
+    mean_gate_probability: torch.Tensor  # (E,) mean gate probability per expert
 
 
 class MultiChannelEncoder(nn.Module):
@@ -203,8 +203,8 @@ class MultiChannelEncoder(nn.Module):
         features = semantic_mean(pooled, present) + fused.output
         return EncoderOutput(
             embeddings=self.projection(features),
-            load_balancing_loss=fused.load_balancing_loss,
             expert_utilisation=fused.expert_utilisation,
+            mean_gate_probability=fused.mean_gate_probability,
         )
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

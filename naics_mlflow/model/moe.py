@@ -13,14 +13,25 @@ class MoEOutput(NamedTuple):
 
     Attributes:
         output: ``(B, output_dim)`` gate-weighted sum of the selected experts' outputs.
-        load_balancing_loss: scalar, 1.0 at perfectly uniform routing; the caller scales it.
         expert_utilisation: ``(E,)`` fraction of the ``B * top_k`` routing slots taken by each
             expert; sums to 1.
+        mean_gate_probability: ``(E,)`` each expert's gate probability averaged over the batch.
     """
 
     output: Tensor
-    load_balancing_loss: Tensor
     expert_utilisation: Tensor
+    mean_gate_probability: Tensor
+
+
+def load_balancing_loss(expert_utilisation: Tensor, mean_gate_probability: Tensor) -> Tensor:
+    """The Switch Transformer loss ``E * sum_e f_e * P_e``: 1.0 at uniform routing.
+
+    ``f_e`` (``expert_utilisation``) is expert ``e``'s share of the routing slots and carries no
+    gradient; ``P_e`` (``mean_gate_probability``) is its mean gate probability, through which
+    the gate learns. Under data parallelism pass ``f`` averaged over every rank: each rank's
+    gradient then follows the global routing.
+    """
+    return expert_utilisation.numel() * (expert_utilisation * mean_gate_probability).sum()
 
 
 def _uniform_(tensor: Tensor, fan_in: int) -> Tensor:
@@ -63,12 +74,8 @@ class MixtureOfExperts(nn.Module):
         self.b2 = nn.Parameter(_uniform_(torch.empty(num_experts, output_dim), hidden_dim))
 
     def forward(self, x: Tensor) -> MoEOutput:
-        """Route ``(B, input_dim)`` inputs to their ``top_k`` experts.
-
-        The load-balancing loss is ``E * sum_e f_e * P_e``, where ``f_e`` is expert ``e``'s share
-        of the routing slots (not differentiable) and ``P_e`` its mean gate probability (through
-        which the gradient flows). Its minimum, 1, is reached when routing is uniform.
-        """
+        """Route ``(B, input_dim)`` inputs to their ``top_k`` experts; see
+        :func:`load_balancing_loss`."""
         probs = F.softmax(self.gate(x), dim=-1)
         kept_probs, kept_experts = probs.topk(self.top_k, dim=-1)
         kept_weights = kept_probs / kept_probs.sum(dim=-1, keepdim=True)
@@ -80,5 +87,4 @@ class MixtureOfExperts(nn.Module):
 
         slots = F.one_hot(kept_experts, self.num_experts).flatten(0, 1)
         utilisation = slots.float().mean(dim=0)
-        load_balancing_loss = self.num_experts * (utilisation * probs.mean(dim=0)).sum()
-        return MoEOutput(output, load_balancing_loss, utilisation)
+        return MoEOutput(output, utilisation, probs.mean(dim=0))
