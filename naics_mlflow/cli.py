@@ -42,8 +42,12 @@ def _reports_user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="naics-embedder")
 def main(debug: bool) -> None:
     """Hyperbolic embeddings of the NAICS 2022 taxonomy, trained as an MLflow-tracked curriculum."""
+    from naics_mlflow.distributed import is_global_zero
+
+    # The other processes of a data-parallel run would repeat rank 0's messages.
+    quiet = logging.INFO if is_global_zero() else logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
+        level=logging.DEBUG if debug else quiet,
         format="%(message)s",
         stream=sys.stderr,
     )
@@ -170,28 +174,37 @@ def train(
 
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         init = _checked_checkpoint(from_checkpoint, config, Path(download_dir))
+        from naics_mlflow.distributed import rank_zero_answer
         from naics_mlflow.training.stage import train_stage
 
         result = train_stage(
             config,
             curriculum,
-            run_group=f"single_{time.strftime('%Y%m%d-%H%M%S')}",
+            run_group=rank_zero_answer("run_group", lambda: time.strftime("single_%Y%m%d-%H%M%S")),
             release=release,
             raw_dir=raw_dir,
             init_checkpoint=init,
         )
-    _print_summary(result)
+    if result is not None:  # rank 0 reports for every process
+        _print_summary(result)
 
 
 def _checked_checkpoint(reference: str, config, download_dir: Path) -> Path | None:
     """The local file a ``--from-checkpoint`` reference names, checked to fit ``config``; done
-    before the training stack is imported, so a bad reference fails within seconds."""
+    before the training stack is imported, so a bad reference fails within seconds. Every rank
+    of a data-parallel run uses the file rank 0 found."""
     if not reference:
         return None
     from naics_mlflow import tracking
+    from naics_mlflow.distributed import rank_zero_answer
     from naics_mlflow.model.checkpoint import check_compatible
 
-    path = tracking.resolve_checkpoint(reference, download_dir).path
+    path = Path(
+        rank_zero_answer(
+            "init_checkpoint",
+            lambda: str(tracking.resolve_checkpoint(reference, download_dir).path),
+        )
+    )
     check_compatible(path, config)
     return path
 
@@ -298,6 +311,8 @@ def train_curriculum(
         result = run_chain(
             plan, release=release, resume=resume, init_checkpoint=init, raw_dir=raw_dir
         )
+    if result is None:  # rank 0 reports for every process
+        return
     click.echo("")
     click.echo(f"chain            {plan.name} ({plan.sequence})")
     click.echo(f"parent run       {result.parent_run_id}  ({tracking.tracking_uri()})")

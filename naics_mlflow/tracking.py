@@ -8,6 +8,7 @@ never land in whatever folder a command happens to run from.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
 from mlflow.entities import Metric, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -34,8 +36,46 @@ CHECKPOINT_ARTIFACT_PATH = "ckpt"
 LAST_CHECKPOINT = "last.ckpt"
 
 
+# A tracking server must answer its health check within this many seconds. MLflow's own
+# requests retry with backoff for minutes, which suits a blip in a long run, not a server that is
+# down when a command starts.
+SERVER_CHECK_TIMEOUT_S = 10
+
+
+class TrackingStoreError(UserError):
+    """The tracking store cannot be reached."""
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+@functools.cache
+def _check_server(uri: str) -> None:
+    """Fail in one line, within seconds, when the tracking server at ``uri`` does not answer."""
+    health = f"{uri.rstrip('/')}/health"
+    try:
+        response = requests.get(health, timeout=SERVER_CHECK_TIMEOUT_S)
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise TrackingStoreError(
+            f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or point "
+            "MLFLOW_TRACKING_URI at a running one (unset it for the local sqlite store)"
+        ) from exc
+    if not response.ok:
+        raise TrackingStoreError(
+            f"the MLflow tracking server at {uri} refused its health check {health} with HTTP "
+            f"{response.status_code}; check the server's log and MLFLOW_TRACKING_URI"
+        )
+
+
+def connect() -> str:
+    """Point MLflow at the tracking store and return its URI; a server is checked once."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def _is_local_store(uri: str) -> bool:
@@ -48,8 +88,7 @@ def use_experiment(name: str) -> str:
     Under ``mlflow run`` the launcher has already chosen the experiment (and opened the run that
     the first :func:`run` adopts), so its ``MLFLOW_EXPERIMENT_ID`` wins over the configured name.
     """
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = connect()
     if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return os.environ["MLFLOW_EXPERIMENT_ID"]
     experiment = mlflow.get_experiment_by_name(name)
@@ -192,7 +231,7 @@ def resolve_checkpoint(reference: str, download_dir: Path) -> ResolvedCheckpoint
 
 
 def _download_reference(reference: str, download_dir: Path) -> Path:
-    mlflow.set_tracking_uri(tracking_uri())
+    connect()
     try:
         local = Path(
             mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(download_dir))
@@ -213,7 +252,7 @@ def search_runs(filter_string: str, order_by: list[str] | None = None) -> list[R
 
     All experiments, because ``mlflow run`` puts runs in the experiment its caller chose.
     """
-    mlflow.set_tracking_uri(tracking_uri())
+    connect()
     return mlflow.search_runs(
         search_all_experiments=True,
         filter_string=filter_string,
@@ -237,6 +276,12 @@ def download_checkpoint(run: Run, name: str, download_dir: Path) -> Path:
         dst_path=str(download_dir / run.info.run_id),
     )
     return Path(local)
+
+
+def download_best_checkpoint(run_id: str, download_dir: Path) -> Path:
+    """The checkpoint a finished stage run names in its ``best_checkpoint`` tag, downloaded."""
+    run = MlflowClient().get_run(run_id)
+    return download_checkpoint(run, run.data.tags["best_checkpoint"], download_dir)
 
 
 def best_run_of_stage(stage: str) -> Run:
@@ -264,7 +309,8 @@ def best_run_of_stage(stage: str) -> Run:
     )
 
 
-def mark_killed_if_running(run: Run) -> None:
+def mark_killed_if_running(run_id: str) -> None:
     """A run left RUNNING by a process that died is over: record it as KILLED."""
-    if run.info.status == "RUNNING":
-        MlflowClient().set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    client = MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))

@@ -7,22 +7,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+OWN_STORE = "own"
 
-def environment(workdir: Path, own_store: bool = True) -> dict[str, str]:
-    """This interpreter's scripts first on PATH (as in an activated virtual environment) and,
-    with ``own_store``, a sqlite tracking store in ``workdir``; without it, the default store."""
+
+def environment(workdir: Path, tracking_uri: str | None = OWN_STORE) -> dict[str, str]:
+    """This interpreter's scripts first on PATH (as in an activated virtual environment) and a
+    tracking store: ``OWN_STORE``, a sqlite store in ``workdir``; None, the default store; any
+    other value, that URI."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    if own_store:
+    if tracking_uri == OWN_STORE:
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir}/mlflow.db"
+    elif tracking_uri is not None:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     return env
 
 
-def run_cli(workdir: Path, *args: str, own_store: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    workdir: Path, *args: str, tracking_uri: str | None = OWN_STORE
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "naics_mlflow", *args],
         cwd=workdir,
-        env=environment(workdir, own_store),
+        env=environment(workdir, tracking_uri),
         capture_output=True,
         text=True,
         timeout=600,

@@ -48,7 +48,7 @@ def test_every_guide_command_works_as_written(tiny_workdir):
     _shorten_chains(tiny_workdir / "conf")
     for name in ("MLproject", "python_env.yaml"):
         shutil.copy(REPO / name, tiny_workdir / name)
-    env = environment(tiny_workdir, own_store=False)  # the guide's embedded default store
+    env = environment(tiny_workdir, tracking_uri=None)  # the guide's embedded default store
     for command in guide_commands():
         started = time.perf_counter()
         result = subprocess.run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def cli_run(tmp_path_factory, tiny_overrides):
         str(CONFIG),
         *tiny_overrides,
         *extra,
-        own_store=False,  # the embedded default: sqlite:///mlflow.db in the working directory
+        tracking_uri=None,  # the embedded default: sqlite:///mlflow.db in the working directory
     )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
@@ -261,12 +262,29 @@ def test_batches_encode_each_code_once(tiny_setup):
 
 def test_validation_pairs_never_reach_training(tiny_setup):
     _, datamodule = tiny_setup
-    validation = datamodule.val_dataloader().dataset
+    validation = datamodule.validation_items()
     held_out = set(zip(validation.anchor.tolist(), validation.positive.tolist(), strict=True))
     assert held_out
     for epoch in range(3):
         items = datamodule.training_items(epoch)
         assert not held_out & set(zip(items.anchor.tolist(), items.positive.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("items_of", ["training", "validation"])
+def test_ranks_share_anchors_without_overlap_and_run_equal_steps(tiny_setup, items_of):
+    _, datamodule = tiny_setup
+    items = getattr(datamodule, f"{items_of}_items")
+    items_for = functools.partial(items, epoch=1) if items_of == "training" else items
+    whole = items_for()
+    triples = {(a, p) for a, p in zip(whole.anchor.tolist(), whole.positive.tolist(), strict=True)}
+    shards = [items_for(rank=rank, world_size=2) for rank in range(2)]
+    anchors = [set(shard.anchor.tolist()) for shard in shards]
+    assert not anchors[0] & anchors[1]
+    assert len(shards[0]) == len(shards[1]) > 0.45 * len(whole)
+    for shard in shards:
+        assert set(zip(shard.anchor.tolist(), shard.positive.tolist(), strict=True)) <= triples
+    again = items_for(rank=1, world_size=2)
+    assert again.anchor.tolist() == shards[1].anchor.tolist()
 
 
 def test_batch_codes_bring_their_index_items_as_queries(tiny_setup):
@@ -457,7 +475,7 @@ def test_precision_falls_back_to_float32_on_cpu(caplog):
 
 def test_list_curricula(tmp_path):
     result = run_cli(
-        tmp_path, "train", "--list-curricula", "--config", str(CONFIG), own_store=False
+        tmp_path, "train", "--list-curricula", "--config", str(CONFIG), tracking_uri=None
     )
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
@@ -466,7 +484,9 @@ def test_list_curricula(tmp_path):
 
 
 def test_unknown_curriculum_lists_the_available_ones(tmp_path):
-    result = run_cli(tmp_path, "train", "-c", "09_stage", "--config", str(CONFIG), own_store=False)
+    result = run_cli(
+        tmp_path, "train", "-c", "09_stage", "--config", str(CONFIG), tracking_uri=None
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]]
     assert "unknown curriculum '09_stage'" in result.stderr and "01_stage" in result.stderr

@@ -64,6 +64,25 @@ class TripletItems:
     def __getitem__(self, index: int) -> int:
         return index
 
+    def shard(self, rank: int, world_size: int, seed: int) -> TripletItems:
+        """This rank's share when ``world_size`` processes train together.
+
+        Anchors are dealt to ranks in a random order seeded by ``seed``, so no anchor is on two
+        ranks; each rank then keeps as many items as the smallest share, because every rank must
+        run the same number of steps (they meet in collective operations at each one).
+        """
+        anchors = np.unique(self.anchor)
+        owner = np.empty(anchors.max() + 1, dtype=np.int64)
+        owner[np.random.default_rng(seed).permutation(anchors)] = (
+            np.arange(len(anchors)) % world_size
+        )
+        item_owner = owner[self.anchor]
+        share = np.bincount(item_owner, minlength=world_size).min()
+        kept = np.flatnonzero(item_owner == rank)[:share]
+        return TripletItems(
+            self.anchor[kept], self.positive[kept], self.negatives[kept], self.query_seed
+        )
+
     @classmethod
     def from_sample(
         cls, sample: EpochSample, query_seed: int, keep_pair: np.ndarray | None = None
@@ -135,25 +154,34 @@ class NaicsDataModule(L.LightningDataModule):
             len(self._validation_items),
         )
 
-    def training_items(self, epoch: int) -> TripletItems:
-        """The epoch's items: a fresh draw seeded by ``seed + epoch``, validation pairs removed."""
+    def training_items(self, epoch: int, rank: int = 0, world_size: int = 1) -> TripletItems:
+        """The epoch's items: a fresh draw seeded by ``seed + epoch``, validation pairs removed,
+        and this rank's share of them when several processes train."""
         seed = self.config.training.seed + epoch
         sample = self.sampler.sample_epoch(seed)
         keys = self._pair_keys(sample.anchors[:, None], sample.positives)
-        return TripletItems.from_sample(sample, seed, ~np.isin(keys, self._validation_pair_keys))
+        items = TripletItems.from_sample(sample, seed, ~np.isin(keys, self._validation_pair_keys))
+        return items if world_size == 1 else items.shard(rank, world_size, seed)
 
     def _pair_keys(self, anchors: np.ndarray, positives: np.ndarray) -> np.ndarray:
         """One integer per (anchor, positive) pair, for vectorised membership tests."""
         return anchors.astype(np.int64) * self.taxonomy.size + positives
 
     def train_dataloader(self) -> DataLoader:
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        items = self.training_items(epoch)
+        epoch = self.trainer.current_epoch
+        items = self.training_items(epoch, self.trainer.global_rank, self.trainer.world_size)
         generator = torch.Generator().manual_seed(self.config.training.seed + epoch)
         return self._loader(items, shuffle=True, generator=generator)
 
+    def validation_items(self, rank: int = 0, world_size: int = 1) -> TripletItems:
+        """The validation items, drawn once per stage; this rank's share when several train."""
+        items = self._validation_items
+        seed = self.config.training.seed + _VALIDATION_SEED_OFFSET
+        return items if world_size == 1 else items.shard(rank, world_size, seed)
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._validation_items, shuffle=False)
+        items = self.validation_items(self.trainer.global_rank, self.trainer.world_size)
+        return self._loader(items, shuffle=False)
 
     def _loader(self, items: TripletItems, shuffle: bool, generator=None) -> DataLoader:
         return DataLoader(
@@ -170,8 +198,8 @@ class NaicsDataModule(L.LightningDataModule):
 
         Keys: ``rows`` (U,) code rows; ``tokens`` per channel; ``anchor``, ``positive`` (B,) and
         ``negatives`` (B, K) local indices (padding points at 0 and is masked by
-        ``negative_valid``); ``anchor_rows`` (B,) and ``negative_rows`` (B, K, -1 for padding)
-        code rows; ``in_batch_negatives`` (B, B) bool; when ``loss.query_weight`` > 0 and some
+        ``negative_valid``); ``anchor_rows``, ``positive_rows`` (B,) and ``negative_rows`` (B, K,
+        -1 for padding) code rows; ``in_batch_negatives`` (B, B) bool; when ``loss.query_weight`` > 0 and some
         six-digit code has training index items, ``query_tokens`` per channel for one item of
         each such code, ``query_targets`` (Q,) the local index of its code and
         ``query_negatives`` (Q, U) bool, True at the batch's other six-digit codes (the
@@ -192,6 +220,7 @@ class NaicsDataModule(L.LightningDataModule):
             "negatives": torch.from_numpy(np.where(valid, local[negatives], 0)),
             "negative_valid": torch.from_numpy(valid),
             "anchor_rows": torch.from_numpy(anchors.astype(np.int64)),
+            "positive_rows": torch.from_numpy(positives.astype(np.int64)),
             "negative_rows": torch.from_numpy(negatives.astype(np.int64)),
             "in_batch_negatives": torch.from_numpy(
                 in_batch_negatives(anchors, positives, self.sampler.positive_candidates)

@@ -86,6 +86,70 @@ def candidate_infonce(
     return F.cross_entropy(logits.masked_fill(~keep, float("-inf")), target)
 
 
+def pool_negative_mask(
+    anchor_rows: Tensor, positive_rows: Tensor, pool_rows: Tensor, positive_pairs: Tensor
+) -> Tensor:
+    """(B, M) bool: True where pool member ``m`` may act as a negative for anchor ``i``.
+
+    It may not when it is padding (row -1), anchor ``i`` itself, anchor ``i``'s positive, or any
+    positive of anchor ``i`` in this curriculum: the rule in-batch negatives follow, applied to
+    every code of the (global) batch.
+
+    Args:
+        anchor_rows: ``(B,)`` long code rows of the anchors.
+        positive_rows: ``(B,)`` long code rows of their positives.
+        pool_rows: ``(M,)`` long code rows of the pool, -1 for padding.
+        positive_pairs: ``(N, N)`` bool, ``[a, j]`` True when code j is a positive of anchor a.
+    """
+    rows = pool_rows.unsqueeze(0)
+    return (
+        (rows >= 0)
+        & (rows != anchor_rows.unsqueeze(1))
+        & (rows != positive_rows.unsqueeze(1))
+        & ~positive_pairs[anchor_rows.unsqueeze(1), pool_rows.clamp(min=0).unsqueeze(0)]
+    )
+
+
+def pooled_infonce(
+    anchor: Tensor,
+    positive: Tensor,
+    pool: Tensor,
+    pool_valid: Tensor,
+    curvature: float,
+    temperature: float,
+    hard_negative_k: int | None = None,
+) -> Tensor:
+    """InfoNCE of each anchor's positive against a pool of candidates all anchors share: with
+    global negatives, every positive and sampled negative of every rank's batch.
+
+    Only the ``hard_negative_k`` nearest valid pool members count when it is set; None keeps every
+    valid one. The selection itself carries no gradient, the distances to what it keeps do.
+
+    Args:
+        anchor: ``(B, D + 1)`` points.
+        positive: ``(B, D + 1)`` points, the positive of each anchor.
+        pool: ``(M, D + 1)`` points.
+        pool_valid: ``(B, M)`` bool, from :func:`pool_negative_mask` (and false-negative masks).
+        curvature: ``c > 0``.
+        temperature: softmax temperature ``> 0``.
+        hard_negative_k: how many of the nearest valid pool members to keep, or None.
+
+    Returns:
+        Scalar mean loss over the anchors.
+    """
+    pool_distance = pairwise_distance(anchor, pool, curvature)
+    if hard_negative_k is not None and hard_negative_k < pool.shape[0]:
+        with torch.no_grad():
+            nearest = pool_distance.masked_fill(~pool_valid, float("inf"))
+            keep = nearest.topk(hard_negative_k, dim=1, largest=False).indices
+        pool_distance, pool_valid = pool_distance.gather(1, keep), pool_valid.gather(1, keep)
+    positive_logits = -distance(anchor, positive, curvature).unsqueeze(1) / temperature
+    negative_logits = (-pool_distance / temperature).masked_fill(~pool_valid, float("-inf"))
+    logits = torch.cat([positive_logits, negative_logits], dim=1)
+    target = torch.zeros(anchor.shape[0], dtype=torch.long, device=anchor.device)
+    return F.cross_entropy(logits, target)
+
+
 def false_negative_mask(anchor_clusters: Tensor, negative_clusters: Tensor) -> Tensor:
     """True where a sampled negative shares its anchor's cluster, i.e. is a likely false negative.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 
 from naics_mlflow.config import Config, merge
 from naics_mlflow.data.tokenization import CodeTokens
+from naics_mlflow.distributed import gather_across_ranks, mean_over_ranks, world_size
 from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.metrics import hierarchy_metrics, sample_codes
 from naics_mlflow.model import CHANNELS
@@ -30,7 +32,10 @@ from naics_mlflow.model.loss import (
     hardest_negatives,
     hyperbolic_infonce,
     kmeans_clusters,
+    pool_negative_mask,
+    pooled_infonce,
 )
+from naics_mlflow.model.moe import load_balancing_loss
 
 
 class NonFiniteLossError(UserError):
@@ -50,6 +55,8 @@ class NaicsEmbedder(L.LightningModule):
         # Checkpoints hold only trainable weights; the frozen backbone comes from its name.
         self.strict_loading = False
         self.code_clusters: torch.Tensor | None = None  # (N,) k-means ids for false negatives
+        # (N, N) bool, [a, j] True when code j is a positive of anchor a: masks global negatives.
+        self.positive_pairs: torch.Tensor | None = None
         # Rows and embeddings of the codes the last validation epoch evaluated (for pictures).
         self.last_evaluated: tuple[np.ndarray, torch.Tensor] | None = None
 
@@ -58,10 +65,35 @@ class NaicsEmbedder(L.LightningModule):
 
     # --- training ------------------------------------------------------------------------
 
-    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        loss_config = self.config.loss
+    def _losses(self, batch: dict[str, Any]) -> dict[str, Any]:
         encoded = self.encoder(batch["tokens"])
         embeddings = encoded.embeddings
+        if world_size() > 1:
+            contrastive, extra = self._global_contrastive_loss(batch, embeddings)
+        else:
+            contrastive, extra = self._local_contrastive_loss(batch, embeddings)
+        utilisation = mean_over_ranks(encoded.expert_utilisation)
+        load_balancing = (
+            load_balancing_loss(utilisation, encoded.mean_gate_probability)
+            * self.config.model.moe.load_balancing_coef
+        )
+        total = contrastive + load_balancing
+        if "query_tokens" in batch:
+            extra["query_loss"] = self._query_loss(batch, embeddings)
+            total = total + self.config.loss.query_weight * extra["query_loss"]
+        return {
+            "contrastive_loss": contrastive,
+            "load_balancing_loss": load_balancing,
+            "total_loss": total,
+            "expert_utilisation": utilisation,
+            **extra,
+        }
+
+    def _local_contrastive_loss(
+        self, batch: dict[str, Any], embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each anchor against its own sampled negatives and the batch's other positives."""
+        loss_config = self.config.loss
         anchor = embeddings[batch["anchor"]]
         positive = embeddings[batch["positive"]]
         negatives = embeddings[batch["negatives"]]
@@ -87,18 +119,46 @@ class NaicsEmbedder(L.LightningModule):
             negative_valid=valid,
             in_batch_negatives=batch["in_batch_negatives"],
         )
-        load_balancing = encoded.load_balancing_loss * self.config.model.moe.load_balancing_coef
-        total = contrastive + load_balancing
-        if "query_tokens" in batch:
-            extra["query_loss"] = self._query_loss(batch, embeddings)
-            total = total + loss_config.query_weight * extra["query_loss"]
-        return {
-            "contrastive_loss": contrastive,
-            "load_balancing_loss": load_balancing,
-            "total_loss": total,
-            "expert_utilisation": encoded.expert_utilisation,
-            **extra,
+        return contrastive, extra
+
+    def _global_contrastive_loss(
+        self, batch: dict[str, Any], embeddings: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Global negatives: each anchor against every positive and sampled negative of every
+        rank's batch (or the ``loss.hard_negative_k`` nearest of them), gathered so that the
+        gradient reaches the rank each one came from."""
+        loss_config = self.config.loss
+        anchor = embeddings[batch["anchor"]]
+        positive = embeddings[batch["positive"]]
+        local_pool = torch.cat([positive, embeddings[batch["negatives"]].flatten(0, 1)])
+        pool = gather_across_ranks(local_pool)
+        pool_rows = gather_across_ranks(
+            torch.cat([batch["positive_rows"], batch["negative_rows"].flatten()])
+        )
+        valid = pool_negative_mask(
+            batch["anchor_rows"], batch["positive_rows"], pool_rows, self.positive_pairs
+        )
+        extra: dict[str, Any] = {}
+        if self.code_clusters is not None:
+            false_negatives = valid & false_negative_mask(
+                self.code_clusters[batch["anchor_rows"]],
+                self.code_clusters[pool_rows.clamp(min=0)].unsqueeze(0),
+            )
+            extra["false_negative_fraction"] = false_negatives.sum() / valid.sum().clamp(min=1)
+            valid = valid & ~false_negatives
+        k = loss_config.hard_negative_k
+        contrastive = pooled_infonce(
+            anchor, positive, pool, valid, loss_config.curvature, loss_config.temperature, k
+        )
+        mebibyte = 2.0**20
+        extra["global_batch"] = {
+            "global_batch_size": float(len(anchor) * world_size()),
+            "global_k_negatives": float(len(pool) if k is None else min(k, len(pool))),
+            "global_negatives_memory_mb": pool.numel() * pool.element_size() / mebibyte,
+            "similarity_matrix_memory_mb": len(anchor) * len(pool) * pool.element_size() / mebibyte,
+            "global_hard_negatives_used": float(k is not None and k < len(pool)),
         }
+        return contrastive, extra
 
     def _query_loss(self, batch: dict[str, Any], code_embeddings: torch.Tensor) -> torch.Tensor:
         """InfoNCE of each query (an index item of a batch code, encoded as free text) against the
@@ -116,12 +176,15 @@ class NaicsEmbedder(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch)
-        if not torch.isfinite(losses["total_loss"]):
+        finite = torch.isfinite(losses["total_loss"])
+        # Every rank stops together: a rank that went on alone would wait forever for the others.
+        if mean_over_ranks(finite.float()) < 1:
             # Stop at once: optimising on NaN or inf would overwrite the weights with garbage,
             # and the checkpoints written so far are still good.
             training, loss = self.config.training, self.config.loss
+            value = "non-finite on another rank" if finite else losses["total_loss"].item()
             raise NonFiniteLossError(
-                f"the training loss became {losses['total_loss'].item()} at epoch "
+                f"the training loss became {value} at epoch "
                 f"{self.current_epoch}, step {self.global_step}; lower training.learning_rate "
                 f"(now {training.learning_rate:g}) or raise loss.temperature (now "
                 f"{loss.temperature:g}); checkpoints of earlier epochs are kept"
@@ -136,15 +199,19 @@ class NaicsEmbedder(L.LightningModule):
         for name in ("false_negative_fraction", "query_loss"):
             if name in losses:
                 self.log(f"train/{name}", losses[name], batch_size=batch_size)
+        for name, value in losses.get("global_batch", {}).items():
+            self.log(f"train/global_batch/{name}", value, batch_size=batch_size)
         return losses["total_loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses = self._losses(batch)
         batch_size = len(batch["anchor"])
-        self.log("val_loss", losses["total_loss"], prog_bar=True, batch_size=batch_size)
-        self.log("val/contrastive_loss", losses["contrastive_loss"], batch_size=batch_size)
+        # Averaged over ranks, so that every rank's checkpoint callback sees the same val_loss.
+        log = functools.partial(self.log, batch_size=batch_size, sync_dist=True)
+        log("val_loss", losses["total_loss"], prog_bar=True)
+        log("val/contrastive_loss", losses["contrastive_loss"])
         if "query_loss" in losses:
-            self.log("val/query_loss", losses["query_loss"], batch_size=batch_size)
+            log("val/query_loss", losses["query_loss"])
 
     # --- whole-taxonomy passes -----------------------------------------------------------
 
@@ -167,6 +234,10 @@ class NaicsEmbedder(L.LightningModule):
             embeddings[torch.from_numpy(chunk).to(self.device)] = self.encoder(batch).embeddings
         self.train(was_training)
         return embeddings
+
+    def on_fit_start(self) -> None:
+        positive_pairs = self.trainer.datamodule.sampler.positive_candidates
+        self.positive_pairs = torch.from_numpy(positive_pairs).to(self.device)
 
     def on_train_epoch_start(self) -> None:
         loss_config = self.config.loss
@@ -196,7 +267,7 @@ class NaicsEmbedder(L.LightningModule):
             taxonomy.levels[rows],
             self.config.loss.curvature,
         )
-        self.log_dict(metrics)
+        self.log_dict(metrics, sync_dist=True)
         self.last_evaluated = (rows, embeddings.cpu())
 
     # --- optimisation --------------------------------------------------------------------

@@ -19,6 +19,7 @@ from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.taxonomy import MIN_LEVEL, Taxonomy
+from naics_mlflow.distributed import is_global_zero
 from naics_mlflow.evaluation.plots import (
     curve_panels,
     poincare_disk_figure,
@@ -68,17 +69,25 @@ def train_stage(
     resume_checkpoint: Path | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
-) -> StageResult:
+) -> StageResult | None:
     """Train ``curriculum`` inside a new MLflow run and log its checkpoints under ``ckpt/``.
 
     It starts from scratch, from ``init_checkpoint``'s weights with a fresh optimiser and
     schedule, or continues an interrupted run from ``resume_checkpoint`` (a ``last.ckpt``) with
-    optimiser, schedule and epoch restored.
+    optimiser, schedule and epoch restored. Ranks other than 0 of a data-parallel run only train,
+    and return None.
     """
+    rank_zero = is_global_zero()
+    # The store first: a tracking server that is down fails before seconds of model loading.
+    experiment_id = tracking.use_experiment(config.mlflow.experiment_name) if rank_zero else None
     L.seed_everything(config.training.seed, workers=True)
-    experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
     datamodule = NaicsDataModule(config, curriculum, release, raw_dir)
     module = NaicsEmbedder(config.to_dict())
+    checkpoint_dir = Path(config.dirs.checkpoints) / run_group / curriculum.name
+    if not rank_zero:
+        # DDP copies rank 0's weights to every rank as training starts: no need to load them.
+        _fit(config, module, datamodule, run_group, checkpoint_dir, None, resume_checkpoint)
+        return None
     if init_checkpoint is not None:
         load_trainable_weights(module, init_checkpoint)
     tags = {
@@ -97,42 +106,9 @@ def train_stage(
         tracking.log_params(config.flat())
         tracking.log_params({f"curriculum.{k}": v for k, v in asdict(curriculum).items()})
         tracking.log_dict(config.to_dict(), "config.yaml")
-        checkpoint_dir = Path(config.dirs.checkpoints) / run_group / curriculum.name
-        checkpoint = ModelCheckpoint(
-            dirpath=checkpoint_dir,
-            filename=f"{curriculum.name}-{{epoch:02d}}-{{val_loss:.4f}}",
-            monitor="val_loss",
-            mode="min",
-            save_top_k=1,
-            save_last=True,
+        trainer, checkpoint = _fit(
+            config, module, datamodule, run_group, checkpoint_dir, run_id, resume_checkpoint
         )
-        trainer_config = config.training.trainer
-        trainer = L.Trainer(
-            max_epochs=trainer_config.max_epochs,
-            accelerator=trainer_config.accelerator,
-            devices=trainer_config.devices,
-            num_nodes=trainer_config.num_nodes,
-            strategy=trainer_config.strategy,
-            precision=resolve_precision(trainer_config.precision, trainer_config.accelerator),
-            gradient_clip_val=trainer_config.gradient_clip_val,
-            accumulate_grad_batches=trainer_config.accumulate_grad_batches,
-            log_every_n_steps=trainer_config.log_every_n_steps,
-            val_check_interval=trainer_config.val_check_interval,
-            limit_train_batches=trainer_config.limit_train_batches,
-            limit_val_batches=trainer_config.limit_val_batches,
-            reload_dataloaders_every_n_epochs=1,
-            callbacks=[
-                checkpoint,
-                LastCheckpointUpload(run_id, checkpoint_dir),
-                LearningRateMonitor(logging_interval="step"),
-            ],
-            logger=[
-                MetricsLogger(run_id),
-                TensorBoardLogger(config.dirs.outputs, name=run_group, version=curriculum.name),
-            ],
-            enable_model_summary=False,
-        )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
         best = Path(checkpoint.best_model_path)
         tracking.log_checkpoint(run_id, best)
         tracking.log_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)
@@ -146,6 +122,55 @@ def train_stage(
         best_checkpoint=best,
         metrics=metrics,
     )
+
+
+def _fit(
+    config: Config,
+    module: NaicsEmbedder,
+    datamodule: NaicsDataModule,
+    run_group: str,
+    checkpoint_dir: Path,
+    run_id: str | None,
+    resume_checkpoint: Path | None,
+) -> tuple[L.Trainer, ModelCheckpoint]:
+    """The configured Trainer, fitted; with a ``run_id`` (rank 0) it logs to that run."""
+    name = datamodule.curriculum.name
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir,
+        filename=f"{name}-{{epoch:02d}}-{{val_loss:.4f}}",
+        monitor="val_loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+    )
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    loggers = [TensorBoardLogger(config.dirs.outputs, name=run_group, version=name)]
+    if run_id is not None:
+        callbacks.append(LastCheckpointUpload(run_id, checkpoint_dir))
+        loggers.append(MetricsLogger(run_id))
+    trainer_config = config.training.trainer
+    trainer = L.Trainer(
+        max_epochs=trainer_config.max_epochs,
+        accelerator=trainer_config.accelerator,
+        devices=trainer_config.devices,
+        num_nodes=trainer_config.num_nodes,
+        strategy=trainer_config.strategy,
+        precision=resolve_precision(trainer_config.precision, trainer_config.accelerator),
+        gradient_clip_val=trainer_config.gradient_clip_val,
+        accumulate_grad_batches=trainer_config.accumulate_grad_batches,
+        log_every_n_steps=trainer_config.log_every_n_steps,
+        val_check_interval=trainer_config.val_check_interval,
+        limit_train_batches=trainer_config.limit_train_batches,
+        limit_val_batches=trainer_config.limit_val_batches,
+        reload_dataloaders_every_n_epochs=1,
+        # The data module deals each rank its own anchors (TripletItems.shard).
+        use_distributed_sampler=False,
+        callbacks=callbacks,
+        logger=loggers,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
+    return trainer, checkpoint
 
 
 def _final_metrics(

@@ -1,0 +1,90 @@
+"""What changes when training runs as several processes (Lightning's DDP on torch.distributed).
+
+Lightning starts the other processes of a node by running the same command again; every process
+then runs the same code in step. Rank 0 alone talks to MLflow and writes checkpoints. Where the
+other ranks need an answer only the tracking store has (which stages of a chain are finished,
+which checkpoint resumes an interrupted one), rank 0 decides before training starts and passes
+its answer on in the environment, which the processes Lightning starts inherit.
+
+torch is imported inside the functions that use it: the command line asks for the rank before
+anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+_RANK_ZERO_ANSWER = "NAICS_EMBEDDER_RANK_ZERO_{}"
+
+
+def is_global_zero() -> bool:
+    """Whether this process is rank 0, known before any Trainer exists.
+
+    ``RANK`` is set by torchrun, ``SLURM_PROCID`` by srun; Lightning's own launcher sets
+    ``NODE_RANK`` and ``LOCAL_RANK`` in the processes it starts. A process with none of them is
+    the one a user started: rank 0.
+    """
+    for variable in ("RANK", "SLURM_PROCID"):
+        if variable in os.environ:
+            return int(os.environ[variable]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def rank_zero_answer(question: str, decide: Callable[[], Any]) -> Any:
+    """Rank 0's answer to ``question`` (JSON-serialisable), the same on every rank.
+
+    Rank 0 calls ``decide`` and leaves the answer in its environment, where the processes
+    Lightning starts later find it. A rank started some other way (on another node, say) has no
+    such answer and calls ``decide`` itself, which must then only read the tracking store.
+    """
+    variable = _RANK_ZERO_ANSWER.format(question.upper())
+    if not is_global_zero() and variable in os.environ:
+        return json.loads(os.environ[variable])
+    answer = decide()
+    if is_global_zero():
+        os.environ[variable] = json.dumps(answer)
+    return answer
+
+
+def world_size() -> int:
+    """Processes training together: 1 outside a process group."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order: ``(B, ...) -> (W * B, ...)``.
+
+    Gradients flow back through it: the backward pass sums each rank's gradient for a slice into
+    the rank that owns it, so a loss computed on the gathered tensor trains the encoder of every
+    rank. All ranks must pass the same shape.
+    """
+    import torch
+    import torch.distributed.nn.functional as distributed_functional
+
+    if world_size() == 1:
+        return tensor
+    # torch marks it deprecated in favour of an autograd all-gather in a private module; this is
+    # the public one, and its warning would repeat at every step.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(distributed_functional.all_gather(tensor))
+
+
+def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over ranks, without gradient (for statistics such as expert use)."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    dist.all_reduce(total)
+    return total / world_size()

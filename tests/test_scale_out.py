@@ -1,0 +1,249 @@
+"""Scaling out on real engines: Lightning's DDP over two gloo processes, and a real
+``mlflow server`` subprocess on loopback that concurrent chains share."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from mlflow.tracking import MlflowClient
+
+from naics_mlflow.model.checkpoint import weights_digest
+from tests.commands import environment, error_line, ok, run_cli
+
+TWO_PROCESSES = [
+    "training.trainer.devices=2",
+    "training.trainer.strategy=ddp",
+    "training.trainer.accelerator=cpu",
+]
+BATCH_SIZE = 16  # the tiny conf's data_loader.batch_size
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _all_runs(client: MlflowClient) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, order_by=["attributes.start_time ASC"])
+
+
+def _best_digest(client: MlflowClient, run, folder: Path) -> str:
+    path = client.download_artifacts(
+        run.info.run_id, f"ckpt/{run.data.tags['best_checkpoint']}", str(folder)
+    )
+    return weights_digest(torch.load(path, weights_only=True)["state_dict"])
+
+
+def _write_chain(workdir: Path, name: str, stages: str) -> None:
+    (workdir / "conf" / "text_curriculum" / f"{name}.yaml").write_text(
+        f"chain_name: {name}\nstages:\n{stages}"
+    )
+
+
+# --- data-parallel training -----------------------------------------------------------------
+
+
+def test_two_process_chain_keeps_one_record_and_its_checkpoints_load_anywhere(tiny_workdir):
+    workdir = tiny_workdir
+    ok(run_cli(workdir, "train", "-c", "01_stage"))  # one process
+    chain = ok(
+        run_cli(
+            workdir,
+            "train-curriculum",
+            "--curricula",
+            "02_stage,03_stage",
+            "--from-checkpoint",
+            "01_stage",
+            *TWO_PROCESSES,
+        )
+    )
+    assert chain.stdout.count("parent run") == 1  # rank 0 alone reports
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    runs = _all_runs(client)
+    # One run for the single stage, then the chain's parent and its two stages: rank 1 opened none.
+    assert [r.data.tags.get("stage", r.data.tags.get("role")) for r in runs] == [
+        "01_stage",
+        "chain",
+        "02_stage",
+        "03_stage",
+    ]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    single, _, second, third = runs
+    # A one-process checkpoint starts a two-process stage ...
+    assert second.data.tags["init_weights_digest"] == _best_digest(client, single, workdir / "d")
+    for stage in (second, third):
+        metrics, params = stage.data.metrics, stage.data.params
+        assert params["training.trainer.devices"] == "2"
+        local_pool = BATCH_SIZE * (1 + int(params["curriculum.n_negatives"]))
+        assert metrics["train/global_batch/global_batch_size"] == 2 * BATCH_SIZE
+        assert metrics["train/global_batch/global_k_negatives"] == 2 * local_pool
+        assert metrics["train/global_batch/global_hard_negatives_used"] == 0
+    # ... and a two-process checkpoint serves in one process.
+    found = ok(run_cli(workdir, "search", "grow soybeans", "--from-checkpoint", "03_stage"))
+    assert len(found.stdout.strip().splitlines()) == 1 + 5
+
+
+# --- a shared tracking server ---------------------------------------------------------------
+
+
+@pytest.fixture()
+def tracking_server(tmp_path: Path):
+    """``mlflow server`` on a free loopback port with a sqlite backend and an artifact root in
+    ``tmp_path``; stopped at the end."""
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"),
+                *("--port", str(port), "--workers", "1"),
+                *("--backend-store-uri", f"sqlite:///{tmp_path}/server.db"),
+                *("--artifacts-destination", str(tmp_path / "server-artifacts")),
+            ],
+            cwd=tmp_path,
+            env=environment(tmp_path, tracking_uri=None),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not start in 90 s"
+            try:
+                if requests.get(f"{uri}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_concurrent_chains_share_a_tracking_server(tiny_workdir, tracking_server):
+    workdir = tiny_workdir
+    _write_chain(workdir, "chain_a", "  - name: 01_stage\n  - name: 02_stage\n")
+    _write_chain(workdir, "chain_b", "  - name: 02_stage\n    learning_rate: 1e-2\n")
+    env = environment(workdir, tracking_server)
+    chains = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "naics_mlflow", "train-curriculum", "--chain", name],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("chain_a", "chain_b")
+    }
+    for process in chains.values():
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-4000:]
+
+    client = MlflowClient(tracking_server)
+    runs = _all_runs(client)
+    parents = {r.data.tags["chain"]: r for r in runs if r.data.tags.get("role") == "chain"}
+    assert sorted(parents) == ["chain_a", "chain_b"]
+    stage_runs = [r for r in runs if "stage" in r.data.tags]
+    assert sorted((r.data.tags["chain"], r.data.tags["stage"]) for r in stage_runs) == [
+        ("chain_a", "01_stage"),
+        ("chain_a", "02_stage"),
+        ("chain_b", "02_stage"),
+    ]
+    for run in stage_runs:
+        chain = run.data.tags["chain"]
+        assert run.data.tags["mlflow.parentRunId"] == parents[chain].info.run_id
+        assert run.info.status == "FINISHED"
+        # The logged best checkpoint is the one this chain wrote, not the other's.
+        sequence = "01-02" if chain == "chain_a" else "02"
+        local = (
+            workdir
+            / "checkpoints"
+            / f"sequential_{sequence}_{chain}"
+            / run.data.tags["stage"]
+            / run.data.tags["best_checkpoint"]
+        )
+        local_digest = weights_digest(torch.load(local, weights_only=True)["state_dict"])
+        assert _best_digest(client, run, workdir / "dl" / chain) == local_digest
+
+    # Discovery by stage name picks the lowest best_val_loss of both chains, over HTTP.
+    second_stages = [r for r in stage_runs if r.data.tags["stage"] == "02_stage"]
+    best = min(second_stages, key=lambda r: r.data.metrics["best_val_loss"])
+    ok(
+        run_cli(
+            workdir,
+            "train",
+            "-c",
+            "03_stage",
+            "--from-checkpoint",
+            "02_stage",
+            tracking_uri=tracking_server,
+        )
+    )
+    (third,) = [r for r in _all_runs(client) if r.data.tags.get("stage") == "03_stage"]
+    assert third.data.tags["init_weights_digest"] == _best_digest(client, best, workdir / "best")
+    listed = ok(run_cli(workdir, "runs", "--stage", "02_stage", tracking_uri=tracking_server))
+    assert len(listed.stdout.strip().splitlines()) == 1 + 2
+    served = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import mlflow, pandas as pd\n"
+            f"model = mlflow.pyfunc.load_model('runs:/{parents['chain_b'].info.run_id}/model')\n"
+            "print(len(model.predict(pd.DataFrame({'text': ['grow soybeans']}))))",
+        ],
+        cwd=workdir,
+        env=environment(workdir, tracking_server),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert served.returncode == 0, served.stderr[-2000:]
+    assert served.stdout.strip().splitlines()[-1] == "5"
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_error(503, "maintenance")
+
+    def log_message(self, *args) -> None:
+        """Quiet."""
+
+
+@pytest.fixture()
+def refusing_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_tracking_server_that_is_down_or_refuses_fails_in_one_line(tiny_workdir, refusing_server):
+    down = f"http://127.0.0.1:{_free_port()}"
+    for command in (["runs"], ["train", "-c", "01_stage"]):
+        started = time.monotonic()
+        line = error_line(run_cli(tiny_workdir, *command, tracking_uri=down))
+        assert time.monotonic() - started < 30
+        assert line.startswith(f"error: cannot reach the MLflow tracking server at {down} ")
+    line = error_line(run_cli(tiny_workdir, "runs", tracking_uri=refusing_server))
+    assert line.startswith(f"error: the MLflow tracking server at {refusing_server} refused")
+    assert "HTTP 503" in line
