@@ -158,6 +158,7 @@ class TrainingConfig:
     learning_rate: float
     weight_decay: float
     warmup_steps: int
+    max_nonfinite_steps: int
     trainer: TrainerConfig
 
 
@@ -186,9 +187,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, tree: dict[str, Any], source: str = "a saved configuration") -> Config:
-        """Rebuild a configuration saved with :meth:`to_dict` (in a checkpoint, say)."""
+        """Rebuild a configuration saved with :meth:`to_dict` (in a checkpoint, say); keys added
+        since it was saved take the values in ``KEYS_ADDED_SINCE_SAVED``."""
         check_layer(tree, source)
-        config = _build(cls, tree, source)
+        config = _build(cls, merge(KEYS_ADDED_SINCE_SAVED, tree), source)
         _check_cross_field(config)
         return config
 
@@ -200,6 +202,13 @@ class Config:
         """A short stable digest of every value, to tag runs made with the same configuration."""
         payload = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(payload).hexdigest()[:12]
+
+
+# Keys added to the schema after checkpoints were saved without them, with the value that
+# reproduces how those checkpoints were trained (not necessarily today's default).
+KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {
+    "training": {"max_nonfinite_steps": 0},  # training stopped at the first non-finite loss
+}
 
 
 # Values that must be strictly positive: a zero or negative size is never meaningful.
@@ -239,6 +248,7 @@ _NON_NEGATIVE_KEYS = {
     "loss.fn_curriculum_start_epoch",
     "training.weight_decay",
     "training.warmup_steps",
+    "training.max_nonfinite_steps",
 }
 _CHOICES = {
     "training.optimizer": ("adamw", "riemannian_adam"),

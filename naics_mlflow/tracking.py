@@ -269,7 +269,16 @@ def has_checkpoint(run: Run, name: str) -> bool:
 
 
 def download_checkpoint(run: Run, name: str, download_dir: Path) -> Path:
-    """``ckpt/<name>`` of ``run`` as a local file in ``download_dir``."""
+    """``ckpt/<name>`` of ``run`` as a local file in ``download_dir``.
+
+    ``name`` often comes from a tag anyone with access to the store can edit: it must be a plain
+    file name, so the download cannot land outside ``download_dir``.
+    """
+    if name in {"", ".", ".."} or Path(name).name != name or "\\" in name:
+        raise CheckpointReferenceError(
+            f"run {run.info.run_id} names checkpoint {name!r}, which is not a file name in "
+            f"{CHECKPOINT_ARTIFACT_PATH}/; fix the run's best_checkpoint tag"
+        )
     local = mlflow.artifacts.download_artifacts(
         run_id=run.info.run_id,
         artifact_path=f"{CHECKPOINT_ARTIFACT_PATH}/{name}",

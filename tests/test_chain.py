@@ -3,6 +3,7 @@ resumption, all against real sqlite stores and real subprocesses."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from naics_mlflow.model.checkpoint import weights_digest
+from naics_mlflow import tracking
+from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT, weights_digest
+from naics_mlflow.training.chain import stage_start
 from tests.commands import environment, ok, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -243,7 +246,8 @@ def _stage_runs(workdir: Path, stage: str) -> list:
     return _runs(workdir, f"tags.stage = '{stage}'")
 
 
-def test_killed_chain_resumes_where_it_stopped(workdir):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
     _write_chain(
         workdir,
         "chain_kill",
@@ -269,12 +273,23 @@ def test_killed_chain_resumes_where_it_stopped(workdir):
             ):
                 break
             time.sleep(0.2)
-        assert process.poll() is None, "the chain ended before it could be killed"
-        os.killpg(process.pid, signal.SIGKILL)
+        assert process.poll() is None, "the chain ended before it could be stopped"
+        os.killpg(process.pid, stop)  # Ctrl-C reaches the whole foreground process group
+        stopped = time.monotonic()
+        process.wait(timeout=60)
     finally:
-        process.wait()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode != 0
     (killed,) = _stage_runs(workdir, "02_stage")
-    assert killed.info.status == "RUNNING"  # what a dead process leaves behind
+    if stop == signal.SIGINT:
+        assert time.monotonic() - stopped < 30
+        assert killed.info.status == "KILLED"
+        (parent,) = _runs(workdir, "tags.role = 'chain'")
+        assert parent.info.status == "KILLED"
+    else:
+        assert killed.info.status == "RUNNING"  # what a dead process leaves behind
     (stage_one,) = _stage_runs(workdir, "01_stage")
 
     ok(run_cli(workdir, "train-curriculum", "--chain", "chain_kill"))
@@ -293,3 +308,41 @@ def test_killed_chain_resumes_where_it_stopped(workdir):
     assert len(_stage_runs(workdir, "01_stage")) == 2
     assert len(_stage_runs(workdir, "02_stage")) == 3
     assert len(_runs(workdir, "tags.role = 'chain'")) == 2
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch) -> MlflowClient:
+    """A sqlite store in ``tmp_path`` that this process's tracking functions use."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def _interrupted_run(client: MlflowClient, tmp_path: Path, last_ckpt: bytes) -> str:
+    experiment = tracking.use_experiment("naics-embedder")
+    run = client.create_run(experiment, tags={"chain_hash": "abc", "stage": "02_stage"})
+    folder = tmp_path / run.info.run_id
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(last_ckpt)
+    client.log_artifact(run.info.run_id, str(folder / "last.ckpt"), "ckpt")
+    client.set_terminated(run.info.run_id, "KILLED")
+    return run.info.run_id
+
+
+def test_a_partially_uploaded_last_checkpoint_is_never_resumed(store, tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"naics_embedder": {"format": CHECKPOINT_FORMAT}}, buffer)
+    whole = _interrupted_run(store, tmp_path, buffer.getvalue())
+    _interrupted_run(store, tmp_path, buffer.getvalue()[:200])  # later, and cut short
+
+    start = stage_start("abc", "02_stage", tmp_path / "downloads")
+    assert start.interrupted_run_id == whole
+    assert torch.load(start.resume_checkpoint, weights_only=True)["naics_embedder"]
+
+
+def test_a_checkpoint_tag_cannot_reach_outside_the_download_folder(store, tmp_path):
+    experiment = tracking.use_experiment("naics-embedder")
+    run = store.get_run(store.create_run(experiment).info.run_id)
+    with pytest.raises(tracking.CheckpointReferenceError, match="not a file name"):
+        tracking.download_checkpoint(run, "../../escaped.ckpt", tmp_path / "downloads")
+    assert not list(tmp_path.rglob("escaped.ckpt"))

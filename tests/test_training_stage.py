@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import subprocess
@@ -16,7 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow import tracking
-from naics_mlflow.config import load_config
+from naics_mlflow.config import Config, load_config, merge
 from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule, in_batch_negatives
 from naics_mlflow.data.tokenization import (
@@ -30,6 +31,7 @@ from naics_mlflow.model.checkpoint import CheckpointError
 from naics_mlflow.model.encoder import load_tokenizer, semantic_mean
 from naics_mlflow.model.lorentz import distance_to_origin, manifold_violation, pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
+from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
 from naics_mlflow.training.stage import resolve_precision, train_stage
 from tests.commands import environment, error_line, run_cli
 
@@ -218,15 +220,103 @@ def test_a_diverging_loss_stops_the_stage_with_one_line(tmp_path, tiny_overrides
         str(CONFIG),
         *tiny_overrides,
         "loss.temperature=1e-45",
+        "training.max_nonfinite_steps=1",
     )
     assert error_line(result) == (
-        "error: the training loss became nan at epoch 0, step 0; lower training.learning_rate "
-        "(now 0.001) or raise loss.temperature (now 1e-45); checkpoints of earlier epochs are kept"
+        "error: the training loss was nan for 2 steps in a row (epoch 0, batch 1), more than "
+        "training.max_nonfinite_steps (1); lower training.learning_rate (now 0.001) or raise "
+        "loss.temperature (now 1e-45); checkpoints of earlier epochs are kept"
     )
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED"
     assert "NonFiniteLossError" in run.data.tags["error"]
+    assert run.data.metrics["train/nonfinite_steps"] == 1
+
+
+def test_a_nonfinite_step_changes_neither_weights_nor_optimiser_state(tiny_setup):
+    config, datamodule = tiny_setup
+    batch = _fixed_batch(datamodule)
+    module = NaicsEmbedder(config.to_dict())
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=0.1)
+    before = {name: t.clone() for name, t in module.encoder.trainable_state_dict().items()}
+
+    def closure(step_batch):
+        def run():
+            optimizer.zero_grad()
+            loss = module.training_step(step_batch, 0)
+            loss.backward()
+            return loss
+
+        return run
+
+    diverged = Config.from_dict(merge(config.to_dict(), {"loss": {"temperature": 1e-45}}))
+    module.config = diverged
+    module.optimizer_step(0, 0, optimizer, closure(batch))
+    assert module.nonfinite_steps == 1 and not optimizer.state
+    for name, tensor in module.encoder.trainable_state_dict().items():
+        assert tensor.equal(before[name]), name
+
+    module.config = config  # a finite loss steps again and resets the run of bad steps
+    module.optimizer_step(0, 1, optimizer, closure(batch))
+    assert module.nonfinite_in_a_row == 0 and optimizer.state
+    changed = module.encoder.trainable_state_dict()
+    assert any(not changed[name].equal(before[name]) for name in before)
+
+
+def test_an_unknown_backbone_offline_fails_in_one_line(tmp_path, tiny_overrides):
+    result = run_cli(
+        tmp_path,
+        "train",
+        "-c",
+        "01_stage",
+        "--config",
+        str(CONFIG),
+        *tiny_overrides,
+        "model.base_model_name=no-such-org/no-such-model",
+    )
+    line = error_line(result)
+    assert line.startswith("error: cannot load backbone 'no-such-org/no-such-model' (")
+    assert line.endswith(
+        "use a local model folder or 'sentence-transformers/all-MiniLM-L6-v2', "
+        "which ships with the project"
+    )
+
+
+def test_an_unwritable_checkpoint_folder_fails_before_training(tmp_path, tiny_overrides):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli(
+        tmp_path,
+        "train",
+        "-c",
+        "01_stage",
+        "--config",
+        str(CONFIG),
+        *tiny_overrides,
+        f"dirs.checkpoints={blocker}/checkpoints",
+    )
+    line = error_line(result)
+    assert line.startswith(f"error: cannot write checkpoints to {blocker}/checkpoints/single_")
+    assert line.endswith("(Not a directory); set dirs.checkpoints to a writable folder")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    writer = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    writer.save_checkpoint({"epoch": 1}, target)
+
+    def disk_fills_up(checkpoint, path):
+        Path(path).write_bytes(b"PK\x03\x04 the first bytes of a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    with pytest.raises(OSError, match="No space left"):
+        writer.save_checkpoint({"epoch": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"epoch": 1}
 
 
 # --- model and loss behaviour ---------------------------------------------------------------

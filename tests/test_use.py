@@ -222,6 +222,15 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
             f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"text": " "}]}
         )
         assert status == 400 and "query 1 is empty" in body["message"]
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_records": [{"text": "bakery"}], "params": {"top_k": 1000}},
+        )
+        assert status == 400 and "top_k must be between 1 and 100" in body["message"]
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"query": "bakery"}]}
+        )
+        assert status == 400 and "text" in body["message"]  # the schema names the missing column
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

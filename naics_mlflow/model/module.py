@@ -57,6 +57,9 @@ class NaicsEmbedder(L.LightningModule):
         self.code_clusters: torch.Tensor | None = None  # (N,) k-means ids for false negatives
         # (N, N) bool, [a, j] True when code j is a positive of anchor a: masks global negatives.
         self.positive_pairs: torch.Tensor | None = None
+        self.nonfinite_steps = 0  # steps skipped for a NaN or infinite loss, this run
+        self.nonfinite_in_a_row = 0
+        self.skip_optimizer_step = False
         # Rows and embeddings of the codes the last validation epoch evaluated (for pictures).
         self.last_evaluated: tuple[np.ndarray, torch.Tensor] | None = None
 
@@ -177,18 +180,12 @@ class NaicsEmbedder(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self._losses(batch)
         finite = torch.isfinite(losses["total_loss"])
-        # Every rank stops together: a rank that went on alone would wait forever for the others.
+        # All ranks decide together: a rank that skipped or stopped alone would leave the others
+        # waiting in a collective operation.
         if mean_over_ranks(finite.float()) < 1:
-            # Stop at once: optimising on NaN or inf would overwrite the weights with garbage,
-            # and the checkpoints written so far are still good.
-            training, loss = self.config.training, self.config.loss
-            value = "non-finite on another rank" if finite else losses["total_loss"].item()
-            raise NonFiniteLossError(
-                f"the training loss became {value} at epoch "
-                f"{self.current_epoch}, step {self.global_step}; lower training.learning_rate "
-                f"(now {training.learning_rate:g}) or raise loss.temperature (now "
-                f"{loss.temperature:g}); checkpoints of earlier epochs are kept"
-            )
+            value = losses["total_loss"].item() if not finite else "non-finite on another rank"
+            return self._skip_nonfinite_step(value, batch_idx)
+        self.nonfinite_in_a_row = 0
         batch_size = len(batch["anchor"])
         for name in ("contrastive_loss", "load_balancing_loss", "total_loss"):
             self.log(
@@ -202,6 +199,39 @@ class NaicsEmbedder(L.LightningModule):
         for name, value in losses.get("global_batch", {}).items():
             self.log(f"train/global_batch/{name}", value, batch_size=batch_size)
         return losses["total_loss"]
+
+    def _skip_nonfinite_step(self, value: float | str, batch_idx: int) -> torch.Tensor:
+        """Count a NaN or infinite loss and skip its optimiser step; more than
+        ``training.max_nonfinite_steps`` in a row stop the stage.
+
+        Returns a zero loss over every trainable weight: its backward pass gives zero gradients,
+        so data-parallel ranks still meet in their gradient all-reduce, and
+        :meth:`optimizer_step` then leaves weights and optimiser state untouched.
+        """
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        training, loss = self.config.training, self.config.loss
+        if self.nonfinite_in_a_row > training.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the training loss was {value} for {self.nonfinite_in_a_row} steps in a row "
+                f"(epoch {self.current_epoch}, batch {batch_idx}), more than "
+                f"training.max_nonfinite_steps ({training.max_nonfinite_steps}); lower "
+                f"training.learning_rate (now {training.learning_rate:g}) or raise "
+                f"loss.temperature (now {loss.temperature:g}); checkpoints of earlier epochs are "
+                "kept"
+            )
+        self.skip_optimizer_step = True
+        return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, except after a skipped non-finite loss: the closure (forward and
+        backward) still runs, the update does not."""
+        loss = optimizer_closure()
+        if self.skip_optimizer_step:
+            self.skip_optimizer_step = False
+            return
+        optimizer.step(closure=lambda: loss)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         losses = self._losses(batch)

@@ -15,7 +15,7 @@ from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.taxonomy import load_taxonomy
 from naics_mlflow.distributed import is_global_zero, rank_zero_answer
 from naics_mlflow.evaluation.retrieval import SearchEngine
-from naics_mlflow.model.checkpoint import read_checkpoint, weights_digest
+from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weights_digest
 from naics_mlflow.model.module import load_embedder
 from naics_mlflow.serving import log_search_model
 from naics_mlflow.training.plan import ChainPlan
@@ -65,7 +65,7 @@ def run_chain(
             for start in rank_zero_answer(
                 "chain_stage_starts",
                 lambda: [
-                    asdict(_stage_start(chain_hash, stage.curriculum.name, Path(download_dir)))
+                    asdict(stage_start(chain_hash, stage.curriculum.name, Path(download_dir)))
                     if resume
                     else asdict(StageStart())
                     for stage in plan.stages
@@ -180,7 +180,7 @@ def _earlier_parent_run(chain_hash: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _stage_start(chain_hash: str, stage: str, download_dir: Path) -> StageStart:
+def stage_start(chain_hash: str, stage: str, download_dir: Path) -> StageStart:
     """How ``stage`` of the chain with ``chain_hash`` starts, read from the tracking store: a
     finished run to reuse, else an interrupted run's ``last.ckpt`` (downloaded), else afresh."""
     for run in tracking.search_runs(
@@ -195,5 +195,11 @@ def _stage_start(chain_hash: str, stage: str, download_dir: Path) -> StageStart:
             run, tracking.LAST_CHECKPOINT
         ):
             last = tracking.download_checkpoint(run, tracking.LAST_CHECKPOINT, download_dir)
+            try:
+                read_checkpoint(last)
+            except CheckpointError as exc:
+                # A process killed while uploading leaves a partial file; an older run may do.
+                logger.warning("not resuming from run %s: %s", run.info.run_id, exc)
+                continue
             return StageStart(interrupted_run_id=run.info.run_id, resume_checkpoint=str(last))
     return StageStart()

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from naics_mlflow import tracking
+from naics_mlflow.model.checkpoint import read_checkpoint
 
 
 class MetricsLogger(Logger):
@@ -51,4 +52,12 @@ class LastCheckpointUpload(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and self._last.is_file():
-            tracking.log_checkpoint(self._run_id, self._last)
+            log_verified_checkpoint(self._run_id, self._last)
+
+
+def log_verified_checkpoint(run_id: str, path: Path) -> None:
+    """Upload a checkpoint under ``ckpt/`` once it reads back whole, so that the store never holds
+    a checkpoint a resumed run could not load (Lightning itself writes to a temporary name and
+    renames)."""
+    read_checkpoint(path)
+    tracking.log_checkpoint(run_id, path)

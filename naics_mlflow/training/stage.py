@@ -20,6 +20,7 @@ from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.taxonomy import MIN_LEVEL, Taxonomy
 from naics_mlflow.distributed import is_global_zero
+from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.plots import (
     curve_panels,
     poincare_disk_figure,
@@ -28,7 +29,12 @@ from naics_mlflow.evaluation.plots import (
 )
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
-from naics_mlflow.training.mlflow_logging import LastCheckpointUpload, MetricsLogger
+from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
+from naics_mlflow.training.mlflow_logging import (
+    LastCheckpointUpload,
+    MetricsLogger,
+    log_verified_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +84,14 @@ def train_stage(
     and return None.
     """
     rank_zero = is_global_zero()
-    # The store first: a tracking server that is down fails before seconds of model loading.
+    checkpoint_dir = Path(config.dirs.checkpoints) / run_group / curriculum.name
+    # The store and the folder first: either failing should cost seconds, not a trained epoch.
     experiment_id = tracking.use_experiment(config.mlflow.experiment_name) if rank_zero else None
+    if rank_zero:
+        _check_writable(checkpoint_dir)
     L.seed_everything(config.training.seed, workers=True)
     datamodule = NaicsDataModule(config, curriculum, release, raw_dir)
     module = NaicsEmbedder(config.to_dict())
-    checkpoint_dir = Path(config.dirs.checkpoints) / run_group / curriculum.name
     if not rank_zero:
         # DDP copies rank 0's weights to every rank as training starts: no need to load them.
         _fit(config, module, datamodule, run_group, checkpoint_dir, None, resume_checkpoint)
@@ -110,8 +118,8 @@ def train_stage(
             config, module, datamodule, run_group, checkpoint_dir, run_id, resume_checkpoint
         )
         best = Path(checkpoint.best_model_path)
-        tracking.log_checkpoint(run_id, best)
-        tracking.log_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)
+        log_verified_checkpoint(run_id, best)
+        log_verified_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)
         metrics = _final_metrics(trainer.callback_metrics, checkpoint)
         tracking.set_tags({"best_checkpoint": best.name})
         tracking.log_metrics({"best_val_loss": metrics["best_val_loss"]})
@@ -122,6 +130,22 @@ def train_stage(
         best_checkpoint=best,
         metrics=metrics,
     )
+
+
+class CheckpointFolderError(UserError):
+    """The checkpoint folder cannot be written."""
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise CheckpointFolderError(
+            f"cannot write checkpoints to {folder} ({exc.strerror or type(exc).__name__}); set "
+            "dirs.checkpoints to a writable folder"
+        ) from exc
 
 
 def _fit(
@@ -165,11 +189,13 @@ def _fit(
         reload_dataloaders_every_n_epochs=1,
         # The data module deals each rank its own anchors (TripletItems.shard).
         use_distributed_sampler=False,
+        plugins=[AtomicCheckpointIO()],
         callbacks=callbacks,
         logger=loggers,
         enable_model_summary=False,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint)
+    # weights_only: a resumed checkpoint may come from a shared store; never unpickle code.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint, weights_only=True)
     return trainer, checkpoint
 
 
