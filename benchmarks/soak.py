@@ -98,6 +98,19 @@ def run_chain(workdir: Path, env: dict[str, str], kill_after: float | None, log)
     return "finished" if process.returncode == 0 else "failed"
 
 
+def reached(client: MlflowClient) -> str:
+    """Where the chain was when it was killed: the newest stage run and its last logged epoch."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments, "tags.stage != ''", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not runs:
+        return "before any stage run (data build, start-up)"
+    epoch = runs[0].data.metrics.get("epoch")
+    done = "no epoch logged yet" if epoch is None else f"epoch {int(epoch)} logged"
+    return f"{runs[0].data.tags['stage']}, {done}"
+
+
 def check(workdir: Path, client: MlflowClient, epochs_per_stage: dict[str, int]) -> list[str]:
     problems = []
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -146,6 +159,7 @@ def main() -> None:
     parser.add_argument("--raw-dir", default=os.environ.get("NAICS_RAW_DIR", "../shared/naics2022"))
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     with tempfile.TemporaryDirectory(prefix="naics-soak-") as folder:
         workdir = Path(folder)
         prepare(workdir, Path(args.raw_dir).resolve(), args.epochs)
@@ -155,13 +169,18 @@ def main() -> None:
             "MLFLOW_TRACKING_URI": f"sqlite:///{workdir}/mlflow.db",
             "HF_HUB_OFFLINE": "1",
         }
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         started = time.perf_counter()
         outcomes = []
         with (workdir / "soak.log").open("w") as log:
             while outcomes.count("killed") < args.kills:
                 kill_after = rng.uniform(args.min_seconds, args.max_seconds)
                 outcomes.append(run_chain(workdir, env, kill_after, log))
-                print(f"run {len(outcomes):>3}: {outcomes[-1]} (kill at {kill_after:5.1f} s)")
+                where = reached(client) if (workdir / "mlflow.db").exists() else "no store yet"
+                print(
+                    f"run {len(outcomes):>3}: {outcomes[-1]} after {kill_after:4.1f} s ({where})",
+                    flush=True,
+                )
                 if outcomes[-1] != "killed":
                     break
             if outcomes[-1] == "killed":
@@ -170,7 +189,6 @@ def main() -> None:
         elapsed = time.perf_counter() - started
         chain = (workdir / "conf" / "text_curriculum" / "chain_soak.yaml").read_text()
         counts = [int(line.split(":")[1]) for line in chain.splitlines() if "max_epochs" in line]
-        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
         problems = check(workdir, client, dict(zip(STAGES, counts, strict=True)))
         experiments = [e.experiment_id for e in client.search_experiments()]
         stage_runs = [

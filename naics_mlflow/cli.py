@@ -128,6 +128,22 @@ def _load_stage_curriculum(config_path: str, name: str):
     return load_curriculum(path)
 
 
+_trust_option = click.option(
+    "--trust-checkpoint",
+    "trust_checkpoint",
+    is_flag=True,
+    help="Load a checkpoint that holds Python objects besides weights. Loading them can run code "
+    "from the file: use it only for files you trust.",
+)
+
+
+def _readable_copy(path: Path, trust_checkpoint: bool, download_dir: Path) -> Path:
+    """``path``, or with ``--trust-checkpoint`` a copy of it that loads as weights only."""
+    from naics_mlflow.model.checkpoint import weights_only_copy
+
+    return weights_only_copy(path, download_dir) if trust_checkpoint else path
+
+
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.option("--curriculum", "-c", "curriculum_name", help="Curriculum name, e.g. 01_stage.")
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
@@ -138,6 +154,7 @@ def _load_stage_curriculum(config_path: str, name: str):
     default="",
     help="Initialise from a checkpoint file or a runs:/<run_id>/ckpt URI.",
 )
+@_trust_option
 @click.option("--raw-dir", default=None, help="Census files (default: $NAICS_RAW_DIR, dirs.raw).")
 @_overrides_option
 @click.argument("overrides", nargs=-1)
@@ -147,6 +164,7 @@ def train(
     config_path: str,
     list_curricula: bool,
     from_checkpoint: str,
+    trust_checkpoint: bool,
     raw_dir: str | None,
     overrides_string: str,
     overrides: tuple[str, ...],
@@ -173,7 +191,7 @@ def train(
     import time
 
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
-        init = _checked_checkpoint(from_checkpoint, config, Path(download_dir))
+        init = _checked_checkpoint(from_checkpoint, trust_checkpoint, config, Path(download_dir))
         from naics_mlflow.distributed import rank_zero_answer
         from naics_mlflow.training.stage import train_stage
 
@@ -189,7 +207,9 @@ def train(
         _print_summary(result)
 
 
-def _checked_checkpoint(reference: str, config, download_dir: Path) -> Path | None:
+def _checked_checkpoint(
+    reference: str, trust_checkpoint: bool, config, download_dir: Path
+) -> Path | None:
     """The local file a ``--from-checkpoint`` reference names, checked to fit ``config``; done
     before the training stack is imported, so a bad reference fails within seconds. Every rank
     of a data-parallel run uses the file rank 0 found."""
@@ -199,12 +219,11 @@ def _checked_checkpoint(reference: str, config, download_dir: Path) -> Path | No
     from naics_mlflow.distributed import rank_zero_answer
     from naics_mlflow.model.checkpoint import check_compatible
 
-    path = Path(
-        rank_zero_answer(
-            "init_checkpoint",
-            lambda: str(tracking.resolve_checkpoint(reference, download_dir).path),
-        )
-    )
+    def resolve() -> str:
+        path = tracking.resolve_checkpoint(reference, download_dir).path
+        return str(_readable_copy(path, trust_checkpoint, download_dir))
+
+    path = Path(rank_zero_answer("init_checkpoint", resolve))
     check_compatible(path, config)
     return path
 
@@ -252,6 +271,7 @@ _BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": Fa
     default="",
     help="Start stage 1 from a stage name, a runs:/<run_id>/ckpt URI or a .ckpt file.",
 )
+@_trust_option
 @click.option("--raw-dir", default=None, help="Census files (default: $NAICS_RAW_DIR, dirs.raw).")
 @_overrides_option
 @click.argument("overrides", nargs=-1)
@@ -263,6 +283,7 @@ def train_curriculum(
     resume_word: str,
     no_resume: bool,
     from_checkpoint: str,
+    trust_checkpoint: bool,
     raw_dir: str | None,
     overrides_string: str,
     overrides: tuple[str, ...],
@@ -305,7 +326,9 @@ def train_curriculum(
         config_path, directory, chain, names, [*shlex.split(overrides_string), *overrides]
     )
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
-        init = _checked_checkpoint(from_checkpoint, plan.stages[0].config, Path(download_dir))
+        init = _checked_checkpoint(
+            from_checkpoint, trust_checkpoint, plan.stages[0].config, Path(download_dir)
+        )
         from naics_mlflow.training.chain import run_chain
 
         result = run_chain(
@@ -385,23 +408,32 @@ def _number(value: float | None) -> str:
 
 # --- using a trained model ------------------------------------------------------------------
 
-_checkpoint_option = click.option(
-    "--from-checkpoint",
-    "reference",
-    required=True,
-    help="A stage name (its best run), a runs:/<run_id>/ckpt URI or a .ckpt file.",
-)
+
+def _checkpoint_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--from-checkpoint`` (as ``reference``) and ``--trust-checkpoint``."""
+    command = _trust_option(command)
+    return click.option(
+        "--from-checkpoint",
+        "reference",
+        required=True,
+        help="A stage name (its best run), a runs:/<run_id>/ckpt URI or a .ckpt file.",
+    )(command)
 
 
-def _load_engine(reference: str, config_path: str, download_dir: Path):
+def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, download_dir: Path):
     """The checkpoint's model with every code embedded, the taxonomy, and the resolved reference
     (whose run, if any, receives what the command logs)."""
+    import dataclasses
+
     from naics_mlflow import tracking
     from naics_mlflow.config import load_config
     from naics_mlflow.model.checkpoint import read_checkpoint
 
     config = load_config(config_path)
     resolved = tracking.resolve_checkpoint(reference, download_dir)
+    resolved = dataclasses.replace(
+        resolved, path=_readable_copy(resolved.path, trust_checkpoint, download_dir)
+    )
     read_checkpoint(resolved.path)  # a bad file fails before the model stack is imported
 
     from naics_mlflow.data.build import build_data, is_built
@@ -431,7 +463,7 @@ def _load_engine(reference: str, config_path: str, download_dir: Path):
 )
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
 @_reports_user_errors
-def embed(reference: str, out: Path, config_path: str) -> None:
+def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -> None:
     """Lorentz embeddings of all 2,125 codes to parquet (code, level, title, embedding); logged
     to the checkpoint's run when the reference names one."""
     import tempfile
@@ -442,7 +474,9 @@ def embed(reference: str, out: Path, config_path: str) -> None:
     from naics_mlflow import tracking
 
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
-        engine, taxonomy, resolved, _ = _load_engine(reference, config_path, Path(download_dir))
+        engine, taxonomy, resolved, _ = _load_engine(
+            reference, trust_checkpoint, config_path, Path(download_dir)
+        )
     table = pa.table(
         {
             "code": taxonomy.codes,
@@ -477,7 +511,9 @@ def embed(reference: str, out: Path, config_path: str) -> None:
 )
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
 @_reports_user_errors
-def search(reference: str, text: str, top_k: int, level: str, config_path: str) -> None:
+def search(
+    reference: str, trust_checkpoint: bool, text: str, top_k: int, level: str, config_path: str
+) -> None:
     """The NAICS codes closest to a business description."""
     import tempfile
 
@@ -486,7 +522,7 @@ def search(reference: str, text: str, top_k: int, level: str, config_path: str) 
     chosen_level = None if level == "any" else int(level)
     check_request([text], top_k, chosen_level)
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
-        engine, *_ = _load_engine(reference, config_path, Path(download_dir))
+        engine, *_ = _load_engine(reference, trust_checkpoint, config_path, Path(download_dir))
     (matches,) = engine.search([text], top_k, chosen_level)
     click.echo(f"{'rank':<5} {'code':<8} {'distance':>8}  title")
     for rank, match in enumerate(matches, start=1):
@@ -506,7 +542,12 @@ def search(reference: str, text: str, top_k: int, level: str, config_path: str) 
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
 @_reports_user_errors
 def evaluate(
-    reference: str, unseen_queries: Path | None, no_baselines: bool, as_json: bool, config_path: str
+    reference: str,
+    trust_checkpoint: bool,
+    unseen_queries: Path | None,
+    no_baselines: bool,
+    as_json: bool,
+    config_path: str,
 ) -> None:
     """Hierarchy metrics over all codes and retrieval on the held-out and unseen query sets, with
     baselines; logged to a run nested under the checkpoint's run."""
@@ -519,7 +560,7 @@ def evaluate(
 
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         engine, taxonomy, resolved, config = _load_engine(
-            reference, config_path, Path(download_dir)
+            reference, trust_checkpoint, config_path, Path(download_dir)
         )
     query_sets = load_query_sets(
         Path(config.dirs.data),
@@ -544,7 +585,9 @@ def evaluate(
 @click.option("--register", "registered_name", default=None, help="Also register it under NAME.")
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
 @_reports_user_errors
-def export(reference: str, registered_name: str | None, config_path: str) -> None:
+def export(
+    reference: str, trust_checkpoint: bool, registered_name: str | None, config_path: str
+) -> None:
     """Log the checkpoint as an MLflow model named `model` in the run it came from (a new run
     for a checkpoint file), ready for `mlflow models serve`."""
     import tempfile
@@ -553,7 +596,9 @@ def export(reference: str, registered_name: str | None, config_path: str) -> Non
     from naics_mlflow.serving import log_search_model
 
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
-        engine, _, resolved, config = _load_engine(reference, config_path, Path(download_dir))
+        engine, _, resolved, config = _load_engine(
+            reference, trust_checkpoint, config_path, Path(download_dir)
+        )
         experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
         with tracking.run(experiment_id, "export", {}, reopen_run_id=resolved.run_id):
             uri = log_search_model(resolved.path, engine, registered_name)

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -88,6 +89,38 @@ def test_search_rejects_bad_requests(trained, arguments, expected):
     workdir, _, _, checkpoint = trained
     line = error_line(run_cli(workdir, "search", *arguments, "--from-checkpoint", str(checkpoint)))
     assert line.startswith("error: ") and expected in line
+
+
+class _RunsCode:
+    """Unpickling this creates the file ``marker``: a stand-in for any code a file could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_holding_python_objects_needs_trust_checkpoint(trained):
+    workdir, _, _, checkpoint = trained
+    saved = torch.load(checkpoint, weights_only=True)
+    marker = workdir / "code-ran"
+    unsafe = workdir / "unsafe.ckpt"
+    torch.save({**saved, "note": _RunsCode(marker)}, unsafe)
+
+    line = error_line(run_cli(workdir, "search", "bakery", "--from-checkpoint", str(unsafe)))
+    assert line == (
+        f"error: {unsafe} holds Python objects besides weights, and loading them could run "
+        "code; pass --trust-checkpoint only if you trust where it came from"
+    )
+    assert not marker.exists()
+
+    trusted = ok(
+        run_cli(workdir, "search", "bakery", "--from-checkpoint", str(unsafe), "--trust-checkpoint")
+    )
+    assert marker.exists()  # trusted, it was unpickled in full
+    plain = ok(run_cli(workdir, "search", "bakery", "--from-checkpoint", str(checkpoint)))
+    assert trusted.stdout == plain.stdout  # the same weights
 
 
 def test_search_with_a_checkpoint_of_another_model(trained):

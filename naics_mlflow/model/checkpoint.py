@@ -7,6 +7,7 @@ the training stack is imported.
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -30,7 +31,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint file without executing code from it (``weights_only``)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
+        raise CheckpointError(
+            f"{path} holds Python objects besides weights, and loading them could run code; pass "
+            "--trust-checkpoint only if you trust where it came from"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from exc
     if not isinstance(checkpoint, dict) or "naics_embedder" not in checkpoint:
@@ -42,6 +50,34 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f"{CHECKPOINT_FORMAT}; train it again, or use the naics-embedder version that wrote it"
         )
     return checkpoint
+
+
+def weights_only_copy(path: Path, folder: Path) -> Path:
+    """A copy of a checkpoint the user trusts, in ``folder``, that loads with ``weights_only``.
+
+    The one place a checkpoint is fully unpickled, which can run code from it: only for
+    ``--trust-checkpoint``. The copy keeps the tensors of the state dict, the saved settings as
+    plain data and the format record, so everything after this reads it safely.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
+    if not isinstance(checkpoint, dict) or "naics_embedder" not in checkpoint:
+        raise CheckpointError(f"{path}: not a naics-embedder checkpoint")
+    plain = {
+        "state_dict": {
+            name: tensor
+            for name, tensor in checkpoint.get("state_dict", {}).items()
+            if isinstance(tensor, torch.Tensor)
+        },
+        "hyper_parameters": json.loads(json.dumps(checkpoint.get("hyper_parameters"), default=str)),
+        "naics_embedder": json.loads(json.dumps(checkpoint["naics_embedder"], default=str)),
+    }
+    copy = folder / f"weights-only-{path.name}"
+    torch.save(plain, copy)
+    read_checkpoint(copy)
+    return copy
 
 
 # Model settings a checkpoint's weights depend on: any difference makes them unusable.
