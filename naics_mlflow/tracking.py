@@ -142,6 +142,13 @@ def run(
     except (KeyboardInterrupt, SystemExit):
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
+    except TrackingStoreError:
+        # The store is gone: recording the failure would retry for minutes, here and again in the
+        # exit hook with which MLflow ends active runs, so that hook gets one quick try only. The
+        # run reads RUNNING, and the next run of the same chain marks it KILLED and resumes it.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(SERVER_CHECK_TIMEOUT_S)
+        raise
     except BaseException as exc:
         mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
@@ -178,9 +185,25 @@ def log_artifact(path: Path, artifact_path: str) -> None:
     mlflow.log_artifact(str(path), artifact_path)
 
 
+@contextlib.contextmanager
+def _store_in_use(run_id: str) -> Iterator[None]:
+    """Turn a failure to reach the store while training logs into one line naming it. MLflow has
+    already retried by then (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, minutes with its defaults)."""
+    try:
+        yield
+    except MlflowException as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise TrackingStoreError(
+            f"lost the MLflow tracking store {tracking_uri()} while logging to run {run_id} "
+            f"({reason}); local checkpoints are kept: once the store is back, rerun the same "
+            "command (train-curriculum resumes the stage)"
+        ) from exc
+
+
 def log_file_to_run(run_id: str, path: Path, artifact_path: str) -> None:
     """Upload a file into a run that need not be active (a finished stage run, say)."""
-    MlflowClient().log_artifact(run_id, str(path), artifact_path)
+    with _store_in_use(run_id):
+        MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 
 def log_checkpoint(run_id: str, path: Path) -> None:
@@ -191,7 +214,8 @@ def log_metric_batch(run_id: str, metrics: Mapping[str, float], step: int) -> No
     """Metrics of one step to a run that need not be the active one (Lightning logs from hooks)."""
     timestamp = int(time.time() * 1000)
     batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
-    MlflowClient().log_batch(run_id, metrics=batch)
+    with _store_in_use(run_id):
+        MlflowClient().log_batch(run_id, metrics=batch)
 
 
 class CheckpointReferenceError(UserError):

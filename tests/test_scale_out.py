@@ -12,13 +12,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import requests
 import torch
 from mlflow.tracking import MlflowClient
 
-from naics_mlflow.model.checkpoint import weights_digest
+from naics_mlflow.model.checkpoint import read_checkpoint, weights_digest
 from tests.commands import environment, error_line, ok, run_cli
 
 TWO_PROCESSES = [
@@ -100,10 +101,15 @@ def test_two_process_chain_keeps_one_record_and_its_checkpoints_load_anywhere(ti
 # --- a shared tracking server ---------------------------------------------------------------
 
 
+class TrackingServer(NamedTuple):
+    uri: str
+    process: subprocess.Popen
+
+
 @pytest.fixture()
 def tracking_server(tmp_path: Path):
     """``mlflow server`` on a free loopback port with a sqlite backend and an artifact root in
-    ``tmp_path``; stopped at the end."""
+    ``tmp_path``; stopped at the end unless a test stopped it."""
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "server.log"
@@ -132,17 +138,19 @@ def tracking_server(tmp_path: Path):
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
-        yield uri
+        yield TrackingServer(uri, server)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
 
 
 def test_concurrent_chains_share_a_tracking_server(tiny_workdir, tracking_server):
     workdir = tiny_workdir
+    server = tracking_server.uri
     _write_chain(workdir, "chain_a", "  - name: 01_stage\n  - name: 02_stage\n")
     _write_chain(workdir, "chain_b", "  - name: 02_stage\n    learning_rate: 1e-2\n")
-    env = environment(workdir, tracking_server)
+    env = environment(workdir, server)
     chains = {
         name: subprocess.Popen(
             [sys.executable, "-m", "naics_mlflow", "train-curriculum", "--chain", name],
@@ -158,7 +166,7 @@ def test_concurrent_chains_share_a_tracking_server(tiny_workdir, tracking_server
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, stderr[-4000:]
 
-    client = MlflowClient(tracking_server)
+    client = MlflowClient(server)
     runs = _all_runs(client)
     parents = {r.data.tags["chain"]: r for r in runs if r.data.tags.get("role") == "chain"}
     assert sorted(parents) == ["chain_a", "chain_b"]
@@ -195,12 +203,12 @@ def test_concurrent_chains_share_a_tracking_server(tiny_workdir, tracking_server
             "03_stage",
             "--from-checkpoint",
             "02_stage",
-            tracking_uri=tracking_server,
+            tracking_uri=server,
         )
     )
     (third,) = [r for r in _all_runs(client) if r.data.tags.get("stage") == "03_stage"]
     assert third.data.tags["init_weights_digest"] == _best_digest(client, best, workdir / "best")
-    listed = ok(run_cli(workdir, "runs", "--stage", "02_stage", tracking_uri=tracking_server))
+    listed = ok(run_cli(workdir, "runs", "--stage", "02_stage", tracking_uri=server))
     assert len(listed.stdout.strip().splitlines()) == 1 + 2
     served = subprocess.run(
         [
@@ -211,13 +219,46 @@ def test_concurrent_chains_share_a_tracking_server(tiny_workdir, tracking_server
             "print(len(model.predict(pd.DataFrame({'text': ['grow soybeans']}))))",
         ],
         cwd=workdir,
-        env=environment(workdir, tracking_server),
+        env=environment(workdir, server),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert served.returncode == 0, served.stderr[-2000:]
     assert served.stdout.strip().splitlines()[-1] == "5"
+
+
+def test_a_tracking_server_lost_mid_run_ends_the_stage_in_one_line(tiny_workdir, tracking_server):
+    env = environment(tiny_workdir, tracking_server.uri)
+    env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # MLflow's own retries would take minutes
+    training = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "naics_mlflow", "train", "-c", "01_stage"),
+            "training.trainer.max_epochs=500",
+        ],
+        cwd=tiny_workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient(tracking_server.uri)
+    deadline = time.monotonic() + 120
+    while not any(run.data.metrics.get("epoch", 0) >= 1 for run in _all_runs(client)):
+        assert training.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+    os.killpg(tracking_server.process.pid, signal.SIGKILL)
+    tracking_server.process.wait()
+    lost = time.monotonic()
+    _, stderr = training.communicate(timeout=120)
+    assert time.monotonic() - lost < 60
+    assert training.returncode == 2
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        f"error: lost the MLflow tracking store {tracking_server.uri} while logging to run "
+    )
+    (last,) = (tiny_workdir / "checkpoints").rglob("last.ckpt")
+    assert read_checkpoint(last)["naics_embedder"]  # the training state on disk still loads
 
 
 class _Refusing(http.server.BaseHTTPRequestHandler):

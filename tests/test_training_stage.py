@@ -31,7 +31,7 @@ from naics_mlflow.model.checkpoint import CheckpointError
 from naics_mlflow.model.encoder import load_tokenizer, semantic_mean
 from naics_mlflow.model.lorentz import distance_to_origin, manifold_violation, pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
-from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
+from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.stage import resolve_precision, train_stage
 from tests.commands import environment, error_line, run_cli
 
@@ -313,10 +313,15 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_one_whole(tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_fills_up)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointWriteError) as failure:
         writer.save_checkpoint({"epoch": 2}, target)
     monkeypatch.undo()
+    assert str(failure.value).startswith(
+        f"cannot write checkpoint {target} (No space left on device); the checkpoints written "
+        "before it are whole"
+    )
     assert torch.load(target, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no .partial left behind
 
 
 # --- model and loss behaviour ---------------------------------------------------------------

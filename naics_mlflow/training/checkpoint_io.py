@@ -9,6 +9,12 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from naics_mlflow.errors import UserError
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint folder that cannot be written (permissions, a full disk)."""
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint to ``<name>.partial`` beside it, then rename it into place.
@@ -22,7 +28,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.name}.partial")
-        torch.save(checkpoint, partial)
-        os.replace(partial, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(checkpoint, partial)
+            os.replace(partial, target)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {target} ({exc.strerror or type(exc).__name__}); the "
+                "checkpoints written before it are whole: free space or set dirs.checkpoints to a "
+                "writable folder, then rerun to resume"
+            ) from exc

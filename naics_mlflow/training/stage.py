@@ -20,7 +20,6 @@ from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.taxonomy import MIN_LEVEL, Taxonomy
 from naics_mlflow.distributed import is_global_zero
-from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.plots import (
     curve_panels,
     poincare_disk_figure,
@@ -29,7 +28,7 @@ from naics_mlflow.evaluation.plots import (
 )
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
-from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
+from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.mlflow_logging import (
     LastCheckpointUpload,
     MetricsLogger,
@@ -132,17 +131,13 @@ def train_stage(
     )
 
 
-class CheckpointFolderError(UserError):
-    """The checkpoint folder cannot be written."""
-
-
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise CheckpointFolderError(
+        raise CheckpointWriteError(
             f"cannot write checkpoints to {folder} ({exc.strerror or type(exc).__name__}); set "
             "dirs.checkpoints to a writable folder"
         ) from exc
