@@ -166,7 +166,7 @@ def _fit(
     loggers = [TensorBoardLogger(config.dirs.outputs, name=run_group, version=name)]
     if run_id is not None:
         callbacks.append(LastCheckpointUpload(run_id, checkpoint_dir))
-        loggers.append(MetricsLogger(run_id))
+        loggers.insert(0, MetricsLogger(run_id))  # the first logger names the run on screen
     trainer_config = config.training.trainer
     trainer = L.Trainer(
         max_epochs=trainer_config.max_epochs,
