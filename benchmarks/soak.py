@@ -36,29 +36,9 @@ from naics_mlflow.data.build import build_data  # noqa: E402
 from naics_mlflow.data.census import load_release  # noqa: E402
 from naics_mlflow.data.taxonomy import load_taxonomy  # noqa: E402
 from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
-from tests.conftest import make_tiny_backbone, write_tiny_conf  # noqa: E402
+from tests.conftest import make_tiny_backbone, tiny_settings, write_tiny_conf  # noqa: E402
 
 STAGES = ("01_stage", "02_stage")
-
-
-def tiny_overrides(backbone: Path, data_dir: Path) -> list[str]:
-    return [
-        f"model.base_model_name={backbone}",
-        f"dirs.data={data_dir}",
-        "model.embedding_dim=16",
-        "model.lora.r=2",
-        "model.lora.alpha=4",
-        "model.moe.num_experts=2",
-        "model.moe.top_k=1",
-        "model.moe.hidden_dim=32",
-        "data_loader.tokenization.title_max_length=16",
-        "data_loader.tokenization.description_max_length=32",
-        "data_loader.tokenization.excluded_max_length=32",
-        "data_loader.tokenization.examples_max_length=32",
-        "training.learning_rate=1e-3",
-        "training.warmup_steps=2",
-        "training.trainer.log_every_n_steps=1",
-    ]
 
 
 def prepare(workdir: Path, raw_dir: Path, epochs: int) -> None:
@@ -68,7 +48,7 @@ def prepare(workdir: Path, raw_dir: Path, epochs: int) -> None:
     scratch = workdir / "scratch-data"
     build_data(raw_dir, scratch, release)
     backbone = make_tiny_backbone(workdir / "tiny-bert", load_taxonomy(scratch))
-    write_tiny_conf(workdir, tiny_overrides(backbone, workdir / "data"))
+    write_tiny_conf(workdir, tiny_settings(backbone, workdir / "data"))
     per_stage = [epochs // len(STAGES) + (i < epochs % len(STAGES)) for i in range(len(STAGES))]
     (workdir / "conf" / "text_curriculum" / "chain_soak.yaml").write_text(
         "chain_name: chain_soak\nstages:\n"

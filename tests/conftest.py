@@ -88,9 +88,13 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory, taxonomy: Taxonomy) 
 
 @pytest.fixture(scope="session")
 def tiny_overrides(tiny_backbone: Path, data_dir: Path) -> list[str]:
+    return tiny_settings(tiny_backbone, data_dir)
+
+
+def tiny_settings(backbone: Path, data_dir: Path) -> list[str]:
     """KEY=VALUE overrides that shrink a run to seconds: tiny backbone, small sizes, 2 epochs."""
     return [
-        f"model.base_model_name={tiny_backbone}",
+        f"model.base_model_name={backbone}",
         f"dirs.data={data_dir}",
         "model.embedding_dim=16",
         "model.lora.r=2",

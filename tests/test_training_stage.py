@@ -209,16 +209,18 @@ def test_failed_training_marks_the_run_failed(tmp_path, monkeypatch, tiny_overri
     assert run.data.tags["error"]
 
 
+def _train_01_stage(workdir: Path, tiny_overrides: list[str], *overrides: str):
+    """``naics-embedder train -c 01_stage`` with the tiny settings and ``overrides``."""
+    return run_cli(
+        workdir, "train", "-c", "01_stage", "--config", str(CONFIG), *tiny_overrides, *overrides
+    )
+
+
 def test_a_diverging_loss_stops_the_stage_with_one_line(tmp_path, tiny_overrides):
     # A temperature this small turns every logit into -inf, so the very first loss is NaN.
-    result = run_cli(
+    result = _train_01_stage(
         tmp_path,
-        "train",
-        "-c",
-        "01_stage",
-        "--config",
-        str(CONFIG),
-        *tiny_overrides,
+        tiny_overrides,
         "loss.temperature=1e-45",
         "training.max_nonfinite_steps=1",
     )
@@ -265,14 +267,9 @@ def test_a_nonfinite_step_changes_neither_weights_nor_optimiser_state(tiny_setup
 
 
 def test_an_unknown_backbone_offline_fails_in_one_line(tmp_path, tiny_overrides):
-    result = run_cli(
+    result = _train_01_stage(
         tmp_path,
-        "train",
-        "-c",
-        "01_stage",
-        "--config",
-        str(CONFIG),
-        *tiny_overrides,
+        tiny_overrides,
         "model.base_model_name=no-such-org/no-such-model",
     )
     line = error_line(result)
@@ -286,14 +283,9 @@ def test_an_unknown_backbone_offline_fails_in_one_line(tmp_path, tiny_overrides)
 def test_an_unwritable_checkpoint_folder_fails_before_training(tmp_path, tiny_overrides):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = run_cli(
+    result = _train_01_stage(
         tmp_path,
-        "train",
-        "-c",
-        "01_stage",
-        "--config",
-        str(CONFIG),
-        *tiny_overrides,
+        tiny_overrides,
         f"dirs.checkpoints={blocker}/checkpoints",
     )
     line = error_line(result)

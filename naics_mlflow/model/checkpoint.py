@@ -27,20 +27,29 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be read, or that belongs to another model."""
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint file without executing code from it (``weights_only``)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc):
-            raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
-        raise CheckpointError(
-            f"{path} holds Python objects besides weights, and loading them could run code; pass "
-            "--trust-checkpoint only if you trust where it came from"
-        ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's weights-only reader refuses anything it cannot read; only a checkpoint archive
+        # that it refuses holds more than weights.
+        if not zipfile.is_zipfile(path):
+            reason = "not a PyTorch checkpoint archive"
+        elif "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"{path} holds Python objects besides weights, and loading them could run code; "
+                "pass --trust-checkpoint only if you trust where it came from"
+            ) from exc
+        else:
+            reason = _first_line(exc)
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
     if not isinstance(checkpoint, dict) or "naics_embedder" not in checkpoint:
         raise CheckpointError(f"{path}: not a naics-embedder checkpoint")
     written_format = checkpoint["naics_embedder"].get("format")
@@ -62,7 +71,7 @@ def weights_only_copy(path: Path, folder: Path) -> Path:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from exc
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
     if not isinstance(checkpoint, dict) or "naics_embedder" not in checkpoint:
         raise CheckpointError(f"{path}: not a naics-embedder checkpoint")
     plain = {

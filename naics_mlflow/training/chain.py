@@ -60,17 +60,17 @@ def run_chain(
     )
     chain_hash = plan.hash(starting_weights)
     with tempfile.TemporaryDirectory(prefix="naics-chain-") as download_dir:
+
+        def read_starts() -> list[dict[str, str | None]]:
+            if not resume:
+                return [asdict(StageStart()) for _ in plan.stages]
+            return [
+                asdict(stage_start(chain_hash, stage.curriculum.name, Path(download_dir)))
+                for stage in plan.stages
+            ]
+
         starts = [
-            StageStart(**start)
-            for start in rank_zero_answer(
-                "chain_stage_starts",
-                lambda: [
-                    asdict(stage_start(chain_hash, stage.curriculum.name, Path(download_dir)))
-                    if resume
-                    else asdict(StageStart())
-                    for stage in plan.stages
-                ],
-            )
+            StageStart(**start) for start in rank_zero_answer("chain_stage_starts", read_starts)
         ]
         if not is_global_zero():
             for stage, start in zip(plan.stages, starts, strict=True):
