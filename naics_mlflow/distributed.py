@@ -27,14 +27,17 @@ _RANK_ZERO_ANSWER = "NAICS_EMBEDDER_RANK_ZERO_{}"
 def is_global_zero() -> bool:
     """Whether this process is rank 0, known before any Trainer exists.
 
-    ``RANK`` is set by torchrun, ``SLURM_PROCID`` by srun; Lightning's own launcher sets
-    ``NODE_RANK`` and ``LOCAL_RANK`` in the processes it starts. A process with none of them is
-    the one a user started: rank 0.
+    ``RANK`` is set by torchrun. Lightning's own launcher sets ``LOCAL_RANK`` (and
+    ``NODE_RANK``) in the processes it starts, which also inherit any ``SLURM_PROCID`` of the
+    job, so those come before it; srun sets ``SLURM_PROCID`` per task. A process with none of
+    them is the one a user started: rank 0.
     """
-    for variable in ("RANK", "SLURM_PROCID"):
-        if variable in os.environ:
-            return int(os.environ[variable]) == 0
-    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+    environ = os.environ
+    if "RANK" in environ:
+        return int(environ["RANK"]) == 0
+    if "LOCAL_RANK" in environ or "NODE_RANK" in environ:
+        return int(environ.get("NODE_RANK", 0)) == 0 and int(environ.get("LOCAL_RANK", 0)) == 0
+    return int(environ.get("SLURM_PROCID", 0)) == 0
 
 
 def rank_zero_answer(question: str, decide: Callable[[], Any]) -> Any:

@@ -10,7 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from naics_mlflow.distributed import gather_across_ranks, mean_over_ranks, world_size
+from naics_mlflow.distributed import (
+    gather_across_ranks,
+    is_global_zero,
+    mean_over_ranks,
+    rank_zero_answer,
+    world_size,
+)
 from naics_mlflow.model.lorentz import expmap0
 from naics_mlflow.model.loss import pool_negative_mask, pooled_infonce
 
@@ -128,3 +134,36 @@ def test_global_negatives_match_one_process_on_the_concatenated_batch(tmp_path, 
     assert ranks[0]["grads_from_rank_1"]["anchor"].abs().sum() == 0
     for result in ranks:
         torch.testing.assert_close(result["expert_use"], torch.tensor([0.5, 0.5]))
+
+
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+@pytest.mark.parametrize(
+    ("environment", "rank_zero"),
+    [
+        ({}, True),  # the process a user started
+        ({"RANK": "0", "LOCAL_RANK": "0"}, True),  # torchrun
+        ({"RANK": "3", "LOCAL_RANK": "1"}, False),
+        ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, False),  # started by Lightning's launcher ...
+        ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False),  # ... inside a SLURM job
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # the first process of the second node
+        ({"SLURM_PROCID": "2"}, False),  # an srun task
+    ],
+)
+def test_rank_zero_is_known_from_the_launchers_environment(monkeypatch, environment, rank_zero):
+    for variable in _RANK_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    assert is_global_zero() is rank_zero
+
+
+def test_other_ranks_take_rank_zeros_answer(monkeypatch):
+    for variable in _RANK_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    # Set first, so that the answer rank 0 leaves in the environment goes when the test ends.
+    monkeypatch.setenv("NAICS_EMBEDDER_RANK_ZERO_CHECKPOINT", "null")
+    assert rank_zero_answer("checkpoint", lambda: {"path": "a.ckpt"}) == {"path": "a.ckpt"}
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning starts, with rank 0's environment
+    assert rank_zero_answer("checkpoint", lambda: {"path": "other.ckpt"}) == {"path": "a.ckpt"}
