@@ -97,6 +97,7 @@ def test_tree_like_embedding_scores_high():
         "val/radius_level_3",
         "val/radius_level_4",
         "val/radius_level_monotonic",
+        "val/radius_depth_spearman",
         "val/manifold_violation_max",
         "val/manifold_valid",
         "val/tangent_variance",
@@ -110,6 +111,7 @@ def test_tree_like_embedding_scores_high():
     for level in (2, 3, 4):
         assert metrics[f"val/radius_level_{level}"] == pytest.approx(level - 1.0, abs=1e-5)
     assert metrics["val/radius_level_monotonic"] == 1.0
+    assert metrics["val/radius_depth_spearman"] == pytest.approx(1.0)
     assert metrics["val/manifold_valid"] == 1.0
     assert metrics["val/manifold_violation_max"] < 1e-5
 
@@ -128,6 +130,7 @@ def test_radius_decreasing_with_level_is_not_monotonic():
     inverted = _tree_like(radius_of_level=lambda level: 7.0 - level)
     metrics = hierarchy_metrics(inverted, TINY_TREE, TINY_LEVELS, CURVATURE)
     assert metrics["val/radius_level_monotonic"] == 0.0
+    assert metrics["val/radius_depth_spearman"] == pytest.approx(-1.0)
     assert monotonic_fraction({2: 1.0, 3: 2.0, 4: 1.5}) == 0.5
     assert monotonic_fraction({2: 1.0, 4: 2.0}) == 1.0  # a missing level is skipped over
 
@@ -170,6 +173,46 @@ def test_collapsed_embedding_reads_zero_without_nan(where: float):
     assert metrics["val/norm_cv"] == 0.0
     assert metrics["val/spearman"] == 0.0
     assert metrics["val/radius_level_monotonic"] == 0.0  # equal radii do not increase
+    assert metrics["val/radius_depth_spearman"] == 0.0
+
+
+def test_collapsed_embedding_scores_low_on_neighbourhoods():
+    """Equal distances rank the least relevant codes first: a collapsed embedding scores exactly
+    what ranking every code's farthest relatives first scores, not what the taxonomy's row order
+    (parents first) would lend it."""
+    points = expmap0(torch.full((len(TINY_CODES), 3), 1.0), CURVATURE)
+    collapsed = hierarchy_metrics(points, TINY_TREE, TINY_LEVELS, CURVATURE)
+    tree = torch.from_numpy(TINY_TREE)
+    farthest_first = ndcg_at((tree.max() - tree).float(), tree, (5, 10))
+    by_row = ndcg_at(torch.arange(len(TINY_CODES)).float().expand(len(TINY_CODES), -1), tree, (5,))
+    for k in (5, 10):
+        assert collapsed[f"val/ndcg_at_{k}"] == pytest.approx(farthest_first[k])
+        assert collapsed[f"val/ndcg_at_{k}"] < 0.5
+    assert by_row[5] > collapsed["val/ndcg_at_5"] + 0.2
+
+
+def test_ndcg_ties_count_against_the_embedding():
+    tree = torch.tensor([[0, 1, 3], [1, 0, 2], [3, 2, 0]])
+    tied = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    worst_first = torch.tensor([[0.0, 2.0, 1.0], [2.0, 0.0, 1.0], [1.0, 2.0, 0.0]])
+    assert ndcg_at(tied, tree, (1, 2)) == ndcg_at(worst_first, tree, (1, 2))
+
+
+def test_collapsed_query_embeddings_hit_no_prefix():
+    """A query at equal distance from every candidate 'predicts' none of them."""
+    metrics = retrieval_metrics(
+        _on_line([0.0, 0.0]),
+        _on_line([1.0, -1.0, 1.0, -1.0]),
+        ["111111", "112111"],
+        ["111111", "112111", "211111", "111222"],
+        CURVATURE,
+    )
+    assert metrics["top1"] == 0.0 and metrics["top5"] == 1.0
+    assert metrics["prefix2_accuracy"] == metrics["prefix3_accuracy"] == 0.0
+    shared = retrieval_metrics(
+        _on_line([0.0]), _on_line([1.0, -1.0]), ["111111"], ["111111", "111222"], CURVATURE, (2, 3)
+    )
+    assert shared["prefix2_accuracy"] == shared["prefix3_accuracy"] == 1.0
 
 
 def test_coefficient_of_variation():

@@ -97,8 +97,10 @@ def ndcg_at(
     grows roughly geometrically, so NDCG rewards getting the near neighbourhood right instead of
     the order among the many distant codes. It also depends on the pair alone, whereas
     ``max_d - d_tree`` would shift with the evaluated subset's largest distance. Ties in the tree
-    cost nothing: the ideal DCG sorts by tree distance. A code is never its own neighbour, so
-    ``k`` is capped at ``N - 1``.
+    cost nothing: the ideal DCG sorts by tree distance. Ties in the embedding count against it:
+    codes at the same embedding distance are ranked least relevant first, so an embedding that
+    collapses codes onto one point cannot score by the row order (parents first) of the
+    taxonomy. A code is never its own neighbour, so ``k`` is capped at ``N - 1``.
 
     Args:
         embedding_distance: ``(N, N)`` float32.
@@ -114,7 +116,10 @@ def ndcg_at(
     # Self ranks last and has no gain, so neither the ranking nor the ideal ever picks it.
     masked_distance = embedding_distance.masked_fill(self_pair, math.inf)
     gain = torch.exp2(-tree_distance.float()).masked_fill(self_pair, 0.0)
-    neighbours = torch.topk(masked_distance, depth, dim=1, largest=False).indices
+    # Two stable sorts: by gain ascending, then by distance, so ties keep the worst gain first.
+    by_gain = gain.argsort(dim=1, stable=True)
+    by_distance = masked_distance.gather(1, by_gain).argsort(dim=1, stable=True)
+    neighbours = by_gain.gather(1, by_distance[:, :depth])
     discount = 1.0 / torch.log2(torch.arange(2, depth + 2, dtype=torch.float32, device=gain.device))
     dcg = torch.cumsum(gain.gather(1, neighbours) * discount, dim=1)
     ideal = torch.cumsum(torch.topk(gain, depth, dim=1).values * discount, dim=1)
@@ -181,6 +186,8 @@ def hierarchy_metrics(
     - ``val/mean_distortion``: see ``mean_distortion`` (least-squares scale, so scale-free).
     - ``val/ndcg_at_5``, ``val/ndcg_at_10``, ``val/ndcg_at_20``: see ``ndcg_at``.
     - ``val/radius_level_{L}`` for each level present, and ``val/radius_level_monotonic``.
+    - ``val/radius_depth_spearman``: rank correlation of each code's distance to the origin with
+      its level; 1 when every deeper code lies further out (0 when all radii are equal).
     - ``val/manifold_violation_max``, ``val/manifold_valid`` (1.0 or 0.0): see
       ``manifold_check``.
     - collapse checks, ~0 for a collapsed embedding: ``val/tangent_variance`` (mean over
@@ -221,6 +228,9 @@ def hierarchy_metrics(
     mean_radius = radius_by_level(radius, levels)
     metrics.update({f"val/radius_level_{level}": value for level, value in mean_radius.items()})
     metrics["val/radius_level_monotonic"] = monotonic_fraction(mean_radius)
+    metrics["val/radius_depth_spearman"] = _pearson(
+        stats.rankdata(radius), stats.rankdata(levels.astype(np.float64))
+    )
 
     violation_max, valid = manifold_check(points, curvature)
     metrics["val/manifold_violation_max"] = violation_max
@@ -278,7 +288,8 @@ def ranking_metrics(
     - ``mrr``: mean reciprocal rank, 0 for an absent true code.
     - ``prefix{n}_accuracy`` for each ``n`` in ``prefix_levels``: fraction of queries whose
       nearest candidate shares the first ``n`` digits with the true code (see ``code_prefix``
-      for range sectors), i.e. how often a miss still lands in the right part of the tree.
+      for range sectors), i.e. how often a miss still lands in the right part of the tree. When
+      several candidates tie for nearest, all of them must share the prefix.
 
     Args:
         distance_blocks: consecutive row blocks of the ``(Q, C)`` distances, smaller is nearer
@@ -294,16 +305,25 @@ def ranking_metrics(
         raise ValueError("candidate_codes contains duplicates, so ranks would be ambiguous")
     true_index = torch.tensor([column.get(code, -1) for code in true_codes])
 
-    ranks, nearest, start = [], [], 0
+    prefixes = {
+        digits: _prefix_ids(candidate_codes, true_codes, digits) for digits in prefix_levels
+    }
+    ranks, start = [], 0
+    hits: dict[int, list[Tensor]] = {digits: [] for digits in prefix_levels}
     for distances in distance_blocks:
-        block_index = true_index[start : start + distances.shape[0]].to(distances.device)
+        rows = slice(start, start + distances.shape[0])
+        block_index = true_index[rows].to(distances.device)
         ranks.append(rank_of_true(distances, block_index).cpu())
-        nearest.append(distances.argmin(dim=1).cpu())
+        # Every candidate tied at the smallest distance must share the prefix: a query with no
+        # signal (all distances equal) hits only where every candidate would.
+        nearest = (distances == distances.min(dim=1, keepdim=True).values).cpu()
+        for digits, (candidate_prefix, true_prefix) in prefixes.items():
+            wrong = candidate_prefix.unsqueeze(0) != true_prefix[rows].unsqueeze(1)
+            hits[digits].append(~(nearest & wrong).any(dim=1))
         start += distances.shape[0]
     if start != len(true_codes):
         raise ValueError(f"distances have {start} rows for {len(true_codes)} true codes")
     rank = torch.cat(ranks).numpy()
-    top_codes = [candidate_codes[i] for i in torch.cat(nearest).tolist()]
 
     found = rank > 0
     metrics = {
@@ -312,12 +332,18 @@ def ranking_metrics(
         "mrr": float(np.mean(np.where(found, 1.0 / np.maximum(rank, 1), 0.0))),
     }
     for digits in prefix_levels:
-        hits = [
-            code_prefix(top, digits) == code_prefix(true, digits)
-            for top, true in zip(top_codes, true_codes, strict=True)
-        ]
-        metrics[f"prefix{digits}_accuracy"] = float(np.mean(hits))
+        metrics[f"prefix{digits}_accuracy"] = float(torch.cat(hits[digits]).float().mean())
     return metrics
+
+
+def _prefix_ids(
+    candidate_codes: Sequence[str], true_codes: Sequence[str], digits: int
+) -> tuple[Tensor, Tensor]:
+    """``(C,)`` and ``(Q,)`` integer ids of the candidates' and true codes' ``code_prefix``."""
+    ids: dict[str, int] = {}
+    candidate = [ids.setdefault(code_prefix(code, digits), len(ids)) for code in candidate_codes]
+    true = [ids.setdefault(code_prefix(code, digits), len(ids)) for code in true_codes]
+    return torch.tensor(candidate), torch.tensor(true)
 
 
 @torch.no_grad()
