@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import http.server
 import shutil
 import socket
@@ -18,7 +19,13 @@ import pytest
 
 from naics_mlflow.data.build import MANIFEST_FILE, OUTPUT_FILES, build_data
 from naics_mlflow.data.census import DataError
-from naics_mlflow.data.taxonomy import DISTANCES_FILE, HOLDOUT_FILE, RELATIONS_FILE
+from naics_mlflow.data.taxonomy import (
+    DEV_FILE,
+    DISTANCES_FILE,
+    HOLDOUT_FILE,
+    RELATIONS_FILE,
+    index_split,
+)
 
 
 def test_level_counts(taxonomy):
@@ -75,30 +82,43 @@ def test_excluded_codes_of_541511(taxonomy):
     assert taxonomy.excluded_matrix()[i, taxonomy.positions["541512"]]
 
 
-def test_held_out_split(data_dir, taxonomy):
+def test_index_split_rule():
+    """The last decimal digit of SHA-1(code|text): 0 held out, 1 dev, anything else training."""
+    for code, text in [("111110", "Soybean farming"), ("541511", "Software programming")]:
+        digit = int(hashlib.sha1(f"{code}|{text}".encode()).hexdigest(), 16) % 10
+        assert index_split(code, text) == {0: "holdout", 1: "dev"}.get(digit, "train")
+    splits = collections.Counter(index_split("111110", f"item {i}") for i in range(10_000))
+    assert splits["holdout"] == pytest.approx(1000, abs=100)
+    assert splits["dev"] == pytest.approx(1000, abs=100)
+
+
+def test_dev_and_held_out_items_never_enter_code_texts(data_dir, taxonomy):
     held_out = pq.read_table(data_dir / HOLDOUT_FILE).to_pylist()
-    assert len(held_out) == 1951
-    held_texts = {row["text"] for row in held_out}
+    dev = pq.read_table(data_dir / DEV_FILE).to_pylist()
+    assert (len(held_out), len(dev)) == (1951, 2075)
     training_texts = {text for examples in taxonomy.examples for text in examples}
-    assert sum(len(e) for e in taxonomy.examples if e) > 0
-    for column in (training_texts, set(taxonomy.titles), set(taxonomy.descriptions)):
-        assert not held_texts & column
+    for rows, split in ((held_out, "holdout"), (dev, "dev")):
+        assert all(index_split(row["code"], row["text"]) == split for row in rows)
+        texts = {row["text"] for row in rows}
+        assert not texts & (training_texts | set(taxonomy.descriptions))
+    # Two index rows of the Census file are their own code's title, word for word.
+    assert {row["text"] for row in dev} & set(taxonomy.titles) == {"Sawmills", "Marinas"}
     six_digit_examples = sum(
         len(e) for e, level in zip(taxonomy.examples, taxonomy.levels, strict=True) if level == 6
     )
-    assert six_digit_examples + len(held_out) == 20373
+    assert six_digit_examples + len(dev) + len(held_out) == 20373
 
 
-def test_upper_levels_inherit_descendant_examples(taxonomy):
-    sector = taxonomy.examples[taxonomy.positions["11"]]
-    assert 0 < len(sector) <= 32
-    six_digit = {
+def test_upper_levels_hold_all_descendant_examples(taxonomy):
+    six_digit = [
         text
         for code, ex in zip(taxonomy.codes, taxonomy.examples, strict=True)
         for text in ex
-        if code.startswith("11") and len(code) == 6
-    }
-    assert set(sector) <= six_digit
+        if code.startswith("1111") and len(code) == 6
+    ]
+    assert taxonomy.examples[taxonomy.positions["1111"]] == six_digit
+    sector = taxonomy.examples[taxonomy.positions["11"]]
+    assert set(six_digit) < set(sector)
 
 
 @pytest.mark.parametrize(

@@ -27,11 +27,13 @@ from naics_mlflow.data import census, taxonomy
 from naics_mlflow.data.census import INDEX_POINTER_CODE, CensusRelease, DataError
 from naics_mlflow.data.taxonomy import (
     CODES_FILE,
+    DEV_FILE,
     DISTANCE_MATRIX_FILE,
     DISTANCES_FILE,
     HOLDOUT_FILE,
     RELATION_MATRIX_FILE,
     RELATIONS_FILE,
+    TRAINING,
 )
 
 logger = logging.getLogger(__name__)
@@ -40,14 +42,12 @@ MANIFEST_FILE = "manifest.json"
 OUTPUT_FILES = (
     CODES_FILE,
     HOLDOUT_FILE,
+    DEV_FILE,
     DISTANCE_MATRIX_FILE,
     RELATION_MATRIX_FILE,
     DISTANCES_FILE,
     RELATIONS_FILE,
 )
-# Codes at levels 2-5 have no index items of their own; they get up to this many of their
-# descendants' training items (see docs/data.md).
-MAX_INHERITED_EXAMPLES = 32
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class BuildResult:
     rebuilt: bool
     n_codes: int
     n_training_examples: int
+    n_dev: int
     n_holdout: int
 
 
@@ -161,10 +162,11 @@ def _fill_descriptions(
 
 def _read_index(
     path: Path, release: CensusRelease, titles: dict[str, str]
-) -> tuple[dict[str, list[str]], list[tuple[str, str]], int]:
-    """Training items by code, held-out ``(code, text)`` pairs, and the pointer rows dropped."""
+) -> tuple[dict[str, list[str]], dict[str, list[tuple[str, str]]], int]:
+    """Training items by code, the dev and held-out ``(code, text)`` pairs by split name, and the
+    number of pointer rows dropped."""
     training: dict[str, list[str]] = defaultdict(list)
-    held_out: list[tuple[str, str]] = []
+    evaluation: dict[str, list[tuple[str, str]]] = defaultdict(list)
     pointers = 0
     for row_number, row in census.read_rows(path, release.files["index"]):
         if str(row["NAICS22"]).strip() == INDEX_POINTER_CODE:
@@ -176,11 +178,12 @@ def _read_index(
         text = census.parse_text(
             row["INDEX ITEM DESCRIPTION"], path, row_number, "INDEX ITEM DESCRIPTION"
         )
-        if taxonomy.is_held_out(code, text):
-            held_out.append((code, text))
-        else:
+        split = taxonomy.index_split(code, text)
+        if split == TRAINING:
             training[code].append(text)
-    return training, held_out, pointers
+        else:
+            evaluation[split].append((code, text))
+    return training, evaluation, pointers
 
 
 def _read_cross_references(
@@ -198,28 +201,22 @@ def _read_cross_references(
 
 
 def _examples(codes: list[str], training: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Six-digit codes keep their own training items; an upper-level code takes its descendants'
-    items round-robin (first item of each descendant, then the second, ...) up to a cap, so
-    every child is represented."""
-    descendant_items: dict[str, list[list[str]]] = defaultdict(list)
+    """A six-digit code's own training items; a higher code's are those of all its six-digit
+    descendants, in code order (the index file lists only six-digit codes)."""
+    examples: dict[str, list[str]] = {code: [] for code in codes}
     for code in codes:
-        node = taxonomy.parent_of(code)
-        while node is not None and code in training:
-            descendant_items[node].append(training[code])
+        node: str | None = code
+        while node is not None:
+            examples[node].extend(training.get(code, []))
             node = taxonomy.parent_of(node)
-    examples = {}
-    for code in codes:
-        if len(code) == taxonomy.MAX_LEVEL:
-            examples[code] = list(training.get(code, []))
-            continue
-        lists = descendant_items[code]
-        merged: list[str] = []
-        for rank in range(max((len(items) for items in lists), default=0)):
-            merged.extend(items[rank] for items in lists if rank < len(items))
-            if len(merged) >= MAX_INHERITED_EXAMPLES:
-                break
-        examples[code] = merged[:MAX_INHERITED_EXAMPLES]
     return examples
+
+
+def _item_table(pairs: list[tuple[str, str]]) -> pa.Table:
+    return pa.table(
+        {"code": [c for c, _ in pairs], "text": [t for _, t in pairs]},
+        schema=pa.schema([("code", pa.string()), ("text", pa.string())]),
+    )
 
 
 def _pair_table(codes: list[str], matrix: np.ndarray, column: str) -> pa.Table:
@@ -255,14 +252,17 @@ def build_data(
         codes, titles, _read_descriptions(paths["descriptions"], release, titles)
     )
     progress.step("read descriptions")
-    training, held_out, pointers = _read_index(paths["index"], release, titles)
+    training, evaluation, pointers = _read_index(paths["index"], release, titles)
+    dev, held_out = evaluation[taxonomy.DEV], evaluation[taxonomy.HELD_OUT]
     n_training = sum(len(items) for items in training.values())
     logger.info(
         "data build: dropped %d index rows with code %s (pointers, not examples)",
         pointers,
         INDEX_POINTER_CODE,
     )
-    progress.step(f"read index: {n_training:,} training items, {len(held_out):,} held out")
+    progress.step(
+        f"read index: {n_training:,} training items, {len(dev):,} dev, {len(held_out):,} held out"
+    )
     cross_references = _read_cross_references(paths["cross_references"], release, titles)
     progress.step(f"read cross-references of {len(cross_references):,} codes")
 
@@ -288,18 +288,18 @@ def build_data(
     distance, relation = taxonomy.tree_matrices(codes)
     progress.step("computed tree distances and relations")
 
-    counts = {"n_codes": len(codes), "n_training_examples": n_training, "n_holdout": len(held_out)}
+    counts = {
+        "n_codes": len(codes),
+        "n_training_examples": n_training,
+        "n_dev": len(dev),
+        "n_holdout": len(held_out),
+    }
     _write_atomically(
         out_dir,
         {
             CODES_FILE: lambda p: pq.write_table(taxonomy.codes_table(rows), p),
-            HOLDOUT_FILE: lambda p: pq.write_table(
-                pa.table(
-                    {"code": [c for c, _ in held_out], "text": [t for _, t in held_out]},
-                    schema=pa.schema([("code", pa.string()), ("text", pa.string())]),
-                ),
-                p,
-            ),
+            HOLDOUT_FILE: lambda p: pq.write_table(_item_table(held_out), p),
+            DEV_FILE: lambda p: pq.write_table(_item_table(dev), p),
             DISTANCE_MATRIX_FILE: lambda p: np.save(p, distance),
             RELATION_MATRIX_FILE: lambda p: np.save(p, relation),
             DISTANCES_FILE: lambda p: pq.write_table(_pair_table(codes, distance, "distance"), p),

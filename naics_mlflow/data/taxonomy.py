@@ -21,6 +21,7 @@ from naics_mlflow.data.census import RANGE_SECTORS, SECTOR_OF_PREFIX
 
 CODES_FILE = "naics_codes.parquet"
 HOLDOUT_FILE = "index_holdout.parquet"
+DEV_FILE = "index_dev.parquet"
 DISTANCE_MATRIX_FILE = "distance_matrix.npy"
 RELATION_MATRIX_FILE = "relation_matrix.npy"
 DISTANCES_FILE = "naics_distances.parquet"
@@ -125,9 +126,15 @@ def mentioned_codes(sentence: str, valid_codes: set[str]) -> list[str]:
     return found
 
 
-def is_held_out(code: str, text: str) -> bool:
-    """The fixed 10% evaluation split of index items, stable across runs and machines."""
-    return int(hashlib.sha1(f"{code}|{text}".encode()).hexdigest(), 16) % 10 == 0
+HELD_OUT, DEV, TRAINING = "holdout", "dev", "train"
+
+
+def index_split(code: str, text: str) -> str:
+    """Which split an index item belongs to, by the last decimal digit of its SHA-1: 0 held out
+    (only ever reported), 1 dev (every modelling choice is made on it), else training. Stable
+    across runs and machines; dev and held-out items never enter any code's texts."""
+    digit = int(hashlib.sha1(f"{code}|{text}".encode()).hexdigest(), 16) % 10
+    return {0: HELD_OUT, 1: DEV}.get(digit, TRAINING)
 
 
 def ancestor_matrix(codes: list[str]) -> np.ndarray:
