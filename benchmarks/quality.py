@@ -4,13 +4,15 @@ and TF-IDF on the held-out index items and the NAICS 2017 unseen phrasings.
     python benchmarks/quality.py                          # chain_quickstart, on the CPU
     python benchmarks/quality.py --chain chain_default    # on a GPU
 
-Runs the real command line in a fresh working folder (its own sqlite store), so nothing mixes
-with your runs; needs the Census files (--raw-dir or $NAICS_RAW_DIR).
+Runs the real command line in a fresh working folder (its own sqlite store, removed at the end
+unless --workdir names a folder to keep), so nothing mixes with your runs; needs the Census files
+(--raw-dir or $NAICS_RAW_DIR).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -37,9 +39,16 @@ def main() -> None:
         type=Path,
         default=REPO.parent / "shared" / "eval" / "naics2017_index_unseen.csv",
     )
+    parser.add_argument("--workdir", type=Path, help="keep the store and checkpoints here")
     args = parser.parse_args()
     cli = [sys.executable, "-m", "naics_mlflow"]
-    with tempfile.TemporaryDirectory(prefix="naics-quality-") as folder:
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    with (
+        contextlib.nullcontext(str(args.workdir.resolve()))
+        if args.workdir is not None
+        else tempfile.TemporaryDirectory(prefix="naics-quality-")
+    ) as folder:
         workdir = Path(folder)
         env = {
             **os.environ,

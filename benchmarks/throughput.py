@@ -55,7 +55,7 @@ from naics_mlflow.data.census import load_release
 from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.taxonomy import HOLDOUT_FILE
-from naics_mlflow.data.tokenization import channel_texts
+from naics_mlflow.data.tokenization import ChannelTokens, channel_texts
 from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model import CHANNELS
 from naics_mlflow.model.encoder import load_frozen_backbone, lora_config, mean_pool
@@ -99,7 +99,7 @@ def autocast(device: torch.device):
 
 
 def to_device(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor | ChannelTokens):
         return value.to(device)
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
@@ -157,9 +157,14 @@ def project_step(module: NaicsEmbedder, batch: dict, device: torch.device):
     """The project's training step on ``batch``; returns (step, mean real tokens per sequence)."""
     optimizer = adamw(module, module.config.training.learning_rate)
     batch = to_device(batch, device)
-    texts = [*batch["tokens"].values(), *batch.get("query_tokens", {}).values()]
-    sequences = sum(len(ids) for ids, _ in texts)
-    real_tokens = sum(int(mask.sum()) for _, mask in texts)
+    texts = [
+        text_batch
+        for tokens in (batch["tokens"], batch.get("query_tokens"))
+        if tokens is not None
+        for text_batch in tokens.texts.values()
+    ]
+    sequences = sum(len(text_batch.owner) for text_batch in texts)
+    real_tokens = sum(int(text_batch.attention_mask.sum()) for text_batch in texts)
     pairs = int(batch["negative_valid"].sum() + batch["in_batch_negatives"].sum())
 
     def step() -> StepCounts:
@@ -217,7 +222,11 @@ def seed_step(project: NaicsEmbedder, datamodule: NaicsDataModule, batch: dict, 
     encoder = SeedEncoder(project).to(device)
     optimizer = adamw(encoder, project.config.training.learning_rate)
     tokenizer = datamodule.tokenizer
-    texts = channel_texts(datamodule.taxonomy)
+    # The seed read a code's index items as one text.
+    texts = {
+        **channel_texts(datamodule.taxonomy),
+        "examples": ["; ".join(items) for items in datamodule.taxonomy.examples],
+    }
     rows = batch["rows"].numpy()
     triplets = []  # per anchor: code rows of (anchor, positive, valid negatives...)
     for i in range(len(batch["anchor"])):
@@ -277,14 +286,13 @@ def inference(module: NaicsEmbedder, datamodule: NaicsDataModule, data_dir: Path
     """(codes embedded per second, search p50 ms, search p95 ms)."""
     module.eval()
     rows = np.arange(datamodule.taxonomy.size)
-    module.embed_codes(datamodule.tokens, rows[:256])  # warm-up
     synchronize(device)
     start = time.perf_counter()
-    module.embed_codes(datamodule.tokens, rows)
+    module.embed_codes(module.encoder.code_features(datamodule.tokens), rows)
     synchronize(device)
     codes_per_second = len(rows) / (time.perf_counter() - start)
 
-    engine = SearchEngine.build(module, datamodule.taxonomy)
+    engine = SearchEngine.build(module, datamodule.taxonomy, module.config.search.lexical_weight)
     queries = pd.read_parquet(data_dir / HOLDOUT_FILE)["text"].tolist()[:SEARCH_QUERIES]
     engine.search(queries[:5])  # warm-up
     latencies = []

@@ -361,9 +361,9 @@ def runs(chain_name: str | None, stage: str | None) -> None:
 
     conditions = ["tags.stage != ''"]
     if chain_name:
-        conditions.append(f"tags.chain = '{chain_name}'")
+        conditions.append(tracking.tag_equals("chain", chain_name))
     if stage:
-        conditions.append(f"tags.stage = '{stage}'")
+        conditions.append(tracking.tag_equals("stage", stage))
     found = tracking.search_runs(" AND ".join(conditions), ["attributes.start_time ASC"])
     if not found:
         click.echo(f"no stage runs in {tracking.tracking_uri()}")
@@ -451,7 +451,10 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
             load_release(_census_sources(config_path)),
         )
     taxonomy = load_taxonomy(data_dir)
-    return SearchEngine.build(load_embedder(resolved.path), taxonomy), taxonomy, resolved, config
+    engine = SearchEngine.build(
+        load_embedder(resolved.path), taxonomy, config.search.lexical_weight
+    )
+    return engine, taxonomy, resolved, config
 
 
 @main.command()
@@ -515,7 +518,9 @@ def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -
 def search(
     reference: str, trust_checkpoint: bool, text: str, top_k: int, level: str, config_path: str
 ) -> None:
-    """The NAICS codes closest to a business description."""
+    """The NAICS codes that best match a business description: ranked by score (the model's
+    logit plus, for national industries, the lexical signal; see docs/using.md), with each code's
+    Lorentz distance from the text."""
     import tempfile
 
     from naics_mlflow.evaluation.retrieval import check_request
@@ -525,9 +530,11 @@ def search(
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         engine, *_ = _load_engine(reference, trust_checkpoint, config_path, Path(download_dir))
     (matches,) = engine.search([text], top_k, chosen_level)
-    click.echo(f"{'rank':<5} {'code':<8} {'distance':>8}  title")
+    click.echo(f"{'rank':<5} {'code':<8} {'score':>8} {'distance':>8}  title")
     for rank, match in enumerate(matches, start=1):
-        click.echo(f"{rank:<5} {match.code:<8} {match.distance:>8.4f}  {match.title}")
+        click.echo(
+            f"{rank:<5} {match.code:<8} {match.score:>8.3f} {match.distance:>8.4f}  {match.title}"
+        )
 
 
 @main.command()
@@ -538,7 +545,9 @@ def search(
     default=None,
     help="CSV (code,text) of evaluation-only queries (default: evaluation.unseen_queries).",
 )
-@click.option("--no-baselines", is_flag=True, help="Skip the untrained-backbone and TF-IDF rows.")
+@click.option(
+    "--no-baselines", is_flag=True, help="Skip the untrained-backbone, kNN and TF-IDF rows."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
 @_reports_user_errors
@@ -550,8 +559,8 @@ def evaluate(
     as_json: bool,
     config_path: str,
 ) -> None:
-    """Hierarchy metrics over all codes and retrieval on the held-out and unseen query sets, with
-    baselines; logged to a run nested under the checkpoint's run."""
+    """Hierarchy metrics over all codes and retrieval on the dev, held-out and unseen query sets,
+    with baselines; logged to a run nested under the checkpoint's run."""
     import json
     import tempfile
 

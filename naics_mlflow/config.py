@@ -95,6 +95,8 @@ class DataLoaderConfig:
     batch_size: int
     num_workers: int
     val_split: float
+    examples_per_code: int
+    all_codes_in_batch: bool
     tokenization: TokenizationConfig
 
 
@@ -129,6 +131,12 @@ class LossConfig:
     temperature: float
     curvature: float
     query_weight: float
+    distortion_weight: float
+    neighbourhood_weight: float
+    neighbourhood_sharpness: float
+    depth_weight: float
+    depth_margin: float
+    tree_scale: float
     hard_negative_k: int | None
     fn_curriculum_start_epoch: int | None
     fn_cluster_every_n_epochs: int
@@ -154,12 +162,18 @@ class TrainerConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     seed: int
+    head_only: bool
     optimizer: str
     learning_rate: float
     weight_decay: float
     warmup_steps: int
     max_nonfinite_steps: int
     trainer: TrainerConfig
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    lexical_weight: float
 
 
 @dataclass(frozen=True)
@@ -179,6 +193,7 @@ class Config:
     model: ModelConfig
     loss: LossConfig
     training: TrainingConfig
+    search: SearchConfig
     mlflow: MlflowConfig
     evaluation: EvaluationConfig
 
@@ -204,16 +219,16 @@ class Config:
         return hashlib.sha256(payload).hexdigest()[:12]
 
 
-# Keys added to the schema after checkpoints were saved without them, with the value that
-# reproduces how those checkpoints were trained (not necessarily today's default).
-KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {
-    "training": {"max_nonfinite_steps": 0},  # training stopped at the first non-finite loss
-}
+# Keys added to the schema after checkpoints of the current format were saved without them, with
+# the value that reproduces how those checkpoints were trained (not necessarily today's default).
+# None yet since checkpoint format 3.
+KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {}
 
 
 # Values that must be strictly positive: a zero or negative size is never meaningful.
 _POSITIVE_KEYS = {
     "data_loader.batch_size",
+    "data_loader.examples_per_code",
     "data_loader.tokenization.title_max_length",
     "data_loader.tokenization.description_max_length",
     "data_loader.tokenization.excluded_max_length",
@@ -228,6 +243,8 @@ _POSITIVE_KEYS = {
     "model.moe.hidden_dim",
     "loss.temperature",
     "loss.curvature",
+    "loss.neighbourhood_sharpness",
+    "loss.tree_scale",
     "loss.hard_negative_k",
     "loss.fn_cluster_every_n_epochs",
     "loss.fn_num_clusters",
@@ -245,6 +262,11 @@ _NON_NEGATIVE_KEYS = {
     "model.lora.dropout",
     "model.moe.load_balancing_coef",
     "loss.query_weight",
+    "loss.distortion_weight",
+    "loss.neighbourhood_weight",
+    "loss.depth_weight",
+    "loss.depth_margin",
+    "search.lexical_weight",
     "loss.fn_curriculum_start_epoch",
     "training.weight_decay",
     "training.warmup_steps",
@@ -425,6 +447,11 @@ def _check_cross_field(config: Config) -> None:
         raise ConfigError(
             f"model.moe.top_k ({moe.top_k}) must not exceed model.moe.num_experts "
             f"({moe.num_experts}); lower top_k or add experts"
+        )
+    if config.data_loader.all_codes_in_batch and not config.training.head_only:
+        raise ConfigError(
+            "data_loader.all_codes_in_batch needs training.head_only=true: only a head-only stage "
+            "affords all 2,125 codes in every step; set one or unset the other"
         )
     if not 0 < config.data_loader.val_split < 1:
         raise ConfigError(

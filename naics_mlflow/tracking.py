@@ -34,6 +34,12 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 LOCAL_ARTIFACT_DIR = "mlartifacts"
 CHECKPOINT_ARTIFACT_PATH = "ckpt"
 LAST_CHECKPOINT = "last.ckpt"
+# Shown by the MLflow UI as a model-development experiment (runs first, not traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# What a stage, chain or other tag value used in a search filter may contain: a quote would
+# change the query.
+FILTER_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 # A tracking server must answer its health check within this many seconds. MLflow's own
@@ -90,10 +96,26 @@ def use_experiment(name: str) -> str:
     """
     uri = connect()
     if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return os.environ["MLFLOW_EXPERIMENT_ID"]
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
+        experiment_id = os.environ["MLFLOW_EXPERIMENT_ID"]
+        chosen = MlflowClient().get_experiment(experiment_id).name
+        if chosen != name:
+            # The launcher's run cannot move; saying so is all a project can do.
+            logger.warning(
+                "mlflow run put this run in experiment '%s', not '%s' where the naics-embedder "
+                "commands log; add --experiment-name %s to mlflow run to compare them side by side",
+                chosen,
+                name,
+                name,
+            )
+    elif (experiment := mlflow.get_experiment_by_name(name)) is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        experiment_id = _create_experiment(name, uri)
+    _mark_model_development(experiment_id)
+    return experiment_id
+
+
+def _create_experiment(name: str, uri: str) -> str:
     location = Path(LOCAL_ARTIFACT_DIR).resolve().as_uri() if _is_local_store(uri) else None
     try:
         return mlflow.create_experiment(name, artifact_location=location)
@@ -102,6 +124,14 @@ def use_experiment(name: str) -> str:
         if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
         return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _mark_model_development(experiment_id: str) -> None:
+    """Tag the experiment as model development: MLflow 3's UI opens an experiment without a kind
+    on its GenAI pages (traces, prompts), and one with this kind on its runs."""
+    client = MlflowClient()
+    if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def git_commit() -> str:
@@ -271,6 +301,15 @@ def _download_reference(reference: str, download_dir: Path) -> Path:
 # --- discovery -----------------------------------------------------------------------------
 
 
+def tag_equals(tag: str, value: str) -> str:
+    """The filter clause ``tags.<tag> = '<value>'``, for a value that may come from a user."""
+    if not FILTER_VALUE.fullmatch(value):
+        raise UserError(
+            f"'{value}' is not a valid {tag} name: use letters, digits, '_', '-' and '.' only"
+        )
+    return f"tags.{tag} = '{value}'"
+
+
 def search_runs(filter_string: str, order_by: list[str] | None = None) -> list[Run]:
     """Runs of every experiment in the store matching an MLflow filter, in ``order_by`` order.
 
@@ -320,8 +359,13 @@ def download_best_checkpoint(run_id: str, download_dir: Path) -> Path:
 def best_run_of_stage(stage: str) -> Run:
     """The FINISHED run of ``stage`` with the lowest ``best_val_loss`` that logged its best
     checkpoint."""
+    if not FILTER_VALUE.fullmatch(stage):
+        raise CheckpointReferenceError(
+            f"'{stage}' is not a stage name (letters, digits, '_', '-', '.'), a "
+            "runs:/<run_id>/ckpt URI or an existing checkpoint file; check --from-checkpoint"
+        )
     runs = search_runs(
-        f"tags.stage = '{stage}' AND attributes.status = 'FINISHED'",
+        f"{tag_equals('stage', stage)} AND attributes.status = 'FINISHED'",
         ["metrics.best_val_loss ASC"],
     )
     for candidate in runs:

@@ -103,6 +103,7 @@ def tiny_settings(backbone: Path, data_dir: Path) -> list[str]:
         "model.moe.top_k=1",
         "model.moe.hidden_dim=32",
         "data_loader.batch_size=64",
+        "data_loader.examples_per_code=2",
         "data_loader.tokenization.title_max_length=16",
         "data_loader.tokenization.description_max_length=32",
         "data_loader.tokenization.excluded_max_length=32",

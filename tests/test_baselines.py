@@ -1,23 +1,21 @@
-import re
+"""The lexical index, the untrained-backbone baselines and the scoring they share."""
+
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
+from naics_mlflow.config import load_config
 from naics_mlflow.data.taxonomy import Taxonomy
-from naics_mlflow.evaluation.baselines import (
-    backbone_scores,
-    code_documents,
-    score_retrieval,
-    six_digit_rows,
-    tfidf_scores,
-    title_and_description,
-)
+from naics_mlflow.evaluation.baselines import UntrainedBackbone, score_retrieval
+from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
 from naics_mlflow.evaluation.metrics import retrieval_metrics
-from naics_mlflow.model.encoder import DEFAULT_BACKBONE
+from naics_mlflow.model import SEMANTIC_CHANNELS
 from naics_mlflow.model.lorentz import expmap0
 
+REPO = Path(__file__).resolve().parents[1]
 CODE_TEXTS = [
     "Soybean Farming. Growing soybeans and producing soybean seeds",
     "Software Publishers. Publishing computer software and software applications",
@@ -43,7 +41,7 @@ def _tiny_taxonomy() -> Taxonomy:
     )
 
 
-def test_six_digit_rows_and_code_texts():
+def test_six_digit_rows_and_code_documents():
     taxonomy = _tiny_taxonomy()
     rows = six_digit_rows(taxonomy)
     assert rows.tolist() == [1, 2, 3]
@@ -52,33 +50,26 @@ def test_six_digit_rows_and_code_texts():
         "Oilseed Farming. canola farming",  # the empty description leaves no ". ." behind
         "Dry Pea Farming. Growing peas",
     ]
-    assert title_and_description(taxonomy, rows) == [
-        "Soybean Farming. Growing soybeans",
-        "Oilseed Farming",
-        "Dry Pea Farming. Growing peas",
-    ]
 
 
-def test_tfidf_ranks_the_matching_code_first():
+def test_lexical_index_ranks_the_matching_code_first():
     queries = ["soybean farming", "software publishing company", "freight trucking"]
-    scores = tfidf_scores(CODE_TEXTS, queries)
+    scores = LexicalIndex(CODE_TEXTS).scores(queries)
     assert scores.shape == (3, 3)
     assert scores.argmax(axis=1).tolist() == [0, 1, 2]
 
 
-def test_tfidf_is_fitted_on_code_texts_only():
-    unseen = tfidf_scores(CODE_TEXTS, ["zebra quantum"])
-    assert (unseen == 0.0).all()
+def test_lexical_index_is_fitted_on_code_documents_only():
+    index = LexicalIndex(CODE_TEXTS)
+    assert (index.scores(["zebra quantum"]) == 0.0).all()
     # Fitting on the queries too would change document counts, hence IDF, hence these scores.
-    alone = tfidf_scores(CODE_TEXTS, ["soybean software"])
-    with_others = tfidf_scores(
-        CODE_TEXTS, ["soybean software", "software software software", "soybean zebra"]
-    )
+    alone = index.scores(["soybean software"])
+    with_others = index.scores(["soybean software", "software software software", "soybean zebra"])
     np.testing.assert_array_equal(with_others[:1], alone)
 
 
-def test_tfidf_bigrams_reward_word_order():
-    scores = tfidf_scores(["farm machinery", "machinery farm"], ["farm machinery"])
+def test_lexical_bigrams_reward_word_order():
+    scores = LexicalIndex(["farm machinery", "machinery farm"]).scores(["farm machinery"])
     assert scores[0, 0] > scores[0, 1] > 0.0
 
 
@@ -131,56 +122,38 @@ def test_scores_and_lorentz_distances_of_the_same_ranking_score_the_same():
     assert 0.0 < lorentz["top1"] < lorentz["top5"] < 1.0  # a ranking that tells them apart
 
 
-QUERIES = ["grow soybeans", "write and sell computer software", "haul cargo", CODE_TEXTS[2]]
-
-
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised one-layer BERT saved like any Hugging Face model folder."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+def untrained(tiny_overrides, taxonomy) -> UntrainedBackbone:
+    # An embedding as wide as the backbone's hidden size (32): the projection keeps angles.
+    overrides = [*tiny_overrides, "model.embedding_dim=32"]
+    return UntrainedBackbone(load_config(REPO / "conf" / "config.yaml", overrides), taxonomy)
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    words = sorted(
-        {w for text in [*CODE_TEXTS, *QUERIES] for w in re.findall(r"[a-z]+", text.lower())}
+
+def test_nearest_item_scores_find_a_codes_own_item(untrained, taxonomy):
+    rows = six_digit_rows(taxonomy)
+    with_items = [i for i, row in enumerate(rows) if taxonomy.examples[row]][:5]
+    texts = [taxonomy.examples[rows[i]][0] for i in with_items]
+    scores = untrained.nearest_item_scores(texts, rows)
+    assert scores.shape == (len(texts), len(rows))
+    for query, column in enumerate(with_items):
+        assert scores[query, column] == pytest.approx(1.0, abs=1e-5)  # the item itself
+    without_items = [i for i, row in enumerate(rows) if not taxonomy.examples[row]]
+    assert (scores[:, without_items] == -1.0).all()
+    # Blocks of queries change nothing.
+    torch.testing.assert_close(
+        untrained.nearest_item_scores(texts[:2], rows), scores[:2], atol=1e-6, rtol=0
     )
-    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *words]
-    (folder / "vocab.txt").write_text("\n".join(vocabulary) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocabulary),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    BertModel(config).save_pretrained(folder)
-    return folder
 
 
-def test_backbone_scores_are_cosines(tiny_bert: Path):
-    scores = backbone_scores(CODE_TEXTS, QUERIES, str(tiny_bert))
-    assert scores.shape == (len(QUERIES), len(CODE_TEXTS))
-    assert (np.abs(scores) <= 1.0 + 1e-6).all()
-    assert scores[3, 2] == pytest.approx(1.0, abs=1e-6)  # the same text on both sides
-
-
-def test_backbone_scores_do_not_depend_on_order_or_batching(tiny_bert: Path):
-    scores = backbone_scores(CODE_TEXTS, QUERIES, str(tiny_bert))
-    code_order, query_order = [2, 0, 1], [1, 3, 0, 2]
-    shuffled = backbone_scores(
-        [CODE_TEXTS[i] for i in code_order],
-        [QUERIES[i] for i in query_order],
-        str(tiny_bert),
-        batch_size=2,
-    )
-    np.testing.assert_allclose(shuffled, scores[np.ix_(query_order, code_order)], atol=1e-5)
-    one_by_one = backbone_scores(CODE_TEXTS, QUERIES, str(tiny_bert), batch_size=1)
-    np.testing.assert_allclose(one_by_one, scores, atol=1e-5)  # padding is masked out
-
-
-def test_default_backbone_finds_the_obvious_code():
-    queries = ["grow soybeans", "develop and sell computer programs", "haul cargo by truck"]
-    scores = backbone_scores(CODE_TEXTS, queries, DEFAULT_BACKBONE)
-    assert scores.argmax(axis=1).tolist() == [0, 1, 2]
+def test_untrained_model_ranks_by_the_backbones_cosine(untrained, taxonomy):
+    rows = six_digit_rows(taxonomy)[:200]
+    texts = ["grow soybeans", "write and sell computer software", "haul cargo by truck"]
+    distances = untrained.embedding_distances(texts, rows)
+    queries = untrained._query_features(texts)
+    query_means = torch.nn.functional.normalize(queries["title"] + queries["examples"], dim=-1)
+    codes = untrained.features.of_codes(torch.from_numpy(rows))
+    code_means = torch.nn.functional.normalize(sum(codes[c] for c in SEMANTIC_CHANNELS), dim=-1)
+    cosine = query_means @ code_means.T
+    for query in range(len(texts)):
+        correlation = scipy.stats.spearmanr(distances[query], -cosine[query]).statistic
+        assert correlation > 0.999

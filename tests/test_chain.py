@@ -16,6 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow import tracking
+from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT, weights_digest
 from naics_mlflow.training.chain import stage_start
 from tests.commands import environment, ok, run_cli
@@ -346,3 +347,29 @@ def test_a_checkpoint_tag_cannot_reach_outside_the_download_folder(store, tmp_pa
     with pytest.raises(tracking.CheckpointReferenceError, match="not a file name"):
         tracking.download_checkpoint(run, "../../escaped.ckpt", tmp_path / "downloads")
     assert not list(tmp_path.rglob("escaped.ckpt"))
+
+
+def test_a_name_with_a_quote_cannot_change_a_run_search(store):
+    experiment = tracking.use_experiment("naics-embedder")
+    store.create_run(experiment, tags={"stage": "01_stage"})
+    with pytest.raises(tracking.CheckpointReferenceError, match="is not a stage name"):
+        tracking.best_run_of_stage("x' OR tags.stage != '")
+    with pytest.raises(UserError, match="is not a valid chain name"):
+        tracking.tag_equals("chain", "a'b")
+    assert tracking.tag_equals("stage", "03_stage") == "tags.stage = '03_stage'"
+
+
+def test_an_experiment_is_opened_on_its_runs_and_a_launchers_other_one_is_named(
+    store, monkeypatch, caplog
+):
+    experiment = tracking.use_experiment("naics-embedder")
+    assert store.get_experiment(experiment).tags["mlflow.experimentKind"] == (
+        "custom_model_development"
+    )
+    # mlflow run without --experiment-name: its run sits in Default and cannot move.
+    launcher = store.create_run("0")
+    monkeypatch.setenv("MLFLOW_RUN_ID", launcher.info.run_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
+    assert tracking.use_experiment("naics-embedder") == "0"
+    assert store.get_experiment("0").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "add --experiment-name naics-embedder to mlflow run" in caplog.text

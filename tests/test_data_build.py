@@ -17,7 +17,12 @@ import openpyxl
 import pyarrow.parquet as pq
 import pytest
 
-from naics_mlflow.data.build import MANIFEST_FILE, OUTPUT_FILES, build_data
+from naics_mlflow.data.build import (
+    MANIFEST_FILE,
+    MAX_INHERITED_EXAMPLES,
+    OUTPUT_FILES,
+    build_data,
+)
 from naics_mlflow.data.census import DataError
 from naics_mlflow.data.taxonomy import (
     DEV_FILE,
@@ -109,16 +114,23 @@ def test_dev_and_held_out_items_never_enter_code_texts(data_dir, taxonomy):
     assert six_digit_examples + len(dev) + len(held_out) == 20373
 
 
-def test_upper_levels_hold_all_descendant_examples(taxonomy):
-    six_digit = [
-        text
-        for code, ex in zip(taxonomy.codes, taxonomy.examples, strict=True)
-        for text in ex
-        if code.startswith("1111") and len(code) == 6
-    ]
-    assert taxonomy.examples[taxonomy.positions["1111"]] == six_digit
+def test_upper_levels_sample_their_descendants_examples(taxonomy):
+    def descendants_items(prefix: str) -> list[str]:
+        return [
+            text
+            for code, ex in zip(taxonomy.codes, taxonomy.examples, strict=True)
+            for text in ex
+            if code.startswith(prefix) and len(code) == 6
+        ]
+
+    # 11111 (Soybean Farming's parent) has fewer items than the cap: all of them, in code order.
+    assert taxonomy.examples[taxonomy.positions["11111"]] == descendants_items("11111")
     sector = taxonomy.examples[taxonomy.positions["11"]]
-    assert set(six_digit) < set(sector)
+    everything = descendants_items("11")
+    assert len(sector) == MAX_INHERITED_EXAMPLES < len(everything)
+    assert set(sector) < set(everything)
+    assert sector == sorted(sector, key=everything.index)  # kept in code order
+    assert len({text[:4] for text in sector}) > 20  # drawn from across the sector
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,20 @@
 import math
 
+import pytest
+import scipy.stats
 import torch
 
-from naics_mlflow.model.lorentz import expmap0
+from naics_mlflow.data.taxonomy import tree_matrices
+from naics_mlflow.model.lorentz import distance_to_origin, expmap0, pairwise_distance
 from naics_mlflow.model.loss import (
     candidate_infonce,
+    depth_loss,
+    distortion_loss,
     false_negative_mask,
     hardest_negatives,
     hyperbolic_infonce,
     kmeans_clusters,
+    neighbourhood_loss,
 )
 
 
@@ -180,3 +186,89 @@ def test_candidate_infonce_matches_hand_computed_example():
         temperature=tau,
     )
     assert math.isclose(loss.item(), expected, rel_tol=1e-12)
+
+
+# --- hierarchy terms ------------------------------------------------------------------------
+
+
+def _on_line(positions: list[float]) -> torch.Tensor:
+    """Points on one geodesic through the origin: the distance between two is |t_i - t_j|."""
+    return expmap0(torch.tensor([[t, 0.0] for t in positions], dtype=torch.float64), 1.0)
+
+
+PATH_TREE = torch.tensor([[0, 1, 2], [1, 0, 1], [2, 1, 0]])  # codes 0 - 1 - 2 on a path
+
+
+def test_distortion_by_hand():
+    # Hyperbolic distances 1, 3 and 2 for tree distances 1, 2 and 1, at scale 1.
+    loss = distortion_loss(_on_line([0.0, 1.0, 3.0]), PATH_TREE, 1.0, 1.0)
+    assert loss.item() == pytest.approx((0.0 + 0.5**2 + 1.0**2) / 3)
+    # Distances that are exactly the scale times the tree distances cost nothing.
+    assert distortion_loss(_on_line([0.0, 0.7, 1.4]), PATH_TREE, 1.0, 0.7).item() == (
+        pytest.approx(0.0, abs=1e-9)
+    )
+
+
+def test_neighbourhood_by_hand():
+    sharpness, scale = 2.0, 1.0
+    points = _on_line([0.0, 1.0, 3.0])
+    distances = [[0.0, 1.0, 3.0], [1.0, 0.0, 2.0], [3.0, 2.0, 0.0]]
+    expected = 0.0
+    for i in range(3):
+        others = [j for j in range(3) if j != i]
+        p = torch.softmax(torch.tensor([-sharpness * float(PATH_TREE[i, j]) for j in others]), 0)
+        log_q = torch.log_softmax(
+            torch.tensor([-sharpness / scale * distances[i][j] for j in others]), 0
+        )
+        expected += -(p * log_q).sum().item() / 3
+    assert neighbourhood_loss(points, PATH_TREE, 1.0, scale, sharpness).item() == pytest.approx(
+        expected, rel=1e-6
+    )
+    # Ranking each code's tree neighbours first costs less than ranking them last.
+    swapped = _on_line([0.0, 3.0, 1.0])
+    assert neighbourhood_loss(swapped, PATH_TREE, 1.0, scale, sharpness) > (
+        neighbourhood_loss(points, PATH_TREE, 1.0, scale, sharpness)
+    )
+
+
+def test_depth_by_hand():
+    # Radii 1, 0.5 and 2; code 1's parent is code 0, code 2's is code 1, code 0 has none here.
+    points = _on_line([1.0, -0.5, 2.0])
+    parent = torch.tensor([-1, 0, 1])
+    # Code 1 lies 0.5 nearer the origin than its parent (hinge 0.5 + 0.25), code 2 lies 1.5
+    # further out than its parent (no cost at margin 0.25).
+    assert depth_loss(points, parent, 1.0, 0.25).item() == pytest.approx((0.75 + 0.0) / 2)
+    assert depth_loss(points, torch.tensor([-1, -1, -1]), 1.0, 0.25).item() == 0.0
+
+
+def test_hierarchy_terms_turn_free_points_into_the_tree():
+    """Free points optimised by the three terms alone reproduce the tree: distances rank like
+    tree distances and every level lies further out than the one above."""
+    codes = ["11", "111", "1111", "1112", "112", "1121", "1122", "21", "211", "2111", "212"]
+    distance, _ = tree_matrices(codes)
+    tree = torch.from_numpy(distance.astype("int64"))
+    parent_rows = [codes.index(c[:-1]) if len(c) > 2 else -1 for c in codes]
+    parent = torch.tensor(parent_rows)
+    tangent = 0.01 * torch.randn(len(codes), 8, generator=torch.Generator().manual_seed(0))
+    tangent.requires_grad_(True)
+    optimizer = torch.optim.Adam([tangent], lr=0.05)
+    for _ in range(400):
+        optimizer.zero_grad()
+        points = expmap0(tangent, 1.0)
+        loss = (
+            distortion_loss(points, tree, 1.0, 1.0)
+            + neighbourhood_loss(points, tree, 1.0, 1.0, 2.0)
+            + depth_loss(points, parent, 1.0, 0.5)
+        )
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        points = expmap0(tangent, 1.0)
+        hyperbolic = pairwise_distance(points, points, 1.0)
+        upper = torch.triu_indices(len(codes), len(codes), 1)
+        pairs = hyperbolic[upper[0], upper[1]].numpy(), tree[upper[0], upper[1]].numpy()
+        radius = distance_to_origin(points, 1.0)
+    assert scipy.stats.spearmanr(*pairs).statistic > 0.9
+    levels = torch.tensor([len(c) for c in codes])
+    means = [radius[levels == level].mean() for level in (2, 3, 4)]
+    assert means[0] < means[1] < means[2]

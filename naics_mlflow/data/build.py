@@ -38,6 +38,11 @@ from naics_mlflow.data.taxonomy import (
 
 logger = logging.getLogger(__name__)
 
+# A code at levels 2-5 reads at most this many of its descendants' training items: a random
+# sample estimates the mean of all of them well, and bounds what embedding a code costs (a sector
+# has thousands).
+MAX_INHERITED_EXAMPLES = 64
+
 MANIFEST_FILE = "manifest.json"
 OUTPUT_FILES = (
     CODES_FILE,
@@ -201,14 +206,24 @@ def _read_cross_references(
 
 
 def _examples(codes: list[str], training: dict[str, list[str]]) -> dict[str, list[str]]:
-    """A six-digit code's own training items; a higher code's are those of all its six-digit
-    descendants, in code order (the index file lists only six-digit codes)."""
-    examples: dict[str, list[str]] = {code: [] for code in codes}
+    """A six-digit code's own training items; a higher code's are up to
+    ``MAX_INHERITED_EXAMPLES`` of its six-digit descendants' items (the index file lists only
+    six-digit codes), drawn at random with a seed fixed by the code, kept in code order."""
+    inherited: dict[str, list[str]] = {code: [] for code in codes}
     for code in codes:
-        node: str | None = code
+        node = taxonomy.parent_of(code)
         while node is not None:
-            examples[node].extend(training.get(code, []))
+            inherited[node].extend(training.get(code, []))
             node = taxonomy.parent_of(node)
+    examples = {}
+    for code in codes:
+        if len(code) == taxonomy.MAX_LEVEL:
+            examples[code] = list(training.get(code, []))
+            continue
+        items = inherited[code]
+        seed = int(hashlib.sha1(code.encode()).hexdigest(), 16) % 2**32
+        kept = np.random.default_rng(seed).permutation(len(items))[:MAX_INHERITED_EXAMPLES]
+        examples[code] = [items[i] for i in sorted(kept)]
     return examples
 
 

@@ -2,9 +2,14 @@
 
 A training item is ``(anchor, positive, the anchor's sampled negatives)``. A batch gathers every
 code its items mention, so each distinct code is encoded once per step, and carries local indices
-into that set for the loss. Every six-digit code in the batch that has training index items also
-brings one of them as a free-text query, which the model learns to place at that code rather than
-at the batch's other six-digit codes (see ``NaicsEmbedder``).
+into that set for the loss, and the tree distances and parent links among those codes for the
+hierarchy terms. Every six-digit code in the batch that has training index items also brings one
+of them as a free-text query, which the model learns to place at that code rather than at the
+batch's other six-digit codes (see ``NaicsEmbedder``); that item is left out of the code's own
+examples in the same step, so the query never finds its own words.
+
+A batch carries the codes' texts as tokens, or, in a head-only stage, their precomputed channel
+features (:attr:`NaicsDataModule.code_features`, set when the stage starts).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from naics_mlflow.config import Config
 from naics_mlflow.data.build import build_data, is_built
 from naics_mlflow.data.census import CensusRelease, resolve_raw_dir
 from naics_mlflow.data.curriculum import CurriculumSampler, CurriculumSpec, EpochSample
+from naics_mlflow.data.features import CodeFeatures
 from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy, load_taxonomy
-from naics_mlflow.data.tokenization import CodeTokens, tokenize_codes, tokenize_queries
+from naics_mlflow.data.tokenization import CodeTokens, query_tokens, tokenize_codes
 from naics_mlflow.model.encoder import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -113,7 +119,10 @@ class NaicsDataModule(L.LightningDataModule):
         self.taxonomy: Taxonomy | None = None
         self.sampler: CurriculumSampler
         self.tokens: CodeTokens
+        # Every code's channel features, in a head-only stage (set by the stage's callback).
+        self.code_features: CodeFeatures | None = None
         self._validation_items: TripletItems
+        self._always_in: np.ndarray  # rows every batch holds (see setup)
         self._validation_pair_keys: np.ndarray  # anchor * N + positive of each validation item
 
     def prepare_data(self) -> None:
@@ -134,6 +143,12 @@ class NaicsDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(self.config.model.base_model_name)
         self.tokens = tokenize_codes(
             self.taxonomy, self.tokenizer, self.config.data_loader.tokenization
+        )
+        # Codes every batch holds besides its items' own (data_loader.all_codes_in_batch).
+        self._always_in = (
+            np.arange(self.taxonomy.size)
+            if self.config.data_loader.all_codes_in_batch
+            else np.empty(0, dtype=np.int64)
         )
         seed = self.config.training.seed
         validation_sample = self.sampler.sample_epoch(seed + _VALIDATION_SEED_OFFSET)
@@ -194,27 +209,30 @@ class NaicsDataModule(L.LightningDataModule):
         )
 
     def collate(self, items: TripletItems, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        """Tokens of the unique codes in the batch and local indices into them.
+        """The unique codes of a batch, their texts, and local indices into them.
 
-        Keys: ``rows`` (U,) code rows; ``tokens`` per channel; ``anchor``, ``positive`` (B,) and
-        ``negatives`` (B, K) local indices (padding points at 0 and is masked by
-        ``negative_valid``); ``anchor_rows``, ``positive_rows`` (B,) and ``negative_rows`` (B, K,
-        -1 for padding) code rows; ``in_batch_negatives`` (B, B) bool; when ``loss.query_weight`` > 0 and some
-        six-digit code has training index items, ``query_tokens`` per channel for one item of
-        each such code, ``query_targets`` (Q,) the local index of its code and
-        ``query_negatives`` (Q, U) bool, True at the batch's other six-digit codes (the
-        candidates a search ranks).
+        Keys: ``rows`` (U,) code rows; ``tokens`` (or ``features`` in a head-only stage);
+        ``anchor``, ``positive`` (B,) and ``negatives`` (B, K) local indices (padding points at 0
+        and is masked by ``negative_valid``); ``anchor_rows``, ``positive_rows`` (B,) and
+        ``negative_rows`` (B, K, -1 for padding) code rows; ``in_batch_negatives`` (B, B) bool;
+        ``tree_distance`` (U, U) and ``parent`` (U,) local index of each code's parent, -1 when it
+        is not in the batch. When ``loss.query_weight`` > 0 and some six-digit code has training
+        index items: ``query_tokens`` (or ``query_features``) of one item of each such code,
+        ``query_targets`` (Q,) the local index of its code and ``query_negatives`` (Q, U) bool,
+        True at the batch's other six-digit codes (the candidates a search ranks; with
+        ``data_loader.all_codes_in_batch`` the batch holds every code).
         """
+        taxonomy = self.taxonomy
         anchors = items.anchor[indices]
         positives = items.positive[indices]
         negatives = items.negatives[indices]
         valid = negatives >= 0
-        rows = np.unique(np.concatenate([anchors, positives, negatives[valid]]))
-        local = np.zeros(self.taxonomy.size, dtype=np.int64)
+        rows = np.unique(np.concatenate([anchors, positives, negatives[valid], self._always_in]))
+        local = np.full(taxonomy.size, -1, dtype=np.int64)
         local[rows] = np.arange(len(rows))
+        parents = taxonomy.parents[rows]
         batch = {
             "rows": torch.from_numpy(rows.astype(np.int64)),
-            "tokens": self.tokens.batch(rows),
             "anchor": torch.from_numpy(local[anchors]),
             "positive": torch.from_numpy(local[positives]),
             "negatives": torch.from_numpy(np.where(valid, local[negatives], 0)),
@@ -225,22 +243,60 @@ class NaicsDataModule(L.LightningDataModule):
             "in_batch_negatives": torch.from_numpy(
                 in_batch_negatives(anchors, positives, self.sampler.positive_candidates)
             ),
+            "tree_distance": torch.from_numpy(taxonomy.distance[np.ix_(rows, rows)]),
+            "parent": torch.from_numpy(np.where(parents >= 0, local[parents], -1)),
         }
-        examples = self.taxonomy.examples
-        six_digit = self.taxonomy.levels[rows] == MAX_LEVEL
-        # Only six-digit codes: a higher code's examples are its descendants' items, whose own
-        # six-digit code may be in the batch and would then count as a negative.
-        targets = [i for i in np.flatnonzero(six_digit).tolist() if examples[rows[i]]]
-        if self.config.loss.query_weight > 0 and targets:
-            # Seeded by the batch's first item, so a batch brings the same queries every time.
-            rng = np.random.default_rng((items.query_seed, int(indices[0])))
-            texts = [examples[rows[i]][rng.integers(len(examples[rows[i]]))] for i in targets]
-            batch["query_tokens"] = tokenize_queries(
-                texts, self.tokenizer, self.config.data_loader.tokenization
+        # Seeded by the batch's first item, so a batch brings the same queries every time.
+        rng = np.random.default_rng((items.query_seed, int(indices[0])))
+        query_items = self._query_items(rows, rng)
+        targets = np.flatnonzero(query_items >= 0)
+        if self.code_features is not None:
+            batch["features"] = self.code_features.of_codes(
+                batch["rows"], torch.from_numpy(query_items)
             )
-            target_index = np.asarray(targets)
-            batch["query_targets"] = torch.from_numpy(target_index)
+        else:
+            batch["tokens"] = self.tokens.batch(rows, self._examples_read(rows, query_items, rng))
+        if len(targets):
+            chosen = query_items[targets]
+            if self.code_features is not None:
+                batch["query_features"] = self.code_features.of_queries(torch.from_numpy(chosen))
+            else:
+                batch["query_tokens"] = query_tokens(
+                    [self.tokens.item_ids[item] for item in chosen], self.tokens.pad_token_id
+                )
+            six_digit = taxonomy.levels[rows] == MAX_LEVEL
+            batch["query_targets"] = torch.from_numpy(targets)
             batch["query_negatives"] = torch.from_numpy(
-                six_digit[None, :] & (np.arange(len(rows))[None, :] != target_index[:, None])
+                six_digit[None, :] & (np.arange(len(rows))[None, :] != targets[:, None])
             )
         return batch
+
+    def _query_items(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(U,) one training index item (an index into ``tokens.item_ids``) of each six-digit
+        code that has one, -1 elsewhere or when ``loss.query_weight`` is 0.
+
+        Only six-digit codes: a higher code's examples are its descendants' items, whose own
+        six-digit code may be in the batch and would then count as a negative.
+        """
+        chosen = np.full(len(rows), -1, dtype=np.int64)
+        if self.config.loss.query_weight == 0:
+            return chosen
+        code_items = self.tokens.code_items
+        for i, row in enumerate(rows):
+            if self.taxonomy.levels[row] == MAX_LEVEL and len(code_items[row]):
+                chosen[i] = code_items[row][rng.integers(len(code_items[row]))]
+        return chosen
+
+    def _examples_read(
+        self, rows: np.ndarray, query_items: np.ndarray, rng: np.random.Generator
+    ) -> list[np.ndarray]:
+        """The index items each code's examples channel reads in this step: up to
+        ``data_loader.examples_per_code`` of its items drawn at random, never the item it brings
+        as a query."""
+        limit = self.config.data_loader.examples_per_code
+        read = []
+        for row, query_item in zip(rows, query_items, strict=True):
+            pool = self.tokens.code_items[row]
+            pool = pool[pool != query_item] if query_item >= 0 else pool
+            read.append(pool if len(pool) <= limit else rng.choice(pool, limit, replace=False))
+        return read

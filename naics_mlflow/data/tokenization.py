@@ -1,13 +1,20 @@
-"""Every code's four text channels, tokenized once per run and padded per batch.
+"""Every code's texts, tokenized once per run and padded per batch.
 
-Tokenizing the 2,125 x 4 texts takes a second or two; doing it once (cached by tokenizer and token
-limits, so the stages of a chain share it) and padding each batch only to its own longest text is
-what keeps a training step at ~30 tokens per title instead of a fixed 512.
+A code has one text in each of the title, description and cross-references (``excluded``)
+channels, and a list of texts in the examples channel: its index items, which the model reads one
+at a time and averages (see ``MultiChannelEncoder``). A channel may hold no text for a code (most
+codes have no cross-references); it then contributes nothing, instead of the embedding of an empty
+string.
+
+Tokenizing the texts takes a few seconds; doing it once (cached by tokenizer and token limits, so
+the stages of a chain share it) and padding each batch only to its own longest text is what keeps
+a training step at ~30 tokens per title instead of a fixed 512.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,20 +23,62 @@ from transformers import PreTrainedTokenizerBase
 from naics_mlflow.config import TokenizationConfig
 from naics_mlflow.data.taxonomy import Taxonomy
 from naics_mlflow.model import CHANNELS
-from naics_mlflow.model.encoder import ChannelTokens
+
+TEXT_CHANNELS = ("title", "description", "excluded")
+"""The channels with one text per code; ``examples`` holds a list of index items."""
+
+# A free-text query (a business description) fills the channels a code's short texts use: it reads
+# like a title and like one index item, and is cut at the index items' token limit in both.
+# Training pairs index items with their codes through exactly this mapping (see
+# ``NaicsDataModule``), so the adapters learn it.
+QUERY_CHANNELS = ("title", "examples")
+
+
+class TextBatch(NamedTuple):
+    """K texts of one channel, padded to the longest, and whose each one is."""
+
+    input_ids: torch.Tensor  # (K, L) long
+    attention_mask: torch.Tensor  # (K, L) long
+    owner: torch.Tensor  # (K,) long: the code (or query) of each text, in [0, size)
+
+
+@dataclass(frozen=True)
+class ChannelTokens:
+    """The texts of ``size`` codes or queries, per channel. A code owns any number of texts in a
+    channel (one title, several index items, no cross-references)."""
+
+    size: int
+    texts: dict[str, TextBatch]
+
+    def to(self, device: torch.device | str) -> ChannelTokens:
+        return ChannelTokens(
+            self.size,
+            {c: TextBatch(*(t.to(device) for t in batch)) for c, batch in self.texts.items()},
+        )
+
+
+def pad(sequences: list[np.ndarray], owners: list[int], pad_token_id: int) -> TextBatch:
+    """Pad token id arrays to the longest of them; no sequences give a (0, 0) batch."""
+    length = max((len(seq) for seq in sequences), default=0)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, : len(seq)] = torch.from_numpy(seq)
+        attention_mask[i, : len(seq)] = 1
+    return TextBatch(input_ids, attention_mask, torch.tensor(owners, dtype=torch.long))
 
 
 def channel_texts(taxonomy: Taxonomy) -> dict[str, list[str]]:
-    """The text of each channel for every code, in taxonomy order."""
+    """The text of each single-text channel for every code, in taxonomy order ('' for none)."""
     return {
         "title": taxonomy.titles,
         "description": taxonomy.descriptions,
         "excluded": [" ".join(sentences) for sentences in taxonomy.excluded],
-        "examples": ["; ".join(items) for items in taxonomy.examples],
     }
 
 
 def max_lengths(config: TokenizationConfig) -> dict[str, int]:
+    """Token limit per channel; the examples limit applies to each index item."""
     return {
         "title": config.title_max_length,
         "description": config.description_max_length,
@@ -40,69 +89,108 @@ def max_lengths(config: TokenizationConfig) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class CodeTokens:
-    """Unpadded token ids of every code's channels; :meth:`batch` pads a selection."""
+    """Unpadded token ids of every code's texts; :meth:`batch` pads a selection.
 
-    ids: dict[str, list[np.ndarray]]  # channel -> N arrays of token ids (with special tokens)
+    Index items are stored once each (``item_ids``): a six-digit code's items are also its
+    ancestors' examples.
+    """
+
+    ids: dict[str, list[np.ndarray | None]]  # TEXT_CHANNELS -> N arrays, None for no text
+    item_ids: list[np.ndarray]  # the distinct index items' token ids
+    item_texts: list[str]  # and their texts
+    code_items: list[np.ndarray]  # N arrays of indices into item_ids: each code's examples
     pad_token_id: int
 
-    def batch(self, rows: np.ndarray | torch.Tensor) -> ChannelTokens:
-        """``(input_ids, attention_mask)`` per channel for the codes at ``rows``, each (U, L)
-        where L is the longest of those codes' texts in that channel."""
+    def batch(
+        self, rows: np.ndarray | torch.Tensor, examples: list[np.ndarray] | None = None
+    ) -> ChannelTokens:
+        """Tokens of the codes at ``rows``; ``examples`` gives the items each one reads (indices
+        into ``item_ids``), all of its items by default."""
         rows = np.asarray(rows)
-        tokens = {}
-        for channel in CHANNELS:
-            sequences = [self.ids[channel][row] for row in rows]
-            length = max(len(seq) for seq in sequences)
-            input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-            for i, seq in enumerate(sequences):
-                input_ids[i, : len(seq)] = torch.from_numpy(seq)
-                attention_mask[i, : len(seq)] = 1
-            tokens[channel] = (input_ids, attention_mask)
-        return tokens
+        examples = [self.code_items[row] for row in rows] if examples is None else examples
+        texts = {}
+        for channel in TEXT_CHANNELS:
+            owners = [i for i, row in enumerate(rows) if self.ids[channel][row] is not None]
+            sequences = [self.ids[channel][rows[i]] for i in owners]
+            texts[channel] = pad(sequences, owners, self.pad_token_id)
+        owners = [i for i, items in enumerate(examples) for _ in items]
+        sequences = [self.item_ids[item] for items in examples for item in items]
+        texts["examples"] = pad(sequences, owners, self.pad_token_id)
+        return ChannelTokens(len(rows), texts)
 
+    def subset(self, rows: np.ndarray) -> CodeTokens:
+        """The tokens of the codes at ``rows`` only, with only the items they read."""
+        items = np.unique(np.concatenate([self.code_items[row] for row in rows]))
+        return CodeTokens(
+            ids={channel: [ids[row] for row in rows] for channel, ids in self.ids.items()},
+            item_ids=[self.item_ids[item] for item in items],
+            item_texts=[self.item_texts[item] for item in items],
+            code_items=[np.searchsorted(items, self.code_items[row]) for row in rows],
+            pad_token_id=self.pad_token_id,
+        )
 
-# A free-text query (a business description) fills the channels a code's short texts use: it reads
-# like a title and like an index item. Training pairs index items with their codes through exactly
-# this mapping (see ``NaicsDataModule``), so the adapters learn it.
-QUERY_CHANNELS = ("title", "examples")
 
 _CACHE: dict[tuple, CodeTokens] = {}
 
 
-def _tokenize(
-    texts: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, limits: dict[str, int]
-) -> CodeTokens:
-    ids = {
-        channel: [
-            np.asarray(seq, dtype=np.int64)
-            for seq in tokenizer(texts[channel], truncation=True, max_length=limits[channel])[
-                "input_ids"
-            ]
-        ]
-        for channel in CHANNELS
-    }
-    return CodeTokens(ids=ids, pad_token_id=tokenizer.pad_token_id)
+def _token_ids(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[np.ndarray]:
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return [np.asarray(ids, dtype=np.int64) for ids in encoded]
 
 
 def tokenize_codes(
     taxonomy: Taxonomy, tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
 ) -> CodeTokens:
-    """Tokenize all codes' channels, truncated to the configured per-channel limits."""
+    """Tokenize all codes' texts, truncated to the configured per-channel limits."""
     limits = max_lengths(config)
     key = (tokenizer.name_or_path, len(tokenizer), tuple(limits.items()), tuple(taxonomy.codes))
-    if key not in _CACHE:
-        _CACHE[key] = _tokenize(channel_texts(taxonomy), tokenizer, limits)
+    if key in _CACHE:
+        return _CACHE[key]
+    ids: dict[str, list[np.ndarray | None]] = {}
+    for channel, texts in channel_texts(taxonomy).items():
+        present = [i for i, text in enumerate(texts) if text]
+        column: list[np.ndarray | None] = [None] * len(texts)
+        for i, seq in zip(present, _token_ids([texts[i] for i in present], tokenizer, limits[channel]), strict=True):
+            column[i] = seq
+        ids[channel] = column
+    item_index: dict[str, int] = {}
+    code_items = [
+        np.asarray(
+            [item_index.setdefault(text, len(item_index)) for text in dict.fromkeys(items)],
+            np.int64,
+        )
+        for items in taxonomy.examples
+    ]
+    item_texts = list(item_index)
+    _CACHE[key] = CodeTokens(
+        ids=ids,
+        item_ids=_token_ids(item_texts, tokenizer, limits["examples"]),
+        item_texts=item_texts,
+        code_items=code_items,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return _CACHE[key]
+
+
+def query_tokens(ids: list[np.ndarray], pad_token_id: int) -> ChannelTokens:
+    """Queries as channel tokens: each one's ids as the title and as the one index item of the
+    examples channel; the description and cross-references channels hold nothing."""
+    query = pad(ids, list(range(len(ids))), pad_token_id)
+    empty = pad([], [], pad_token_id)
+    return ChannelTokens(
+        len(ids), {channel: query if channel in QUERY_CHANNELS else empty for channel in CHANNELS}
+    )
 
 
 def tokenize_queries(
     texts: list[str], tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
 ) -> ChannelTokens:
-    """Queries as channel tokens: the text in :data:`QUERY_CHANNELS`, the other channels empty."""
-    empty = [""] * len(texts)
-    by_channel = {channel: texts if channel in QUERY_CHANNELS else empty for channel in CHANNELS}
-    return _tokenize(by_channel, tokenizer, max_lengths(config)).batch(np.arange(len(texts)))
+    """Free-text queries as :func:`query_tokens`, cut at the index items' token limit."""
+    return query_tokens(
+        _token_ids(texts, tokenizer, config.examples_max_length), tokenizer.pad_token_id
+    )
 
 
 def truncated_queries(
@@ -110,6 +198,4 @@ def truncated_queries(
 ) -> list[bool]:
     """For each query, whether it is longer than the query channels read (only its beginning is
     used); a second tokenizer pass, so only ``search`` pays for it, not training."""
-    limits = max_lengths(config)
-    limit = max(limits[channel] for channel in QUERY_CHANNELS)
-    return [len(ids) > limit for ids in tokenizer(texts)["input_ids"]]
+    return [len(ids) > config.examples_max_length for ids in tokenizer(texts)["input_ids"]]

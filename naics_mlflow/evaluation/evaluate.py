@@ -1,5 +1,6 @@
 """``naics-embedder evaluate``: hierarchy metrics over all codes and text-to-code retrieval on the
-evaluation query sets, for the trained model and two baselines computed on the same queries."""
+dev, held-out and unseen query sets, for the trained model (as search ranks, and its embedding
+alone) and the baselines, all computed on the same queries."""
 
 from __future__ import annotations
 
@@ -7,26 +8,21 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
+import torch
 
-from naics_mlflow.data.taxonomy import HOLDOUT_FILE, Taxonomy
+from naics_mlflow.data.taxonomy import DEV_FILE, HOLDOUT_FILE, Taxonomy
 from naics_mlflow.errors import UserError
-from naics_mlflow.evaluation.baselines import (
-    backbone_scores,
-    code_documents,
-    score_retrieval,
-    six_digit_rows,
-    tfidf_scores,
-    title_and_description,
-)
-from naics_mlflow.evaluation.metrics import hierarchy_metrics, retrieval_metrics
+from naics_mlflow.evaluation.baselines import UntrainedBackbone, score_retrieval
+from naics_mlflow.evaluation.lexical import six_digit_rows
+from naics_mlflow.evaluation.metrics import hierarchy_metrics
 from naics_mlflow.evaluation.retrieval import SearchEngine
 
-SYSTEMS = ("model", "backbone", "tfidf")
 SYSTEM_NAMES = {
-    "model": "trained model",
-    "backbone": "untrained backbone (cosine, title + description)",
+    "model": "trained model, as search ranks",
+    "embedding": "trained model, embedding alone",
+    "untrained": "untrained model (backbone, same channels)",
+    "knn": "untrained backbone, nearest training item",
     "tfidf": "TF-IDF (title + description + training items)",
 }
 # Metric -> table column; prefixN: share of queries whose top code has the right first N digits.
@@ -38,6 +34,14 @@ TABLE_COLUMNS = {
     "prefix3_accuracy": "prefix3",
     "prefix4_accuracy": "prefix4",
 }
+HIERARCHY_COLUMNS = (
+    "spearman",
+    "pearson",
+    "ndcg_at_10",
+    "mean_distortion",
+    "radius_depth_spearman",
+    "radius_level_monotonic",
+)
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,9 @@ class QuerySet:
 
 
 def load_query_sets(data_dir: Path, unseen_queries: Path, known_codes: set[str]) -> list[QuerySet]:
-    """The held-out index items (never trained on) and the NAICS 2017 unseen phrasings
-    (evaluation only: never used for training or tuning)."""
+    """The dev index items (where every modelling choice is made), the held-out index items and
+    the NAICS 2017 unseen phrasings (both reported only: never trained or tuned on)."""
+    dev = pq.read_table(data_dir / DEV_FILE).to_pydict()
     holdout = pq.read_table(data_dir / HOLDOUT_FILE).to_pydict()
     if not unseen_queries.is_file():
         raise UserError(
@@ -67,6 +72,7 @@ def load_query_sets(data_dir: Path, unseen_queries: Path, known_codes: set[str])
                 f"{unseen_queries} line {line}: code {row['code']!r} is not a NAICS 2022 code"
             )
     return [
+        QuerySet("dev", dev["text"], dev["code"]),
         QuerySet("holdout", holdout["text"], holdout["code"]),
         QuerySet(
             "unseen_2017", [row["text"] for row in unseen], [row["code"].strip() for row in unseen]
@@ -80,9 +86,14 @@ class EvaluationReport:
     # query set -> system -> metric -> value
     retrieval: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
-    def beats_baselines(self, query_set: str, metric: str = "top5") -> bool:
-        scores = self.retrieval[query_set]
-        return all(scores["model"][metric] > scores[s][metric] for s in SYSTEMS[1:] if s in scores)
+    def winners(self, query_set: str) -> dict[str, list[str]]:
+        """For each retrieval metric, the systems with the best value (several on a tie)."""
+        systems = self.retrieval[query_set]
+        best = {metric: max(v[metric] for v in systems.values()) for metric in TABLE_COLUMNS}
+        return {
+            metric: [name for name, values in systems.items() if values[metric] == value]
+            for metric, value in best.items()
+        }
 
     def metrics(self) -> dict[str, float]:
         """Flat metric names for MLflow: ``hierarchy/spearman``, ``holdout/model/top5``, ..."""
@@ -96,65 +107,63 @@ class EvaluationReport:
         return {
             "hierarchy": self.hierarchy,
             "retrieval": self.retrieval,
-            "model_beats_baselines_top5": {q: self.beats_baselines(q) for q in self.retrieval},
+            "winners": {query_set: self.winners(query_set) for query_set in self.retrieval},
         }
 
     def table(self) -> str:
         lines = [
             "hierarchy (all codes): "
-            + ", ".join(
-                f"{name}={self.hierarchy[f'val/{name}']:.4f}"
-                for name in ("spearman", "pearson", "ndcg_at_10", "mean_distortion")
-            )
+            + ", ".join(f"{name}={self.hierarchy[f'val/{name}']:.4f}" for name in HIERARCHY_COLUMNS)
         ]
-        header = f"{'query set':<12} {'system':<50}" + "".join(
+        header = f"{'query set':<12} {'system':<46}" + "".join(
             f"{column:>9}" for column in TABLE_COLUMNS.values()
         )
         for query_set, systems in self.retrieval.items():
+            winners = self.winners(query_set)
             lines += ["", header]
             for system, values in systems.items():
-                cells = "".join(f"{values[metric]:>9.4f}" for metric in TABLE_COLUMNS)
-                lines.append(f"{query_set:<12} {SYSTEM_NAMES[system]:<50}{cells}")
-            verdict = "beats" if self.beats_baselines(query_set) else "does NOT beat"
-            lines.append(f"the trained model {verdict} both baselines on top-5 for {query_set}")
+                cells = "".join(
+                    f"{values[metric]:>8.4f}{'*' if system in winners[metric] else ' '}"
+                    for metric in TABLE_COLUMNS
+                )
+                lines.append(f"{query_set:<12} {SYSTEM_NAMES[system]:<46}{cells}")
+            best_at = {
+                system: [TABLE_COLUMNS[m] for m in TABLE_COLUMNS if system in winners[m]]
+                for system in systems
+            }
+            summary = "; ".join(
+                f"{SYSTEM_NAMES[system]}: {', '.join(columns)}"
+                for system, columns in best_at.items()
+                if columns
+            )
+            lines.append(f"best on {query_set} (*): {summary}")
         return "\n".join(lines)
 
 
 def evaluate(
     engine: SearchEngine, taxonomy: Taxonomy, query_sets: list[QuerySet], baselines: bool = True
 ) -> EvaluationReport:
-    curvature = engine.embedder.config.loss.curvature
+    config = engine.embedder.config
     report = EvaluationReport(
         hierarchy=hierarchy_metrics(
-            engine.code_embeddings, taxonomy.distance, taxonomy.levels, curvature
+            engine.code_embeddings, taxonomy.distance, taxonomy.levels, config.loss.curvature
         )
     )
     rows = six_digit_rows(taxonomy)
     candidates = [taxonomy.codes[row] for row in rows]
-    candidate_embeddings = engine.code_embeddings[rows]
-    backbone = engine.embedder.config.model.base_model_name
+    untrained = UntrainedBackbone(config, taxonomy) if baselines else None
     for query_set in query_sets:
-        systems = {
-            "model": retrieval_metrics(
-                engine.embed_queries(query_set.texts),
-                candidate_embeddings,
-                query_set.codes,
-                candidates,
-                curvature,
-            )
+        texts, codes = query_set.texts, query_set.codes
+        distances = engine.distances(engine.embed_queries(texts), rows)
+        scores = {
+            "model": engine.scores(texts, distances, level=6),
+            "embedding": -distances,
         }
-        if baselines:
-            scores = {
-                "backbone": backbone_scores(
-                    title_and_description(taxonomy, rows), query_set.texts, backbone
-                ),
-                "tfidf": tfidf_scores(code_documents(taxonomy, rows), query_set.texts),
-            }
-            systems.update(
-                {
-                    name: score_retrieval(np.asarray(value), query_set.codes, candidates)
-                    for name, value in scores.items()
-                }
-            )
-        report.retrieval[query_set.name] = systems
+        if untrained is not None:
+            scores["untrained"] = -untrained.embedding_distances(texts, rows)
+            scores["knn"] = untrained.nearest_item_scores(texts, rows)
+            scores["tfidf"] = torch.from_numpy(engine.lexical.scores(texts))
+        report.retrieval[query_set.name] = {
+            name: score_retrieval(value, codes, candidates) for name, value in scores.items()
+        }
     return report

@@ -1,5 +1,13 @@
 """Place free text in the taxonomy: embed queries with a trained model and rank codes by Lorentz
-distance. Used by ``search``, ``evaluate`` and the served MLflow model."""
+distance, plus the lexical signal for national industries. Used by ``search``, ``evaluate`` and
+the served MLflow model.
+
+A query's score for a six-digit code is ``-d_H(query, code) / temperature + lexical_weight *
+tfidf(query, code)``: the model's own logit (its training turns distances into probabilities at
+``loss.temperature``) plus the TF-IDF cosine of :mod:`naics_mlflow.evaluation.lexical`, weighted
+by ``search.lexical_weight`` (chosen on the dev split; 0 ranks by the embedding alone). Codes of
+levels 2-5 have no index items of their own, so they are ranked by the embedding alone.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL, Taxonomy
 from naics_mlflow.data.tokenization import tokenize_codes, tokenize_queries, truncated_queries
 from naics_mlflow.errors import UserError
+from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
 from naics_mlflow.model.encoder import load_tokenizer
 from naics_mlflow.model.lorentz import pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder
@@ -33,7 +42,17 @@ class Match:
     code: str
     title: str
     level: int
-    distance: float
+    distance: float  # Lorentz distance from the query
+    score: float  # what the ranking sorts by, higher first
+
+
+def hybrid_scores(
+    distance: torch.Tensor, lexical: torch.Tensor | None, temperature: float, weight: float
+) -> torch.Tensor:
+    """``(Q, C)`` ``-distance / temperature + weight * lexical``; the embedding alone without
+    ``lexical``."""
+    logits = -distance / temperature
+    return logits if lexical is None else logits + weight * lexical.to(logits.device)
 
 
 def check_request(texts: list[str], top_k: int, level: int | None) -> None:
@@ -49,7 +68,8 @@ def check_request(texts: list[str], top_k: int, level: int | None) -> None:
 
 @dataclass
 class SearchEngine:
-    """A trained model with every code embedded once, ready to answer queries."""
+    """A trained model with every code embedded once, and the lexical index of the national
+    industries, ready to answer queries."""
 
     embedder: NaicsEmbedder
     tokenizer: PreTrainedTokenizerBase
@@ -57,14 +77,27 @@ class SearchEngine:
     titles: list[str]
     levels: np.ndarray  # (N,)
     code_embeddings: torch.Tensor  # (N, D+1)
+    lexical: LexicalIndex  # over the six-digit codes, in row order
+    lexical_weight: float
 
     @classmethod
-    def build(cls, embedder: NaicsEmbedder, taxonomy: Taxonomy) -> SearchEngine:
+    def build(
+        cls, embedder: NaicsEmbedder, taxonomy: Taxonomy, lexical_weight: float
+    ) -> SearchEngine:
         tokenizer = load_tokenizer(embedder.config.model.base_model_name)
         tokens = tokenize_codes(taxonomy, tokenizer, embedder.config.data_loader.tokenization)
-        embeddings = embedder.embed_codes(tokens, np.arange(taxonomy.size))
+        features = embedder.encoder.code_features(tokens)
+        embeddings = embedder.embed_codes(features, np.arange(taxonomy.size))
+        lexical = LexicalIndex(code_documents(taxonomy, six_digit_rows(taxonomy)))
         return cls(
-            embedder, tokenizer, taxonomy.codes, taxonomy.titles, taxonomy.levels, embeddings
+            embedder,
+            tokenizer,
+            taxonomy.codes,
+            taxonomy.titles,
+            taxonomy.levels,
+            embeddings,
+            lexical,
+            lexical_weight,
         )
 
     @torch.no_grad()
@@ -79,18 +112,14 @@ class SearchEngine:
             chunk = texts[start : start + QUERY_BATCH_SIZE]
             tokens = tokenize_queries(chunk, self.tokenizer, config)
             truncated_count += sum(truncated_queries(chunk, self.tokenizer, config))
-            device_tokens = {
-                channel: tuple(t.to(self.embedder.device) for t in pair)
-                for channel, pair in tokens.items()
-            }
-            chunks.append(self.embedder(device_tokens).embeddings)
+            chunks.append(self.embedder(tokens.to(self.embedder.device)).embeddings)
         if truncated_count:
             logger.warning(
                 "%d of %d queries are longer than the model reads (%d tokens); their beginning "
                 "is used",
                 truncated_count,
                 len(texts),
-                max(config.title_max_length, config.examples_max_length),
+                config.examples_max_length,
             )
         return torch.cat(chunks)
 
@@ -100,25 +129,38 @@ class SearchEngine:
             return np.arange(len(self.codes))
         return np.flatnonzero(self.levels == level)
 
+    def distances(self, queries: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """(Q, len(rows)) Lorentz distances of embedded queries to the codes at ``rows``."""
+        curvature = self.embedder.config.loss.curvature
+        return pairwise_distance(queries, self.code_embeddings[rows], curvature)
+
+    def scores(self, texts: list[str], distances: torch.Tensor, level: int | None) -> torch.Tensor:
+        """(Q, C) ranking scores from the distances to the candidates of ``level``: hybrid for
+        the national industries, the embedding's alone for any other level."""
+        lexical = None
+        if level == MAX_LEVEL and self.lexical_weight > 0:
+            lexical = torch.from_numpy(self.lexical.scores(texts))
+        temperature = self.embedder.config.loss.temperature
+        return hybrid_scores(distances, lexical, temperature, self.lexical_weight)
+
     def search(
         self, texts: list[str], top_k: int = 5, level: int | None = MAX_LEVEL
     ) -> list[list[Match]]:
-        """The ``top_k`` closest codes (at ``level``, or any level for None) for each text."""
+        """The ``top_k`` best codes (at ``level``, or any level for None) for each text."""
         check_request(texts, top_k, level)
         rows = self.candidates(level)
-        queries = self.embed_queries(texts)
-        curvature = self.embedder.config.loss.curvature
-        distances = pairwise_distance(queries, self.code_embeddings[rows], curvature)
-        nearest = distances.topk(min(top_k, len(rows)), dim=1, largest=False)
+        distances = self.distances(self.embed_queries(texts), rows)
+        best = self.scores(texts, distances, level).topk(min(top_k, len(rows)), dim=1)
         return [
             [
                 Match(
                     self.codes[rows[j]],
                     self.titles[rows[j]],
                     int(self.levels[rows[j]]),
-                    float(distance),
+                    float(distances[q, j]),
+                    float(score),
                 )
-                for distance, j in zip(values.tolist(), indices.tolist(), strict=True)
+                for score, j in zip(values.tolist(), indices.tolist(), strict=True)
             ]
-            for values, indices in zip(nearest.values, nearest.indices, strict=True)
+            for q, (values, indices) in enumerate(zip(best.values, best.indices, strict=True))
         ]

@@ -20,7 +20,9 @@ from naics_mlflow.errors import UserError
 from naics_mlflow.model import CHANNELS
 
 # 2: the fusion has a semantic skip path, so format-1 weights mean something else.
-CHECKPOINT_FORMAT = 2
+# 3: the fusion reads unit channel features (zeros for a channel without text) and the examples
+# channel is the mean of its index items, so format-2 weights mean something else.
+CHECKPOINT_FORMAT = 3
 
 
 class CheckpointError(UserError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from typing import NamedTuple
 
+import numpy as np
 import peft
 import torch
 import torch.nn.functional as F
@@ -14,15 +15,14 @@ from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from naics_mlflow.config import ModelConfig
+from naics_mlflow.data.features import CodeFeatures, pool_by_owner
+from naics_mlflow.data.tokenization import TEXT_CHANNELS, ChannelTokens, CodeTokens, TextBatch, pad
 from naics_mlflow.errors import UserError
 from naics_mlflow.model import CHANNELS, SEMANTIC_CHANNELS
 from naics_mlflow.model.lorentz import LorentzProjection
 from naics_mlflow.model.moe import MixtureOfExperts
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
-
-ChannelTokens = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""Per channel, ``(input_ids, attention_mask)``, each (U, L_channel) for the same U codes."""
 
 
 class BackboneError(UserError):
@@ -64,22 +64,6 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
-def semantic_mean(
-    pooled: dict[str, torch.Tensor], present: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """Unit-length mean of the unit-length pooled vectors of the :data:`SEMANTIC_CHANNELS` that
-    hold text: ``{channel: (U, H)}``, ``{channel: (U,) bool}`` -> ``(U, H)``.
-
-    Each channel is normalised first because the backbone's pooled norms differ by channel (a
-    MiniLM title's is about twice a description's), which would otherwise let one channel decide
-    the direction. An empty channel (a free-text query has no description) is left out rather
-    than averaged in as the embedding of an empty string.
-    """
-    vectors = torch.stack([F.normalize(pooled[c], dim=-1) for c in SEMANTIC_CHANNELS])
-    weights = torch.stack([present[c] for c in SEMANTIC_CHANNELS]).to(vectors.dtype)
-    return F.normalize((vectors * weights.unsqueeze(-1)).sum(dim=0), dim=-1)
-
-
 def load_frozen_backbone(name: str) -> nn.Module:
     """The pretrained backbone, frozen, in float32 and in training mode.
 
@@ -109,18 +93,26 @@ class EncoderOutput(NamedTuple):
     mean_gate_probability: torch.Tensor  # (E,) mean gate probability per expert
 
 
+# Texts per backbone pass when features are computed without gradients.
+FEATURE_BATCH_SIZE = 256
+
+
 class MultiChannelEncoder(nn.Module):
-    """Codes' four texts -> Lorentz embeddings.
+    """Codes' texts -> Lorentz embeddings, in two steps.
 
-    The backbone is loaded once and frozen; each channel runs through it with its own LoRA
-    adapter active, so only the adapters, the mixture of experts and the projection train.
+    1. :meth:`channel_features`: each channel's texts run through the frozen backbone with the
+       channel's own LoRA adapter and are mean-pooled; a code's feature in a channel is the unit
+       mean of its texts' (one title, several index items, often no cross-references: zeros).
+    2. :meth:`head`: ``normalize(sum of the title, description and examples features) +
+       MoE(all four)``, projected onto the hyperboloid.
 
-    The fused feature is ``semantic_mean(channels) + MoE(all four channels)``, with the experts'
-    output layer and the projection's bias starting at zero and its weight orthogonal. An untrained
-    model therefore places codes and queries by the pretrained backbone's own sentence similarity
-    (all at radius 1, so distance ranks like cosine, when ``embedding_dim`` is at least the
-    backbone's hidden size) and training starts from there, instead of from a random mixing of
-    the channels that a few minutes of training cannot undo.
+    The experts' output layer and the projection's bias start at zero and its weight orthogonal.
+    An untrained model therefore places codes and queries by the pretrained backbone's own
+    sentence similarity (all at radius 1, so distance ranks like cosine, when ``embedding_dim`` is
+    at least the backbone's hidden size) and training starts from there, instead of from a random
+    mixing of the channels that a few minutes of training cannot undo. Only the adapters, the
+    mixture of experts and the projection train; a head-only stage trains the last two on
+    :meth:`code_features`, computed once.
     """
 
     def __init__(self, config: ModelConfig, curvature: float) -> None:
@@ -149,15 +141,18 @@ class MultiChannelEncoder(nn.Module):
         self.projection = LorentzProjection(hidden, config.embedding_dim, curvature)
         nn.init.orthogonal_(self.projection.linear.weight)
         nn.init.zeros_(self.projection.linear.bias)
-        # A channel holds text when it has a token besides padding and those the tokenizer adds
-        # to any text ([CLS] and [SEP] for BERT); an unknown word ([UNK]) is text.
-        tokenizer = load_tokenizer(config.base_model_name)
-        framing = {*tokenizer("")["input_ids"], tokenizer.pad_token_id}
-        self.register_buffer("framing_token_ids", torch.tensor(sorted(framing)), persistent=False)
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(_is_trainable(name))
         self._adapter_parameters = [p for n, p in self.backbone.named_parameters() if "lora_" in n]
+        self.hidden_size = hidden
         self.length_buckets = config.length_buckets
+
+    def freeze_adapters(self) -> None:
+        """Keep the adapters as they are (a head-only stage)."""
+        self._adapter_parameters = []
+        for name, parameter in self.backbone.named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad_(False)
 
     def _activate(self, channel: str) -> None:
         self.backbone.set_adapter(channel)
@@ -167,15 +162,14 @@ class MultiChannelEncoder(nn.Module):
         for parameter in self._adapter_parameters:
             parameter.requires_grad_(True)
 
-    def encode_channel(
-        self, channel: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Pooled backbone states of one channel's texts with its adapter: (U, L) -> (U, H).
+    def encode_texts(self, channel: str, texts: TextBatch) -> torch.Tensor:
+        """Pooled backbone states of one channel's texts with its adapter: (K, L) -> (K, H).
 
         With ``length_buckets`` > 1 the texts run as that many groups of similar length, each
         cut to its own longest text, so short titles are not padded to the longest one.
         """
         self._activate(channel)
+        input_ids, attention_mask = texts.input_ids, texts.attention_mask
         if self.length_buckets == 1:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
             return mean_pool(hidden.last_hidden_state, attention_mask)
@@ -191,20 +185,80 @@ class MultiChannelEncoder(nn.Module):
             pooled.append(mean_pool(hidden.last_hidden_state, mask))
         return torch.cat(pooled)[order.argsort()]
 
-    def has_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(U, L) -> (U,) bool: whether each text has any token besides the framing ones."""
-        real = attention_mask.bool() & ~torch.isin(input_ids, self.framing_token_ids)
-        return real.any(dim=1)
+    def channel_features(self, tokens: ChannelTokens) -> dict[str, torch.Tensor]:
+        """``{channel: (U, H)}``: each code's unit mean of its texts' pooled states, zeros where
+        it has no text (nothing is run through the backbone for it)."""
+        features = {}
+        for channel in CHANNELS:
+            texts = tokens.texts[channel]
+            if len(texts.owner) == 0:
+                features[channel] = torch.zeros(
+                    (tokens.size, self.hidden_size), device=texts.owner.device
+                )
+            else:
+                pooled = self.encode_texts(channel, texts)
+                features[channel] = pool_by_owner(pooled, texts.owner, tokens.size)
+        return features
 
-    def forward(self, tokens: ChannelTokens) -> EncoderOutput:
-        pooled = {channel: self.encode_channel(channel, *tokens[channel]) for channel in CHANNELS}
-        present = {channel: self.has_text(*tokens[channel]) for channel in SEMANTIC_CHANNELS}
-        fused = self.fusion(torch.cat([pooled[channel] for channel in CHANNELS], dim=-1))
-        features = semantic_mean(pooled, present) + fused.output
+    def head(self, features: dict[str, torch.Tensor]) -> EncoderOutput:
+        """Channel features ``{channel: (U, H)}`` -> points on the hyperboloid."""
+        semantic = F.normalize(sum(features[c].float() for c in SEMANTIC_CHANNELS), dim=-1)
+        fused = self.fusion(torch.cat([features[c] for c in CHANNELS], dim=-1))
         return EncoderOutput(
-            embeddings=self.projection(features),
+            embeddings=self.projection(semantic + fused.output),
             expert_utilisation=fused.expert_utilisation,
             mean_gate_probability=fused.mean_gate_probability,
+        )
+
+    def forward(self, tokens: ChannelTokens) -> EncoderOutput:
+        return self.head(self.channel_features(tokens))
+
+    @torch.no_grad()
+    def code_features(self, tokens: CodeTokens) -> CodeFeatures:
+        """Every code's and index item's features with the adapters as they are now, in eval
+        mode and without gradients, on the CPU; each distinct text runs once.
+
+        A query reads an item through the title adapter too; while the title and examples
+        adapters are both still the identity (LoRA's B starts at zero), that pass is the same one
+        and is not repeated.
+        """
+        was_training = self.training
+        self.eval()
+        channels = {
+            channel: self._features_of(channel, tokens.ids[channel], tokens.pad_token_id)
+            for channel in TEXT_CHANNELS
+        }
+        items = {"examples": self._features_of("examples", tokens.item_ids, tokens.pad_token_id)}
+        items["title"] = (
+            items["examples"]
+            if self._is_identity("title") and self._is_identity("examples")
+            else self._features_of("title", tokens.item_ids, tokens.pad_token_id)
+        )
+        self.train(was_training)
+        code_items = [torch.from_numpy(rows) for rows in tokens.code_items]
+        return CodeFeatures(channels, items, code_items)
+
+    def _features_of(
+        self, channel: str, sequences: list[np.ndarray | None], pad_token_id: int
+    ) -> torch.Tensor:
+        """``(len(sequences), H)`` unit features (zeros for None), in batches of similar length."""
+        device = next(self.parameters()).device
+        features = torch.zeros((len(sequences), self.hidden_size))
+        present = [i for i, seq in enumerate(sequences) if seq is not None]
+        present.sort(key=lambda i: len(sequences[i]))
+        for start in range(0, len(present), FEATURE_BATCH_SIZE):
+            chunk = present[start : start + FEATURE_BATCH_SIZE]
+            texts = pad([sequences[i] for i in chunk], list(range(len(chunk))), pad_token_id)
+            pooled = self.encode_texts(channel, TextBatch(*(t.to(device) for t in texts)))
+            features[chunk] = F.normalize(pooled.float(), dim=-1).cpu()
+        return features
+
+    def _is_identity(self, channel: str) -> bool:
+        """Whether a channel's adapter changes nothing: every LoRA B matrix is zero."""
+        return all(
+            not parameter.any()
+            for name, parameter in self.backbone.named_parameters()
+            if f"lora_B.{channel}." in name
         )
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

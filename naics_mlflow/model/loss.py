@@ -1,14 +1,16 @@
-"""Hyperbolic InfoNCE and the negative-selection helpers around it.
+"""Hyperbolic InfoNCE with its negative-selection helpers, and the hierarchy terms.
 
 ``curvature`` is ``loss.curvature``, ``c > 0`` for sectional curvature ``-c`` (see
-``naics_mlflow.model.lorentz``).
+``naics_mlflow.model.lorentz``). The contrastive terms shape neighbourhoods; the hierarchy terms
+(:func:`distortion_loss`, :func:`neighbourhood_loss`, :func:`depth_loss`) give distances the
+tree's metric, over the pairs of codes a batch already holds.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from naics_mlflow.model.lorentz import distance, pairwise_distance
+from naics_mlflow.model.lorentz import distance, distance_to_origin, pairwise_distance
 
 
 def hyperbolic_infonce(
@@ -256,3 +258,81 @@ def hardest_negatives(
     distances = distances.masked_fill(~valid_mask, float("inf"))
     indices = distances.topk(k, dim=1, largest=False).indices
     return indices, valid_mask.gather(1, indices)
+
+
+def distortion_loss(
+    embeddings: Tensor, tree_distance: Tensor, curvature: float, scale: float
+) -> Tensor:
+    """Mean of ``(d_H / (scale * d_tree) - 1) ** 2`` over the distinct pairs: the relative error
+    of each hyperbolic distance as a multiple of the tree distance.
+
+    Relative rather than absolute, so that the many far pairs (codes of different sectors are 6-10
+    edges apart) do not drown the few near ones.
+
+    Args:
+        embeddings: ``(U, D + 1)`` points.
+        tree_distance: ``(U, U)`` tree distances, 0 only on the diagonal.
+        curvature: ``c > 0``.
+        scale: the hyperbolic length of one tree edge.
+
+    Returns:
+        Scalar; 0 when the batch has fewer than two codes.
+    """
+    pairs = tree_distance > 0
+    if not pairs.any():
+        return embeddings.sum() * 0.0
+    hyperbolic = pairwise_distance(embeddings, embeddings, curvature)[pairs]
+    return (hyperbolic / (scale * tree_distance[pairs].float()) - 1.0).square().mean()
+
+
+def neighbourhood_loss(
+    embeddings: Tensor, tree_distance: Tensor, curvature: float, scale: float, sharpness: float
+) -> Tensor:
+    """Cross-entropy from the tree's neighbourhood of each code to the embedding's.
+
+    Over the other codes ``j`` of the batch, the tree gives code ``i`` the distribution
+    ``p_ij ~ exp(-sharpness * d_tree)`` and the embedding ``q_ij ~ exp(-sharpness * d_H / scale)``;
+    both agree when ``d_H = scale * d_tree`` near ``i``, which is what the distortion term asks
+    globally. A sharpness of 2 puts nearly all of ``p`` on the parent, children and siblings, so
+    this term orders each code's nearest few codes (what NDCG scores), which the distortion term,
+    averaged over every pair, leaves loose.
+
+    Args:
+        embeddings: ``(U, D + 1)`` points.
+        tree_distance: ``(U, U)`` tree distances, 0 only on the diagonal.
+        curvature: ``c > 0``.
+        scale: the hyperbolic length of one tree edge.
+        sharpness: how fast the tree's weight falls per edge.
+
+    Returns:
+        Scalar mean over the codes; 0 when the batch has fewer than two codes.
+    """
+    if len(embeddings) < 2:
+        return embeddings.sum() * 0.0
+    itself = torch.eye(len(embeddings), dtype=torch.bool, device=embeddings.device)
+    hyperbolic = pairwise_distance(embeddings, embeddings, curvature)
+    log_q = F.log_softmax((-sharpness / scale * hyperbolic).masked_fill(itself, float("-inf")), 1)
+    p = F.softmax((-sharpness * tree_distance.float()).masked_fill(itself, float("-inf")), 1)
+    return -(p * log_q.masked_fill(itself, 0.0)).sum(dim=1).mean()
+
+
+def depth_loss(embeddings: Tensor, parent: Tensor, curvature: float, margin: float) -> Tensor:
+    """Mean hinge ``max(0, r(parent) - r(child) + margin)`` over the batch's child-parent pairs,
+    with ``r`` the distance to the origin: a parent lies nearer the origin than its children
+    (as in HiT's centripetal loss), so depth can be read off the radius.
+
+    Args:
+        embeddings: ``(U, D + 1)`` points.
+        parent: ``(U,)`` long, the index of each code's parent among ``embeddings``, -1 when it
+            is not there.
+        curvature: ``c > 0``.
+        margin: how much nearer, in hyperbolic distance.
+
+    Returns:
+        Scalar; 0 when the batch holds no child with its parent.
+    """
+    has_parent = parent >= 0
+    if not has_parent.any():
+        return embeddings.sum() * 0.0
+    radius = distance_to_origin(embeddings, curvature)
+    return F.relu(radius[parent[has_parent]] - radius[has_parent] + margin).mean()

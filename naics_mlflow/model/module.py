@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from naics_mlflow.config import Config, merge
-from naics_mlflow.data.tokenization import CodeTokens
+from naics_mlflow.data.features import CodeFeatures
 from naics_mlflow.distributed import gather_across_ranks, mean_over_ranks, world_size
 from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.metrics import hierarchy_metrics, sample_codes
@@ -28,10 +28,13 @@ from naics_mlflow.model.encoder import MultiChannelEncoder
 from naics_mlflow.model.lorentz import logmap0
 from naics_mlflow.model.loss import (
     candidate_infonce,
+    depth_loss,
+    distortion_loss,
     false_negative_mask,
     hardest_negatives,
     hyperbolic_infonce,
     kmeans_clusters,
+    neighbourhood_loss,
     pool_negative_mask,
     pooled_infonce,
 )
@@ -42,8 +45,13 @@ class NonFiniteLossError(UserError):
     """Training diverged: the loss is NaN or infinite."""
 
 
-# Codes per forward pass when embedding the whole taxonomy without gradients.
-EMBED_BATCH_SIZE = 256
+# Codes per pass of the head when embedding the whole taxonomy without gradients.
+EMBED_BATCH_SIZE = 1024
+# The hierarchy terms, each logged as train/<name>_loss and val/<name>_loss, weighted by
+# loss.<name>_weight.
+HIERARCHY_TERMS = ("distortion", "neighbourhood", "depth")
+# Loss terms that only some batches or settings have.
+OPTIONAL_LOSSES = ("query_loss", *(f"{term}_loss" for term in HIERARCHY_TERMS))
 
 
 class NaicsEmbedder(L.LightningModule):
@@ -52,6 +60,8 @@ class NaicsEmbedder(L.LightningModule):
         self.save_hyperparameters()
         self.config = Config.from_dict(config)
         self.encoder = MultiChannelEncoder(self.config.model, self.config.loss.curvature)
+        if self.config.training.head_only:
+            self.encoder.freeze_adapters()
         # Checkpoints hold only trainable weights; the frozen backbone comes from its name.
         self.strict_loading = False
         self.code_clusters: torch.Tensor | None = None  # (N,) k-means ids for false negatives
@@ -68,8 +78,15 @@ class NaicsEmbedder(L.LightningModule):
 
     # --- training ------------------------------------------------------------------------
 
+    def _encode(self, batch: dict[str, Any], prefix: str = "") -> Any:
+        """The batch's codes (``prefix=""``) or queries (``"query_"``) through the encoder: from
+        their precomputed features in a head-only stage, else from their tokens."""
+        if f"{prefix}features" in batch:
+            return self.encoder.head(batch[f"{prefix}features"])
+        return self.encoder(batch[f"{prefix}tokens"])
+
     def _losses(self, batch: dict[str, Any]) -> dict[str, Any]:
-        encoded = self.encoder(batch["tokens"])
+        encoded = self._encode(batch)
         embeddings = encoded.embeddings
         if world_size() > 1:
             contrastive, extra = self._global_contrastive_loss(batch, embeddings)
@@ -81,9 +98,12 @@ class NaicsEmbedder(L.LightningModule):
             * self.config.model.moe.load_balancing_coef
         )
         total = contrastive + load_balancing
-        if "query_tokens" in batch:
+        if "query_targets" in batch:
             extra["query_loss"] = self._query_loss(batch, embeddings)
             total = total + self.config.loss.query_weight * extra["query_loss"]
+        for name, value in self._hierarchy_losses(batch, embeddings).items():
+            extra[f"{name}_loss"] = value
+            total = total + getattr(self.config.loss, f"{name}_weight") * value
         return {
             "contrastive_loss": contrastive,
             "load_balancing_loss": load_balancing,
@@ -91,6 +111,28 @@ class NaicsEmbedder(L.LightningModule):
             "expert_utilisation": utilisation,
             **extra,
         }
+
+    def _hierarchy_losses(
+        self, batch: dict[str, Any], embeddings: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The hierarchy terms with a weight above zero, over the batch's codes."""
+        loss = self.config.loss
+        terms = {
+            "distortion": lambda: distortion_loss(
+                embeddings, batch["tree_distance"], loss.curvature, loss.tree_scale
+            ),
+            "neighbourhood": lambda: neighbourhood_loss(
+                embeddings,
+                batch["tree_distance"],
+                loss.curvature,
+                loss.tree_scale,
+                loss.neighbourhood_sharpness,
+            ),
+            "depth": lambda: depth_loss(
+                embeddings, batch["parent"], loss.curvature, loss.depth_margin
+            ),
+        }
+        return {name: term() for name, term in terms.items() if getattr(loss, f"{name}_weight") > 0}
 
     def _local_contrastive_loss(
         self, batch: dict[str, Any], embeddings: torch.Tensor
@@ -167,7 +209,7 @@ class NaicsEmbedder(L.LightningModule):
         """InfoNCE of each query (an index item of a batch code, encoded as free text) against the
         batch's six-digit codes: the hard negatives a search must rank it above, siblings
         included."""
-        queries = self.encoder(batch["query_tokens"]).embeddings
+        queries = self._encode(batch, "query_").embeddings
         return candidate_infonce(
             queries,
             code_embeddings,
@@ -193,7 +235,7 @@ class NaicsEmbedder(L.LightningModule):
             )
         for expert, share in enumerate(losses["expert_utilisation"]):
             self.log(f"train/moe/expert_{expert}_utilisation", share, batch_size=batch_size)
-        for name in ("false_negative_fraction", "query_loss"):
+        for name in ("false_negative_fraction", *OPTIONAL_LOSSES):
             if name in losses:
                 self.log(f"train/{name}", losses[name], batch_size=batch_size)
         for name, value in losses.get("global_batch", {}).items():
@@ -240,30 +282,33 @@ class NaicsEmbedder(L.LightningModule):
         log = functools.partial(self.log, batch_size=batch_size, sync_dist=True)
         log("val_loss", losses["total_loss"], prog_bar=True)
         log("val/contrastive_loss", losses["contrastive_loss"])
-        if "query_loss" in losses:
-            log("val/query_loss", losses["query_loss"])
+        for name in OPTIONAL_LOSSES:
+            if name in losses:
+                log(f"val/{name}", losses[name])
 
     # --- whole-taxonomy passes -----------------------------------------------------------
 
     @torch.no_grad()
-    def embed_codes(self, tokens: CodeTokens, rows: np.ndarray) -> torch.Tensor:
-        """(len(rows), D+1) embeddings, in eval mode, batched by similar text length so that
-        dynamic padding wastes little."""
+    def embed_codes(self, features: CodeFeatures, rows: np.ndarray) -> torch.Tensor:
+        """(len(rows), D+1) embeddings of codes from their channel features, in eval mode."""
         was_training = self.training
         self.eval()
-        order = np.argsort([len(tokens.ids["description"][row]) for row in rows], kind="stable")
-        embeddings = torch.empty(
-            (len(rows), self.config.model.embedding_dim + 1), device=self.device
-        )
-        for start in range(0, len(rows), EMBED_BATCH_SIZE):
-            chunk = order[start : start + EMBED_BATCH_SIZE]
-            batch = {
-                channel: tuple(t.to(self.device) for t in pair)
-                for channel, pair in tokens.batch(rows[chunk]).items()
-            }
-            embeddings[torch.from_numpy(chunk).to(self.device)] = self.encoder(batch).embeddings
+        rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        chunks = []
+        for chunk in rows.split(EMBED_BATCH_SIZE):
+            features_of = {c: t.to(self.device) for c, t in features.of_codes(chunk).items()}
+            chunks.append(self.encoder.head(features_of).embeddings)
         self.train(was_training)
-        return embeddings
+        return torch.cat(chunks)
+
+    def _embed_current(self, rows: np.ndarray) -> torch.Tensor:
+        """Embeddings of the codes at ``rows`` with the weights as they are now: from a head-only
+        stage's precomputed features, else from a backbone pass over those codes' texts only."""
+        datamodule = self.trainer.datamodule
+        if datamodule.code_features is not None:
+            return self.embed_codes(datamodule.code_features, rows)
+        features = self.encoder.code_features(datamodule.tokens.subset(rows))
+        return self.embed_codes(features, np.arange(len(rows)))
 
     def on_fit_start(self) -> None:
         positive_pairs = self.trainer.datamodule.sampler.positive_candidates
@@ -278,7 +323,7 @@ class NaicsEmbedder(L.LightningModule):
         if (epoch - start) % loss_config.fn_cluster_every_n_epochs == 0:
             datamodule = self.trainer.datamodule
             rows = np.arange(datamodule.taxonomy.size)
-            tangent = logmap0(self.embed_codes(datamodule.tokens, rows), loss_config.curvature)
+            tangent = logmap0(self._embed_current(rows), loss_config.curvature)
             clusters = min(loss_config.fn_num_clusters, len(rows))
             self.code_clusters = kmeans_clusters(tangent, clusters, seed=self.config.training.seed)
 
@@ -290,7 +335,7 @@ class NaicsEmbedder(L.LightningModule):
         rows = sample_codes(
             taxonomy.size, self.config.model.eval_sample_size, self.config.training.seed
         )
-        embeddings = self.embed_codes(datamodule.tokens, rows)
+        embeddings = self._embed_current(rows)
         metrics = hierarchy_metrics(
             embeddings,
             taxonomy.distance[np.ix_(rows, rows)],

@@ -166,7 +166,9 @@ def _path_or_none(path: str | None) -> Path | None:
 
 def _log_final_model(checkpoint: Path, config: Config) -> None:
     """The chain's result as a servable MLflow model in the parent run."""
-    engine = SearchEngine.build(load_embedder(checkpoint), load_taxonomy(config.dirs.data))
+    engine = SearchEngine.build(
+        load_embedder(checkpoint), load_taxonomy(config.dirs.data), config.search.lexical_weight
+    )
     uri = log_search_model(checkpoint, engine)
     logger.info("chain model logged as %s", uri)
 
@@ -176,21 +178,23 @@ def _earlier_parent_run(chain_hash: str) -> str | None:
     opened the run this process must use."""
     if os.environ.get("MLFLOW_RUN_ID"):
         return None
-    runs = tracking.search_runs(f"tags.chain_hash = '{chain_hash}' AND tags.role = 'chain'")
+    runs = tracking.search_runs(
+        f"{tracking.tag_equals('chain_hash', chain_hash)} AND tags.role = 'chain'"
+    )
     return runs[0].info.run_id if runs else None
 
 
 def stage_start(chain_hash: str, stage: str, download_dir: Path) -> StageStart:
     """How ``stage`` of the chain with ``chain_hash`` starts, read from the tracking store: a
     finished run to reuse, else an interrupted run's ``last.ckpt`` (downloaded), else afresh."""
-    for run in tracking.search_runs(
-        f"tags.chain_hash = '{chain_hash}' AND tags.stage = '{stage}' "
-        "AND attributes.status = 'FINISHED'"
-    ):
+    this_stage = (
+        f"{tracking.tag_equals('chain_hash', chain_hash)} AND {tracking.tag_equals('stage', stage)}"
+    )
+    for run in tracking.search_runs(f"{this_stage} AND attributes.status = 'FINISHED'"):
         best = run.data.tags.get("best_checkpoint")
         if best and tracking.has_checkpoint(run, best):
             return StageStart(finished_run_id=run.info.run_id)
-    for run in tracking.search_runs(f"tags.chain_hash = '{chain_hash}' AND tags.stage = '{stage}'"):
+    for run in tracking.search_runs(this_stage):
         if run.info.status in INTERRUPTED_STATUSES and tracking.has_checkpoint(
             run, tracking.LAST_CHECKPOINT
         ):

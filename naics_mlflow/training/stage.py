@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 
 from naics_mlflow import tracking
 from naics_mlflow.config import Config
@@ -28,6 +29,7 @@ from naics_mlflow.evaluation.plots import (
 )
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
+from naics_mlflow.training.callbacks import EpochSummary, PrecomputedFeatures
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.mlflow_logging import (
     LastCheckpointUpload,
@@ -162,7 +164,9 @@ def _fit(
         save_top_k=1,
         save_last=True,
     )
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), EpochSummary(name)]
+    if config.training.head_only:
+        callbacks.append(PrecomputedFeatures())
     loggers = [TensorBoardLogger(config.dirs.outputs, name=run_group, version=name)]
     if run_id is not None:
         callbacks.append(LastCheckpointUpload(run_id, checkpoint_dir))
@@ -173,7 +177,7 @@ def _fit(
         accelerator=trainer_config.accelerator,
         devices=trainer_config.devices,
         num_nodes=trainer_config.num_nodes,
-        strategy=trainer_config.strategy,
+        strategy=_strategy(trainer_config.strategy),
         precision=resolve_precision(trainer_config.precision, trainer_config.accelerator),
         gradient_clip_val=trainer_config.gradient_clip_val,
         accumulate_grad_batches=trainer_config.accumulate_grad_batches,
@@ -192,6 +196,13 @@ def _fit(
     # weights_only: a resumed checkpoint may come from a shared store; never unpickle code.
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint, weights_only=True)
     return trainer, checkpoint
+
+
+def _strategy(name: str) -> str | DDPStrategy:
+    """The configured strategy; plain ``ddp`` lets a step leave some adapters without gradient,
+    since a batch may hold no text for a channel (no code with cross-references, say), and DDP
+    otherwise stops at the first such step."""
+    return DDPStrategy(find_unused_parameters=True) if name == "ddp" else name
 
 
 def _final_metrics(

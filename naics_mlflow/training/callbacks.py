@@ -1,0 +1,68 @@
+"""Work done at stage and epoch boundaries, as Lightning callbacks."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import lightning as L
+
+logger = logging.getLogger(__name__)
+
+
+class PrecomputedFeatures(L.Callback):
+    """A head-only stage: every code's and index item's channel features, computed once by the
+    frozen backbone and adapters when fitting starts, replace the backbone in every batch.
+
+    The features are exact, not an approximation: nothing before the fusion trains in such a
+    stage. A step then costs the head alone, so a CPU runs thousands of them where the backbone
+    allows dozens (linear probing before fine-tuning, Kumar et al. 2022).
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        started = time.perf_counter()
+        datamodule.code_features = pl_module.encoder.code_features(datamodule.tokens)
+        logger.info(
+            "head-only stage: features of %d codes and %d index items computed in %.1f s",
+            len(datamodule.tokens.code_items),
+            len(datamodule.tokens.item_ids),
+            time.perf_counter() - started,
+        )
+
+
+class EpochSummary(L.Callback):
+    """One log line per epoch where no progress bar is seen (a ``mlflow run`` log, a CI job,
+    ``nohup``): stage, epoch, the last training loss, ``val_loss``, Spearman and seconds.
+
+    A progress bar redraws one line with carriage returns, so such a log keeps only its final
+    state; rank 0 alone writes, once per epoch, after validation.
+    """
+
+    def __init__(self, stage: str, enabled: bool | None = None) -> None:
+        self.stage = stage
+        self.enabled = not sys.stderr.isatty() if enabled is None else enabled
+        self._started = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self.enabled and trainer.is_global_zero):
+            return
+        metrics = trainer.callback_metrics
+
+        def value(name: str) -> str:
+            return f"{float(metrics[name]):.4f}" if name in metrics else "-"
+
+        logger.info(
+            "stage %s epoch %d/%d: train_loss %s, val_loss %s, spearman %s, %.1f s",
+            self.stage,
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            value("train/total_loss"),
+            value("val_loss"),
+            value("val/spearman"),
+            time.perf_counter() - self._started,
+        )
