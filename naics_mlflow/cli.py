@@ -192,7 +192,13 @@ def train(
     import time
 
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
-        init = _checked_checkpoint(from_checkpoint, trust_checkpoint, config, Path(download_dir))
+        init = _checked_checkpoint(
+            from_checkpoint,
+            trust_checkpoint,
+            config,
+            Path(download_dir),
+            _curricula_dir(config_path),
+        )
         from naics_mlflow.distributed import rank_zero_answer
         from naics_mlflow.training.stage import train_stage
 
@@ -209,7 +215,7 @@ def train(
 
 
 def _checked_checkpoint(
-    reference: str, trust_checkpoint: bool, config, download_dir: Path
+    reference: str, trust_checkpoint: bool, config, download_dir: Path, curricula_dir: Path
 ) -> Path | None:
     """The local file a ``--from-checkpoint`` reference names, checked to fit ``config``; done
     before the training stack is imported, so a bad reference fails within seconds. Every rank
@@ -221,12 +227,36 @@ def _checked_checkpoint(
     from naics_mlflow.model.checkpoint import check_compatible
 
     def resolve() -> str:
-        path = tracking.resolve_checkpoint(reference, download_dir).path
+        path = tracking.resolve_checkpoint(
+            reference, download_dir, _comparable_tags(config, curricula_dir)
+        ).path
         return str(_readable_copy(path, trust_checkpoint, download_dir))
 
     path = Path(rank_zero_answer("init_checkpoint", resolve))
     check_compatible(path, config)
     return path
+
+
+def _comparable_tags(config, curricula_dir: Path):
+    """For a stage name, the tags its runs must carry to be compared by val_loss here: the digest
+    of the data in ``dirs.data`` (when built) and the stage's validation protocol (when its
+    curriculum file is in ``curricula_dir``)."""
+    from naics_mlflow.data.build import data_digest
+    from naics_mlflow.data.curriculum import load_curriculum
+    from naics_mlflow.data.validation import validation_protocol
+
+    def tags(stage: str) -> dict[str, str]:
+        expected = {}
+        digest = data_digest(Path(config.dirs.data))
+        if digest is not None:
+            expected["data_digest"] = digest
+        curriculum_file = curricula_dir / f"{stage}.yaml"
+        if curriculum_file.is_file():
+            curriculum = load_curriculum(curriculum_file)
+            expected["val_protocol"] = validation_protocol(curriculum, config.data_loader.val_split)
+        return expected
+
+    return tags
 
 
 def _print_summary(result) -> None:
@@ -328,7 +358,7 @@ def train_curriculum(
     )
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         init = _checked_checkpoint(
-            from_checkpoint, trust_checkpoint, plan.stages[0].config, Path(download_dir)
+            from_checkpoint, trust_checkpoint, plan.stages[0].config, Path(download_dir), directory
         )
         from naics_mlflow.training.chain import run_chain
 
@@ -431,7 +461,9 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
     from naics_mlflow.model.checkpoint import read_checkpoint
 
     config = load_config(config_path)
-    resolved = tracking.resolve_checkpoint(reference, download_dir)
+    resolved = tracking.resolve_checkpoint(
+        reference, download_dir, _comparable_tags(config, _curricula_dir(config_path))
+    )
     resolved = dataclasses.replace(
         resolved, path=_readable_copy(resolved.path, trust_checkpoint, download_dir)
     )

@@ -14,7 +14,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,13 @@ LAST_CHECKPOINT = "last.ckpt"
 # Shown by the MLflow UI as a model-development experiment (runs first, not traces).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# Why discovery skips a finished stage run: the first tag that differs from what makes val_loss
+# comparable here, or no such tags at all.
+SKIPPED_BECAUSE = {
+    "data_digest": "trained on other data",
+    "val_protocol": "validated under another protocol",
+    "untagged": "from before val_loss was comparable",
+}
 # What a stage, chain or other tag value used in a search filter may contain: a quote would
 # change the query.
 FILTER_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -135,10 +142,16 @@ def _mark_model_development(experiment_id: str) -> None:
 
 
 def git_commit() -> str:
-    """The commit of the working tree, or ``unknown`` outside a git checkout."""
+    """The commit of the code that runs (this package's checkout, wherever the command runs
+    from), or ``unknown`` when it is not in a git checkout."""
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=5,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -266,9 +279,14 @@ class ResolvedCheckpoint:
     run_id: str | None  # the run that logged it, when the reference named one
 
 
-def resolve_checkpoint(reference: str, download_dir: Path) -> ResolvedCheckpoint:
+def resolve_checkpoint(
+    reference: str,
+    download_dir: Path,
+    comparable: Callable[[str], Mapping[str, str]] | None = None,
+) -> ResolvedCheckpoint:
     """The checkpoint a ``--from-checkpoint`` reference names: a stage name (its best run in the
-    store), a ``runs:/<id>/ckpt`` or other artifact URI, or a path to a ``.ckpt`` file."""
+    store among those whose tags equal ``comparable(stage)``), a ``runs:/<id>/ckpt`` or other
+    artifact URI, or a path to a ``.ckpt`` file."""
     if "://" in reference or reference.startswith("runs:/"):
         run_id = re.match(r"runs:/([^/]+)", reference)
         return ResolvedCheckpoint(
@@ -279,7 +297,7 @@ def resolve_checkpoint(reference: str, download_dir: Path) -> ResolvedCheckpoint
         return ResolvedCheckpoint(path, None)
     if path.suffix == ".ckpt" or len(path.parts) > 1:
         raise CheckpointReferenceError(f"checkpoint file {reference} does not exist")
-    run = best_run_of_stage(reference)
+    run = best_run_of_stage(reference, comparable(reference) if comparable else None)
     best = download_checkpoint(run, run.data.tags["best_checkpoint"], download_dir)
     return ResolvedCheckpoint(best, run.info.run_id)
 
@@ -356,9 +374,11 @@ def download_best_checkpoint(run_id: str, download_dir: Path) -> Path:
     return download_checkpoint(run, run.data.tags["best_checkpoint"], download_dir)
 
 
-def best_run_of_stage(stage: str) -> Run:
+def best_run_of_stage(stage: str, comparable: Mapping[str, str] | None = None) -> Run:
     """The FINISHED run of ``stage`` with the lowest ``best_val_loss`` that logged its best
-    checkpoint."""
+    checkpoint, among the runs whose tags equal ``comparable`` (``data_digest``,
+    ``val_protocol``): a val_loss measured on other data or under another protocol says nothing
+    about this one."""
     if not FILTER_VALUE.fullmatch(stage):
         raise CheckpointReferenceError(
             f"'{stage}' is not a stage name (letters, digits, '_', '-', '.'), a "
@@ -368,18 +388,37 @@ def best_run_of_stage(stage: str) -> Run:
         f"{tag_equals('stage', stage)} AND attributes.status = 'FINISHED'",
         ["metrics.best_val_loss ASC"],
     )
-    for candidate in runs:
+    skipped: dict[str, int] = {}
+    considered = []
+    for run in runs:
+        differing = [
+            tag for tag, value in (comparable or {}).items() if run.data.tags.get(tag) != value
+        ]
+        if differing:
+            reason = differing[0] if differing[0] in run.data.tags else "untagged"
+            skipped[reason] = skipped.get(reason, 0) + 1
+        else:
+            considered.append(run)
+    reasons = ", ".join(f"{count} {SKIPPED_BECAUSE[tag]}" for tag, count in skipped.items())
+    if skipped:
+        logger.info("stage %s: skipped %d finished runs: %s", stage, sum(skipped.values()), reasons)
+    for candidate in considered:
         best = candidate.data.tags.get("best_checkpoint")
         if best and "best_val_loss" in candidate.data.metrics and has_checkpoint(candidate, best):
             logger.info(
-                "checkpoint of stage %s: run %s, best_val_loss %.4f, the lowest of %d finished "
-                "runs of that stage",
+                "checkpoint of stage %s: run %s, best_val_loss %.4f, the lowest of %d comparable "
+                "finished runs of that stage",
                 stage,
                 candidate.info.run_id,
                 candidate.data.metrics["best_val_loss"],
-                len(runs),
+                len(considered),
             )
             return candidate
+    if skipped and not considered:
+        raise CheckpointReferenceError(
+            f"no finished run of stage '{stage}' in {tracking_uri()} is comparable with this one "
+            f"({reasons}); train that stage here, or pass a runs:/<run_id>/ckpt URI"
+        )
     raise CheckpointReferenceError(
         f"no finished run of stage '{stage}' with a logged checkpoint in {tracking_uri()}; "
         "train that stage first, or pass a checkpoint file or a runs:/<run_id>/ckpt URI"

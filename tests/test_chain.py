@@ -373,3 +373,36 @@ def test_an_experiment_is_opened_on_its_runs_and_a_launchers_other_one_is_named(
     assert tracking.use_experiment("naics-embedder") == "0"
     assert store.get_experiment("0").tags["mlflow.experimentKind"] == "custom_model_development"
     assert "add --experiment-name naics-embedder to mlflow run" in caplog.text
+
+
+def _finished_stage_run(store, tmp_path, val_loss: float, **tags: str) -> str:
+    experiment = tracking.use_experiment("naics-embedder")
+    run = store.create_run(
+        experiment, tags={"stage": "03_stage", "best_checkpoint": "best.ckpt", **tags}
+    )
+    store.log_metric(run.info.run_id, "best_val_loss", val_loss)
+    (tmp_path / "best.ckpt").write_bytes(b"weights")
+    store.log_artifact(run.info.run_id, str(tmp_path / "best.ckpt"), "ckpt")
+    store.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def test_discovery_takes_the_lowest_val_loss_among_comparable_runs_only(store, tmp_path, caplog):
+    here = {"data_digest": "d1", "val_protocol": "p1"}
+    _finished_stage_run(store, tmp_path, 0.5, data_digest="d2", val_protocol="p1")
+    _finished_stage_run(store, tmp_path, 0.6, data_digest="d1", val_protocol="p2")
+    _finished_stage_run(store, tmp_path, 0.7)  # from before the tags
+    higher = _finished_stage_run(store, tmp_path, 2.0, **here)
+    lowest = _finished_stage_run(store, tmp_path, 1.0, **here)
+    caplog.set_level("INFO", logger="naics_mlflow.tracking")
+    assert tracking.best_run_of_stage("03_stage", here).info.run_id == lowest
+    assert higher != lowest
+    assert (
+        "stage 03_stage: skipped 3 finished runs: 1 trained on other data, 1 validated under "
+        "another protocol, 1 from before val_loss was comparable" in caplog.text
+    )
+    assert tracking.best_run_of_stage("03_stage").info.run_id not in {lowest, higher}
+    with pytest.raises(tracking.CheckpointReferenceError) as error:
+        tracking.best_run_of_stage("03_stage", {"data_digest": "d9", "val_protocol": "p1"})
+    assert "no finished run of stage '03_stage'" in str(error.value)
+    assert "(4 trained on other data, 1 from before val_loss was comparable)" in str(error.value)

@@ -78,6 +78,7 @@ def test_cli_run_is_tracked(cli_run):
     assert run.data.params["curriculum.n_negatives"] == "24"
     for metric in (
         "val_loss",
+        "val/objective",
         "best_val_loss",
         "val/spearman",
         "val/pearson",
@@ -472,6 +473,51 @@ def test_all_codes_in_batch_needs_a_head_only_stage(tmp_path):
     assert result.stderr.strip().startswith(
         "error: data_loader.all_codes_in_batch needs training.head_only=true"
     )
+
+
+def _validate(module: NaicsEmbedder, overrides: list[str], release) -> dict[str, float]:
+    import lightning as L
+
+    config = load_config(CONFIG, overrides)
+    datamodule = NaicsDataModule(
+        config, load_curriculum(REPO / "conf/text_curriculum/03_stage.yaml"), release
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=config.training.trainer.limit_val_batches,
+    )
+    (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+    return metrics
+
+
+def test_val_loss_is_the_same_measure_whatever_the_batch_limit_weights_or_seed(
+    tiny_overrides, release
+):
+    module = NaicsEmbedder(load_config(CONFIG, tiny_overrides).to_dict())
+    small = _validate(
+        module,
+        [*tiny_overrides, "data_loader.batch_size=4", "training.trainer.limit_val_batches=1"],
+        release,
+    )
+    large = _validate(
+        module,
+        [
+            *tiny_overrides,
+            "data_loader.batch_size=24",
+            "training.trainer.limit_val_batches=3",
+            "loss.query_weight=3.0",
+            "loss.distortion_weight=0",
+            "training.seed=7",
+        ],
+        release,
+    )
+    assert small["val/objective"] != pytest.approx(large["val/objective"], rel=1e-3)
+    assert small["val_loss"] == pytest.approx(large["val_loss"], rel=1e-5)
+    assert 0 < small["val_loss"] < 10
 
 
 def test_in_batch_negatives_mask_positives_of_the_anchor():

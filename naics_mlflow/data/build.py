@@ -75,6 +75,22 @@ def _fingerprint(paths: dict[str, Path]) -> str:
     return digest.hexdigest()
 
 
+def _digest_of(folder: Path, names: list[str]) -> str:
+    """A short digest of the files' bytes: the same outputs, whatever code or inputs made them."""
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode())
+        digest.update(hashlib.sha256((folder / name).read_bytes()).digest())
+    return digest.hexdigest()[:12]
+
+
+def data_digest(out_dir: Path) -> str | None:
+    """The digest of a complete build's outputs (what a run trained on), None if not built."""
+    if not is_built(out_dir):
+        return None
+    return json.loads((out_dir / MANIFEST_FILE).read_text()).get("data_digest")
+
+
 def is_built(out_dir: Path) -> bool:
     """Whether a complete build is in ``out_dir`` (its manifest is written last)."""
     return (out_dir / MANIFEST_FILE).is_file() and all(
@@ -339,6 +355,7 @@ def _write_atomically(out_dir: Path, writers: dict, manifest: dict) -> None:
     try:
         for name, write in writers.items():
             write(staging / name)
+        manifest = {**manifest, "data_digest": _digest_of(staging, sorted(writers))}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
         for name in [*writers, MANIFEST_FILE]:

@@ -29,13 +29,11 @@ from naics_mlflow.data.curriculum import CurriculumSampler, CurriculumSpec, Epoc
 from naics_mlflow.data.features import CodeFeatures
 from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy, load_taxonomy
 from naics_mlflow.data.tokenization import CodeTokens, query_tokens, tokenize_codes
+from naics_mlflow.data.validation import VALIDATION_SEED, ValidationSet
 from naics_mlflow.model.encoder import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Validation negatives are drawn once from this offset of the training seed, apart from the seeds
-# that training epochs use (seed + epoch).
-_VALIDATION_SEED_OFFSET = 1_000_003
 
 
 def in_batch_negatives(
@@ -122,6 +120,7 @@ class NaicsDataModule(L.LightningDataModule):
         # Every code's channel features, in a head-only stage (set by the stage's callback).
         self.code_features: CodeFeatures | None = None
         self._validation_items: TripletItems
+        self.validation_set: ValidationSet  # what val_loss scores, the same for every run
         self._always_in: np.ndarray  # rows every batch holds (see setup)
         self._validation_pair_keys: np.ndarray  # anchor * N + positive of each validation item
 
@@ -150,15 +149,18 @@ class NaicsDataModule(L.LightningDataModule):
             if self.config.data_loader.all_codes_in_batch
             else np.empty(0, dtype=np.int64)
         )
-        seed = self.config.training.seed
-        validation_sample = self.sampler.sample_epoch(seed + _VALIDATION_SEED_OFFSET)
-        rng = np.random.default_rng(seed)
+        # A fixed seed, not training.seed: every run on the same data and curriculum validates
+        # on the same pairs (see data/validation.py).
+        validation_sample = self.sampler.sample_epoch(VALIDATION_SEED)
+        rng = np.random.default_rng(VALIDATION_SEED)
         validation_pairs = (
             rng.random(validation_sample.positives.shape) < self.config.data_loader.val_split
         )
         self._validation_items = TripletItems.from_sample(
-            validation_sample, seed + _VALIDATION_SEED_OFFSET, validation_pairs
+            validation_sample, VALIDATION_SEED, validation_pairs
         )
+        items = self._validation_items
+        self.validation_set = ValidationSet.from_pairs(items.anchor, items.positive, items.negatives)
         self._validation_pair_keys = self._pair_keys(
             self._validation_items.anchor, self._validation_items.positive
         )
@@ -191,8 +193,7 @@ class NaicsDataModule(L.LightningDataModule):
     def validation_items(self, rank: int = 0, world_size: int = 1) -> TripletItems:
         """The validation items, drawn once per stage; this rank's share when several train."""
         items = self._validation_items
-        seed = self.config.training.seed + _VALIDATION_SEED_OFFSET
-        return items if world_size == 1 else items.shard(rank, world_size, seed)
+        return items if world_size == 1 else items.shard(rank, world_size, VALIDATION_SEED)
 
     def val_dataloader(self) -> DataLoader:
         items = self.validation_items(self.trainer.global_rank, self.trainer.world_size)

@@ -14,6 +14,7 @@ import torch
 
 from naics_mlflow.config import Config, merge
 from naics_mlflow.data.features import CodeFeatures
+from naics_mlflow.data.validation import VALIDATION_TEMPERATURE
 from naics_mlflow.distributed import gather_across_ranks, mean_over_ranks, world_size
 from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.metrics import hierarchy_metrics, sample_codes
@@ -276,11 +277,13 @@ class NaicsEmbedder(L.LightningModule):
         optimizer.step(closure=lambda: loss)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """The training objective on validation batches, as ``val/objective``: it depends on the
+        batch size, the loss weights and ``limit_val_batches``, so ``val_loss`` is not it (see
+        :meth:`on_validation_epoch_end`)."""
         losses = self._losses(batch)
         batch_size = len(batch["anchor"])
-        # Averaged over ranks, so that every rank's checkpoint callback sees the same val_loss.
         log = functools.partial(self.log, batch_size=batch_size, sync_dist=True)
-        log("val_loss", losses["total_loss"], prog_bar=True)
+        log("val/objective", losses["total_loss"])
         log("val/contrastive_loss", losses["contrastive_loss"])
         for name in OPTIONAL_LOSSES:
             if name in losses:
@@ -332,18 +335,38 @@ class NaicsEmbedder(L.LightningModule):
             return
         datamodule = self.trainer.datamodule
         taxonomy = datamodule.taxonomy
-        rows = sample_codes(
+        sample = sample_codes(
             taxonomy.size, self.config.model.eval_sample_size, self.config.training.seed
         )
-        embeddings = self._embed_current(rows)
+        validation = datamodule.validation_set
+        rows = np.union1d(sample, validation.rows)
+        embedded = self._embed_current(rows)
+
+        def embeddings_of(codes: np.ndarray) -> torch.Tensor:
+            return embedded[torch.from_numpy(np.searchsorted(rows, codes))]
+
         metrics = hierarchy_metrics(
-            embeddings,
-            taxonomy.distance[np.ix_(rows, rows)],
-            taxonomy.levels[rows],
+            embeddings_of(sample),
+            taxonomy.distance[np.ix_(sample, sample)],
+            taxonomy.levels[sample],
             self.config.loss.curvature,
         )
+        valid = validation.negatives >= 0
+        # Padding points at the anchor itself: finite coordinates, masked out of the softmax.
+        negatives = np.where(valid, validation.negatives, validation.anchor[:, None])
+        val_loss = hyperbolic_infonce(
+            embeddings_of(validation.anchor),
+            embeddings_of(validation.positive),
+            embeddings_of(negatives),
+            self.config.loss.curvature,
+            VALIDATION_TEMPERATURE,
+            negative_valid=torch.from_numpy(valid).to(embedded.device),
+        )
+        # The same on every rank (each embeds the same codes); synced all the same, so that every
+        # rank's checkpoint callback sees exactly one value.
         self.log_dict(metrics, sync_dist=True)
-        self.last_evaluated = (rows, embeddings.cpu())
+        self.log("val_loss", val_loss, sync_dist=True, prog_bar=True)
+        self.last_evaluated = (sample, embeddings_of(sample).cpu())
 
     # --- optimisation --------------------------------------------------------------------
 

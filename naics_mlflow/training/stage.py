@@ -16,10 +16,12 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from naics_mlflow import tracking
 from naics_mlflow.config import Config
+from naics_mlflow.data.build import data_digest
 from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.taxonomy import MIN_LEVEL, Taxonomy
+from naics_mlflow.data.validation import validation_protocol
 from naics_mlflow.distributed import is_global_zero
 from naics_mlflow.evaluation.plots import (
     curve_panels,
@@ -117,6 +119,14 @@ def train_stage(
         tracking.log_dict(config.to_dict(), "config.yaml")
         trainer, checkpoint = _fit(
             config, module, datamodule, run_group, checkpoint_dir, run_id, resume_checkpoint
+        )
+        # What makes this run's val_loss comparable with another's (tracking.best_run_of_stage);
+        # the data is built by the time fitting ends.
+        tracking.set_tags(
+            {
+                "data_digest": data_digest(Path(config.dirs.data)) or "unknown",
+                "val_protocol": validation_protocol(curriculum, config.data_loader.val_split),
+            }
         )
         best = Path(checkpoint.best_model_path)
         log_verified_checkpoint(run_id, best)
