@@ -215,7 +215,8 @@ def test_failed_training_marks_the_run_failed(tmp_path, monkeypatch, tiny_overri
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     config = load_config(CONFIG, [*tiny_overrides, "training.trainer.accelerator=tpu"])
-    with pytest.raises(Exception):  # noqa: B017 - whatever Lightning raises for a missing TPU
+    # Lightning's TPU accelerator needs torch_xla, which this environment lacks.
+    with pytest.raises(ModuleNotFoundError, match="torch_xla"):
         train_stage(
             config,
             load_curriculum(REPO / "conf/text_curriculum/01_stage.yaml"),
@@ -457,6 +458,26 @@ def test_a_batch_with_all_codes_ranks_queries_against_every_six_digit_code(tiny_
     targets = batch["query_targets"].numpy()
     assert len(targets) == sum(1 for row in np.flatnonzero(six_digit) if taxonomy.examples[row])
     assert (batch["query_negatives"].sum(dim=1) == six_digit.sum() - 1).all()
+
+
+def test_a_stage_without_validation_pairs_fails_before_training(tmp_path, tiny_overrides):
+    result = run_cli(
+        tmp_path,
+        "train",
+        "-c",
+        "01_stage",
+        "--config",
+        str(CONFIG),
+        *tiny_overrides,
+        "data_loader.val_split=0.00001",
+    )
+    assert error_line(result).startswith(
+        "error: curriculum 01_stage leaves no validation pairs at data_loader.val_split=1e-05 ("
+    )
+    assert error_line(result).endswith("pairs in all); raise val_split")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments) == []  # no run was opened
 
 
 def test_all_codes_in_batch_needs_a_head_only_stage(tmp_path):
@@ -711,6 +732,30 @@ def test_checkpoint_of_another_shape_is_rejected(tiny_setup, tmp_path, cli_run, 
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_trainable_weights(NaicsEmbedder(config.to_dict()), garbage)
+
+
+def test_a_resumed_stage_forgets_a_best_checkpoint_that_is_not_on_disk(tmp_path, caplog):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from naics_mlflow.training.callbacks import ForgetUnreachableBest
+
+    kept = tmp_path / "kept.ckpt"
+    kept.write_bytes(b"weights")
+    for best, forgotten in ((kept, False), (tmp_path / "gone.ckpt", True)):
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
+        trainer = L.Trainer(callbacks=[checkpoint], logger=False, enable_progress_bar=False)
+        # What restoring a last.ckpt of another machine, or of a killed process, leaves.
+        checkpoint.best_model_path = checkpoint.kth_best_model_path = str(best)
+        checkpoint.best_model_score = checkpoint.kth_value = torch.tensor(0.5)
+        checkpoint.best_k_models = {str(best): torch.tensor(0.5)}
+        ForgetUnreachableBest().on_train_start(trainer, None)
+        assert (checkpoint.best_model_path == "") is forgotten
+        assert (checkpoint.best_model_score is None) is forgotten
+        assert (checkpoint.best_k_models == {}) is forgotten
+        # A later epoch with any val_loss then becomes the best.
+        assert (float(checkpoint.kth_value) == float("inf")) is forgotten
+    assert "gone.ckpt (val_loss 0.5000), is not on this disk" in caplog.text
 
 
 def test_precision_falls_back_to_float32_on_cpu(caplog):

@@ -25,7 +25,12 @@ from torch.utils.data import DataLoader
 from naics_mlflow.config import Config
 from naics_mlflow.data.build import build_data, is_built
 from naics_mlflow.data.census import CensusRelease, resolve_raw_dir
-from naics_mlflow.data.curriculum import CurriculumSampler, CurriculumSpec, EpochSample
+from naics_mlflow.data.curriculum import (
+    CurriculumError,
+    CurriculumSampler,
+    CurriculumSpec,
+    EpochSample,
+)
 from naics_mlflow.data.features import CodeFeatures
 from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy, load_taxonomy
 from naics_mlflow.data.tokenization import CodeTokens, query_tokens, tokenize_codes
@@ -160,6 +165,13 @@ class NaicsDataModule(L.LightningDataModule):
             validation_sample, VALIDATION_SEED, validation_pairs
         )
         items = self._validation_items
+        if len(items) == 0:
+            # Without validation there is no val_loss to choose the best checkpoint by.
+            raise CurriculumError(
+                f"curriculum {self.curriculum.name} leaves no validation pairs at "
+                f"data_loader.val_split={self.config.data_loader.val_split:g} "
+                f"({validation_sample.positive_mask.sum()} pairs in all); raise val_split"
+            )
         self.validation_set = ValidationSet.from_pairs(items.anchor, items.positive, items.negatives)
         self._validation_pair_keys = self._pair_keys(
             self._validation_items.anchor, self._validation_items.positive

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -66,3 +69,31 @@ class EpochSummary(L.Callback):
             value("val/spearman"),
             time.perf_counter() - self._started,
         )
+
+
+class ForgetUnreachableBest(L.Callback):
+    """A resumed stage: forget a best checkpoint that is not on this disk.
+
+    Resuming restores the checkpoint callback's record of the best epoch, but its file may be
+    gone: the run may resume on another machine (``last.ckpt`` comes from the store, the best
+    file is uploaded only when the stage ends), or the process may have died between saving a
+    better epoch (which deletes the previous best) and uploading ``last.ckpt``. Keeping that
+    record would end the stage naming a file that does not exist; forgetting it lets the resumed
+    epochs choose a best that does.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        checkpoint = trainer.checkpoint_callback
+        if not checkpoint.best_model_path or Path(checkpoint.best_model_path).is_file():
+            return
+        logger.warning(
+            "the best checkpoint before the interruption, %s (val_loss %.4f), is not on this "
+            "disk; the best of the resumed epochs is kept instead",
+            Path(checkpoint.best_model_path).name,
+            float(checkpoint.best_model_score),
+        )
+        checkpoint.best_model_path = ""
+        checkpoint.best_model_score = None
+        checkpoint.best_k_models = {}
+        checkpoint.kth_best_model_path = ""
+        checkpoint.kth_value = torch.tensor(math.inf)

@@ -31,7 +31,11 @@ from naics_mlflow.evaluation.plots import (
 )
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
-from naics_mlflow.training.callbacks import EpochSummary, PrecomputedFeatures
+from naics_mlflow.training.callbacks import (
+    EpochSummary,
+    ForgetUnreachableBest,
+    PrecomputedFeatures,
+)
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.mlflow_logging import (
     LastCheckpointUpload,
@@ -101,6 +105,9 @@ def train_stage(
         return None
     if init_checkpoint is not None:
         load_trainable_weights(module, init_checkpoint)
+    # Data, curriculum and validation problems end here, before a run is opened.
+    datamodule.prepare_data()
+    datamodule.setup()
     tags = {
         "stage": curriculum.name,
         "curriculum": curriculum.name,
@@ -174,7 +181,12 @@ def _fit(
         save_top_k=1,
         save_last=True,
     )
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), EpochSummary(name)]
+    callbacks = [
+        checkpoint,
+        LearningRateMonitor(logging_interval="step"),
+        EpochSummary(name),
+        ForgetUnreachableBest(),
+    ]
     if config.training.head_only:
         callbacks.append(PrecomputedFeatures())
     loggers = [TensorBoardLogger(config.dirs.outputs, name=run_group, version=name)]
