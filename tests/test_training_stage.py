@@ -461,16 +461,7 @@ def test_a_batch_with_all_codes_ranks_queries_against_every_six_digit_code(tiny_
 
 
 def test_a_stage_without_validation_pairs_fails_before_training(tmp_path, tiny_overrides):
-    result = run_cli(
-        tmp_path,
-        "train",
-        "-c",
-        "01_stage",
-        "--config",
-        str(CONFIG),
-        *tiny_overrides,
-        "data_loader.val_split=0.00001",
-    )
+    result = _train_01_stage(tmp_path, tiny_overrides, "data_loader.val_split=0.00001")
     assert error_line(result).startswith(
         "error: curriculum 01_stage leaves no validation pairs at data_loader.val_split=1e-05 ("
     )
@@ -480,18 +471,9 @@ def test_a_stage_without_validation_pairs_fails_before_training(tmp_path, tiny_o
     assert client.search_runs(experiments) == []  # no run was opened
 
 
-def test_all_codes_in_batch_needs_a_head_only_stage(tmp_path):
-    result = run_cli(
-        tmp_path,
-        "train",
-        "-c",
-        "01_stage",
-        "--config",
-        str(CONFIG),
-        "data_loader.all_codes_in_batch=true",
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith(
+def test_all_codes_in_batch_needs_a_head_only_stage(tmp_path, tiny_overrides):
+    result = _train_01_stage(tmp_path, tiny_overrides, "data_loader.all_codes_in_batch=true")
+    assert error_line(result).startswith(
         "error: data_loader.all_codes_in_batch needs training.head_only=true"
     )
 
