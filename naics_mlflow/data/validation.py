@@ -26,7 +26,7 @@ from naics_mlflow.data.curriculum import CurriculumSpec
 # Bump when the measure changes, so older runs stop competing with newer ones.
 VALIDATION_PROTOCOL_VERSION = 1
 VALIDATION_SEED = 1_000_003
-VALIDATION_PAIRS = 256
+VALIDATION_PAIRS = 128
 VALIDATION_NEGATIVES = 8
 VALIDATION_TEMPERATURE = 0.1
 
