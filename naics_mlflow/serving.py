@@ -25,10 +25,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import naics_mlflow
+from naics_mlflow.data.pretrained import DEFAULT_BACKBONE, load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL
 from naics_mlflow.evaluation.lexical import LexicalIndex
 from naics_mlflow.evaluation.retrieval import QueryError, SearchEngine, check_request
-from naics_mlflow.model.encoder import DEFAULT_BACKBONE, load_tokenizer
 from naics_mlflow.model.module import load_embedder
 
 MODEL_NAME = "model"

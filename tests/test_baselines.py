@@ -9,10 +9,10 @@ import torch
 
 from naics_mlflow.config import load_config
 from naics_mlflow.data.taxonomy import Taxonomy
+from naics_mlflow.data.tokenization import SEMANTIC_CHANNELS
 from naics_mlflow.evaluation.baselines import UntrainedBackbone, score_retrieval
 from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
 from naics_mlflow.evaluation.metrics import retrieval_metrics
-from naics_mlflow.model import SEMANTIC_CHANNELS
 from naics_mlflow.model.lorentz import expmap0
 
 REPO = Path(__file__).resolve().parents[1]

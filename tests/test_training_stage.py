@@ -20,15 +20,16 @@ from naics_mlflow.config import Config, load_config, merge
 from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule, in_batch_negatives
 from naics_mlflow.data.features import pool_by_owner
+from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.tokenization import (
+    CHANNELS,
     QUERY_CHANNELS,
+    SEMANTIC_CHANNELS,
     tokenize_codes,
     tokenize_queries,
     truncated_queries,
 )
-from naics_mlflow.model import CHANNELS, SEMANTIC_CHANNELS
 from naics_mlflow.model.checkpoint import CheckpointError
-from naics_mlflow.model.encoder import load_tokenizer
 from naics_mlflow.model.lorentz import distance_to_origin, manifold_violation, pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError

@@ -35,7 +35,7 @@ from naics_mlflow.data.features import CodeFeatures
 from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy, load_taxonomy
 from naics_mlflow.data.tokenization import CodeTokens, query_tokens, tokenize_codes
 from naics_mlflow.data.validation import VALIDATION_SEED, ValidationSet
-from naics_mlflow.model.encoder import load_tokenizer
+from naics_mlflow.data.pretrained import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,12 @@ from transformers import PreTrainedTokenizerBase
 
 from naics_mlflow.config import TokenizationConfig
 from naics_mlflow.data.taxonomy import Taxonomy
-from naics_mlflow.model import CHANNELS
+CHANNELS = ("title", "description", "excluded", "examples")
+"""The four texts of a code, each encoded with its own LoRA adapter, in this order."""
+
+SEMANTIC_CHANNELS = ("title", "description", "examples")
+"""The channels that say what a code *is*; their unit mean is the fusion's skip path (see
+``MultiChannelEncoder``). The cross-references are left out: they name other industries."""
 
 TEXT_CHANNELS = ("title", "description", "excluded")
 """The channels with one text per code; ``examples`` holds a list of index items."""

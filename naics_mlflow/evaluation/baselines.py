@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from naics_mlflow.config import Config
+from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import Taxonomy
 from naics_mlflow.data.tokenization import tokenize_codes, tokenize_queries
 from naics_mlflow.evaluation.metrics import ranking_metrics
-from naics_mlflow.model.encoder import load_tokenizer
 from naics_mlflow.model.lorentz import pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder
 

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL, Taxonomy
 from naics_mlflow.data.tokenization import tokenize_codes, tokenize_queries, truncated_queries
 from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
-from naics_mlflow.model.encoder import load_tokenizer
 from naics_mlflow.model.lorentz import pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from naics_mlflow.config import Config
+from naics_mlflow.data.tokenization import CHANNELS
 from naics_mlflow.errors import UserError
-from naics_mlflow.model import CHANNELS
 
 # 2: the fusion has a semantic skip path, so format-1 weights mean something else.
 # 3: the fusion reads unit channel features (zeros for a channel without text) and the examples

