@@ -82,6 +82,29 @@ def gather_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
         return torch.cat(distributed_functional.all_gather(tensor))
 
 
+def gather_pool_across_ranks(
+    points: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's ``points`` ``(U, D)`` and their code ``rows`` ``(U,)``, concatenated in rank
+    order; the identity on one process.
+
+    Ranks may hold different numbers of points (each batch's unique codes), so each pads to the
+    largest with copies of its first point, finite as the loss needs, under row -1, which every
+    negative mask treats as padding. Gradients flow back as in :func:`gather_across_ranks`.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return points, rows
+    largest = torch.tensor([len(rows)], device=rows.device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    padding = int(largest) - len(rows)
+    points = torch.cat([points, points[:1].expand(padding, *points.shape[1:])])
+    rows = torch.cat([rows, rows.new_full((padding,), -1)])
+    return gather_across_ranks(points), gather_across_ranks(rows)
+
+
 def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of ``tensor`` over ranks, without gradient (for statistics such as expert use)."""
     import torch.distributed as dist

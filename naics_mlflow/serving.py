@@ -29,7 +29,7 @@ from naics_mlflow.data.pretrained import DEFAULT_BACKBONE, load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL
 from naics_mlflow.evaluation.lexical import LexicalIndex
 from naics_mlflow.evaluation.retrieval import QueryError, SearchEngine, check_request
-from naics_mlflow.model.module import load_embedder
+from naics_mlflow.model.loading import load_embedder
 
 MODEL_NAME = "model"
 DEFAULT_TOP_K = 5

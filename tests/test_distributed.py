@@ -11,86 +11,61 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from naics_mlflow.distributed import (
-    gather_across_ranks,
     is_global_zero,
     mean_over_ranks,
     rank_zero_answer,
-    world_size,
 )
 from naics_mlflow.model.lorentz import expmap0
-from naics_mlflow.model.loss import pool_negative_mask, pooled_infonce
+from naics_mlflow.model.loss import batch_contrastive_loss
 
-WORLD = 2
-ANCHORS_PER_RANK, NEGATIVES, DIM, CODES = 3, 4, 5, 12
+WORLD, DIM, CODES = 2, 5, 12
 CURVATURE, TEMPERATURE = 1.0, 0.5
+# Each rank's batch: its unique codes (rank 1 holds fewer, so the gathered pool is padded; codes 5
+# and 6 are on both ranks) and its anchors and positives as indices into them.
+RANK_ROWS = (torch.tensor([0, 1, 2, 3, 4, 5, 6]), torch.tensor([5, 6, 7, 8, 9]))
+RANK_ANCHORS = (torch.tensor([0, 2, 4]), torch.tensor([0, 1, 3]))
+RANK_POSITIVES = (torch.tensor([1, 3, 5]), torch.tensor([2, 4, 1]))
+POSITIVE_PAIRS = torch.rand(CODES, CODES, generator=torch.Generator().manual_seed(3)) < 0.2
+CLUSTERS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
 
 
-def _global_batch() -> dict[str, torch.Tensor]:
-    """The batches of both ranks, stacked: rank r owns rows ``r * B : (r + 1) * B``."""
-    generator = torch.Generator().manual_seed(7)
-    anchors = WORLD * ANCHORS_PER_RANK
-
-    def points(*shape: int) -> torch.Tensor:
-        tangent = torch.randn(*shape, DIM, generator=generator, dtype=torch.float64)
-        return expmap0(tangent, CURVATURE)
-
-    negative_rows = torch.randint(0, CODES, (anchors, NEGATIVES), generator=generator)
-    negative_rows[0, -1] = -1  # padding
-    return {
-        "anchor": points(anchors),
-        "positive": points(anchors),
-        "negatives": points(anchors, NEGATIVES),
-        "anchor_rows": torch.randint(0, CODES, (anchors,), generator=generator),
-        "positive_rows": torch.randint(0, CODES, (anchors,), generator=generator),
-        "negative_rows": negative_rows,
-        "positive_pairs": torch.rand(CODES, CODES, generator=generator) < 0.2,
-    }
+def _rank_embeddings(rank: int) -> torch.Tensor:
+    """Rank ``rank``'s code embeddings, a fresh leaf that collects its gradient."""
+    generator = torch.Generator().manual_seed(10 + rank)
+    tangent = torch.randn(len(RANK_ROWS[rank]), DIM, generator=generator, dtype=torch.float64)
+    return expmap0(tangent, CURVATURE).requires_grad_(True)
 
 
-def _pooled_loss(batch: dict[str, torch.Tensor], hard_negative_k: int | None) -> torch.Tensor:
-    """The global-negatives loss as ``NaicsEmbedder`` computes it on one rank."""
-    local_pool = torch.cat([batch["positive"], batch["negatives"].flatten(0, 1)])
-    pool = gather_across_ranks(local_pool)
-    pool_rows = gather_across_ranks(
-        torch.cat([batch["positive_rows"], batch["negative_rows"].flatten()])
-    )
-    assert pool.shape[0] == world_size() * local_pool.shape[0]
-    valid = pool_negative_mask(
-        batch["anchor_rows"], batch["positive_rows"], pool_rows, batch["positive_pairs"]
-    )
-    return pooled_infonce(
-        batch["anchor"], batch["positive"], pool, valid, CURVATURE, TEMPERATURE, hard_negative_k
-    )
+def _loss(embeddings, rows, anchor, positive, hard_negative_k, clustered) -> torch.Tensor:
+    return batch_contrastive_loss(
+        embeddings,
+        rows,
+        anchor,
+        positive,
+        CURVATURE,
+        TEMPERATURE,
+        POSITIVE_PAIRS,
+        CLUSTERS if clustered else None,
+        hard_negative_k,
+    ).loss
 
 
-_DIFFERENTIABLE = ("anchor", "positive", "negatives")
-
-
-def _leaves(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
-    return {
-        key: value[rows].clone().requires_grad_(key in _DIFFERENTIABLE)
-        if key != "positive_pairs"
-        else value
-        for key, value in batch.items()
-    }
-
-
-def _rank_main(rank: int, init_file: str, hard_negative_k: int | None, out: str) -> None:
+def _rank_main(rank: int, init_file: str, settings: tuple, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        rows = slice(rank * ANCHORS_PER_RANK, (rank + 1) * ANCHORS_PER_RANK)
-        batch = _leaves(_global_batch(), rows)
-        loss = _pooled_loss(batch, hard_negative_k)
+        batch = (RANK_ROWS[rank], RANK_ANCHORS[rank], RANK_POSITIVES[rank])
+        embeddings = _rank_embeddings(rank)
+        loss = _loss(embeddings, *batch, *settings)
         loss.backward()
         # Only rank 1's loss is kept: whatever gradient reaches rank 0 crossed processes.
-        from_rank_1 = _leaves(_global_batch(), rows)
-        (_pooled_loss(from_rank_1, hard_negative_k) * rank).backward()
+        from_rank_1 = _rank_embeddings(rank)
+        (_loss(from_rank_1, *batch, *settings) * rank).backward()
         expert_use = mean_over_ranks(torch.tensor([float(rank), 1.0 - rank]))
         torch.save(
             {
                 "loss": loss.detach(),
-                "grads": {key: batch[key].grad for key in _DIFFERENTIABLE},
-                "grads_from_rank_1": {key: from_rank_1[key].grad for key in _DIFFERENTIABLE},
+                "grad": embeddings.grad,
+                "grad_from_rank_1": from_rank_1.grad,
                 "expert_use": expert_use,
             },
             Path(out) / f"rank{rank}.pt",
@@ -103,37 +78,48 @@ def _rank_main(rank: int, init_file: str, hard_negative_k: int | None, out: str)
     os._exit(0)
 
 
-@pytest.mark.parametrize("hard_negative_k", [None, 5])
-def test_global_negatives_match_one_process_on_the_concatenated_batch(tmp_path, hard_negative_k):
-    mp.spawn(
-        _rank_main,
-        args=(str(tmp_path / "init"), hard_negative_k, str(tmp_path)),
-        nprocs=WORLD,
-        join=True,
-    )
+@pytest.mark.parametrize(
+    ("hard_negative_k", "clustered"), [(None, False), (5, False), (None, True), (4, True)]
+)
+def test_the_gathered_pool_matches_one_process_on_the_concatenated_batch(
+    tmp_path, hard_negative_k, clustered
+):
+    """The project's contrastive loss on 2 ranks against 1 process holding both batches: the same
+    masking, false-negative clusters and hard negatives act on the same pool."""
+    settings = (hard_negative_k, clustered)
+    mp.spawn(_rank_main, args=(str(tmp_path / "init"), settings, str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
 
-    whole = _leaves(_global_batch(), slice(None))
-    single_loss = _pooled_loss(whole, hard_negative_k)
+    own = [_rank_embeddings(rank) for rank in range(WORLD)]
+    offset = len(RANK_ROWS[0])
+    single_loss = _loss(
+        torch.cat(own),
+        torch.cat(RANK_ROWS),
+        torch.cat([RANK_ANCHORS[0], RANK_ANCHORS[1] + offset]),
+        torch.cat([RANK_POSITIVES[0], RANK_POSITIVES[1] + offset]),
+        *settings,
+    )
     single_loss.backward()
 
     # DDP averages the ranks' gradients, and each rank's loss is the mean over its own anchors,
     # so the mean of the rank losses and gradients must equal one process on the whole batch.
     torch.testing.assert_close(
-        torch.stack([r["loss"] for r in ranks]).mean(), single_loss.detach(), atol=1e-5, rtol=0
+        torch.stack([r["loss"] for r in ranks]).mean(), single_loss.detach(), atol=1e-10, rtol=0
     )
-    for key in _DIFFERENTIABLE:
-        for rank, result in enumerate(ranks):
-            own = slice(rank * ANCHORS_PER_RANK, (rank + 1) * ANCHORS_PER_RANK)
-            torch.testing.assert_close(
-                result["grads"][key] / WORLD, whole[key].grad[own], atol=1e-5, rtol=0
-            )
-    # Rank 0's positives and negatives are in rank 1's pool, so rank 1's loss trains them.
-    for key in ("positive", "negatives"):
-        assert ranks[0]["grads_from_rank_1"][key].abs().sum() > 0
-    assert ranks[0]["grads_from_rank_1"]["anchor"].abs().sum() == 0
+    for rank, result in enumerate(ranks):
+        torch.testing.assert_close(result["grad"] / WORLD, own[rank].grad, atol=1e-10, rtol=0)
+    # Rank 0's codes are in rank 1's pool, so rank 1's loss trains them.
+    assert ranks[0]["grad_from_rank_1"].abs().sum() > 0
     for result in ranks:
         torch.testing.assert_close(result["expert_use"], torch.tensor([0.5, 0.5]))
+
+
+def test_clusters_and_hard_negatives_change_the_loss():
+    """The parameter rows above would pass with settings that did nothing: they must not."""
+    batch = (RANK_ROWS[0], RANK_ANCHORS[0], RANK_POSITIVES[0])
+    plain = _loss(_rank_embeddings(0), *batch, None, False).item()
+    assert _loss(_rank_embeddings(0), *batch, None, True).item() != pytest.approx(plain)
+    assert _loss(_rank_embeddings(0), *batch, 2, False).item() != pytest.approx(plain)
 
 
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")

@@ -7,14 +7,12 @@ import torch
 from naics_mlflow.data.taxonomy import tree_matrices
 from naics_mlflow.model.lorentz import distance_to_origin, expmap0, pairwise_distance
 from naics_mlflow.model.loss import (
-    candidate_infonce,
     depth_loss,
     distortion_loss,
-    false_negative_mask,
-    hardest_negatives,
-    hyperbolic_infonce,
     kmeans_clusters,
     neighbourhood_loss,
+    pool_infonce,
+    pool_negative_mask,
 )
 
 
@@ -32,75 +30,101 @@ def _on_hyperboloid(space: list[float], curvature: float) -> list[float]:
     return [math.sqrt(1 / curvature + sum(s * s for s in space)), *space]
 
 
-def test_infonce_matches_hand_computed_example():
+def test_pool_infonce_matches_hand_computed_example():
     c, tau = 2.0, 0.5
     a = [_on_hyperboloid(s, c) for s in ([0.1, 0.2], [-0.3, 0.4])]
     p = [_on_hyperboloid(s, c) for s in ([0.2, 0.1], [-0.5, 0.2])]
-    n = [_on_hyperboloid(s, c) for s in ([0.9, -0.7], [0.6, 0.6])]
+    pool = [_on_hyperboloid(s, c) for s in ([0.9, -0.7], [0.6, 0.6], [-0.2, -0.2])]
+    valid = [[True, False, True], [True, True, False]]
     expected = 0.0
-    for i, j in ((0, 1), (1, 0)):
-        logits = [-_hand_distance(a[i], q, c) / tau for q in (p[i], n[i], p[j])]
+    for i in range(2):
+        kept = [pool[m] for m in range(3) if valid[i][m]]
+        logits = [-_hand_distance(a[i], q, c) / tau for q in (p[i], *kept)]
         expected += -logits[0] + math.log(sum(math.exp(z) for z in logits))
     expected /= 2
 
-    loss = hyperbolic_infonce(
+    loss = pool_infonce(
         torch.tensor(a, dtype=torch.float64),
         torch.tensor(p, dtype=torch.float64),
-        torch.tensor(n, dtype=torch.float64).unsqueeze(1),
+        torch.tensor(pool, dtype=torch.float64),
+        torch.tensor(valid),
         curvature=c,
         temperature=tau,
-        in_batch_negatives=~torch.eye(2, dtype=torch.bool),
     )
     assert math.isclose(loss.item(), expected, rel_tol=1e-12)
 
 
-def test_masking_a_negative_equals_removing_it():
+def test_masking_a_pool_member_equals_removing_it():
     anchor, positive = _random_points(3, seed=1), _random_points(3, seed=2)
-    negatives = _random_points(3, 4, seed=3)
+    pool = _random_points(4, seed=3)
     valid = torch.ones(3, 4, dtype=torch.bool)
     valid[0, 1] = False
-    masked = hyperbolic_infonce(anchor, positive, negatives, 1.0, 0.1, negative_valid=valid)
+    masked = pool_infonce(anchor, positive, pool, valid, 1.0, 0.1)
 
-    kept = [negatives[0, [0, 2, 3]], negatives[1], negatives[2]]
+    kept = [pool[[0, 2, 3]], pool, pool]
     per_row = [
-        hyperbolic_infonce(anchor[i : i + 1], positive[i : i + 1], kept[i].unsqueeze(0), 1.0, 0.1)
+        pool_infonce(
+            anchor[i : i + 1],
+            positive[i : i + 1],
+            kept[i],
+            torch.ones(1, len(kept[i]), dtype=torch.bool),
+            1.0,
+            0.1,
+        )
         for i in range(3)
     ]
     torch.testing.assert_close(masked, torch.stack(per_row).mean())
 
 
-def test_in_batch_mask_rows_are_anchors_and_columns_are_other_positives():
-    anchor, positive = _random_points(3, seed=4), _random_points(3, seed=5)
-    negatives = _random_points(3, 2, seed=6)
-    allowed = torch.tensor([[False, True, False], [False, False, False], [True, True, False]])
-    loss = hyperbolic_infonce(anchor, positive, negatives, 1.0, 0.1, in_batch_negatives=allowed)
+def test_hard_negative_k_keeps_each_anchors_nearest_valid_members():
+    radii = torch.tensor([3.0, 1.0, 2.0, 0.5, 4.0], dtype=torch.float64)
+    direction = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    pool = expmap0(radii.unsqueeze(1) * direction, 1.0)
+    anchor = expmap0(torch.zeros(1, 3, dtype=torch.float64), 1.0)
+    positive = expmap0(torch.tensor([[0.0, 0.7, 0.0]], dtype=torch.float64), 1.0)
+    valid = torch.tensor([[True, True, True, False, True]])  # 0.5 is masked: 1.0 and 2.0 kept
+    nearest_two = torch.tensor([[False, True, True, False, False]])
 
-    per_row = []
-    for i in range(3):
-        extra = positive[allowed[i]]
-        row_negatives = torch.cat([negatives[i], extra]).unsqueeze(0)
-        per_row.append(
-            hyperbolic_infonce(anchor[i : i + 1], positive[i : i + 1], row_negatives, 1.0, 0.1)
-        )
-    torch.testing.assert_close(loss, torch.stack(per_row).mean())
+    torch.testing.assert_close(
+        pool_infonce(anchor, positive, pool, valid, 1.0, 0.5, hard_negative_k=2),
+        pool_infonce(anchor, positive, pool, nearest_two, 1.0, 0.5),
+    )
+    torch.testing.assert_close(
+        pool_infonce(anchor, positive, pool, valid, 1.0, 0.5, hard_negative_k=5),
+        pool_infonce(anchor, positive, pool, valid, 1.0, 0.5),
+    )
+
+
+def test_pool_negative_mask_excludes_padding_self_positives_and_clusters():
+    anchor_rows, positive_rows = torch.tensor([0, 3]), torch.tensor([1, 4])
+    pool_rows = torch.tensor([0, 1, 2, 3, 4, 5, -1])
+    positive_pairs = torch.zeros(6, 6, dtype=torch.bool)
+    positive_pairs[0, 2] = True  # code 2 is another positive of anchor 0 in this curriculum
+    mask = pool_negative_mask(anchor_rows, positive_rows, pool_rows, positive_pairs)
+    assert mask.tolist() == [
+        [False, False, False, True, True, True, False],
+        [True, True, True, False, False, True, False],
+    ]
+    clusters = torch.tensor([7, 7, 7, 8, 8, 7])  # code 5 shares anchor 0's cluster
+    clustered = pool_negative_mask(anchor_rows, positive_rows, pool_rows, positive_pairs, clusters)
+    assert clustered.tolist() == [
+        [False, False, False, True, True, False, False],
+        [True, True, True, False, False, True, False],
+    ]
 
 
 def test_loss_falls_when_optimising_free_embeddings():
     torch.manual_seed(0)
     tangent = torch.nn.Parameter(0.1 * torch.randn(12, 3))
+    rows = torch.arange(12)
     anchors = torch.arange(0, 12, 2)
     positives = anchors + 1
-    negatives = torch.stack(
-        [torch.tensor([j for j in range(12) if j not in (a, a + 1)]) for a in anchors]
-    )
-    in_batch = ~torch.eye(6, dtype=torch.bool)
+    valid = pool_negative_mask(anchors, positives, rows)
     optimiser = torch.optim.Adam([tangent], lr=0.05)
 
     def loss_value() -> torch.Tensor:
         x = expmap0(tangent, 1.0)
-        return hyperbolic_infonce(
-            x[anchors], x[positives], x[negatives], 1.0, 0.5, in_batch_negatives=in_batch
-        )
+        return pool_infonce(x[anchors], x[positives], x, valid, 1.0, 0.5)
 
     initial = loss_value().item()
     for _ in range(100):
@@ -109,11 +133,6 @@ def test_loss_falls_when_optimising_free_embeddings():
         loss.backward()
         optimiser.step()
     assert loss_value().item() < 0.25 * initial
-
-
-def test_false_negative_mask_marks_shared_clusters():
-    mask = false_negative_mask(torch.tensor([0, 2]), torch.tensor([[0, 1, 0], [2, 2, 3]]))
-    assert torch.equal(mask, torch.tensor([[True, False, True], [True, True, False]]))
 
 
 def _two_blobs() -> torch.Tensor:
@@ -136,56 +155,7 @@ def test_kmeans_is_deterministic_for_a_seed():
     points = torch.randn(300, 5, generator=torch.Generator().manual_seed(1))
     first = kmeans_clusters(points, num_clusters=7, seed=3)
     assert torch.equal(first, kmeans_clusters(points, num_clusters=7, seed=3))
-    assert set(first.tolist()) <= set(range(7))
-
-
-def test_hardest_negatives_keeps_nearest_valid():
-    radii = torch.tensor([3.0, 1.0, 2.0, 0.5, 4.0], dtype=torch.float64)
-    direction = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
-    negatives = expmap0(radii.unsqueeze(1) * direction, 1.0).unsqueeze(0)
-    anchor = expmap0(torch.zeros(1, 3, dtype=torch.float64), 1.0)
-    valid = torch.tensor([[True, True, True, False, True]])
-
-    indices, kept_valid = hardest_negatives(anchor, negatives, valid, k=2, curvature=1.0)
-    assert indices.tolist() == [[1, 2]]
-    assert kept_valid.all()
-
-    indices, kept_valid = hardest_negatives(anchor, negatives, valid, k=5, curvature=1.0)
-    assert indices.tolist() == [[0, 1, 2, 3, 4]]
-    assert torch.equal(kept_valid, valid)
-
-
-def test_hardest_negatives_flags_rows_short_of_valid_negatives():
-    anchor = _random_points(2, seed=7)
-    negatives = _random_points(2, 4, seed=8)
-    valid = torch.tensor([[True, False, False, False], [True, True, True, True]])
-    indices, kept_valid = hardest_negatives(anchor, negatives, valid, k=2, curvature=1.0)
-    assert indices[0, 0] == 0
-    assert kept_valid.tolist() == [[True, False], [True, True]]
-
-
-def test_candidate_infonce_matches_hand_computed_example():
-    c, tau = 1.0, 0.2
-    queries = [_on_hyperboloid(s, c) for s in ([0.1, 0.0], [0.0, -0.4])]
-    candidates = [_on_hyperboloid(s, c) for s in ([0.2, 0.1], [-0.3, 0.3], [0.5, -0.5])]
-    target = [0, 2]
-    valid = [[False, True, True], [False, False, True]]  # query 1 keeps only its target
-    expected = 0.0
-    for i in range(2):
-        kept = [j for j in range(3) if valid[i][j] or j == target[i]]
-        logits = {j: -_hand_distance(queries[i], candidates[j], c) / tau for j in kept}
-        expected += -logits[target[i]] + math.log(sum(math.exp(z) for z in logits.values()))
-    expected /= 2
-
-    loss = candidate_infonce(
-        torch.tensor(queries, dtype=torch.float64),
-        torch.tensor(candidates, dtype=torch.float64),
-        torch.tensor(target),
-        torch.tensor(valid),
-        curvature=c,
-        temperature=tau,
-    )
-    assert math.isclose(loss.item(), expected, rel_tol=1e-12)
+    assert set(first.tolist()) == set(range(7))
 
 
 # --- hierarchy terms ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from naics_mlflow import tracking
 from naics_mlflow.config import Config, load_config, merge
 from naics_mlflow.data.curriculum import load_curriculum
-from naics_mlflow.data.datamodule import NaicsDataModule, in_batch_negatives
+from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.features import pool_by_owner
 from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.tokenization import (
@@ -30,8 +30,10 @@ from naics_mlflow.data.tokenization import (
     truncated_queries,
 )
 from naics_mlflow.model.checkpoint import CheckpointError
+from naics_mlflow.model.loading import load_trainable_weights
 from naics_mlflow.model.lorentz import distance_to_origin, manifold_violation, pairwise_distance
-from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
+from naics_mlflow.model.module import NaicsEmbedder
+from naics_mlflow.training.callbacks import TaxonomyEvaluation
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.stage import resolve_precision, train_stage
 from tests.commands import environment, error_line, run_cli
@@ -359,8 +361,8 @@ def test_batches_encode_each_code_once(tiny_setup):
     rows = batch["rows"].numpy()
     assert len(np.unique(rows)) == len(rows)
     assert (rows[batch["anchor"].numpy()] == batch["anchor_rows"].numpy()).all()
-    valid = batch["negative_valid"].numpy()
-    assert (rows[batch["negatives"].numpy()][valid] == batch["negative_rows"].numpy()[valid]).all()
+    negatives = datamodule.training_items(epoch=0).negatives[:16]
+    assert np.isin(negatives[negatives >= 0], rows).all()  # the pool holds every sampled negative
     tokens = batch["tokens"]
     assert tokens.size == len(rows)
     for channel in CHANNELS:
@@ -493,6 +495,7 @@ def _validate(module: NaicsEmbedder, overrides: list[str], release) -> dict[str,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=config.training.trainer.limit_val_batches,
+        callbacks=[TaxonomyEvaluation()],
     )
     (metrics,) = trainer.validate(module, datamodule=datamodule, verbose=False)
     return metrics
@@ -522,18 +525,6 @@ def test_val_loss_is_the_same_measure_whatever_the_batch_limit_weights_or_seed(
     assert small["val/objective"] != pytest.approx(large["val/objective"], rel=1e-3)
     assert small["val_loss"] == pytest.approx(large["val_loss"], rel=1e-5)
     assert 0 < small["val_loss"] < 10
-
-
-def test_in_batch_negatives_mask_positives_of_the_anchor():
-    candidates = np.zeros((6, 6), dtype=bool)
-    candidates[0, [1, 2]] = True  # codes 1 and 2 are positives of anchor 0
-    anchors = np.array([0, 3, 4])
-    positives = np.array([1, 2, 0])
-    assert in_batch_negatives(anchors, positives, candidates).tolist() == [
-        [False, False, False],  # its own positive, another positive of 0, and 0 itself
-        [True, False, True],
-        [True, True, False],
-    ]
 
 
 def test_length_buckets_change_speed_not_embeddings(tiny_setup, tiny_overrides):
@@ -683,19 +674,21 @@ def test_false_negative_clusters_mask_negatives(tiny_setup):
     config, datamodule = tiny_setup
     module = NaicsEmbedder(config.to_dict()).eval()
     batch = _fixed_batch(datamodule)
+    anchor = int(batch["anchor_rows"][0])
+    negative = int(datamodule.training_items(epoch=0).negatives[0, 0])
     with torch.no_grad():
         plain = module._losses(batch)["contrastive_loss"]
-        # Put every code in its own cluster except the first anchor and its first negative.
+        # Every code in its own cluster except the first anchor and its first sampled negative.
         clusters = torch.arange(datamodule.taxonomy.size)
-        anchor, negative = batch["anchor_rows"][0], batch["negative_rows"][0, 0]
         clusters[negative] = clusters[anchor]
         module.code_clusters = clusters
         clustered = module._losses(batch)["contrastive_loss"]
         module.code_clusters = None
-        # Items of the same anchor (with other positives) share that negative: mask it in each.
-        same_pair = (batch["anchor_rows"][:, None] == anchor) & (batch["negative_rows"] == negative)
-        masked = dict(batch, negative_valid=batch["negative_valid"] & ~same_pair)
-        by_hand = module._losses(masked)["contrastive_loss"]
+        # The same two codes marked positives of each other, by hand, mask the same pool members.
+        positive_pairs = torch.zeros(datamodule.taxonomy.size, datamodule.taxonomy.size).bool()
+        positive_pairs[anchor, negative] = positive_pairs[negative, anchor] = True
+        module.positive_pairs = positive_pairs
+        by_hand = module._losses(batch)["contrastive_loss"]
     assert clustered == pytest.approx(by_hand.item(), abs=1e-6)
     assert clustered != pytest.approx(plain.item(), abs=1e-6)
 

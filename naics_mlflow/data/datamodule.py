@@ -41,22 +41,6 @@ logger = logging.getLogger(__name__)
 
 
 
-def in_batch_negatives(
-    anchors: np.ndarray, positives: np.ndarray, positive_candidates: np.ndarray
-) -> np.ndarray:
-    """(B, B) bool: True where item j's positive may act as a negative for anchor i.
-
-    It may not when it is anchor i itself, anchor i's own positive, or any positive of anchor i
-    in this curriculum (``positive_candidates``, (N, N) bool).
-    """
-    other = positives[None, :]
-    return ~(
-        positive_candidates[anchors[:, None], other]
-        | (other == anchors[:, None])
-        | (other == positives[:, None])
-    )
-
-
 class TripletItems:
     """Flat training or validation items: ``anchor[t]``, ``positive[t]``, ``negatives[t]``;
     ``query_seed`` decides which index item each batch's codes bring as queries."""
@@ -224,11 +208,10 @@ class NaicsDataModule(L.LightningDataModule):
     def collate(self, items: TripletItems, indices: np.ndarray) -> dict[str, torch.Tensor]:
         """The unique codes of a batch, their texts, and local indices into them.
 
-        Keys: ``rows`` (U,) code rows; ``tokens`` (or ``features`` in a head-only stage);
-        ``anchor``, ``positive`` (B,) and ``negatives`` (B, K) local indices (padding points at 0
-        and is masked by ``negative_valid``); ``anchor_rows``, ``positive_rows`` (B,) and
-        ``negative_rows`` (B, K, -1 for padding) code rows; ``in_batch_negatives`` (B, B) bool;
-        ``tree_distance`` (U, U) and ``parent`` (U,) local index of each code's parent, -1 when it
+        Keys: ``rows`` (U,) code rows, the pool the contrastive loss draws negatives from (each
+        anchor's sampled negatives are in it); ``tokens`` (or ``features`` in a head-only stage);
+        ``anchor``, ``positive`` (B,) local indices and ``anchor_rows``, ``positive_rows`` (B,)
+        code rows; ``tree_distance`` (U, U) and ``parent`` (U,) local index of each code's parent, -1 when it
         is not in the batch. When ``loss.query_weight`` > 0 and some six-digit code has training
         index items: ``query_tokens`` (or ``query_features``) of one item of each such code,
         ``query_targets`` (Q,) the local index of its code and ``query_negatives`` (Q, U) bool,
@@ -239,8 +222,9 @@ class NaicsDataModule(L.LightningDataModule):
         anchors = items.anchor[indices]
         positives = items.positive[indices]
         negatives = items.negatives[indices]
-        valid = negatives >= 0
-        rows = np.unique(np.concatenate([anchors, positives, negatives[valid], self._always_in]))
+        rows = np.unique(
+            np.concatenate([anchors, positives, negatives[negatives >= 0], self._always_in])
+        )
         local = np.full(taxonomy.size, -1, dtype=np.int64)
         local[rows] = np.arange(len(rows))
         parents = taxonomy.parents[rows]
@@ -248,14 +232,8 @@ class NaicsDataModule(L.LightningDataModule):
             "rows": torch.from_numpy(rows.astype(np.int64)),
             "anchor": torch.from_numpy(local[anchors]),
             "positive": torch.from_numpy(local[positives]),
-            "negatives": torch.from_numpy(np.where(valid, local[negatives], 0)),
-            "negative_valid": torch.from_numpy(valid),
             "anchor_rows": torch.from_numpy(anchors.astype(np.int64)),
             "positive_rows": torch.from_numpy(positives.astype(np.int64)),
-            "negative_rows": torch.from_numpy(negatives.astype(np.int64)),
-            "in_batch_negatives": torch.from_numpy(
-                in_batch_negatives(anchors, positives, self.sampler.positive_candidates)
-            ),
             "tree_distance": torch.from_numpy(taxonomy.distance[np.ix_(rows, rows)]),
             "parent": torch.from_numpy(np.where(parents >= 0, local[parents], -1)),
         }

@@ -50,6 +50,14 @@ class ValidationSet:
             anchor[chosen], positive[chosen], negatives[chosen, :VALIDATION_NEGATIVES].copy()
         )
 
+    def negative_mask(self, rows: np.ndarray) -> np.ndarray:
+        """``(V, len(rows))`` bool: True where ``rows[m]`` is one of pair ``v``'s negatives.
+        ``rows`` is sorted and holds every negative (as :attr:`rows` does)."""
+        mask = np.zeros((len(self.anchor), len(rows)), dtype=bool)
+        pair, slot = np.nonzero(self.negatives >= 0)
+        mask[pair, np.searchsorted(rows, self.negatives[pair, slot])] = True
+        return mask
+
     @property
     def rows(self) -> np.ndarray:
         """Every code the set mentions, sorted."""

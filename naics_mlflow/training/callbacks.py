@@ -5,11 +5,28 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+
+from naics_mlflow import tracking
+from naics_mlflow.data.datamodule import NaicsDataModule
+from naics_mlflow.data.taxonomy import MIN_LEVEL
+from naics_mlflow.data.validation import VALIDATION_TEMPERATURE
+from naics_mlflow.evaluation.metrics import hierarchy_metrics, sample_codes
+from naics_mlflow.evaluation.plots import (
+    curve_panels,
+    poincare_disk_figure,
+    save_png,
+    training_curves_figure,
+)
+from naics_mlflow.model.lorentz import logmap0
+from naics_mlflow.model.loss import kmeans_clusters, pool_infonce
+from naics_mlflow.model.module import NaicsEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +50,124 @@ class PrecomputedFeatures(L.Callback):
             len(datamodule.tokens.item_ids),
             time.perf_counter() - started,
         )
+
+
+def embed_current(
+    module: NaicsEmbedder, datamodule: NaicsDataModule, rows: np.ndarray
+) -> torch.Tensor:
+    """``(len(rows), D + 1)`` embeddings of the codes at ``rows`` with the weights as they are
+    now: from a head-only stage's precomputed features, else from a backbone pass over those
+    codes' texts only."""
+    if datamodule.code_features is not None:
+        return module.embed_codes(datamodule.code_features, rows)
+    features = module.encoder.code_features(datamodule.tokens.subset(rows))
+    return module.embed_codes(features, np.arange(len(rows)))
+
+
+class CurriculumNegatives(L.Callback):
+    """What the contrastive loss masks in a batch's pool besides padding.
+
+    When fitting starts: every code's positives in this curriculum, which are never negatives.
+    From epoch ``loss.fn_curriculum_start_epoch`` on, every ``loss.fn_cluster_every_n_epochs``
+    epochs: k-means clusters of the current embeddings, whose members are likely false negatives
+    of each other (an anchor's cluster is masked too).
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: NaicsEmbedder) -> None:
+        positive_pairs = trainer.datamodule.sampler.positive_candidates
+        pl_module.positive_pairs = torch.from_numpy(positive_pairs).to(pl_module.device)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: NaicsEmbedder) -> None:
+        loss = pl_module.config.loss
+        start, epoch = loss.fn_curriculum_start_epoch, trainer.current_epoch
+        if start is None or epoch < start or (epoch - start) % loss.fn_cluster_every_n_epochs:
+            return
+        rows = np.arange(trainer.datamodule.taxonomy.size)
+        tangent = logmap0(embed_current(pl_module, trainer.datamodule, rows), loss.curvature)
+        clusters = min(loss.fn_num_clusters, len(rows))
+        pl_module.code_clusters = kmeans_clusters(tangent, clusters, pl_module.config.training.seed)
+
+
+class TaxonomyEvaluation(L.Callback):
+    """At each validation epoch end, from one embedding pass over the codes they mention: the
+    hierarchy metrics (``val/spearman``, ...) of a seeded sample of ``model.eval_sample_size``
+    codes, and ``val_loss``, the fixed measure of ``data/validation.py`` that checkpoints and
+    ``--from-checkpoint <stage>`` compare.
+
+    Keeps the sample's embeddings (``last_evaluated``) for the stage's Poincaré picture.
+    """
+
+    def __init__(self) -> None:
+        self.last_evaluated: tuple[np.ndarray, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: NaicsEmbedder) -> None:
+        if trainer.sanity_checking:
+            return
+        config, datamodule = pl_module.config, trainer.datamodule
+        taxonomy, validation = datamodule.taxonomy, datamodule.validation_set
+        sample = sample_codes(taxonomy.size, config.model.eval_sample_size, config.training.seed)
+        rows = np.union1d(sample, validation.rows)
+        embedded = embed_current(pl_module, datamodule, rows)
+
+        def embeddings_of(codes: np.ndarray) -> torch.Tensor:
+            return embedded[torch.from_numpy(np.searchsorted(rows, codes))]
+
+        metrics = hierarchy_metrics(
+            embeddings_of(sample),
+            taxonomy.distance[np.ix_(sample, sample)],
+            taxonomy.levels[sample],
+            config.loss.curvature,
+        )
+        val_loss = pool_infonce(
+            embeddings_of(validation.anchor),
+            embeddings_of(validation.positive),
+            embedded,
+            torch.from_numpy(validation.negative_mask(rows)).to(embedded.device),
+            config.loss.curvature,
+            VALIDATION_TEMPERATURE,
+        )
+        # The same on every rank (each embeds the same codes); synced all the same, so that every
+        # rank's checkpoint callback sees exactly one value.
+        pl_module.log_dict(metrics, sync_dist=True)
+        pl_module.log("val_loss", val_loss, sync_dist=True, prog_bar=True)
+        self.last_evaluated = (sample, embeddings_of(sample).cpu())
+
+
+class StagePictures(L.Callback):
+    """When a stage's training ends, ``plots/training_curves.png`` and
+    ``plots/embeddings_poincare.png`` (the codes the last validation epoch evaluated) in its run
+    (rank 0)."""
+
+    def __init__(self, run_id: str, evaluation: TaxonomyEvaluation) -> None:
+        self.run_id = run_id
+        self.evaluation = evaluation
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: NaicsEmbedder) -> None:
+        if not trainer.is_global_zero:
+            return
+        keys = [metric for panel in curve_panels() for metric, _ in panel.series]
+        history = tracking.metric_history(self.run_id, keys)
+        figures = {"training_curves.png": training_curves_figure(history)}
+        if self.evaluation.last_evaluated is not None:
+            taxonomy = trainer.datamodule.taxonomy
+            rows, embeddings = self.evaluation.last_evaluated
+            sectors = {
+                code: title
+                for code, title, level in zip(
+                    taxonomy.codes, taxonomy.titles, taxonomy.levels, strict=True
+                )
+                if level == MIN_LEVEL
+            }
+            figures["embeddings_poincare.png"] = poincare_disk_figure(
+                embeddings,
+                [taxonomy.codes[row] for row in rows],
+                taxonomy.levels[rows],
+                sectors,
+                pl_module.config.loss.curvature,
+            )
+        with tempfile.TemporaryDirectory(prefix="naics-plots-") as folder:
+            for name, figure in figures.items():
+                tracking.log_artifact(save_png(figure, Path(folder) / name), "plots")
 
 
 class EpochSummary(L.Callback):

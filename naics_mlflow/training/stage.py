@@ -20,21 +20,18 @@ from naics_mlflow.data.build import data_digest
 from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
-from naics_mlflow.data.taxonomy import MIN_LEVEL, Taxonomy
 from naics_mlflow.data.validation import validation_protocol
 from naics_mlflow.distributed import is_global_zero
-from naics_mlflow.evaluation.plots import (
-    curve_panels,
-    poincare_disk_figure,
-    save_png,
-    training_curves_figure,
-)
 from naics_mlflow.model.checkpoint import weights_digest
-from naics_mlflow.model.module import NaicsEmbedder, load_trainable_weights
+from naics_mlflow.model.loading import load_trainable_weights
+from naics_mlflow.model.module import NaicsEmbedder
 from naics_mlflow.training.callbacks import (
+    CurriculumNegatives,
     EpochSummary,
     ForgetUnreachableBest,
     PrecomputedFeatures,
+    StagePictures,
+    TaxonomyEvaluation,
 )
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.mlflow_logging import (
@@ -141,7 +138,6 @@ def train_stage(
         metrics = _final_metrics(trainer.callback_metrics, checkpoint)
         tracking.set_tags({"best_checkpoint": best.name})
         tracking.log_metrics({"best_val_loss": metrics["best_val_loss"]})
-        _log_pictures(run_id, module, datamodule.taxonomy)
     return StageResult(
         run_id=run_id,
         stage=curriculum.name,
@@ -181,17 +177,21 @@ def _fit(
         save_top_k=1,
         save_last=True,
     )
-    callbacks = [
+    evaluation = TaxonomyEvaluation()
+    # Features first: the other callbacks embed codes from them in a head-only stage.
+    callbacks = [PrecomputedFeatures()] if config.training.head_only else []
+    callbacks += [
+        CurriculumNegatives(),
+        evaluation,
         checkpoint,
         LearningRateMonitor(logging_interval="step"),
         EpochSummary(name),
         ForgetUnreachableBest(),
     ]
-    if config.training.head_only:
-        callbacks.append(PrecomputedFeatures())
     loggers = [TensorBoardLogger(config.dirs.outputs, name=run_group, version=name)]
     if run_id is not None:
         callbacks.append(LastCheckpointUpload(run_id, checkpoint_dir))
+        callbacks.append(StagePictures(run_id, evaluation))
         loggers.insert(0, MetricsLogger(run_id))  # the first logger names the run on screen
     trainer_config = config.training.trainer
     trainer = L.Trainer(
@@ -235,29 +235,3 @@ def _final_metrics(
     }
     metrics["best_val_loss"] = float(checkpoint.best_model_score)
     return metrics
-
-
-def _log_pictures(run_id: str, module: NaicsEmbedder, taxonomy: Taxonomy) -> None:
-    """``plots/embeddings_poincare.png`` (the codes of the last validation epoch) and
-    ``plots/training_curves.png`` in the stage run."""
-    keys = [metric for panel in curve_panels() for metric, _ in panel.series]
-    figures = {"training_curves.png": training_curves_figure(tracking.metric_history(run_id, keys))}
-    if module.last_evaluated is not None:
-        rows, embeddings = module.last_evaluated
-        sectors = {
-            code: title
-            for code, title, level in zip(
-                taxonomy.codes, taxonomy.titles, taxonomy.levels, strict=True
-            )
-            if level == MIN_LEVEL
-        }
-        figures["embeddings_poincare.png"] = poincare_disk_figure(
-            embeddings,
-            [taxonomy.codes[row] for row in rows],
-            taxonomy.levels[rows],
-            sectors,
-            module.config.loss.curvature,
-        )
-    with tempfile.TemporaryDirectory(prefix="naics-plots-") as folder:
-        for name, figure in figures.items():
-            tracking.log_artifact(save_png(figure, Path(folder) / name), "plots")
