@@ -290,12 +290,16 @@ def test_missing_file_without_network_names_it(raw_copy, tmp_path, release):
 
 
 class _FlakyFileHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder, answering 503 to the first ``server.failures`` requests (``math.inf``:
-    every request); ``server.requests`` counts the requests."""
+    """Serves a folder, answering 503 to the server's first ``failures`` requests (``math.inf``:
+    to every request)."""
+
+    def __init__(self, *args, failures: float, **kwargs):
+        self.failures = failures
+        super().__init__(*args, **kwargs)  # answers the request
 
     def do_GET(self):
         self.server.requests += 1
-        if self.server.requests <= self.server.failures:
+        if self.server.requests <= self.failures:
             self.send_error(503, "busy")
         else:
             super().do_GET()
@@ -304,13 +308,27 @@ class _FlakyFileHandler(http.server.SimpleHTTPRequestHandler):
         pass  # no access log in the test output
 
 
+class _TruncatingHandler(http.server.BaseHTTPRequestHandler):
+    """Promises 1 MiB and hangs up after 1 KiB, as a connection lost mid-transfer."""
+
+    def do_GET(self):
+        self.server.requests += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        self.wfile.write(b"x" * 1024)
+        self.close_connection = True
+
+    def log_message(self, format, *args):
+        pass
+
+
 @contextlib.contextmanager
-def _census_server(directory: Path, failures: float = 0):
-    """An HTTP server on 127.0.0.1 serving ``directory``, in a thread, for one test."""
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), partial(_FlakyFileHandler, directory=str(directory))
-    )
-    server.failures, server.requests = failures, 0
+def _local_server(handler):
+    """An HTTP server on 127.0.0.1 answering with ``handler`` in a thread, for one test;
+    ``server.requests`` counts the requests."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.requests = 0
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -318,6 +336,10 @@ def _census_server(directory: Path, failures: float = 0):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _census_server(directory: Path, failures: float = 0):
+    return _local_server(partial(_FlakyFileHandler, directory=str(directory), failures=failures))
 
 
 def _base_url(server: http.server.HTTPServer) -> str:
@@ -376,4 +398,16 @@ def test_a_server_that_stays_busy_ends_in_one_line_and_leaves_nothing(tmp_path, 
     assert "\n" not in message
     assert f"could not be downloaded from {failing.base_url}2-6%20digit_2022_Codes.xlsx" in message
     assert "503" in message and "--raw-dir" in message
+    assert not list(raw.iterdir())
+
+
+def test_a_transfer_cut_short_leaves_no_partial_file(tmp_path, release):
+    raw = tmp_path / "raw"
+    with (
+        _local_server(_TruncatingHandler) as server,
+        pytest.raises(DataError, match="could not be downloaded") as caught,
+    ):
+        ensure_raw_files(raw, _one_file_release(release, server, retries=0))
+    assert server.requests == 1
+    assert "\n" not in str(caught.value)
     assert not list(raw.iterdir())
