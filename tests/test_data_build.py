@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import http.server
+import math
 import shutil
 import socket
 import threading
@@ -23,7 +25,7 @@ from naics_mlflow.data.build import (
     OUTPUT_FILES,
     build_data,
 )
-from naics_mlflow.data.census import DataError
+from naics_mlflow.data.census import DataError, ensure_raw_files
 from naics_mlflow.data.taxonomy import (
     DEV_FILE,
     DISTANCES_FILE,
@@ -287,20 +289,125 @@ def test_missing_file_without_network_names_it(raw_copy, tmp_path, release):
     assert not (raw_copy / "2022_NAICS_Index_File.xlsx").exists()
 
 
+class _FlakyFileHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder, answering 503 to the server's first ``failures`` requests (``math.inf``:
+    to every request)."""
+
+    def __init__(self, *args, failures: float, **kwargs):
+        self.failures = failures
+        super().__init__(*args, **kwargs)  # answers the request
+
+    def do_GET(self):
+        self.server.requests += 1
+        if self.server.requests <= self.failures:
+            self.send_error(503, "busy")
+        else:
+            super().do_GET()
+
+    def log_message(self, format, *args):
+        pass  # no access log in the test output
+
+
+class _TruncatingHandler(http.server.BaseHTTPRequestHandler):
+    """Promises 1 MiB and hangs up after 1 KiB, as a connection lost mid-transfer."""
+
+    def do_GET(self):
+        self.server.requests += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        self.wfile.write(b"x" * 1024)
+        self.close_connection = True
+
+    def log_message(self, format, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _local_server(handler):
+    """An HTTP server on 127.0.0.1 answering with ``handler`` in a thread, for one test;
+    ``server.requests`` counts the requests."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.requests = 0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _census_server(directory: Path, failures: float = 0):
+    return _local_server(partial(_FlakyFileHandler, directory=str(directory), failures=failures))
+
+
+def _base_url(server: http.server.HTTPServer) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}/"
+
+
 def test_missing_file_is_downloaded(raw_copy, raw_dir, tmp_path, release):
     served = tmp_path / "served"
     shutil.copytree(raw_dir, served)
     (raw_copy / "2-6 digit_2022_Codes.xlsx").unlink()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        local = replace(release, base_url=f"http://127.0.0.1:{server.server_address[1]}/")
-        result = build_data(raw_copy, tmp_path / "out", local)
-    finally:
-        server.shutdown()
+    with _census_server(served) as server:
+        result = build_data(
+            raw_copy, tmp_path / "out", replace(release, base_url=_base_url(server))
+        )
     assert result.n_codes == 2125
     assert (raw_copy / "2-6 digit_2022_Codes.xlsx").read_bytes() == (
         served / "2-6 digit_2022_Codes.xlsx"
     ).read_bytes()
+
+
+def _one_file_release(release, server, retries: int):
+    """``release`` fetching only the codes workbook from ``server``, without waiting between
+    tries (``backoff_factor`` near zero)."""
+    return replace(
+        release,
+        base_url=_base_url(server),
+        files={"codes": release.files["codes"]},
+        retries=retries,
+        backoff_factor=0.001,
+    )
+
+
+def test_a_busy_server_is_asked_again_until_it_answers(tmp_path, release):
+    served, raw = tmp_path / "served", tmp_path / "raw"
+    served.mkdir()
+    workbook = served / release.files["codes"].name
+    workbook.write_bytes(bytes(range(256)) * 8192)  # 2 MiB: more than one download chunk
+    with _census_server(served, failures=2) as server:
+        paths = ensure_raw_files(raw, _one_file_release(release, server, retries=3))
+    assert server.requests == 3
+    assert paths == {"codes": raw / workbook.name}
+    assert paths["codes"].read_bytes() == workbook.read_bytes()
+    assert [p.name for p in raw.iterdir()] == [workbook.name]
+
+
+def test_a_server_that_stays_busy_ends_in_one_line_and_leaves_nothing(tmp_path, release):
+    served, raw = tmp_path / "served", tmp_path / "raw"
+    served.mkdir()
+    (served / release.files["codes"].name).write_bytes(b"never served")
+    with _census_server(served, failures=math.inf) as server:
+        failing = _one_file_release(release, server, retries=2)
+        with pytest.raises(DataError) as caught:
+            ensure_raw_files(raw, failing)
+    assert server.requests == 3  # the first try and two retries
+    message = str(caught.value)
+    assert "\n" not in message
+    assert f"could not be downloaded from {failing.base_url}2-6%20digit_2022_Codes.xlsx" in message
+    assert "503" in message and "--raw-dir" in message
+    assert not list(raw.iterdir())
+
+
+def test_a_transfer_cut_short_leaves_no_partial_file(tmp_path, release):
+    raw = tmp_path / "raw"
+    with (
+        _local_server(_TruncatingHandler) as server,
+        pytest.raises(DataError, match="could not be downloaded") as caught,
+    ):
+        ensure_raw_files(raw, _one_file_release(release, server, retries=0))
+    assert server.requests == 1
+    assert "\n" not in str(caught.value)
+    assert not list(raw.iterdir())

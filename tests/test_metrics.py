@@ -5,6 +5,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import ndcg_score
 
 from naics_mlflow.evaluation.metrics import (
     code_prefix,
@@ -18,7 +19,7 @@ from naics_mlflow.evaluation.metrics import (
     retrieval_metrics,
     sample_codes,
 )
-from naics_mlflow.model.lorentz import expmap0
+from naics_mlflow.model.lorentz import expmap0, pairwise_distance
 
 CURVATURE = 1.0
 # 2 sectors x 2 children x 2 grandchildren, parents first.
@@ -196,6 +197,36 @@ def test_ndcg_ties_count_against_the_embedding():
     tied = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
     worst_first = torch.tensor([[0.0, 2.0, 1.0], [2.0, 0.0, 1.0], [1.0, 2.0, 0.0]])
     assert ndcg_at(tied, tree, (1, 2)) == ndcg_at(worst_first, tree, (1, 2))
+
+
+def _sklearn_ndcg(embedding_distance: torch.Tensor, tree_distance: torch.Tensor, k: int) -> float:
+    """``sklearn.metrics.ndcg_score`` of each code's other codes, nearer scoring higher, with
+    ``ndcg_at``'s gains, averaged over codes."""
+    n = len(tree_distance)
+    others = ~np.eye(n, dtype=bool)
+    gain = np.exp2(-tree_distance.numpy().astype(np.float64))[others].reshape(n, n - 1)
+    score = -embedding_distance.numpy()[others].reshape(n, n - 1)
+    return float(ndcg_score(gain, score, k=k))
+
+
+def test_ndcg_is_sklearns_without_ties_and_below_its_tie_average_with_them():
+    tangents = torch.randn(len(TINY_CODES), 2, generator=torch.Generator().manual_seed(0))
+    points = expmap0(tangents, CURVATURE)
+    untied = pairwise_distance(points, points, CURVATURE)
+    others = untied[~torch.eye(len(TINY_CODES), dtype=torch.bool)].reshape(len(TINY_CODES), -1)
+    assert all(len(row.unique()) == len(row) for row in others)  # no code sees a tie
+    tree = torch.from_numpy(TINY_TREE)
+    ndcg = ndcg_at(untied, tree, (1, 5, 10))
+    for k in (1, 5, 10):
+        assert ndcg[k] == pytest.approx(_sklearn_ndcg(untied, tree, k), rel=1e-5)
+
+    # Every code sees its two others at one distance. Ranking the less relevant first gives
+    # 0.125/0.5, 0.25/0.5 and 0.125/0.25 at k = 1; sklearn averages the tied gains instead:
+    # 0.3125/0.5, 0.375/0.5 and 0.1875/0.25.
+    path = torch.tensor([[0, 1, 3], [1, 0, 2], [3, 2, 0]])
+    tied = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    assert ndcg_at(tied, path, (1,))[1] == pytest.approx(5 / 12)
+    assert _sklearn_ndcg(tied, path, 1) == pytest.approx(17 / 24)
 
 
 def test_collapsed_query_embeddings_hit_no_prefix():

@@ -65,10 +65,43 @@ def test_load_balancing_loss_formula():
     torch.testing.assert_close(loss, torch.tensor(1.4))
 
 
-def test_load_balancing_loss_is_one_for_uniform_gate_probabilities():
+def _gate_reads_input(moe: MixtureOfExperts, probabilities: list[list[float]]) -> torch.Tensor:
+    """Inputs whose gate probabilities are the given rows: the gate's logits become the first
+    ``E`` input features, which hold the log-probabilities."""
+    with torch.no_grad():
+        moe.gate.weight.copy_(torch.eye(moe.num_experts, 6))
+        moe.gate.bias.zero_()
+    log_probabilities = torch.tensor(probabilities).log()
+    return F.pad(log_probabilities, (0, 6 - moe.num_experts))
+
+
+def test_load_balancing_loss_follows_input_dependent_routing():
     moe = _moe(top_k=2)
-    _fix_gate(moe, [0.25] * 4)
-    torch.testing.assert_close(_balancing_loss(moe, torch.randn(8, 6)), torch.tensor(1.0))
+    x = _gate_reads_input(
+        moe,
+        [
+            [0.5, 0.3, 0.1, 0.1],  # experts 0, 1
+            [0.6, 0.1, 0.25, 0.05],  # 0, 2
+            [0.1, 0.2, 0.3, 0.4],  # 3, 2
+            [0.7, 0.2, 0.05, 0.05],  # 0, 1
+        ],
+    )
+    routed = moe(x)
+    # Of the 8 slots expert 0 takes 3, experts 1 and 2 two each, expert 3 one.
+    torch.testing.assert_close(routed.expert_utilisation, torch.tensor([3, 2, 2, 1]) / 8)
+    torch.testing.assert_close(routed.mean_gate_probability, torch.tensor([1.9, 0.8, 0.7, 0.6]) / 4)
+    # 4 * (3/8 * 0.475 + 2/8 * 0.2 + 2/8 * 0.175 + 1/8 * 0.15) = 4 * 0.290625.
+    torch.testing.assert_close(_balancing_loss(moe, x), torch.tensor(1.1625))
+
+
+def test_load_balancing_loss_is_one_when_the_slots_are_shared_equally():
+    """Uniform routing reads 1 whatever the gate probabilities: sum_e P_e = 1."""
+    moe = _moe(top_k=2)
+    x = _gate_reads_input(moe, [[0.4, 0.3, 0.2, 0.1], [0.2, 0.1, 0.3, 0.4]])
+    routed = moe(x)
+    torch.testing.assert_close(routed.expert_utilisation, torch.full((4,), 0.25))
+    torch.testing.assert_close(routed.mean_gate_probability, torch.tensor([0.3, 0.2, 0.25, 0.25]))
+    torch.testing.assert_close(_balancing_loss(moe, x), torch.tensor(1.0))
 
 
 def test_gradients_reach_the_gate_through_output_and_balancing_loss():

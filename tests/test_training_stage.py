@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import mlflow
 import numpy as np
 import pytest
@@ -258,34 +259,74 @@ def test_a_diverging_loss_stops_the_stage_with_one_line(tmp_path, tiny_overrides
     assert run.data.metrics["train/nonfinite_steps"] == 1
 
 
-def test_a_nonfinite_step_changes_neither_weights_nor_optimiser_state(tiny_setup):
-    config, datamodule = tiny_setup
-    batch = _fixed_batch(datamodule)
+class _DivergingBatches(L.Callback):
+    """Trains batches 0 and 2 at ``loss.temperature=1e-45``, where every logit is -inf and the
+    loss NaN (batch 1 at the stage's own settings), and records the trainable weights and
+    optimiser state after every batch."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.diverged = Config.from_dict(merge(config.to_dict(), {"loss": {"temperature": 1e-45}}))
+        self.weights_after: list[dict[str, torch.Tensor]] = []
+        self.optimiser_state_after: list[list[dict[str, torch.Tensor]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pl_module.config = self.diverged if batch_idx in (0, 2) else self.config
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights_after.append(_trainable_weights(pl_module))
+        self.optimiser_state_after.append(
+            [
+                {key: torch.as_tensor(value).clone() for key, value in state.items()}
+                for state in trainer.optimizers[0].state.values()
+            ]
+        )
+
+
+def _trainable_weights(module: NaicsEmbedder) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in module.encoder.trainable_state_dict().items()}
+
+
+def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[key].equal(b[key]) for key in a)
+
+
+def test_a_nonfinite_step_changes_neither_weights_nor_optimiser_state(tiny_overrides, release):
+    """Three steps through a Trainer: 0 and 2 have a NaN loss and are skipped, 1 steps. At
+    training.max_nonfinite_steps=1, finishing also shows that the finite step reset the run of
+    bad ones (two in a row would stop the stage)."""
+    config = load_config(
+        CONFIG, [*tiny_overrides, "data_loader.batch_size=4", "training.max_nonfinite_steps=1"]
+    )
+    datamodule = NaicsDataModule(
+        config, load_curriculum(REPO / "conf/text_curriculum/03_stage.yaml"), release
+    )
     module = NaicsEmbedder(config.to_dict())
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=0.1)
-    before = {name: t.clone() for name, t in module.encoder.trainable_state_dict().items()}
+    initial = _trainable_weights(module)
+    recorder = _DivergingBatches(config)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
+    trainer.fit(module, datamodule=datamodule)
 
-    def closure(step_batch):
-        def run():
-            optimizer.zero_grad()
-            loss = module.training_step(step_batch, 0)
-            loss.backward()
-            return loss
-
-        return run
-
-    diverged = Config.from_dict(merge(config.to_dict(), {"loss": {"temperature": 1e-45}}))
-    module.config = diverged
-    module.optimizer_step(0, 0, optimizer, closure(batch))
-    assert module.nonfinite_steps == 1 and not optimizer.state
-    for name, tensor in module.encoder.trainable_state_dict().items():
-        assert tensor.equal(before[name]), name
-
-    module.config = config  # a finite loss steps again and resets the run of bad steps
-    module.optimizer_step(0, 1, optimizer, closure(batch))
-    assert module.nonfinite_in_a_row == 0 and optimizer.state
-    changed = module.encoder.trainable_state_dict()
-    assert any(not changed[name].equal(before[name]) for name in before)
+    weights, optimiser_state = recorder.weights_after, recorder.optimiser_state_after
+    assert len(weights) == 3
+    assert _same_tensors(weights[0], initial) and optimiser_state[0] == []
+    assert not _same_tensors(weights[1], initial) and optimiser_state[1]
+    assert _same_tensors(weights[2], weights[1])
+    assert all(
+        _same_tensors(skipped, stepped)
+        for skipped, stepped in zip(optimiser_state[2], optimiser_state[1], strict=True)
+    )
+    assert trainer.callback_metrics["train/nonfinite_steps"] == 2
 
 
 def test_an_unknown_backbone_offline_fails_in_one_line(tmp_path, tiny_overrides):

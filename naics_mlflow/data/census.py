@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import openpyxl
+import requests
 from openpyxl.utils.exceptions import InvalidFileException
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 
 from naics_mlflow.config import read_yaml
 from naics_mlflow.errors import UserError
@@ -35,6 +34,9 @@ SECTOR_OF_PREFIX = {"32": "31", "33": "31", "45": "44", "49": "48"}
 INDEX_POINTER_CODE = "******"
 
 _CODE_PATTERN = re.compile(r"^\d{2,6}$")
+# Answers of a busy or briefly failing server, worth asking again; a 404 is not.
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+DOWNLOAD_CHUNK_BYTES = 1 << 20
 
 
 class DataError(UserError):
@@ -59,6 +61,7 @@ class CensusRelease:
     files: dict[str, CensusFile]
     timeout_seconds: float
     retries: int
+    backoff_factor: float
 
 
 _LAYOUT = {
@@ -80,6 +83,7 @@ def load_release(data_conf_path: str | Path = "conf/data.yaml") -> CensusRelease
         files=files,
         timeout_seconds=float(conf["download"]["timeout_seconds"]),
         retries=int(conf["download"]["retries"]),
+        backoff_factor=float(conf["download"]["backoff_factor"]),
     )
 
 
@@ -91,41 +95,55 @@ def resolve_raw_dir(cli_value: str | None, config_default: str) -> Path:
 def ensure_raw_files(raw_dir: Path, release: CensusRelease) -> dict[str, Path]:
     """Paths of the four workbooks by role, downloading any that is missing from ``raw_dir``."""
     paths = {}
-    for role, census_file in release.files.items():
-        path = raw_dir / census_file.name
-        if not path.is_file():
-            url = release.base_url + urllib.parse.quote(census_file.name)
-            _download(url, path, release.timeout_seconds, release.retries)
-        paths[role] = path
+    with _retrying_session(release.retries, release.backoff_factor) as session:
+        for role, census_file in release.files.items():
+            path = raw_dir / census_file.name
+            if not path.is_file():
+                url = release.base_url + urllib.parse.quote(census_file.name)
+                _download(session, url, path, release.timeout_seconds)
+            paths[role] = path
     return paths
 
 
-def _download(url: str, target: Path, timeout_seconds: float, retries: int) -> None:
+def _retrying_session(retries: int, backoff_factor: float) -> requests.Session:
+    """A session that asks again after a refused connection, a timeout or a busy answer.
+
+    urllib3 waits ``backoff_factor * 2 ** (n - 1)`` seconds before the n-th retry (none before
+    the first), or what a ``Retry-After`` header asks.
+    """
+    retry = Retry(
+        total=retries,
+        backoff_factor=backoff_factor,
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=frozenset({"GET"}),
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _download(session: requests.Session, url: str, target: Path, timeout_seconds: float) -> None:
     """Fetch ``url`` to ``target`` through a temporary file, so a broken transfer leaves nothing."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    last_error: Exception | None = None
-    for attempt in range(retries):
-        if attempt:
-            time.sleep(min(2**attempt, 5))
-        partial: Path | None = None
-        try:
-            with (
-                urllib.request.urlopen(url, timeout=timeout_seconds) as response,
-                tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp,
-            ):
+    partial: Path | None = None
+    try:
+        with session.get(url, timeout=timeout_seconds, stream=True) as response:
+            response.raise_for_status()
+            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
                 partial = Path(tmp.name)
-                shutil.copyfileobj(response, tmp)
-            os.replace(partial, target)
-            return
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            last_error = exc
-            if partial is not None:
-                partial.unlink(missing_ok=True)
-    raise DataError(
-        f"{target.name} is missing from {target.parent} and could not be downloaded from {url} "
-        f"({last_error}); copy it there, or point --raw-dir (or {RAW_DIR_ENV}) at a folder "
-        "that has the four NAICS 2022 workbooks"
-    )
+                for chunk in response.iter_content(DOWNLOAD_CHUNK_BYTES):
+                    tmp.write(chunk)
+        os.replace(partial, target)
+    except (requests.RequestException, OSError) as exc:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        raise DataError(
+            f"{target.name} is missing from {target.parent} and could not be downloaded from "
+            f"{url} ({exc}); copy it there, or point --raw-dir (or {RAW_DIR_ENV}) at a folder "
+            "that has the four NAICS 2022 workbooks"
+        ) from exc
 
 
 def _open_sheet(path: Path, census_file: CensusFile) -> Iterator[tuple[Any, ...]]:

@@ -102,6 +102,11 @@ def ndcg_at(
     collapses codes onto one point cannot score by the row order (parents first) of the
     taxonomy. A code is never its own neighbour, so ``k`` is capped at ``N - 1``.
 
+    ``sklearn.metrics.ndcg_score`` is not used because it averages the gain of tied codes, which
+    lends a collapsed embedding the score of a random order; breaking ties before calling it
+    would leave it only the discounted sum below, at the cost of copying the ``(N, N)``
+    distances off the device.
+
     Args:
         embedding_distance: ``(N, N)`` float32.
         tree_distance: ``(N, N)`` on the same device.
