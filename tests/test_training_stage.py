@@ -700,6 +700,9 @@ def test_loss_falls_with_the_real_minilm(release, data_dir):
     batch = _fixed_batch(datamodule, size=8)
     torch.manual_seed(0)
     module = NaicsEmbedder(config.to_dict()).eval()  # no dropout: a fixed problem
+    # What the CurriculumNegatives callback hands a module in a Trainer: no code is contrasted
+    # with a code that is also its positive.
+    module.positive_pairs = torch.from_numpy(datamodule.sampler.positive_candidates)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-4)
     losses = []
     for _ in range(5):
