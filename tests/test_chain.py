@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 from naics_mlflow import tracking
 from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT, weights_digest
-from naics_mlflow.training.chain import stage_start
+from naics_mlflow.training.chain import read_chain_start, read_store_state
+from naics_mlflow.training.start import EarlierRun, How, StoreState
 from tests.commands import environment, ok, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -336,9 +337,62 @@ def test_a_partially_uploaded_last_checkpoint_is_never_resumed(store, tmp_path):
     whole = _interrupted_run(store, tmp_path, buffer.getvalue())
     _interrupted_run(store, tmp_path, buffer.getvalue()[:200])  # later, and cut short
 
-    start = stage_start("abc", "02_stage", tmp_path / "downloads")
-    assert start.interrupted_run_id == whole
-    assert torch.load(start.resume_checkpoint, weights_only=True)["naics_embedder"]
+    chain_start = read_chain_start(
+        ["02_stage"], "abc", tmp_path / "downloads", resume=True, init_checkpoint=None
+    )
+    (start,) = chain_start.stages
+    assert start.how is How.RESUME and start.run_id == whole
+    assert torch.load(start.checkpoint, weights_only=True)["naics_embedder"]
+
+
+def _chain_run(
+    client: MlflowClient, tmp_path: Path, start_time: int, status: str, tags: dict, files=()
+) -> str:
+    """A run of ``status`` started at ``start_time`` that logged ``files`` under ``ckpt/``."""
+    experiment = tracking.use_experiment("naics-embedder")
+    run_id = client.create_run(experiment, start_time, tags).info.run_id
+    for name, content in files:
+        (tmp_path / run_id).mkdir(exist_ok=True)
+        (tmp_path / run_id / name).write_bytes(content)
+        client.log_artifact(run_id, str(tmp_path / run_id / name), "ckpt")
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+def test_the_store_state_holds_this_chains_runs_newest_first(store, tmp_path):
+    """What the start decision reads: this chain hash's runs only, which finished ones logged
+    their best checkpoint, and the whole last.ckpt of each interrupted one."""
+    buffer = io.BytesIO()
+    torch.save({"naics_embedder": {"format": CHECKPOINT_FORMAT}}, buffer)
+    whole = buffer.getvalue()
+    one = {"chain_hash": "abc", "stage": "01_stage", "best_checkpoint": "best.ckpt"}
+    two = {"chain_hash": "abc", "stage": "02_stage"}
+    _chain_run(store, tmp_path, 1, "FINISHED", {"chain_hash": "abc", "role": "chain"})
+    parent = _chain_run(store, tmp_path, 2, "KILLED", {"chain_hash": "abc", "role": "chain"})
+    _chain_run(store, tmp_path, 3, "FINISHED", {"chain_hash": "xyz", "role": "chain"})
+    logged = _chain_run(store, tmp_path, 4, "FINISHED", one, [("best.ckpt", whole)])
+    not_logged = _chain_run(store, tmp_path, 5, "FINISHED", one)
+    _chain_run(store, tmp_path, 6, "FINISHED", {**one, "chain_hash": "xyz"}, [("best.ckpt", whole)])
+    killed = _chain_run(store, tmp_path, 7, "KILLED", two, [("last.ckpt", whole)])
+    cut = _chain_run(store, tmp_path, 8, "FAILED", two, [("last.ckpt", whole[:200])])
+    running = _chain_run(store, tmp_path, 9, "RUNNING", two)
+
+    state = read_store_state("abc", ["01_stage", "02_stage", "03_stage"], tmp_path / "downloads")
+    assert state.parent_run_id == parent
+    assert state.stage_runs["01_stage"] == [
+        EarlierRun(not_logged, "FINISHED", best_checkpoint_logged=False),
+        EarlierRun(logged, "FINISHED", best_checkpoint_logged=True),
+    ]
+    running_run, cut_run, killed_run = state.stage_runs["02_stage"]
+    assert running_run == EarlierRun(running, "RUNNING")
+    assert cut_run == EarlierRun(cut, "FAILED")
+    assert (killed_run.run_id, killed_run.status) == (killed, "KILLED")
+    assert torch.load(killed_run.last_checkpoint, weights_only=True)["naics_embedder"]
+    assert state.stage_runs["03_stage"] == []
+    assert read_store_state("new", ["01_stage"], tmp_path / "downloads") == StoreState(
+        None, {"01_stage": []}
+    )
 
 
 def test_a_checkpoint_tag_cannot_reach_outside_the_download_folder(store, tmp_path):

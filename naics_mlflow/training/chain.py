@@ -1,13 +1,16 @@
 """Sequential curriculum training: one parent MLflow run, one nested run per stage, each stage
-starting from the previous stage's best checkpoint, and resumption of interrupted chains."""
+starting as ``training/start.py`` decides from the tracking store's state, read here."""
 
 from __future__ import annotations
 
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Run
 
 from naics_mlflow import tracking
 from naics_mlflow.config import Config
@@ -20,10 +23,17 @@ from naics_mlflow.model.loading import load_embedder
 from naics_mlflow.serving import log_search_model
 from naics_mlflow.training.plan import ChainPlan
 from naics_mlflow.training.stage import StageResult, train_stage
+from naics_mlflow.training.start import (
+    INTERRUPTED_STATUSES,
+    ChainStart,
+    EarlierRun,
+    How,
+    StageStart,
+    StoreState,
+    decide_chain_start,
+)
 
 logger = logging.getLogger(__name__)
-
-INTERRUPTED_STATUSES = ("RUNNING", "FAILED", "KILLED")
 
 
 @dataclass(frozen=True)
@@ -31,15 +41,6 @@ class ChainResult:
     parent_run_id: str
     stages: list[StageResult | None]  # None for a stage reused from an earlier run
     final_run_id: str  # the run holding the last stage's best checkpoint
-
-
-@dataclass(frozen=True)
-class StageStart:
-    """How a stage of a resumed chain starts: reused, continued, or trained afresh."""
-
-    finished_run_id: str | None = None  # reuse this run's best checkpoint
-    interrupted_run_id: str | None = None  # continue this run's last.ckpt ...
-    resume_checkpoint: str | None = None  # ... downloaded here
 
 
 def run_chain(
@@ -61,41 +62,62 @@ def run_chain(
     chain_hash = plan.hash(starting_weights)
     with tempfile.TemporaryDirectory(prefix="naics-chain-") as download_dir:
 
-        def read_starts() -> list[dict[str, str | None]]:
-            if not resume:
-                return [asdict(StageStart()) for _ in plan.stages]
-            return [
-                asdict(stage_start(chain_hash, stage.curriculum.name, Path(download_dir)))
-                for stage in plan.stages
-            ]
+        def decide() -> dict[str, Any]:
+            names = [stage.curriculum.name for stage in plan.stages]
+            return read_chain_start(
+                names,
+                chain_hash,
+                Path(download_dir),
+                resume=resume,
+                init_checkpoint=_str_or_none(init_checkpoint),
+            ).to_json()
 
-        starts = [
-            StageStart(**start) for start in rank_zero_answer("chain_stage_starts", read_starts)
-        ]
+        start = ChainStart.from_json(rank_zero_answer("chain_start", decide))
         if not is_global_zero():
-            for stage, start in zip(plan.stages, starts, strict=True):
-                if start.finished_run_id is None:
-                    train_stage(
-                        stage.config,
-                        stage.curriculum,
-                        run_group=plan.run_group,
-                        release=release,
-                        raw_dir=raw_dir,
-                        resume_checkpoint=_path_or_none(start.resume_checkpoint),
-                    )
+            _train_without_record(plan, start, release, raw_dir)
             return None
-        return _record_chain(
-            plan, chain_hash, starts, release, resume, init_checkpoint, raw_dir, Path(download_dir)
-        )
+        return _record_chain(plan, chain_hash, start, release, raw_dir, Path(download_dir))
+
+
+def read_chain_start(
+    stages: list[str],
+    chain_hash: str,
+    download_dir: Path,
+    *,
+    resume: bool,
+    init_checkpoint: str | None,
+) -> ChainStart:
+    """How the chain of ``stages`` with ``chain_hash`` starts, from the tracking store's state."""
+    return decide_chain_start(
+        stages,
+        read_store_state(chain_hash, stages, download_dir),
+        resume=resume,
+        init_checkpoint=init_checkpoint,
+        under_mlflow_run=bool(os.environ.get("MLFLOW_RUN_ID")),
+    )
+
+
+def _train_without_record(
+    plan: ChainPlan, start: ChainStart, release: CensusRelease, raw_dir: str | None
+) -> None:
+    """A rank other than 0: train what rank 0 trains; DDP hands every rank rank 0's weights."""
+    for stage, stage_start in zip(plan.stages, start.stages, strict=True):
+        if stage_start.how is not How.REUSE:
+            train_stage(
+                stage.config,
+                stage.curriculum,
+                run_group=plan.run_group,
+                release=release,
+                raw_dir=raw_dir,
+                resume_checkpoint=_resume_checkpoint(stage_start),
+            )
 
 
 def _record_chain(
     plan: ChainPlan,
     chain_hash: str,
-    starts: list[StageStart],
+    start: ChainStart,
     release: CensusRelease,
-    resume: bool,
-    init_checkpoint: Path | None,
     raw_dir: str | None,
     download_dir: Path,
 ) -> ChainResult:
@@ -105,47 +127,46 @@ def _record_chain(
     if plan.chain:
         chain_tags["chain"] = plan.chain
     parent_tags = {**chain_tags, "config_hash": chain_hash, "role": "chain"}
-    earlier_parent = _earlier_parent_run(chain_hash) if resume else None
     results: list[StageResult | None] = []
-    parent_run = tracking.run(experiment_id, plan.name, parent_tags, reopen_run_id=earlier_parent)
+    parent_run = tracking.run(
+        experiment_id, plan.name, parent_tags, reopen_run_id=start.parent_run_id
+    )
     with parent_run as parent:
-        if earlier_parent is None:
+        if start.parent_run_id is None:
             tracking.log_params({"stages": ",".join(s.curriculum.name for s in plan.stages)})
         else:
-            logger.info("resuming chain %s in its parent run %s", plan.name, earlier_parent)
-        previous_best = init_checkpoint
-        for stage, start in zip(plan.stages, starts, strict=True):
+            logger.info("resuming chain %s in its parent run %s", plan.name, start.parent_run_id)
+        previous_best: Path | None = None
+        for stage, stage_start in zip(plan.stages, start.stages, strict=True):
             name = stage.curriculum.name
-            if start.finished_run_id is not None:
+            if stage_start.how is How.REUSE:
                 logger.info(
                     "stage %s already finished in run %s; reusing its best checkpoint",
                     name,
-                    start.finished_run_id,
+                    stage_start.run_id,
                 )
-                tracking.set_tags({f"reused.{name}": start.finished_run_id})
-                previous_best = tracking.download_best_checkpoint(
-                    start.finished_run_id, download_dir
-                )
+                tracking.set_tags({f"reused.{name}": stage_start.run_id})
+                previous_best = tracking.download_best_checkpoint(stage_start.run_id, download_dir)
                 results.append(None)
-                final_run_id = start.finished_run_id
+                final_run_id = stage_start.run_id
                 continue
             extra_tags = dict(chain_tags)
-            if start.interrupted_run_id is not None:
+            if stage_start.how is How.RESUME:
                 logger.info(
                     "stage %s was interrupted in run %s; continuing from its last.ckpt",
                     name,
-                    start.interrupted_run_id,
+                    stage_start.run_id,
                 )
-                tracking.mark_killed_if_running(start.interrupted_run_id)
-                extra_tags["resumed_from"] = start.interrupted_run_id
+                tracking.mark_killed_if_running(stage_start.run_id)
+                extra_tags["resumed_from"] = stage_start.run_id
             result = train_stage(
                 stage.config,
                 stage.curriculum,
                 run_group=plan.run_group,
                 release=release,
                 raw_dir=raw_dir,
-                init_checkpoint=None if start.resume_checkpoint else previous_best,
-                resume_checkpoint=_path_or_none(start.resume_checkpoint),
+                init_checkpoint=_initial_weights(stage_start, previous_best),
+                resume_checkpoint=_resume_checkpoint(stage_start),
                 parent_run_id=parent.info.run_id,
                 extra_tags=extra_tags,
             )
@@ -155,13 +176,26 @@ def _record_chain(
         tracking.set_tags(
             {"final_stage": plan.stages[-1].curriculum.name, "final_run_id": final_run_id}
         )
-        if earlier_parent is None or any(results):
+        if start.logs_final_model:
             _log_final_model(previous_best, plan.stages[-1].config)
     return ChainResult(parent.info.run_id, results, final_run_id)
 
 
-def _path_or_none(path: str | None) -> Path | None:
-    return None if path is None else Path(path)
+def _initial_weights(start: StageStart, previous_best: Path | None) -> Path | None:
+    """The weights a new run of a stage loads; a resumed run restores its own."""
+    if start.how is How.AFTER_PREVIOUS:
+        return previous_best
+    if start.how is How.FROM_CHECKPOINT:
+        return Path(start.checkpoint)
+    return None
+
+
+def _resume_checkpoint(start: StageStart) -> Path | None:
+    return Path(start.checkpoint) if start.how is How.RESUME else None
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _log_final_model(checkpoint: Path, config: Config) -> None:
@@ -173,37 +207,45 @@ def _log_final_model(checkpoint: Path, config: Config) -> None:
     logger.info("chain model logged as %s", uri)
 
 
-def _earlier_parent_run(chain_hash: str) -> str | None:
-    """The latest parent run of this very chain, to continue in, unless ``mlflow run`` already
-    opened the run this process must use."""
-    if os.environ.get("MLFLOW_RUN_ID"):
+def read_store_state(chain_hash: str, stages: list[str], download_dir: Path) -> StoreState:
+    """What the tracking store holds about the chain with ``chain_hash``: its latest parent run,
+    and each stage's runs, newest first, with every interrupted run's ``last.ckpt`` downloaded
+    to ``download_dir`` and read back."""
+    this_chain = tracking.tag_equals("chain_hash", chain_hash)
+    parents = tracking.search_runs(f"{this_chain} AND tags.role = 'chain'")
+    stage_runs = {
+        name: [
+            _earlier_run(run, download_dir)
+            for run in tracking.search_runs(
+                f"{this_chain} AND {tracking.tag_equals('stage', name)}"
+            )
+        ]
+        for name in stages
+    }
+    return StoreState(parents[0].info.run_id if parents else None, stage_runs)
+
+
+def _earlier_run(run: Run, download_dir: Path) -> EarlierRun:
+    best = run.data.tags.get("best_checkpoint")
+    # Only an interrupted run continues from its last.ckpt: a finished run's is never downloaded.
+    interrupted = run.info.status in INTERRUPTED_STATUSES
+    return EarlierRun(
+        run_id=run.info.run_id,
+        status=run.info.status,
+        best_checkpoint_logged=bool(best) and tracking.has_checkpoint(run, best),
+        last_checkpoint=_whole_last_checkpoint(run, download_dir) if interrupted else None,
+    )
+
+
+def _whole_last_checkpoint(run: Run, download_dir: Path) -> str | None:
+    """``run``'s logged ``last.ckpt``, downloaded, unless it is missing or does not read back
+    (a process killed while uploading leaves a partial file)."""
+    if not tracking.has_checkpoint(run, tracking.LAST_CHECKPOINT):
         return None
-    runs = tracking.search_runs(
-        f"{tracking.tag_equals('chain_hash', chain_hash)} AND tags.role = 'chain'"
-    )
-    return runs[0].info.run_id if runs else None
-
-
-def stage_start(chain_hash: str, stage: str, download_dir: Path) -> StageStart:
-    """How ``stage`` of the chain with ``chain_hash`` starts, read from the tracking store: a
-    finished run to reuse, else an interrupted run's ``last.ckpt`` (downloaded), else afresh."""
-    this_stage = (
-        f"{tracking.tag_equals('chain_hash', chain_hash)} AND {tracking.tag_equals('stage', stage)}"
-    )
-    for run in tracking.search_runs(f"{this_stage} AND attributes.status = 'FINISHED'"):
-        best = run.data.tags.get("best_checkpoint")
-        if best and tracking.has_checkpoint(run, best):
-            return StageStart(finished_run_id=run.info.run_id)
-    for run in tracking.search_runs(this_stage):
-        if run.info.status in INTERRUPTED_STATUSES and tracking.has_checkpoint(
-            run, tracking.LAST_CHECKPOINT
-        ):
-            last = tracking.download_checkpoint(run, tracking.LAST_CHECKPOINT, download_dir)
-            try:
-                read_checkpoint(last)
-            except CheckpointError as exc:
-                # A process killed while uploading leaves a partial file; an older run may do.
-                logger.warning("not resuming from run %s: %s", run.info.run_id, exc)
-                continue
-            return StageStart(interrupted_run_id=run.info.run_id, resume_checkpoint=str(last))
-    return StageStart()
+    last = tracking.download_checkpoint(run, tracking.LAST_CHECKPOINT, download_dir)
+    try:
+        read_checkpoint(last)
+    except CheckpointError as exc:
+        logger.warning("run %s cannot be resumed: %s", run.info.run_id, exc)
+        return None
+    return str(last)
