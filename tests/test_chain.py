@@ -19,7 +19,7 @@ from naics_mlflow import tracking
 from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT, weights_digest
 from naics_mlflow.training.chain import stage_start
-from tests.commands import environment, ok, run_cli
+from tests.commands import environment, ok, run_cli, run_cli_concurrently
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,22 +224,30 @@ def test_from_checkpoint_references(workdir):
     checkpoint["hyper_parameters"]["config"]["model"]["base_model_name"] = "bert-base-uncased"
     torch.save(checkpoint, other_backbone)
     before = len(_runs(workdir))
-    for reference, expected in [
+    refused = [
         ("04_stage", "no finished run of stage '04_stage'"),
         ("runs:/0123456789abcdef0123456789abcdef/ckpt", "cannot download"),
         (f"runs:/{empty_run}/ckpt", "cannot download"),
         ("missing/file.ckpt", "does not exist"),
         (str(garbage), "not a readable checkpoint"),
         (str(other_backbone), "model.base_model_name=bert-base-uncased"),
-    ]:
-        result = run_cli(
-            workdir, "train-curriculum", "--curricula", "02_stage", "--from-checkpoint", reference
-        )
+    ]
+    # Each is refused before anything is trained (checked below), so they can run side by side.
+    *results, single = run_cli_concurrently(
+        workdir,
+        [
+            *(
+                ["train-curriculum", "--curricula", "02_stage", "--from-checkpoint", reference]
+                for reference, _ in refused
+            ),
+            ["train", "-c", "02_stage", "--from-checkpoint", str(garbage)],
+        ],
+    )
+    for (reference, expected), result in zip(refused, results, strict=True):
         assert result.returncode == 2, (reference, result.stderr[-2000:])
         message = result.stderr.strip().splitlines()[-1]
         assert message.startswith("error: ") and expected in message, (reference, message)
-    result = run_cli(workdir, "train", "-c", "02_stage", "--from-checkpoint", str(garbage))
-    assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
+    assert single.returncode == 2 and "not a readable checkpoint" in single.stderr
     assert len(_runs(workdir)) == before  # nothing was trained
 
 
@@ -252,7 +260,7 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
     _write_chain(
         workdir,
         "chain_kill",
-        "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 4\n",
+        "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 3\n",
     )
     command = [sys.executable, "-m", "naics_mlflow", "train-curriculum", "--chain", "chain_kill"]
     process = subprocess.Popen(
@@ -264,10 +272,13 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
         start_new_session=True,
     )
     client = _client(workdir)
+    # Stop it once stage 02 has logged a last.ckpt. The store is only asked once that stage has
+    # written its first local one (the upload follows), not all through stage 01.
+    local_last = workdir / "checkpoints" / "sequential_01-02_chain_kill" / "02_stage" / "last.ckpt"
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            runs = _stage_runs(workdir, "02_stage") if (workdir / "mlflow.db").exists() else []
+            runs = _stage_runs(workdir, "02_stage") if local_last.exists() else []
             if runs and any(
                 a.path == "ckpt/last.ckpt"
                 for a in client.list_artifacts(runs[0].info.run_id, "ckpt")
@@ -301,7 +312,7 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
     assert resumed.data.tags["resumed_from"] == old.info.run_id
     assert resumed.data.tags["mlflow.parentRunId"] == old.data.tags["mlflow.parentRunId"]
     epochs = [m.value for m in client.get_metric_history(resumed.info.run_id, "epoch")]
-    assert min(epochs) >= 1 and max(epochs) == 3  # continued, not restarted
+    assert min(epochs) >= 1 and max(epochs) == 2  # continued, not restarted
     (parent,) = _runs(workdir, "tags.role = 'chain'")
     assert parent.info.status == "FINISHED"
 
