@@ -40,9 +40,9 @@ def run_cli(
 def run_cli_concurrently(
     workdir: Path, commands: list[list[str]], tracking_uri: str | None = OWN_STORE
 ) -> list[subprocess.CompletedProcess]:
-    """:func:`run_cli` of each command, as many at a time as there are cores, in order. Only for
-    commands that leave the store and the folder as they found them (a refused reference, say):
-    two trainings at once would share checkpoint folders."""
+    """:func:`run_cli` of each command, one per core at a time (at least two), results in order.
+    Only for commands that leave the store and the folder as they found them (a refused reference,
+    say): two trainings at once would share checkpoint folders."""
     with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
         return list(
             pool.map(lambda args: run_cli(workdir, *args, tracking_uri=tracking_uri), commands)

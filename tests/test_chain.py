@@ -316,10 +316,12 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
     (parent,) = _runs(workdir, "tags.role = 'chain'")
     assert parent.info.status == "FINISHED"
 
-    ok(run_cli(workdir, "train-curriculum", "--chain", "chain_kill", "--resume", "false"))
-    assert len(_stage_runs(workdir, "01_stage")) == 2
-    assert len(_stage_runs(workdir, "02_stage")) == 3
-    assert len(_runs(workdir, "tags.role = 'chain'")) == 2
+    if stop == signal.SIGKILL:
+        # The chain has finished either way, so how it was stopped changes nothing here: once.
+        ok(run_cli(workdir, "train-curriculum", "--chain", "chain_kill", "--resume", "false"))
+        assert len(_stage_runs(workdir, "01_stage")) == 2
+        assert len(_stage_runs(workdir, "02_stage")) == 3
+        assert len(_runs(workdir, "tags.role = 'chain'")) == 2
 
 
 @pytest.fixture()
