@@ -135,7 +135,7 @@ def tracking_server(tmp_path: Path):
             try:
                 if requests.get(f"{uri}/health", timeout=2).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or still starting
                 pass
             time.sleep(0.5)
         yield TrackingServer(uri, server)
