@@ -270,6 +270,9 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        # Ctrl-C as in a terminal, even when these tests run where SIGINT is ignored (a job
+        # started with & by a script), which a child would inherit.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     client = _client(workdir)
     # Stop it once stage 02 has logged a last.ckpt. The store is only asked once that stage has
