@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 OWN_STORE = "own"
@@ -34,6 +35,18 @@ def run_cli(
         text=True,
         timeout=600,
     )
+
+
+def run_cli_concurrently(
+    workdir: Path, commands: list[list[str]], tracking_uri: str | None = OWN_STORE
+) -> list[subprocess.CompletedProcess]:
+    """:func:`run_cli` of each command, one per core at a time (at least two), results in order.
+    Only for commands that leave the store and the folder as they found them (a refused reference,
+    say): two trainings at once would share checkpoint folders."""
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+        return list(
+            pool.map(lambda args: run_cli(workdir, *args, tracking_uri=tracking_uri), commands)
+        )
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from naics_mlflow.data.build import build_data
 from naics_mlflow.data.census import load_release
@@ -14,6 +15,13 @@ from naics_mlflow.data.taxonomy import Taxonomy, load_taxonomy
 REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One intra-op thread for torch, here and in every command the tests start (they inherit it):
+# the tiny backbone's operations are too small to gain from a second thread, and the suite often
+# runs several torch processes at once (DDP ranks, concurrent chains, a tracking server, a chain
+# being killed while this process polls), where OpenMP threads spinning on 2 cores slowed a stage
+# several-fold. Results do not depend on it (the same val_loss either way).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

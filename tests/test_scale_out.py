@@ -59,7 +59,7 @@ def _write_chain(workdir: Path, name: str, stages: str) -> None:
 
 def test_two_process_chain_keeps_one_record_and_its_checkpoints_load_anywhere(tiny_workdir):
     workdir = tiny_workdir
-    ok(run_cli(workdir, "train", "-c", "01_stage"))  # one process
+    ok(run_cli(workdir, "train", "-c", "01_stage", "training.trainer.max_epochs=1"))  # one process
     chain = ok(
         run_cli(
             workdir,
@@ -135,7 +135,7 @@ def tracking_server(tmp_path: Path):
             try:
                 if requests.get(f"{uri}/health", timeout=2).ok:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening, or still starting
                 pass
             time.sleep(0.5)
         yield TrackingServer(uri, server)
@@ -148,8 +148,15 @@ def tracking_server(tmp_path: Path):
 def test_concurrent_chains_share_a_tracking_server(tiny_workdir, tracking_server):
     workdir = tiny_workdir
     server = tracking_server.uri
-    _write_chain(workdir, "chain_a", "  - name: 01_stage\n  - name: 02_stage\n")
-    _write_chain(workdir, "chain_b", "  - name: 02_stage\n    learning_rate: 1e-2\n")
+    # One epoch a stage: what is checked is that the chains' records and files stay apart.
+    _write_chain(
+        workdir,
+        "chain_a",
+        "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 1\n",
+    )
+    _write_chain(
+        workdir, "chain_b", "  - name: 02_stage\n    max_epochs: 1\n    learning_rate: 1e-2\n"
+    )
     env = environment(workdir, server)
     chains = {
         name: subprocess.Popen(
@@ -203,6 +210,7 @@ def test_concurrent_chains_share_a_tracking_server(tiny_workdir, tracking_server
             "03_stage",
             "--from-checkpoint",
             "02_stage",
+            "training.trainer.max_epochs=1",
             tracking_uri=server,
         )
     )
