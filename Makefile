@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (see README.md):
 #   make quickstart   install, build the data and train the quick-start chain (CPU, < 15 min)
 #   make test         install, lint and run the tests
+#   make gpu-carry    prepare .gpu_carry/ for benchmarks/gpu_chain.sh on a lent GPU machine
 # Everything installs into .venv; torch comes first, pinned to the CPU wheel that lies on disk,
 # so that pip never resolves a multi-GB CUDA build for the bare `torch` requirement.
 
@@ -11,7 +12,7 @@ export NAICS_RAW_DIR
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test lint quickstart
+.PHONY: install test lint quickstart gpu-carry
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,3 +32,6 @@ test: lint
 quickstart: install
 	$(BIN)/naics-embedder data build
 	$(BIN)/naics-embedder train-curriculum --chain chain_quickstart
+
+gpu-carry: install
+	PYTHON=$(BIN)/python bash benchmarks/prepare_gpu_carry.sh

@@ -20,8 +20,13 @@ and number of negatives per anchor:
   once per step, in-batch negatives and the free-text query loss.
 
 On a CPU the seed's design needs more memory than most machines have: one triplet with 24
-negatives is 104 sequences of 512 tokens whose activations autograd keeps at once, which exceeded
-24 GB here; with 8 negatives it fits, at about a minute per triplet on 2 cores.
+negatives is 104 sequences of 512 tokens whose activations autograd keeps at once, about 35 GB.
+So before anything heavy runs, the benchmark estimates each set-up's memory (see
+:func:`activation_bytes`) against what the machine has available, and scales the set-up down
+until both fit: fewer negatives for both set-ups while the seed's does not fit (its peak depends
+on the negatives, not the batch), then fewer anchors while the project's does not. It says what
+it scaled and why before it starts (on stderr) and in its report, so a set-up that still runs out
+of memory is never a silent death.
 
 Both share the fusion (mixture of experts), the Lorentz projection and the hyperbolic InfoNCE.
 Reported per set-up: anchor-negative pairs scored per second, sequences encoded per second,
@@ -41,6 +46,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +55,7 @@ import numpy as np
 import pandas as pd
 import peft
 import torch
+from inference import embed_seconds, latencies_ms  # benchmarks/inference.py, beside this file
 
 from naics_mlflow.config import load_config
 from naics_mlflow.data.census import load_release
@@ -64,6 +71,10 @@ from naics_mlflow.model.module import NaicsEmbedder
 REPO = Path(__file__).resolve().parents[1]
 SEED_MAX_LENGTH = 512
 SEARCH_QUERIES = 200
+# Share of the available memory a set-up may plan to use: the estimate is not exact, and the
+# allocator, the data and other processes need room too.
+MEMORY_SHARE = 0.8
+GB = 1e9
 
 
 @dataclasses.dataclass
@@ -143,6 +154,71 @@ def measure(
         peak_rss_mb=peak_rss_mb(),
         peak_cuda_mb=peak_cuda,
     )
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a set-up can still take: free GPU memory, or the kernel's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def activation_bytes(backbone_config, length: int) -> int:
+    """float32 bytes autograd keeps for one sequence of ``length`` tokens through the backbone
+    until backward: per layer the attention scores, probabilities and dropout mask (3 x heads x
+    L^2) and about 12 hidden-size and 3 intermediate-size vectors per token.
+
+    For MiniLM at 512 tokens that is 0.34 GB; one seed triplet with 8 negatives (40 sequences)
+    then needs 13.5 GB, against 15.4 GB RSS measured for it with the process's own 2 GB
+    (2026-11-26, 2-core CPU).
+    """
+    c = backbone_config
+    per_layer = 3 * c.num_attention_heads * length**2 + length * (
+        12 * c.hidden_size + 3 * c.intermediate_size
+    )
+    return 4 * c.num_hidden_layers * per_layer
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def seed_bytes(module: NaicsEmbedder, negatives: int) -> int:
+    """The seed's peak beyond the process: four backbone copies, and one triplet's
+    ``(2 + negatives) x 4`` sequences of 512 tokens (it backpropagates triplet by triplet)."""
+    backbone = module.encoder.backbone
+    sequences = (2 + negatives) * len(CHANNELS)
+    return len(CHANNELS) * parameter_bytes(backbone) + sequences * activation_bytes(
+        backbone.config, SEED_MAX_LENGTH
+    )
+
+
+def project_bytes(module: NaicsEmbedder, batch: dict) -> int:
+    """The project's step beyond the process: every text batch of the step, padded as it runs."""
+    config = module.encoder.backbone.config
+    return sum(
+        text_batch.input_ids.shape[0] * activation_bytes(config, text_batch.input_ids.shape[1])
+        for tokens in (batch["tokens"], batch.get("query_tokens"))
+        if tokens is not None
+        for text_batch in tokens.texts.values()
+    )
+
+
+def seed_negatives_that_fit(module: NaicsEmbedder, negatives: int, budget: float) -> int:
+    """The most negatives, up to ``negatives``, whose seed set-up fits ``budget``; 0 if none."""
+    while negatives > 0 and seed_bytes(module, negatives) > budget:
+        negatives -= 1
+    return negatives
+
+
+def tell(message: str) -> None:
+    """A line on stderr at once, so that it is there even if the process is killed later."""
+    print(message, file=sys.stderr, flush=True)
 
 
 # --- the project's step ------------------------------------------------------------------------
@@ -281,25 +357,16 @@ def seed_step(project: NaicsEmbedder, datamodule: NaicsDataModule, batch: dict, 
 # --- inference ---------------------------------------------------------------------------------
 
 
-def inference(module: NaicsEmbedder, datamodule: NaicsDataModule, data_dir: Path, device):
-    """(codes embedded per second, search p50 ms, search p95 ms)."""
-    module.eval()
-    rows = np.arange(datamodule.taxonomy.size)
-    synchronize(device)
-    start = time.perf_counter()
-    module.embed_codes(module.encoder.code_features(datamodule.tokens), rows)
-    synchronize(device)
-    codes_per_second = len(rows) / (time.perf_counter() - start)
-
-    engine = SearchEngine.build(module, datamodule.taxonomy, module.config.search.lexical_weight)
+def inference(module: NaicsEmbedder, datamodule: NaicsDataModule, data_dir: Path):
+    """(codes embedded per second, search p50 ms, search p95 ms), measured as
+    ``benchmarks/inference.py`` measures a trained model."""
+    taxonomy = datamodule.taxonomy
+    engine = SearchEngine.build(module, taxonomy, module.config.search.lexical_weight)
+    codes_per_second = taxonomy.size / embed_seconds(module, engine, taxonomy)
     queries = pd.read_parquet(data_dir / HOLDOUT_FILE)["text"].tolist()[:SEARCH_QUERIES]
     engine.search(queries[:5])  # warm-up
-    latencies = []
-    for query in queries:
-        start = time.perf_counter()
-        engine.search([query], top_k=5)
-        latencies.append((time.perf_counter() - start) * 1000)
-    p50, p95 = np.percentile(latencies, [50, 95])
+    wall = latencies_ms(lambda query: engine.search([query]), queries)[:, 0]
+    p50, p95 = np.percentile(wall, [50, 95])
     return codes_per_second, float(p50), float(p95)
 
 
@@ -340,16 +407,48 @@ def main() -> None:
             *args.overrides,
         ],
     )
+    module = NaicsEmbedder(config.to_dict()).to(device)
+    budget = MEMORY_SHARE * available_bytes(device)
+    scaled = []
+    negatives = args.negatives
+    if not args.skip_seed:
+        negatives = seed_negatives_that_fit(module, args.negatives, budget)
+        if negatives == 0:
+            raise SystemExit(
+                f"the seed's set-up needs {seed_bytes(module, 1) / GB:.1f} GB even with one "
+                f"negative, {budget / GB:.1f} GB can be used here; run with --skip-seed"
+            )
+        if negatives < args.negatives:
+            scaled.append(
+                f"negatives {args.negatives} -> {negatives}: the seed's set-up needs "
+                f"{seed_bytes(module, args.negatives) / GB:.1f} GB at {args.negatives}, "
+                f"{budget / GB:.1f} GB can be used here"
+            )
     curriculum = dataclasses.replace(
         load_curriculum(REPO / "conf" / "text_curriculum" / f"{args.curriculum}.yaml"),
-        n_negatives=args.negatives,
+        n_negatives=negatives,
     )
     datamodule = NaicsDataModule(config, curriculum, load_release(), args.raw_dir)
     datamodule.prepare_data()
     datamodule.setup()
     items = datamodule.training_items(epoch=0)
-    batch = datamodule.collate(items, np.arange(args.batch_size))
-    module = NaicsEmbedder(config.to_dict()).to(device)
+    batch_size = args.batch_size
+    batch = datamodule.collate(items, np.arange(batch_size))
+    while batch_size > 1 and project_bytes(module, batch) > budget:
+        batch_size //= 2
+        batch = datamodule.collate(items, np.arange(batch_size))
+    if batch_size < args.batch_size:
+        scaled.append(
+            f"batch {args.batch_size} -> {batch_size}: the project's step needs more than "
+            f"{budget / GB:.1f} GB at a larger batch"
+        )
+    tell(
+        f"throughput: batch {batch_size} x {negatives} negatives; estimated peak beyond the "
+        f"process: project {project_bytes(module, batch) / GB:.1f} GB"
+        + ("" if args.skip_seed else f", seed {seed_bytes(module, negatives) / GB:.1f} GB")
+        + f"; {budget / GB:.1f} GB usable"
+        + "".join(f"\nthroughput: scaled down, {line}" for line in scaled)
+    )
 
     results = []
     step, mean_tokens = project_step(module, batch, device)
@@ -363,14 +462,15 @@ def main() -> None:
     report = {
         "machine": machine(device),
         "backbone": args.backbone,
-        "batch_size": args.batch_size,
-        "negatives": args.negatives,
+        "batch_size": batch_size,
+        "negatives": negatives,
+        "scaled_down": scaled,
         "timed_steps": args.steps,
         "overrides": args.overrides,
         "setups": [dataclasses.asdict(r) for r in results],
     }
     if not args.skip_inference:
-        codes_per_second, p50, p95 = inference(module, datamodule, args.data_dir, device)
+        codes_per_second, p50, p95 = inference(module, datamodule, args.data_dir)
         report["embed_codes_per_second"] = codes_per_second
         report["embed_all_codes_seconds"] = datamodule.taxonomy.size / codes_per_second
         report["search_p50_ms"] = p50
@@ -381,9 +481,11 @@ def main() -> None:
         print(json.dumps(report))
         return
     print(
-        f"{report['machine']}, {args.backbone}, batch {args.batch_size}, "
-        f"{args.negatives} negatives, median of {args.steps} steps"
+        f"{report['machine']}, {args.backbone}, batch {batch_size}, "
+        f"{negatives} negatives, median of {args.steps} steps"
     )
+    for line in scaled:
+        print(f"scaled down to fit memory: {line}")
     header = f"{'set-up':8} {'pairs/s':>10} {'seq/s':>10} {'s/step':>9} {'tokens':>7} {'RSS MB':>8}"
     print(header + (f" {'CUDA MB':>8}" if device.type == "cuda" else ""))
     for r in results:

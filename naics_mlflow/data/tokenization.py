@@ -189,13 +189,18 @@ def query_tokens(ids: list[np.ndarray], pad_token_id: int) -> ChannelTokens:
     )
 
 
+def query_ids(
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
+) -> list[np.ndarray]:
+    """Token ids of free-text queries, cut at the index items' token limit."""
+    return _token_ids(texts, tokenizer, config.examples_max_length)
+
+
 def tokenize_queries(
     texts: list[str], tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
 ) -> ChannelTokens:
-    """Free-text queries as :func:`query_tokens`, cut at the index items' token limit."""
-    return query_tokens(
-        _token_ids(texts, tokenizer, config.examples_max_length), tokenizer.pad_token_id
-    )
+    """Free-text queries as :func:`query_tokens` of their :func:`query_ids`."""
+    return query_tokens(query_ids(texts, tokenizer, config), tokenizer.pad_token_id)
 
 
 def truncated_queries(

@@ -23,8 +23,9 @@ import torch
 from naics_mlflow.config import Config
 from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import Taxonomy
-from naics_mlflow.data.tokenization import tokenize_codes, tokenize_queries
+from naics_mlflow.data.tokenization import CHANNELS, tokenize_codes
 from naics_mlflow.evaluation.metrics import ranking_metrics
+from naics_mlflow.evaluation.retrieval import query_batches
 from naics_mlflow.model.lorentz import pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder
 
@@ -42,11 +43,18 @@ class UntrainedBackbone:
         tokens = tokenize_codes(taxonomy, self.tokenizer, config.data_loader.tokenization)
         self.features = self.module.encoder.code_features(tokens)
         self.embeddings = self.module.embed_codes(self.features, np.arange(taxonomy.size))
+        self.backbone = self.module.encoder.merged_backbone()
 
-    @torch.no_grad()
     def _query_features(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        tokens = tokenize_queries(list(texts), self.tokenizer, self.config.data_loader.tokenization)
-        return self.module.encoder.channel_features(tokens)
+        features = {c: torch.empty((len(texts), self.module.encoder.hidden_size)) for c in CHANNELS}
+        config = self.config.data_loader.tokenization
+        encoder = self.module.encoder
+        for rows, batch in query_batches(
+            encoder, self.backbone, self.tokenizer, config, list(texts)
+        ):
+            for channel, values in batch.items():
+                features[channel][rows] = values.cpu()
+        return features
 
     @torch.no_grad()
     def embedding_distances(self, texts: Sequence[str], rows: np.ndarray) -> torch.Tensor:

@@ -12,17 +12,26 @@ levels 2-5 have no index items of their own, so they are ranked by the embedding
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from naics_mlflow.config import TokenizationConfig
 from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL, Taxonomy
-from naics_mlflow.data.tokenization import tokenize_codes, tokenize_queries, truncated_queries
+from naics_mlflow.data.tokenization import (
+    TextBatch,
+    pad,
+    query_ids,
+    tokenize_codes,
+    truncated_queries,
+)
 from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
+from naics_mlflow.model.encoder import MergedBackbone, MultiChannelEncoder
 from naics_mlflow.model.lorentz import pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder
 
@@ -66,10 +75,32 @@ def check_request(texts: list[str], top_k: int, level: int | None) -> None:
         raise QueryError(f"level must be between {MIN_LEVEL} and {MAX_LEVEL}, got {level}")
 
 
+def query_batches(
+    encoder: MultiChannelEncoder,
+    backbone: MergedBackbone,
+    tokenizer: PreTrainedTokenizerBase,
+    config: TokenizationConfig,
+    texts: list[str],
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """The channel features of free-text queries, batch by batch, with the positions of the
+    queries each batch holds.
+
+    Queries run shortest first, ``QUERY_BATCH_SIZE`` at a time, each batch one pass of the merged
+    ``backbone`` for both query channels: many queries cost little padding and few passes.
+    """
+    ids = query_ids(texts, tokenizer, config)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    device = backbone.device
+    for start in range(0, len(order), QUERY_BATCH_SIZE):
+        rows = order[start : start + QUERY_BATCH_SIZE]
+        batch = pad([ids[i] for i in rows], list(range(len(rows))), tokenizer.pad_token_id)
+        yield rows, encoder.query_features(backbone, TextBatch(*(t.to(device) for t in batch)))
+
+
 @dataclass
 class SearchEngine:
-    """A trained model with every code embedded once, and the lexical index of the national
-    industries, ready to answer queries."""
+    """A trained model with every code embedded once, its adapters merged for queries, and the
+    lexical index of the national industries, ready to answer queries."""
 
     embedder: NaicsEmbedder
     tokenizer: PreTrainedTokenizerBase
@@ -79,6 +110,10 @@ class SearchEngine:
     code_embeddings: torch.Tensor  # (N, D+1)
     lexical: LexicalIndex  # over the six-digit codes, in row order
     lexical_weight: float
+    backbone: MergedBackbone = field(init=False)  # the embedder's, adapters merged, for queries
+
+    def __post_init__(self) -> None:
+        self.backbone = self.embedder.encoder.merged_backbone()
 
     @classmethod
     def build(
@@ -103,16 +138,12 @@ class SearchEngine:
     @torch.no_grad()
     def embed_queries(self, texts: list[str]) -> torch.Tensor:
         """(Q, D+1) Lorentz embeddings of free-text queries; says in one line how many texts were
-        cut at the token limit (only their beginning is used)."""
-        self.embedder.eval()
+        cut at the token limit (only their beginning is used).
+
+        See :func:`query_batches`.
+        """
         config = self.embedder.config.data_loader.tokenization
-        chunks = []
-        truncated_count = 0
-        for start in range(0, len(texts), QUERY_BATCH_SIZE):
-            chunk = texts[start : start + QUERY_BATCH_SIZE]
-            tokens = tokenize_queries(chunk, self.tokenizer, config)
-            truncated_count += sum(truncated_queries(chunk, self.tokenizer, config))
-            chunks.append(self.embedder(tokens.to(self.embedder.device)).embeddings)
+        truncated_count = sum(truncated_queries(texts, self.tokenizer, config))
         if truncated_count:
             logger.warning(
                 "%d of %d queries are longer than the model reads (%d tokens); their beginning "
@@ -121,7 +152,11 @@ class SearchEngine:
                 len(texts),
                 config.examples_max_length,
             )
-        return torch.cat(chunks)
+        encoder = self.embedder.encoder
+        embeddings = torch.empty((len(texts), self.code_embeddings.shape[1]))
+        for rows, features in query_batches(encoder, self.backbone, self.tokenizer, config, texts):
+            embeddings[rows] = encoder.head(features).embeddings.cpu()
+        return embeddings.to(self.embedder.device)
 
     def candidates(self, level: int | None) -> np.ndarray:
         """Rows of the codes a query may match: one level, or all."""

@@ -5,6 +5,7 @@ the Lorentz hyperboloid."""
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -19,6 +20,7 @@ from naics_mlflow.data.features import CodeFeatures, pool_by_owner
 from naics_mlflow.data.pretrained import BackboneError, load_pretrained
 from naics_mlflow.data.tokenization import (
     CHANNELS,
+    QUERY_CHANNELS,
     SEMANTIC_CHANNELS,
     TEXT_CHANNELS,
     ChannelTokens,
@@ -64,6 +66,48 @@ def lora_config(config: ModelConfig) -> peft.LoraConfig:
     )
 
 
+def unit_features(
+    backbone: MergedBackbone, channel: str, sequences: list[np.ndarray | None], pad_token_id: int
+) -> torch.Tensor:
+    """``(len(sequences), H)`` unit features of one channel's texts on the CPU, zeros for None.
+
+    Each distinct text runs once (a third of the titles and descriptions repeat a parent's or a
+    child's), in batches of similar length, so that padding stays small.
+    """
+    slot_of: dict[bytes, int] = {}
+    distinct: list[np.ndarray] = []
+    rows, slots = [], []
+    for row, sequence in enumerate(sequences):
+        if sequence is None:
+            continue
+        slot = slot_of.setdefault(sequence.tobytes(), len(distinct))
+        if slot == len(distinct):
+            distinct.append(sequence)
+        rows.append(row)
+        slots.append(slot)
+    features = torch.zeros((len(sequences), backbone.hidden_size))
+    features[rows] = _encode_distinct(backbone, channel, distinct, pad_token_id)[slots]
+    return features
+
+
+def _encode_distinct(
+    backbone: MergedBackbone, channel: str, sequences: list[np.ndarray], pad_token_id: int
+) -> torch.Tensor:
+    """``(len(sequences), H)`` unit features, encoded shortest first in batches of
+    ``FEATURE_BATCH_SIZE``."""
+    device = backbone.device
+    features = torch.zeros((len(sequences), backbone.hidden_size))
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), FEATURE_BATCH_SIZE):
+        chunk = order[start : start + FEATURE_BATCH_SIZE]
+        texts = pad([sequences[i] for i in chunk], list(range(len(chunk))), pad_token_id)
+        pooled = backbone(
+            texts.input_ids.to(device), texts.attention_mask.to(device), [(channel, len(chunk))]
+        )
+        features[chunk] = F.normalize(pooled.float(), dim=-1).cpu()
+    return features
+
+
 class EncoderOutput(NamedTuple):
     embeddings: torch.Tensor  # (U, D+1) float32 points on the hyperboloid
     expert_utilisation: torch.Tensor  # (E,) share of routing slots per expert
@@ -72,6 +116,86 @@ class EncoderOutput(NamedTuple):
 
 # Texts per backbone pass when features are computed without gradients.
 FEATURE_BATCH_SIZE = 256
+
+
+class ChannelLinear(nn.Module):
+    """A LoRA-adapted linear layer for encoding without gradients: each channel's adapter merged
+    into its own copy of the weight (``W + scaling * B @ A``, stacked ``(C, out, in)``), and the
+    base layer's bias; each group of a batch's rows reads its channel's weight.
+
+    Merging takes the adapter's dropout, two thin products and the addition out of every call,
+    and lets the texts of several channels share one backbone pass: every other weight of the
+    backbone is the same for all channels, and reading those weights from memory is what a pass
+    over a few short texts costs on a CPU.
+    """
+
+    def __init__(self, layer: peft.tuners.lora.Linear, channels: tuple[str, ...]) -> None:
+        super().__init__()
+        base = layer.get_base_layer()
+        weights = [base.weight + layer.get_delta_weight(channel) for channel in channels]
+        self.register_buffer("weights", torch.stack(weights), persistent=False)
+        self.bias = base.bias
+        # (channel index, row count) of each group of rows, in batch order; set per call.
+        self.groups: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.groups) == 1:
+            return F.linear(x, self.weights[self.groups[0][0]], self.bias)
+        parts = x.split([count for _, count in self.groups])
+        return torch.cat(
+            [
+                F.linear(part, self.weights[channel], self.bias)
+                for (channel, _), part in zip(self.groups, parts, strict=True)
+            ]
+        )
+
+
+class MergedBackbone(nn.Module):
+    """The backbone as it is now, with every channel's adapter merged (:class:`ChannelLinear`),
+    in eval mode: what encoding without gradients runs (features of codes and items, queries).
+
+    A snapshot: it shares the frozen weights with the training backbone (no copy) and holds the
+    merged weights as they were when it was built, so rebuild it after the adapters change. Its
+    pooled states equal :meth:`MultiChannelEncoder.encode_texts`' in eval mode to float rounding
+    (``tests/test_inference.py``).
+    """
+
+    def __init__(self, backbone: peft.PeftModel, channels: tuple[str, ...]) -> None:
+        super().__init__()
+        self.channels = channels
+        shared = {id(t): t for t in itertools.chain(backbone.parameters(), backbone.buffers())}
+        model = copy.deepcopy(backbone.get_base_model(), shared)
+        self.linears = []
+        with torch.no_grad():
+            for name, module in backbone.get_base_model().named_modules():
+                if not isinstance(module, peft.tuners.lora.LoraLayer):
+                    continue
+                if not isinstance(module, peft.tuners.lora.Linear):
+                    raise BackboneError(
+                        f"cannot merge the adapter of {name} ({type(module).__name__}): "
+                        "model.lora.target_modules must name linear layers"
+                    )
+                merged = ChannelLinear(module, channels)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, merged)
+                self.linears.append(merged)
+        self.model = model.eval()
+        self.hidden_size = model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: list[tuple[str, int]]
+    ) -> torch.Tensor:
+        """Pooled states ``(K, H)`` of ``K`` texts whose consecutive groups of rows are read by
+        the channels ``groups`` names: ``[("title", Q), ("examples", Q)]`` for Q queries."""
+        indexed = [(self.channels.index(channel), count) for channel, count in groups]
+        for linear in self.linears:
+            linear.groups = indexed
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return mean_pool(hidden.last_hidden_state, attention_mask)
 
 
 class MultiChannelEncoder(nn.Module):
@@ -190,45 +314,55 @@ class MultiChannelEncoder(nn.Module):
     def forward(self, tokens: ChannelTokens) -> EncoderOutput:
         return self.head(self.channel_features(tokens))
 
+    def merged_backbone(self) -> MergedBackbone:
+        """The backbone with the adapters as they are now merged, for encoding without
+        gradients (see :class:`MergedBackbone`)."""
+        return MergedBackbone(self.backbone, CHANNELS)
+
     @torch.no_grad()
     def code_features(self, tokens: CodeTokens) -> CodeFeatures:
-        """Every code's and index item's features with the adapters as they are now, in eval
-        mode and without gradients, on the CPU; each distinct text runs once.
+        """Every code's and index item's features with the adapters as they are now, without
+        gradients, on the CPU; each distinct text of a channel runs once, through
+        :meth:`merged_backbone`.
 
         A query reads an item through the title adapter too; while the title and examples
         adapters are both still the identity (LoRA's B starts at zero), that pass is the same one
         and is not repeated.
         """
-        was_training = self.training
-        self.eval()
+        backbone = self.merged_backbone()
+        pad_id = tokens.pad_token_id
         channels = {
-            channel: self._features_of(channel, tokens.ids[channel], tokens.pad_token_id)
+            channel: unit_features(backbone, channel, tokens.ids[channel], pad_id)
             for channel in TEXT_CHANNELS
         }
-        items = {"examples": self._features_of("examples", tokens.item_ids, tokens.pad_token_id)}
+        items = {"examples": unit_features(backbone, "examples", tokens.item_ids, pad_id)}
         items["title"] = (
             items["examples"]
             if self._is_identity("title") and self._is_identity("examples")
-            else self._features_of("title", tokens.item_ids, tokens.pad_token_id)
+            else unit_features(backbone, "title", tokens.item_ids, pad_id)
         )
-        self.train(was_training)
         code_items = [torch.from_numpy(rows) for rows in tokens.code_items]
         return CodeFeatures(channels, items, code_items)
 
-    def _features_of(
-        self, channel: str, sequences: list[np.ndarray | None], pad_token_id: int
-    ) -> torch.Tensor:
-        """``(len(sequences), H)`` unit features (zeros for None), in batches of similar length."""
-        device = next(self.parameters()).device
-        features = torch.zeros((len(sequences), self.hidden_size))
-        present = [i for i, seq in enumerate(sequences) if seq is not None]
-        present.sort(key=lambda i: len(sequences[i]))
-        for start in range(0, len(present), FEATURE_BATCH_SIZE):
-            chunk = present[start : start + FEATURE_BATCH_SIZE]
-            texts = pad([sequences[i] for i in chunk], list(range(len(chunk))), pad_token_id)
-            pooled = self.encode_texts(channel, TextBatch(*(t.to(device) for t in texts)))
-            features[chunk] = F.normalize(pooled.float(), dim=-1).cpu()
-        return features
+    @torch.no_grad()
+    def query_features(
+        self, backbone: MergedBackbone, queries: TextBatch
+    ) -> dict[str, torch.Tensor]:
+        """``{channel: (Q, H)}`` of free-text queries (one text each): the unit features of each
+        query read by every one of ``QUERY_CHANNELS`` in a single pass of ``backbone``, zeros in
+        the other channels; what :meth:`channel_features` gives their query tokens."""
+        count = len(queries.input_ids)
+        repeats = len(QUERY_CHANNELS)
+        pooled = backbone(
+            queries.input_ids.repeat(repeats, 1),
+            queries.attention_mask.repeat(repeats, 1),
+            [(channel, count) for channel in QUERY_CHANNELS],
+        )
+        read = dict(
+            zip(QUERY_CHANNELS, F.normalize(pooled.float(), dim=-1).split(count), strict=True)
+        )
+        zeros = torch.zeros((count, self.hidden_size), device=pooled.device)
+        return {channel: read.get(channel, zeros) for channel in CHANNELS}
 
     def _is_identity(self, channel: str) -> bool:
         """Whether a channel's adapter changes nothing: every LoRA B matrix is zero."""

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Train chain_default on the lent GPU machine through MLflow, evaluate its final stage, and leave
+# the record under $OUT, in one device call with no network:
+#
+#   here, once:   make gpu-carry                       (.gpu_carry/, about 63 MB with the tree)
+#   the device:   run(command="bash benchmarks/gpu_chain.sh", carry=[".gpu_carry"],
+#                     timeout_s=600)
+#
+# $OUT receives: mlflow.db (the sqlite store: the parent run, one run per stage with its metrics,
+# and the evaluation run), evaluation.json (`evaluate --json`), summary.json (wall time per
+# stage, from the store), gpu_memory.csv (nvidia-smi every second: the peak is its largest
+# value) and chain.log (everything printed). Checkpoints stay on the machine: they are larger
+# than what comes back.
+#
+# Training stops after TRAIN_SECONDS (default 420) so that the evaluation still runs inside the
+# 10-minute call; the last stage that finished is then the one evaluated, and the log says so.
+# GPU_CHAIN_SMOKE=1 runs the same steps with one batch per stage, a small evaluation sample and
+# no baselines: to check the set-up, on any machine (PYTHON=... picks the interpreter).
+set -euo pipefail
+
+CARRY=${CARRY:-$PWD/.gpu_carry}
+PYTHON=${PYTHON:-python3}
+TRAIN_SECONDS=${TRAIN_SECONDS:-420}
+OUT=${OUT:?set OUT to the folder that receives the store, evaluation.json and the log}
+WORK=${WORK:-/tmp/naics_gpu_chain}
+SITE=$WORK/site
+
+mkdir -p "$OUT" "$WORK"
+exec > >(tee "$OUT/chain.log") 2>&1
+
+echo "== set-up $(date -u +%FT%TZ)"
+"$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target "$SITE" "$CARRY"/wheels/*.whl
+cp -r "$CARRY"/site/. "$SITE"/
+export PYTHONPATH="$SITE:$PWD"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow.db"
+export NAICS_RAW_DIR="$CARRY/naics2022"
+cli() { "$PYTHON" -m naics_mlflow "$@"; }
+"$PYTHON" -c "import torch, mlflow, geoopt, peft, transformers, lightning; print('torch', \
+torch.__version__, 'cuda', torch.cuda.is_available(), '| mlflow', mlflow.__version__, \
+'| peft', peft.__version__, '| transformers', transformers.__version__)"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=timestamp,memory.used --format=csv -l 1 >"$OUT/gpu_memory.csv" &
+fi
+
+overrides=(dirs.data="$WORK/data" dirs.checkpoints="$WORK/checkpoints" dirs.outputs="$WORK/outputs")
+evaluation=(--unseen-queries "$CARRY/eval/naics2017_index_unseen.csv")
+training=()
+if [[ ${GPU_CHAIN_SMOKE:-0} == 1 ]]; then
+  # On the command line: they must win over the chain file's epochs per stage.
+  # Short texts and few items per code keep a CPU's float32 LoRA step within a few GB.
+  training=(training.trainer.max_epochs=1 training.trainer.limit_train_batches=1
+    training.trainer.limit_val_batches=1 model.eval_sample_size=64 data_loader.batch_size=2
+    data_loader.examples_per_code=2 data_loader.tokenization.description_max_length=32
+    data_loader.tokenization.excluded_max_length=32)
+  evaluation+=(--no-baselines)
+fi
+mkdir -p "$WORK/conf"
+cp -r conf/. "$WORK/conf/"
+config="$WORK/conf/config.yaml"
+"$PYTHON" - "$config" "${overrides[@]}" <<'EOF'
+"""A copy of conf/ whose config.yaml has the overrides baked in, so that every command reads the
+same folders and settings; the curricula and data.yaml are found beside it."""
+import sys
+from pathlib import Path
+
+import yaml
+
+from naics_mlflow.config import load_config
+
+path, *overrides = sys.argv[1:]
+config = load_config(Path("conf/config.yaml"), overrides).to_dict()  # the repository's own
+Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+EOF
+
+echo "== data build $(date -u +%FT%TZ)"
+cli data build --config "$config"
+
+echo "== train-curriculum --chain chain_default $(date -u +%FT%TZ)"
+trained=0
+timeout --signal=INT --kill-after=60 "$TRAIN_SECONDS" \
+  "$PYTHON" -m naics_mlflow train-curriculum --chain chain_default --config "$config" \
+  "${training[@]}" ||
+  trained=$?
+echo "train-curriculum exit status $trained (124: stopped after $TRAIN_SECONDS s)"
+
+echo "== evaluate $(date -u +%FT%TZ)"
+for stage in 03_stage 02_stage 01_stage; do
+  if cli evaluate --from-checkpoint "$stage" --config "$config" --json "${evaluation[@]}" \
+    >"$WORK/evaluation.out"; then
+    tail -n 1 "$WORK/evaluation.out" >"$OUT/evaluation.json"
+    echo "evaluated $stage"
+    break
+  fi
+  echo "no finished $stage to evaluate"
+done
+
+"$PYTHON" - "$OUT/summary.json" <<'EOF'
+"""Wall time and status of every run in the store, stage by stage."""
+import json
+import sys
+
+from mlflow.tracking import MlflowClient
+
+client = MlflowClient()
+runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+summary = [
+    {
+        "run": run.info.run_name,
+        "status": run.info.status,
+        "seconds": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
+        "epochs_logged": len(client.get_metric_history(run.info.run_id, "val_loss")),
+    }
+    for run in sorted(runs, key=lambda run: run.info.start_time)
+]
+json.dump(summary, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(summary, indent=1))
+EOF
+cp "$WORK/mlflow.db" "$OUT/"
+echo "== done $(date -u +%FT%TZ)"

@@ -1,0 +1,97 @@
+"""Encoding without gradients (merged adapters, batched queries) gives what the training path
+gives, on the tiny backbone with every channel's adapter moved away from LoRA's zero start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from naics_mlflow.config import load_config
+from naics_mlflow.data.pretrained import load_tokenizer
+from naics_mlflow.data.tokenization import CHANNELS, tokenize_codes, tokenize_queries
+from naics_mlflow.evaluation.lexical import LexicalIndex
+from naics_mlflow.evaluation.retrieval import SearchEngine
+from naics_mlflow.model.module import NaicsEmbedder
+
+CONFIG = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
+QUERIES = [
+    "soybean farming",
+    "retail bakery selling bread and cakes to the public",
+    "software",
+    " ".join(["farming"] * 200),  # cut at the token limit
+]
+# Float32 rounding of two summation orders (x W + (x A) B s against x (W + s B A)).
+TOLERANCE = {"atol": 2e-5, "rtol": 2e-5}
+
+
+@pytest.fixture(scope="module")
+def trained_adapters(tiny_overrides, taxonomy):
+    """A tiny model whose four adapters each hold different, non-zero weights, and its tokens."""
+    config = load_config(CONFIG, tiny_overrides)
+    module = NaicsEmbedder(config.to_dict()).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in module.encoder.backbone.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    tokenizer = load_tokenizer(config.model.base_model_name)
+    tokens = tokenize_codes(taxonomy, tokenizer, config.data_loader.tokenization)
+    return module, tokenizer, tokens
+
+
+def test_the_adapters_change_what_each_channel_reads(trained_adapters):
+    """Without this, the comparisons below could pass with the adapters ignored."""
+    module, tokenizer, _ = trained_adapters
+    tokens = tokenize_queries(QUERIES, tokenizer, module.config.data_loader.tokenization)
+    encoder = module.encoder
+    with torch.no_grad():
+        adapted = encoder.encode_texts("title", tokens.texts["title"])
+        other = encoder.encode_texts("examples", tokens.texts["title"])
+        with encoder.backbone.disable_adapter():
+            plain = encoder.encode_texts("title", tokens.texts["title"])
+    assert (adapted - plain).abs().max() > 0.1
+    assert (adapted - other).abs().max() > 0.1
+
+
+def test_code_features_equal_the_training_path(trained_adapters):
+    module, _, tokens = trained_adapters
+    rows = np.array([0, 1, 17, 300, 1024, 2124])
+    expected = module.encoder.eval().channel_features(tokens.batch(rows))
+    features = module.encoder.code_features(tokens).of_codes(torch.from_numpy(rows))
+    for channel in CHANNELS:
+        torch.testing.assert_close(features[channel], expected[channel], **TOLERANCE)
+
+
+def test_item_features_read_through_each_query_channel(trained_adapters):
+    module, tokenizer, tokens = trained_adapters
+    items = [0, 5, 99]
+    texts = [tokens.item_texts[i] for i in items]
+    queries = tokenize_queries(texts, tokenizer, module.config.data_loader.tokenization)
+    expected = module.encoder.eval().channel_features(queries)
+    features = module.encoder.code_features(tokens).of_queries(torch.tensor(items))
+    for channel in CHANNELS:
+        torch.testing.assert_close(features[channel], expected[channel], **TOLERANCE)
+
+
+def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, taxonomy):
+    module, tokenizer, _ = trained_adapters
+    engine = SearchEngine(
+        module,
+        tokenizer,
+        taxonomy.codes,
+        taxonomy.titles,
+        taxonomy.levels,
+        torch.zeros((taxonomy.size, module.config.model.embedding_dim + 1)),
+        LexicalIndex(["soybean farming"]),
+        lexical_weight=0.0,
+    )
+    config = module.config.data_loader.tokenization
+    with torch.no_grad():
+        expected = torch.cat(
+            [module(tokenize_queries([text], tokenizer, config)).embeddings for text in QUERIES]
+        )
+    torch.testing.assert_close(engine.embed_queries(QUERIES), expected, **TOLERANCE)
+    torch.testing.assert_close(engine.embed_queries(QUERIES[1:2]), expected[1:2], **TOLERANCE)
