@@ -65,7 +65,7 @@ from naics_mlflow.data.taxonomy import HOLDOUT_FILE
 from naics_mlflow.data.tokenization import CHANNELS, ChannelTokens, channel_texts
 from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.encoder import load_frozen_backbone, lora_config, mean_pool
-from naics_mlflow.model.loss import hyperbolic_infonce
+from naics_mlflow.model.loss import pool_infonce
 from naics_mlflow.model.module import NaicsEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,8 +228,12 @@ def adamw(module: torch.nn.Module, learning_rate: float) -> torch.optim.Optimize
     return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=learning_rate)
 
 
-def project_step(module: NaicsEmbedder, batch: dict, device: torch.device):
-    """The project's training step on ``batch``; returns (step, mean real tokens per sequence)."""
+def project_step(module: NaicsEmbedder, batch: dict, pairs: int, device: torch.device):
+    """The project's training step on ``batch``; returns (step, mean real tokens per sequence).
+
+    ``pairs`` counts the batch's anchor-sampled-negative pairs, the seed's unit of work; the
+    project's loss scores each anchor against every code of the batch, which is more.
+    """
     optimizer = adamw(module, module.config.training.learning_rate)
     batch = to_device(batch, device)
     texts = [
@@ -240,7 +244,6 @@ def project_step(module: NaicsEmbedder, batch: dict, device: torch.device):
     ]
     sequences = sum(len(text_batch.owner) for text_batch in texts)
     real_tokens = sum(int(text_batch.attention_mask.sum()) for text_batch in texts)
-    pairs = int(batch["negative_valid"].sum() + batch["in_batch_negatives"].sum())
 
     def step() -> StepCounts:
         with autocast(device):
@@ -292,8 +295,15 @@ class SeedEncoder(torch.nn.Module):
         return self.projection(self.fusion(torch.cat(pooled, dim=-1)).output)
 
 
-def seed_step(project: NaicsEmbedder, datamodule: NaicsDataModule, batch: dict, device):
-    """The seed's step on the same anchors, positives and sampled negatives as ``batch``."""
+def seed_step(
+    project: NaicsEmbedder,
+    datamodule: NaicsDataModule,
+    batch: dict,
+    sampled_negatives: np.ndarray,
+    device,
+):
+    """The seed's step on the same anchors, positives and sampled negatives (``(B, K)`` code
+    rows, -1 for padding) as ``batch``."""
     encoder = SeedEncoder(project).to(device)
     optimizer = adamw(encoder, project.config.training.learning_rate)
     tokenizer = datamodule.tokenizer
@@ -303,11 +313,12 @@ def seed_step(project: NaicsEmbedder, datamodule: NaicsDataModule, batch: dict, 
         "examples": ["; ".join(items) for items in datamodule.taxonomy.examples],
     }
     rows = batch["rows"].numpy()
-    triplets = []  # per anchor: code rows of (anchor, positive, valid negatives...)
-    for i in range(len(batch["anchor"])):
-        negatives = batch["negatives"][i][batch["negative_valid"][i]]
-        local = [batch["anchor"][i], batch["positive"][i], *negatives]
-        triplets.append(rows[torch.stack(local).numpy()])
+    anchors, positives = batch["anchor_rows"].numpy(), batch["positive_rows"].numpy()
+    # Per anchor: code rows of (anchor, positive, valid negatives...).
+    triplets = [
+        np.array([anchor, positive, *negatives[negatives >= 0]])
+        for anchor, positive, negatives in zip(anchors, positives, sampled_negatives, strict=True)
+    ]
     padded = {
         channel: tokenizer(
             [texts[channel][row] for row in rows],
@@ -338,8 +349,9 @@ def seed_step(project: NaicsEmbedder, datamodule: NaicsDataModule, batch: dict, 
         for tokens in triplet_tokens:
             with autocast(device):
                 embeddings = encoder(tokens)
-            loss = hyperbolic_infonce(
-                embeddings[:1], embeddings[1:2], embeddings[None, 2:], curvature, temperature
+            negatives = torch.ones(1, len(embeddings) - 2, dtype=torch.bool, device=device)
+            loss = pool_infonce(
+                embeddings[:1], embeddings[1:2], embeddings[2:], negatives, curvature, temperature
             )
             (loss / len(triplet_tokens)).backward()
         optimizer.step()
@@ -431,6 +443,8 @@ def main() -> None:
     datamodule = NaicsDataModule(config, curriculum, load_release(), args.raw_dir)
     datamodule.prepare_data()
     datamodule.setup()
+    # What the CurriculumNegatives callback hands the module when a stage trains.
+    module.positive_pairs = torch.from_numpy(datamodule.sampler.positive_candidates).to(device)
     items = datamodule.training_items(epoch=0)
     batch_size = args.batch_size
     batch = datamodule.collate(items, np.arange(batch_size))
@@ -451,12 +465,14 @@ def main() -> None:
     )
 
     results = []
-    step, mean_tokens = project_step(module, batch, device)
+    sampled_negatives = items.negatives[:batch_size]
+    pairs = int((sampled_negatives >= 0).sum())
+    step, mean_tokens = project_step(module, batch, pairs, device)
     results.append(measure("project", step, mean_tokens, args, device))
     if args.profile:
         print(profile(step, device, args.profile))
     if not args.skip_seed:
-        step, mean_tokens = seed_step(module, datamodule, batch, device)
+        step, mean_tokens = seed_step(module, datamodule, batch, sampled_negatives, device)
         results.append(measure("seed", step, mean_tokens, args, device))
 
     report = {
