@@ -34,7 +34,8 @@ import torch
 from naics_mlflow.data.taxonomy import HOLDOUT_FILE, MAX_LEVEL, load_taxonomy
 from naics_mlflow.data.tokenization import TextBatch, query_ids, tokenize_codes
 from naics_mlflow.evaluation.retrieval import SearchEngine
-from naics_mlflow.model.module import NaicsEmbedder, load_embedder
+from naics_mlflow.model.loading import load_embedder
+from naics_mlflow.model.module import NaicsEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
 
