@@ -89,9 +89,16 @@ def test_two_process_chain_keeps_one_record_and_its_checkpoints_load_anywhere(ti
     for stage in (second, third):
         metrics, params = stage.data.metrics, stage.data.params
         assert params["training.trainer.devices"] == "2"
-        local_pool = BATCH_SIZE * (1 + int(params["curriculum.n_negatives"]))
+        # Each rank's pool is its batch's unique codes (anchors, positives, sampled negatives),
+        # padded to the larger of the two, so the gathered pool is twice one padded pool.
+        most_codes = BATCH_SIZE * (2 + int(params["curriculum.n_negatives"]))
+        pool = metrics["train/global_batch/global_k_negatives"]
         assert metrics["train/global_batch/global_batch_size"] == 2 * BATCH_SIZE
-        assert metrics["train/global_batch/global_k_negatives"] == 2 * local_pool
+        assert pool % 2 == 0 and 2 * BATCH_SIZE < pool <= 2 * most_codes
+        point_bytes = 4 * (int(params["model.embedding_dim"]) + 1)
+        assert metrics["train/global_batch/global_negatives_memory_mb"] == pytest.approx(
+            pool * point_bytes / 2**20
+        )
         assert metrics["train/global_batch/global_hard_negatives_used"] == 0
     # ... and a two-process checkpoint serves in one process.
     found = ok(run_cli(workdir, "search", "grow soybeans", "--from-checkpoint", "03_stage"))
