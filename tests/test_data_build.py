@@ -18,6 +18,7 @@ import numpy as np
 import openpyxl
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from naics_mlflow.data.build import (
     MANIFEST_FILE,
@@ -25,7 +26,7 @@ from naics_mlflow.data.build import (
     OUTPUT_FILES,
     build_data,
 )
-from naics_mlflow.data.census import DataError, ensure_raw_files
+from naics_mlflow.data.census import DataError, ensure_raw_files, load_release
 from naics_mlflow.data.taxonomy import (
     DEV_FILE,
     DISTANCES_FILE,
@@ -33,6 +34,7 @@ from naics_mlflow.data.taxonomy import (
     RELATIONS_FILE,
     index_split,
 )
+from tests.conftest import REPO_ROOT
 
 
 def test_level_counts(taxonomy):
@@ -411,3 +413,13 @@ def test_a_transfer_cut_short_leaves_no_partial_file(tmp_path, release):
     assert server.requests == 1
     assert "\n" not in str(caught.value)
     assert not list(raw.iterdir())
+
+
+@pytest.mark.parametrize("missing", [("download", "backoff_factor"), ("files", "index")])
+def test_a_data_conf_without_a_key_names_it(tmp_path, missing):
+    conf = yaml.safe_load((REPO_ROOT / "conf" / "data.yaml").read_text())
+    del conf[missing[0]][missing[1]]
+    edited = tmp_path / "data.yaml"
+    edited.write_text(yaml.safe_dump(conf))
+    with pytest.raises(DataError, match=rf"key '{'.'.join(missing)}' is missing; add it"):
+        load_release(edited)

@@ -74,16 +74,29 @@ _LAYOUT = {
 
 def load_release(data_conf_path: str | Path = "conf/data.yaml") -> CensusRelease:
     conf = read_yaml(data_conf_path)
+
+    def setting(*keys: str) -> Any:
+        value = conf
+        for depth, key in enumerate(keys):
+            if not isinstance(value, dict) or key not in value:
+                dotted = ".".join(keys[: depth + 1])
+                raise DataError(
+                    f"{data_conf_path}: key '{dotted}' is missing; add it "
+                    "(the project's conf/data.yaml lists every key)"
+                )
+            value = value[key]
+        return value
+
     files = {
-        role: CensusFile(role, conf["files"][role], sheet, columns)
+        role: CensusFile(role, setting("files", role), sheet, columns)
         for role, (sheet, columns) in _LAYOUT.items()
     }
     return CensusRelease(
-        base_url=conf["base_url"],
+        base_url=setting("base_url"),
         files=files,
-        timeout_seconds=float(conf["download"]["timeout_seconds"]),
-        retries=int(conf["download"]["retries"]),
-        backoff_factor=float(conf["download"]["backoff_factor"]),
+        timeout_seconds=float(setting("download", "timeout_seconds")),
+        retries=int(setting("download", "retries")),
+        backoff_factor=float(setting("download", "backoff_factor")),
     )
 
 
