@@ -3,6 +3,7 @@ where it goes, and the batched query path.
 
     python benchmarks/inference.py --from-checkpoint PATH.ckpt --data-dir data
     python benchmarks/inference.py --from-checkpoint PATH.ckpt --repeats 5 --threads 1 --json
+    python benchmarks/inference.py --from-checkpoint PATH.ckpt --backbone-dtype bfloat16
 
 Each measure is repeated ``--repeats`` times; the minimum and the median of the repeats are
 reported, since a shared machine makes single timings noisy. Latencies are given twice: wall
@@ -61,7 +62,10 @@ def embed_seconds(module: NaicsEmbedder, engine: SearchEngine, taxonomy) -> floa
     """Seconds to embed every code from its tokens (tokenizing is cached, as in one process)."""
     tokens = tokenize_codes(taxonomy, engine.tokenizer, module.config.data_loader.tokenization)
     rows = np.arange(taxonomy.size)
-    return seconds(lambda: module.embed_codes(module.encoder.code_features(tokens), rows))
+    dtype = getattr(torch, engine.backbone_dtype)
+    return seconds(
+        lambda: module.embed_codes(module.encoder.code_features(tokens, dtype=dtype), rows)
+    )
 
 
 def latencies_ms(action: Callable[[str], object], queries: list[str]) -> np.ndarray:
@@ -108,6 +112,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200, help="held-out items searched")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--backbone-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="search.backbone_dtype",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -116,11 +126,17 @@ def main() -> None:
 
     module = load_embedder(args.from_checkpoint)
     taxonomy = load_taxonomy(args.data_dir)
-    engine = SearchEngine.build(module, taxonomy, module.config.search.lexical_weight)
+    engine = SearchEngine.build(
+        module, taxonomy, module.config.search.lexical_weight, args.backbone_dtype
+    )
     queries = pd.read_parquet(args.data_dir / HOLDOUT_FILE)["text"].tolist()[: args.queries]
     engine.search(queries[:5])  # warm-up
 
-    report: dict[str, object] = {"threads": torch.get_num_threads(), "queries": len(queries)}
+    report: dict[str, object] = {
+        "threads": torch.get_num_threads(),
+        "backbone_dtype": args.backbone_dtype,
+        "queries": len(queries),
+    }
     report["embed_all_codes_s"] = summary(
         [embed_seconds(module, engine, taxonomy) for _ in range(args.repeats)]
     )
@@ -136,7 +152,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(report))
         return
-    print(f"{report['threads']} threads; min / median of {args.repeats} repeats; wall | CPU time")
+    print(
+        f"{report['threads']} threads, {args.backbone_dtype} backbone; min / median of "
+        f"{args.repeats} repeats; wall | CPU time"
+    )
     print(f"embed all {taxonomy.size} codes: {format_summary(report['embed_all_codes_s'], 's')}")
     print(f"search, {len(queries)} single queries, p50: {format_clocks(report['search_p50_ms'])}")
     print(f"{'':>36}p95: {format_clocks(report['search_p95_ms'])}")

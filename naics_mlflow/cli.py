@@ -484,7 +484,10 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
         )
     taxonomy = load_taxonomy(data_dir)
     engine = SearchEngine.build(
-        load_embedder(resolved.path), taxonomy, config.search.lexical_weight
+        load_embedder(resolved.path),
+        taxonomy,
+        config.search.lexical_weight,
+        config.search.backbone_dtype,
     )
     return engine, taxonomy, resolved, config
 

@@ -174,6 +174,7 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     lexical_weight: float
+    backbone_dtype: str
 
 
 @dataclass(frozen=True)
@@ -221,8 +222,7 @@ class Config:
 
 # Keys added to the schema after checkpoints of the current format were saved without them, with
 # the value that reproduces how those checkpoints were trained (not necessarily today's default).
-# None yet since checkpoint format 3.
-KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {}
+KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {"search": {"backbone_dtype": "float32"}}
 
 
 # Values that must be strictly positive: a zero or negative size is never meaningful.
@@ -275,6 +275,7 @@ _NON_NEGATIVE_KEYS = {
 _CHOICES = {
     "training.optimizer": ("adamw", "riemannian_adam"),
     "training.trainer.precision": ("16-mixed", "bf16-mixed", "32-true", "32", "16", "bf16", "64"),
+    "search.backbone_dtype": ("float32", "bfloat16"),
 }
 
 

@@ -2,7 +2,7 @@
 
 ``log_search_model`` packs a checkpoint, the precomputed embeddings of all codes (so a served
 model starts without re-encoding the taxonomy) with the national industries' documents for the
-lexical signal, the search weight (as the model's ``model_config``), this package's code and, for
+lexical signal, the search settings (as the model's ``model_config``), this package's code and, for
 a backbone that is a local folder, that folder.
 ``mlflow models serve -m runs:/<id>/model --env-manager local`` then answers ``POST /invocations``.
 """
@@ -80,6 +80,7 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
             code_embeddings=torch.tensor(np.asarray(table["embedding"], dtype=np.float32)),
             lexical=LexicalIndex([table["document"][row] for row in np.flatnonzero(levels == 6)]),
             lexical_weight=float(context.model_config["lexical_weight"]),
+            backbone_dtype=context.model_config["backbone_dtype"],
         )
 
     def predict(
@@ -163,7 +164,10 @@ def log_search_model(
             artifacts=artifacts,
             signature=SIGNATURE,
             input_example=INPUT_EXAMPLE,
-            model_config={"lexical_weight": engine.lexical_weight},
+            model_config={
+                "lexical_weight": engine.lexical_weight,
+                "backbone_dtype": engine.backbone_dtype,
+            },
             code_paths=[str(Path(naics_mlflow.__file__).parent)],
             pip_requirements=_requirements(),
             registered_model_name=registered_name,

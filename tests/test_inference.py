@@ -71,9 +71,13 @@ def test_item_features_read_through_each_query_channel(trained_adapters):
     texts = [tokens.item_texts[i] for i in items]
     queries = tokenize_queries(texts, tokenizer, module.config.data_loader.tokenization)
     expected = module.encoder.eval().channel_features(queries)
-    features = module.encoder.code_features(tokens).of_queries(torch.tensor(items))
+    features = module.encoder.code_features(tokens, item_queries=True)
     for channel in CHANNELS:
-        torch.testing.assert_close(features[channel], expected[channel], **TOLERANCE)
+        torch.testing.assert_close(
+            features.of_queries(torch.tensor(items))[channel], expected[channel], **TOLERANCE
+        )
+    # Embedding codes reads the items through the examples adapter only: a third less work.
+    assert set(module.encoder.code_features(tokens).items) == {"examples"}
 
 
 def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, taxonomy):
@@ -95,3 +99,23 @@ def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, ta
         )
     torch.testing.assert_close(engine.embed_queries(QUERIES), expected, **TOLERANCE)
     torch.testing.assert_close(engine.embed_queries(QUERIES[1:2]), expected[1:2], **TOLERANCE)
+
+
+def test_bfloat16_backbone_reads_like_float32_and_leaves_training_weights_alone(
+    trained_adapters,
+):
+    module, _, tokens = trained_adapters
+    rows = torch.tensor([0, 1, 17, 300, 1024, 2124])
+    exact = module.encoder.code_features(tokens).of_codes(rows)
+    halved = module.encoder.code_features(tokens, dtype=torch.bfloat16).of_codes(rows)
+    for channel in CHANNELS:
+        assert halved[channel].dtype == torch.float32
+        present = exact[channel].norm(dim=-1) > 0
+        cosine = torch.nn.functional.cosine_similarity(
+            halved[channel][present], exact[channel][present], dim=-1
+        )
+        assert cosine.min() > 0.999
+        assert (halved[channel] - exact[channel]).abs().max() > 0  # it did run in bfloat16
+    merged = module.encoder.merged_backbone(torch.bfloat16)
+    assert {p.dtype for p in merged.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.encoder.backbone.parameters()} == {torch.float32}

@@ -851,7 +851,7 @@ def test_precomputed_features_give_the_backbones_embeddings(tiny_overrides, rele
             if "lora_B" in name:
                 parameter.normal_(std=0.5)
     token_batch = _fixed_batch(datamodule)
-    datamodule.code_features = module.encoder.code_features(datamodule.tokens)
+    datamodule.code_features = module.encoder.code_features(datamodule.tokens, item_queries=True)
     feature_batch = _fixed_batch(datamodule)
     assert "tokens" not in feature_batch and "query_tokens" not in feature_batch
     with torch.no_grad():

@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from naics_mlflow.model.lorentz import manifold_violation
+from naics_mlflow.model.lorentz import distance, distance_to_origin, manifold_violation
 from tests.commands import environment, error_line, ok, run_cli
 
 
@@ -64,6 +64,28 @@ def test_embed_writes_every_code_on_the_manifold(trained):
     assert manifold_violation(embeddings, 1.0).max() < 1e-4
     logged = [a.path for a in client.list_artifacts(run.info.run_id, "embeddings")]
     assert logged == ["embeddings/emb.parquet"]
+
+    config = (workdir / "conf" / "config.yaml").read_text()
+    assert "backbone_dtype: float32" in config
+    halved = workdir / "conf" / "bf16.yaml"
+    halved.write_text(config.replace("backbone_dtype: float32", "backbone_dtype: bfloat16"))
+    ok(
+        run_cli(
+            workdir,
+            "embed",
+            "--from-checkpoint",
+            "quickstart",
+            "--out",
+            "bf16.parquet",
+            "--config",
+            str(halved),
+        )
+    )
+    table = pq.read_table(workdir / "bf16.parquet").to_pydict()
+    from_bf16 = torch.tensor(np.asarray(table["embedding"], dtype=np.float32))
+    assert manifold_violation(from_bf16, 1.0).max() < 1e-4
+    moved = distance(from_bf16, embeddings, 1.0)
+    assert 0 < moved.max() < 0.05 * distance_to_origin(embeddings, 1.0).mean()
 
 
 def test_search_returns_the_closest_codes(trained):

@@ -35,9 +35,10 @@ class CodeFeatures:
     """Every code's channel features and every index item's features, under fixed adapters.
 
     ``channels`` maps each of ``TEXT_CHANNELS`` to ``(N, H)`` (zero rows for no text);
-    ``items`` maps ``title`` and ``examples`` to ``(M, H)`` unit features of each distinct index
-    item read by that channel's adapter (a query reads both); ``code_items`` lists each code's
-    items. The examples feature of a code is the unit mean of its items' ``examples`` features.
+    ``items`` maps ``examples`` (and ``title`` when items are to be read as queries, which read
+    both) to ``(M, H)`` unit features of each distinct index item read by that channel's
+    adapter; ``code_items`` lists each code's items. The examples feature of a code is the unit
+    mean of its items' ``examples`` features.
     """
 
     channels: dict[str, Tensor]
@@ -69,7 +70,9 @@ class CodeFeatures:
         return features
 
     def of_queries(self, items: Tensor) -> dict[str, Tensor]:
-        """Features of index items read as free-text queries: title and examples channels."""
+        """Features of index items read as free-text queries: title and examples channels.
+        Needs the items' title features (``MultiChannelEncoder.code_features(item_queries=True)``).
+        """
         zeros = torch.zeros((len(items), self.items["title"].shape[-1]))
         return {
             "title": self.items["title"][items],

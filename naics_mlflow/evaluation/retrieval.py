@@ -110,18 +110,23 @@ class SearchEngine:
     code_embeddings: torch.Tensor  # (N, D+1)
     lexical: LexicalIndex  # over the six-digit codes, in row order
     lexical_weight: float
+    backbone_dtype: str = "float32"  # search.backbone_dtype: the merged backbone's weights
     backbone: MergedBackbone = field(init=False)  # the embedder's, adapters merged, for queries
 
     def __post_init__(self) -> None:
-        self.backbone = self.embedder.encoder.merged_backbone()
+        self.backbone = self.embedder.encoder.merged_backbone(getattr(torch, self.backbone_dtype))
 
     @classmethod
     def build(
-        cls, embedder: NaicsEmbedder, taxonomy: Taxonomy, lexical_weight: float
+        cls,
+        embedder: NaicsEmbedder,
+        taxonomy: Taxonomy,
+        lexical_weight: float,
+        backbone_dtype: str = "float32",
     ) -> SearchEngine:
         tokenizer = load_tokenizer(embedder.config.model.base_model_name)
         tokens = tokenize_codes(taxonomy, tokenizer, embedder.config.data_loader.tokenization)
-        features = embedder.encoder.code_features(tokens)
+        features = embedder.encoder.code_features(tokens, dtype=getattr(torch, backbone_dtype))
         embeddings = embedder.embed_codes(features, np.arange(taxonomy.size))
         lexical = LexicalIndex(code_documents(taxonomy, six_digit_rows(taxonomy)))
         return cls(
@@ -133,6 +138,7 @@ class SearchEngine:
             embeddings,
             lexical,
             lexical_weight,
+            backbone_dtype,
         )
 
     @torch.no_grad()

@@ -104,7 +104,7 @@ def _encode_distinct(
         pooled = backbone(
             texts.input_ids.to(device), texts.attention_mask.to(device), [(channel, len(chunk))]
         )
-        features[chunk] = F.normalize(pooled.float(), dim=-1).cpu()
+        features[chunk] = F.normalize(pooled, dim=-1).cpu()
     return features
 
 
@@ -118,6 +118,19 @@ class EncoderOutput(NamedTuple):
 FEATURE_BATCH_SIZE = 256
 
 
+def _in_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` itself when it is already ``dtype`` or not floating point (token ids, position
+    indices), else a frozen copy in ``dtype``, of the same kind (parameter or buffer)."""
+    if not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    converted = tensor.detach().to(dtype)
+    return (
+        nn.Parameter(converted, requires_grad=False)
+        if isinstance(tensor, nn.Parameter)
+        else converted
+    )
+
+
 class ChannelLinear(nn.Module):
     """A LoRA-adapted linear layer for encoding without gradients: each channel's adapter merged
     into its own copy of the weight (``W + scaling * B @ A``, stacked ``(C, out, in)``), and the
@@ -129,12 +142,14 @@ class ChannelLinear(nn.Module):
     over a few short texts costs on a CPU.
     """
 
-    def __init__(self, layer: peft.tuners.lora.Linear, channels: tuple[str, ...]) -> None:
+    def __init__(
+        self, layer: peft.tuners.lora.Linear, channels: tuple[str, ...], dtype: torch.dtype
+    ) -> None:
         super().__init__()
         base = layer.get_base_layer()
         weights = [base.weight + layer.get_delta_weight(channel) for channel in channels]
-        self.register_buffer("weights", torch.stack(weights), persistent=False)
-        self.bias = base.bias
+        self.register_buffer("weights", torch.stack(weights).to(dtype), persistent=False)
+        self.bias = None if base.bias is None else base.bias.to(dtype)
         # (channel index, row count) of each group of rows, in batch order; set per call.
         self.groups: list[tuple[int, int]] = []
 
@@ -154,16 +169,25 @@ class MergedBackbone(nn.Module):
     """The backbone as it is now, with every channel's adapter merged (:class:`ChannelLinear`),
     in eval mode: what encoding without gradients runs (features of codes and items, queries).
 
-    A snapshot: it shares the frozen weights with the training backbone (no copy) and holds the
-    merged weights as they were when it was built, so rebuild it after the adapters change. Its
-    pooled states equal :meth:`MultiChannelEncoder.encode_texts`' in eval mode to float rounding
-    (``tests/test_inference.py``).
+    A snapshot: it holds the merged weights as they were when it was built, so rebuild it after
+    the adapters change. In float32 it shares the frozen weights with the training backbone (no
+    copy) and its pooled states equal :meth:`MultiChannelEncoder.encode_texts`' in eval mode to
+    float rounding (``tests/test_inference.py``). In bfloat16 it holds its own half-size copy of
+    every weight (the training backbone stays float32): on a CPU with AMX or AVX512-BF16 the
+    long texts of all codes then encode in under half the time, at a cosine of
+    about 0.9999 with float32's (docs/results.md has what it does to retrieval).
     """
 
-    def __init__(self, backbone: peft.PeftModel, channels: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        backbone: peft.PeftModel,
+        channels: tuple[str, ...],
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.channels = channels
-        shared = {id(t): t for t in itertools.chain(backbone.parameters(), backbone.buffers())}
+        frozen = itertools.chain(backbone.parameters(), backbone.buffers())
+        shared = {id(t): _in_dtype(t, dtype) for t in frozen}
         model = copy.deepcopy(backbone.get_base_model(), shared)
         self.linears = []
         with torch.no_grad():
@@ -175,7 +199,7 @@ class MergedBackbone(nn.Module):
                         f"cannot merge the adapter of {name} ({type(module).__name__}): "
                         "model.lora.target_modules must name linear layers"
                     )
-                merged = ChannelLinear(module, channels)
+                merged = ChannelLinear(module, channels, dtype)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, merged)
                 self.linears.append(merged)
@@ -195,7 +219,8 @@ class MergedBackbone(nn.Module):
         for linear in self.linears:
             linear.groups = indexed
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return mean_pool(hidden.last_hidden_state, attention_mask)
+        # Pooled in float32: a bfloat16 sum over a long text's tokens would lose digits.
+        return mean_pool(hidden.last_hidden_state.float(), attention_mask)
 
 
 class MultiChannelEncoder(nn.Module):
@@ -314,33 +339,38 @@ class MultiChannelEncoder(nn.Module):
     def forward(self, tokens: ChannelTokens) -> EncoderOutput:
         return self.head(self.channel_features(tokens))
 
-    def merged_backbone(self) -> MergedBackbone:
+    def merged_backbone(self, dtype: torch.dtype = torch.float32) -> MergedBackbone:
         """The backbone with the adapters as they are now merged, for encoding without
-        gradients (see :class:`MergedBackbone`)."""
-        return MergedBackbone(self.backbone, CHANNELS)
+        gradients, its weights in ``dtype`` (see :class:`MergedBackbone`)."""
+        return MergedBackbone(self.backbone, CHANNELS, dtype)
 
     @torch.no_grad()
-    def code_features(self, tokens: CodeTokens) -> CodeFeatures:
+    def code_features(
+        self, tokens: CodeTokens, item_queries: bool = False, dtype: torch.dtype = torch.float32
+    ) -> CodeFeatures:
         """Every code's and index item's features with the adapters as they are now, without
         gradients, on the CPU; each distinct text of a channel runs once, through
-        :meth:`merged_backbone`.
+        :meth:`merged_backbone` with its weights in ``dtype``.
 
-        A query reads an item through the title adapter too; while the title and examples
-        adapters are both still the identity (LoRA's B starts at zero), that pass is the same one
-        and is not repeated.
+        ``item_queries`` also reads every index item through the title adapter, as a query is
+        read, which a stage needs only when it trains on items as queries from these features
+        (a head-only stage): that pass is a third of the work, so embedding codes skips it. While
+        the title and examples adapters are both still the identity (LoRA's B starts at zero),
+        it is the examples pass and is not repeated.
         """
-        backbone = self.merged_backbone()
+        backbone = self.merged_backbone(dtype)
         pad_id = tokens.pad_token_id
         channels = {
             channel: unit_features(backbone, channel, tokens.ids[channel], pad_id)
             for channel in TEXT_CHANNELS
         }
         items = {"examples": unit_features(backbone, "examples", tokens.item_ids, pad_id)}
-        items["title"] = (
-            items["examples"]
-            if self._is_identity("title") and self._is_identity("examples")
-            else unit_features(backbone, "title", tokens.item_ids, pad_id)
-        )
+        if item_queries:
+            items["title"] = (
+                items["examples"]
+                if self._is_identity("title") and self._is_identity("examples")
+                else unit_features(backbone, "title", tokens.item_ids, pad_id)
+            )
         code_items = [torch.from_numpy(rows) for rows in tokens.code_items]
         return CodeFeatures(channels, items, code_items)
 
@@ -358,9 +388,7 @@ class MultiChannelEncoder(nn.Module):
             queries.attention_mask.repeat(repeats, 1),
             [(channel, count) for channel in QUERY_CHANNELS],
         )
-        read = dict(
-            zip(QUERY_CHANNELS, F.normalize(pooled.float(), dim=-1).split(count), strict=True)
-        )
+        read = dict(zip(QUERY_CHANNELS, F.normalize(pooled, dim=-1).split(count), strict=True))
         zeros = torch.zeros((count, self.hidden_size), device=pooled.device)
         return {channel: read.get(channel, zeros) for channel in CHANNELS}
 

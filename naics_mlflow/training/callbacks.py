@@ -43,7 +43,9 @@ class PrecomputedFeatures(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
         started = time.perf_counter()
-        datamodule.code_features = pl_module.encoder.code_features(datamodule.tokens)
+        datamodule.code_features = pl_module.encoder.code_features(
+            datamodule.tokens, item_queries=True
+        )
         logger.info(
             "head-only stage: features of %d codes and %d index items computed in %.1f s",
             len(datamodule.tokens.code_items),

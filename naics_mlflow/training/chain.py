@@ -201,7 +201,10 @@ def _str_or_none(path: Path | None) -> str | None:
 def _log_final_model(checkpoint: Path, config: Config) -> None:
     """The chain's result as a servable MLflow model in the parent run."""
     engine = SearchEngine.build(
-        load_embedder(checkpoint), load_taxonomy(config.dirs.data), config.search.lexical_weight
+        load_embedder(checkpoint),
+        load_taxonomy(config.dirs.data),
+        config.search.lexical_weight,
+        config.search.backbone_dtype,
     )
     uri = log_search_model(checkpoint, engine)
     logger.info("chain model logged as %s", uri)
