@@ -472,7 +472,7 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
     from naics_mlflow.data.build import build_data, is_built
     from naics_mlflow.data.census import load_release, resolve_raw_dir
     from naics_mlflow.data.taxonomy import load_taxonomy
-    from naics_mlflow.evaluation.retrieval import SearchEngine
+    from naics_mlflow.evaluation.retrieval import CODE_EMBEDDINGS_CACHE, SearchEngine
     from naics_mlflow.model.loading import load_embedder
 
     data_dir = Path(config.dirs.data)
@@ -488,6 +488,7 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
         taxonomy,
         config.search.lexical_weight,
         config.search.backbone_dtype,
+        cache_dir=Path(config.dirs.outputs) / CODE_EMBEDDINGS_CACHE,
     )
     return engine, taxonomy, resolved, config
 

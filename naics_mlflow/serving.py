@@ -80,7 +80,8 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
             code_embeddings=torch.tensor(np.asarray(table["embedding"], dtype=np.float32)),
             lexical=LexicalIndex([table["document"][row] for row in np.flatnonzero(levels == 6)]),
             lexical_weight=float(context.model_config["lexical_weight"]),
-            backbone_dtype=context.model_config["backbone_dtype"],
+            # Models logged before the setting existed encoded in float32.
+            backbone_dtype=context.model_config.get("backbone_dtype", "float32"),
         )
 
     def predict(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -86,6 +87,25 @@ def test_embed_writes_every_code_on_the_manifold(trained):
     assert manifold_violation(from_bf16, 1.0).max() < 1e-4
     moved = distance(from_bf16, embeddings, 1.0)
     assert 0 < moved.max() < 0.05 * distance_to_origin(embeddings, 1.0).mean()
+
+
+def test_commands_reuse_the_code_embeddings_an_earlier_one_cached(trained):
+    workdir, *_ = trained
+    cache = workdir / "outputs" / "code_embeddings"
+    shutil.rmtree(cache, ignore_errors=True)
+    command = ("search", "grow soybeans", "--from-checkpoint", "quickstart")
+    first = ok(run_cli(workdir, *command))
+    (cached,) = cache.glob("*.pt")
+    assert "embedded 2125 codes" in first.stderr
+    second = ok(run_cli(workdir, *command))
+    assert f"code embeddings read from {cached}" in second.stderr
+    assert "embedded 2125 codes" not in second.stderr
+    assert second.stdout == first.stdout
+    cached.write_bytes(b"cut short")
+    third = ok(run_cli(workdir, *command))
+    assert "ignoring unreadable cached code embeddings" in third.stderr
+    assert third.stdout == first.stdout
+    assert torch.load(cached, weights_only=True).shape[0] == 2125  # computed again, replaced
 
 
 def test_search_returns_the_closest_codes(trained):

@@ -11,14 +11,20 @@ levels 2-5 have no index items of their own, so they are ranked by the embedding
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import pickle
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+import naics_mlflow
 from naics_mlflow.config import TokenizationConfig
 from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL, Taxonomy
@@ -31,6 +37,7 @@ from naics_mlflow.data.tokenization import (
 )
 from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
+from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.encoder import MergedBackbone, MultiChannelEncoder
 from naics_mlflow.model.lorentz import pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder
@@ -38,6 +45,8 @@ from naics_mlflow.model.module import NaicsEmbedder
 logger = logging.getLogger(__name__)
 
 MAX_TOP_K = 100
+# Under dirs.outputs: the codes' embeddings of each model that a command has built an engine of.
+CODE_EMBEDDINGS_CACHE = "code_embeddings"
 # Queries per forward pass; short texts, so a few hundred fit easily.
 QUERY_BATCH_SIZE = 256
 
@@ -97,6 +106,45 @@ def query_batches(
         yield rows, encoder.query_features(backbone, TextBatch(*(t.to(device) for t in batch)))
 
 
+def code_embeddings_key(embedder: NaicsEmbedder, taxonomy: Taxonomy, backbone_dtype: str) -> str:
+    """A digest of everything the codes' embeddings follow from: the trained weights, the
+    configuration saved with them (backbone name, token limits), every code's texts, the dtype
+    of the backbone and this package's version (the encoding code)."""
+    digest = hashlib.sha256()
+    digest.update(weights_digest(embedder.encoder.trainable_state_dict()).encode())
+    texts = [taxonomy.codes, taxonomy.titles, taxonomy.descriptions, taxonomy.excluded]
+    payload = [embedder.config.to_dict(), texts, taxonomy.examples, backbone_dtype]
+    digest.update(json.dumps([*payload, naics_mlflow.__version__], sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def _read_cached(path: Path | None, size: int) -> torch.Tensor | None:
+    """The cached embeddings at ``path``, or None when there are none or they cannot be read
+    (then they are computed again and the file replaced)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        embeddings = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        logger.warning("ignoring unreadable cached code embeddings %s (%s)", path, exc)
+        return None
+    if not isinstance(embeddings, torch.Tensor) or len(embeddings) != size:
+        logger.warning("ignoring cached code embeddings %s: not one row per code", path)
+        return None
+    logger.info("code embeddings read from %s", path)
+    return embeddings
+
+
+def _write_cached(path: Path | None, embeddings: torch.Tensor) -> None:
+    """Write through a temporary file, so that a build stopped half-way leaves no cache."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(embeddings.cpu(), partial)
+    partial.replace(path)
+
+
 @dataclass
 class SearchEngine:
     """A trained model with every code embedded once, its adapters merged for queries, and the
@@ -123,11 +171,31 @@ class SearchEngine:
         taxonomy: Taxonomy,
         lexical_weight: float,
         backbone_dtype: str = "float32",
+        cache_dir: Path | None = None,
     ) -> SearchEngine:
+        """The engine of a trained model; every code is embedded now, or read from ``cache_dir``
+        when an earlier build of the same model, texts and dtype left it there."""
         tokenizer = load_tokenizer(embedder.config.model.base_model_name)
-        tokens = tokenize_codes(taxonomy, tokenizer, embedder.config.data_loader.tokenization)
-        features = embedder.encoder.code_features(tokens, dtype=getattr(torch, backbone_dtype))
-        embeddings = embedder.embed_codes(features, np.arange(taxonomy.size))
+        cache = None
+        if cache_dir is not None:
+            key = code_embeddings_key(embedder, taxonomy, backbone_dtype)
+            cache = cache_dir / f"{key}.pt"
+        embeddings = _read_cached(cache, taxonomy.size)
+        if embeddings is not None:
+            embeddings = embeddings.to(embedder.device)
+        else:
+            started = time.perf_counter()
+            config = embedder.config.data_loader.tokenization
+            tokens = tokenize_codes(taxonomy, tokenizer, config)
+            features = embedder.encoder.code_features(tokens, dtype=getattr(torch, backbone_dtype))
+            embeddings = embedder.embed_codes(features, np.arange(taxonomy.size))
+            logger.info(
+                "embedded %d codes in %.1f s (%s backbone)",
+                taxonomy.size,
+                time.perf_counter() - started,
+                backbone_dtype,
+            )
+            _write_cached(cache, embeddings)
         lexical = LexicalIndex(code_documents(taxonomy, six_digit_rows(taxonomy)))
         return cls(
             embedder,
