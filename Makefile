@@ -26,8 +26,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers, each taking whole test files (module fixtures are built once): most tests wait on
+# one single-threaded subprocess at a time, so a 2-core machine runs two of them side by side.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 quickstart: install
 	$(BIN)/naics-embedder data build
