@@ -106,6 +106,12 @@ def test_commands_reuse_the_code_embeddings_an_earlier_one_cached(trained):
     assert "ignoring unreadable cached code embeddings" in third.stderr
     assert third.stdout == first.stdout
     assert torch.load(cached, weights_only=True).shape[0] == 2125  # computed again, replaced
+    shutil.rmtree(cache)
+    cache.write_text("")  # a file where the folder should be: nothing can be cached
+    fourth = ok(run_cli(workdir, *command))
+    assert "could not cache the code embeddings" in fourth.stderr
+    assert fourth.stdout == first.stdout
+    cache.unlink()
 
 
 def test_search_returns_the_closest_codes(trained):

@@ -11,6 +11,7 @@ levels 2-5 have no index items of their own, so they are ranked by the embedding
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -136,13 +137,24 @@ def _read_cached(path: Path | None, size: int) -> torch.Tensor | None:
 
 
 def _write_cached(path: Path | None, embeddings: torch.Tensor) -> None:
-    """Write through a temporary file, so that a build stopped half-way leaves no cache."""
+    """Write through a temporary file, so that a build stopped half-way leaves no cache. A folder
+    that cannot be written costs the next command the embedding again, not this one its answer."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save(embeddings.cpu(), partial)
-    partial.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(embeddings.cpu(), partial)
+        partial.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # nothing may have been written
+            partial.unlink(missing_ok=True)
+        logger.warning(
+            "could not cache the code embeddings in %s (%s); set dirs.outputs to a writable "
+            "folder to skip embedding them next time",
+            path.parent,
+            exc,
+        )
 
 
 @dataclass
