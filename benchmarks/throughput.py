@@ -61,10 +61,11 @@ from naics_mlflow.config import load_config
 from naics_mlflow.data.census import load_release
 from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule
+from naics_mlflow.data.features import mean_pool
 from naics_mlflow.data.taxonomy import HOLDOUT_FILE
 from naics_mlflow.data.tokenization import CHANNELS, ChannelTokens, channel_texts
 from naics_mlflow.evaluation.retrieval import SearchEngine
-from naics_mlflow.model.encoder import load_frozen_backbone, lora_config, mean_pool
+from naics_mlflow.model.encoder import load_frozen_backbone, lora_config
 from naics_mlflow.model.loss import pool_infonce
 from naics_mlflow.model.module import NaicsEmbedder
 

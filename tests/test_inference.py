@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from naics_mlflow.config import load_config
-from naics_mlflow.data.pretrained import load_tokenizer
+from naics_mlflow.data.pretrained import BackboneError, load_tokenizer
 from naics_mlflow.data.tokenization import CHANNELS, tokenize_codes, tokenize_queries
 from naics_mlflow.evaluation.lexical import LexicalIndex
 from naics_mlflow.evaluation.retrieval import SearchEngine
@@ -27,10 +27,9 @@ QUERIES = [
 TOLERANCE = {"atol": 2e-5, "rtol": 2e-5}
 
 
-@pytest.fixture(scope="module")
-def trained_adapters(tiny_overrides, taxonomy):
+def _with_trained_adapters(overrides, taxonomy):
     """A tiny model whose four adapters each hold different, non-zero weights, and its tokens."""
-    config = load_config(CONFIG, tiny_overrides)
+    config = load_config(CONFIG, overrides)
     module = NaicsEmbedder(config.to_dict()).eval()
     torch.manual_seed(1)
     with torch.no_grad():
@@ -40,6 +39,11 @@ def trained_adapters(tiny_overrides, taxonomy):
     tokenizer = load_tokenizer(config.model.base_model_name)
     tokens = tokenize_codes(taxonomy, tokenizer, config.data_loader.tokenization)
     return module, tokenizer, tokens
+
+
+@pytest.fixture(scope="module")
+def trained_adapters(tiny_overrides, taxonomy):
+    return _with_trained_adapters(tiny_overrides, taxonomy)
 
 
 def test_the_adapters_change_what_each_channel_reads(trained_adapters):
@@ -63,6 +67,30 @@ def test_code_features_equal_the_training_path(trained_adapters):
     features = module.encoder.code_features(tokens).of_codes(torch.from_numpy(rows))
     for channel in CHANNELS:
         torch.testing.assert_close(features[channel], expected[channel], **TOLERANCE)
+
+
+def test_every_linear_layer_adapted_still_equals_the_training_path(tiny_overrides, taxonomy):
+    """Adapters on key, the attention output and the feed-forward layers too, not only the
+    default query and value: each of those layers then holds one weight per channel."""
+    overrides = [*tiny_overrides, "model.lora.target_modules=[query, key, value, dense]"]
+    module, _, tokens = _with_trained_adapters(overrides, taxonomy)
+    rows = np.array([0, 17, 1024, 2124])
+    expected = module.encoder.eval().channel_features(tokens.batch(rows))
+    features = module.encoder.code_features(tokens).of_codes(torch.from_numpy(rows))
+    for channel in CHANNELS:
+        torch.testing.assert_close(features[channel], expected[channel], **TOLERANCE)
+
+
+def test_a_backbone_that_is_not_bert_is_refused_before_training(tmp_path, tiny_overrides):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    tiny = DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    DistilBertModel(tiny).save_pretrained(tmp_path)
+    config = load_config(CONFIG, [*tiny_overrides, f"model.base_model_name={tmp_path}"])
+    with pytest.raises(
+        BackboneError, match=r"is a distilbert model; model\.base_model_name must be a BERT encoder"
+    ):
+        NaicsEmbedder(config.to_dict())
 
 
 def test_item_features_read_through_each_query_channel(trained_adapters):
@@ -117,5 +145,5 @@ def test_bfloat16_backbone_reads_like_float32_and_leaves_training_weights_alone(
         assert cosine.min() > 0.999
         assert (halved[channel] - exact[channel]).abs().max() > 0  # it did run in bfloat16
     merged = module.encoder.merged_backbone(torch.bfloat16)
-    assert {p.dtype for p in merged.model.parameters()} == {torch.bfloat16}
+    assert {t.dtype for t in merged.buffers()} == {torch.bfloat16}
     assert {p.dtype for p in module.encoder.backbone.parameters()} == {torch.float32}

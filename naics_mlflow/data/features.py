@@ -18,6 +18,12 @@ from torch import Tensor
 from naics_mlflow.data.tokenization import TEXT_CHANNELS
 
 
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Average of the token states over real (unpadded) tokens: (U, L, H), (U, L) -> (U, H)."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
 def pool_by_owner(vectors: Tensor, owner: Tensor, size: int) -> Tensor:
     """Unit mean of the unit-length ``vectors`` of each owner: ``(K, H)``, ``(K,)`` -> ``(size,
     H)``; an owner with no vector gets zeros.

@@ -5,10 +5,8 @@ the Lorentz hyperboloid."""
 from __future__ import annotations
 
 import copy
-import itertools
 from typing import NamedTuple
 
-import numpy as np
 import peft
 import torch
 import torch.nn.functional as F
@@ -16,7 +14,7 @@ from torch import nn
 from transformers import AutoModel
 
 from naics_mlflow.config import ModelConfig
-from naics_mlflow.data.features import CodeFeatures, pool_by_owner
+from naics_mlflow.data.features import CodeFeatures, mean_pool, pool_by_owner
 from naics_mlflow.data.pretrained import BackboneError, load_pretrained
 from naics_mlflow.data.tokenization import (
     CHANNELS,
@@ -26,21 +24,15 @@ from naics_mlflow.data.tokenization import (
     ChannelTokens,
     CodeTokens,
     TextBatch,
-    pad,
 )
 from naics_mlflow.model.lorentz import LorentzProjection
+from naics_mlflow.model.merged import MergedBackbone, check_mergeable, unit_features
 from naics_mlflow.model.moe import MixtureOfExperts
 
 
 def _is_trainable(name: str) -> bool:
     """All but the backbone's own weights train: its adapters, the experts, the projection."""
     return not name.startswith("backbone.") or "lora_" in name
-
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of the token states over real (unpadded) tokens: (U, L, H), (U, L) -> (U, H)."""
-    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 def load_frozen_backbone(name: str) -> nn.Module:
@@ -66,161 +58,10 @@ def lora_config(config: ModelConfig) -> peft.LoraConfig:
     )
 
 
-def unit_features(
-    backbone: MergedBackbone, channel: str, sequences: list[np.ndarray | None], pad_token_id: int
-) -> torch.Tensor:
-    """``(len(sequences), H)`` unit features of one channel's texts on the CPU, zeros for None.
-
-    Each distinct text runs once (a third of the titles and descriptions repeat a parent's or a
-    child's), in batches of similar length, so that padding stays small.
-    """
-    slot_of: dict[bytes, int] = {}
-    distinct: list[np.ndarray] = []
-    rows, slots = [], []
-    for row, sequence in enumerate(sequences):
-        if sequence is None:
-            continue
-        slot = slot_of.setdefault(sequence.tobytes(), len(distinct))
-        if slot == len(distinct):
-            distinct.append(sequence)
-        rows.append(row)
-        slots.append(slot)
-    features = torch.zeros((len(sequences), backbone.hidden_size))
-    features[rows] = _encode_distinct(backbone, channel, distinct, pad_token_id)[slots]
-    return features
-
-
-def _encode_distinct(
-    backbone: MergedBackbone, channel: str, sequences: list[np.ndarray], pad_token_id: int
-) -> torch.Tensor:
-    """``(len(sequences), H)`` unit features, encoded shortest first in batches of
-    ``FEATURE_BATCH_SIZE``."""
-    device = backbone.device
-    features = torch.zeros((len(sequences), backbone.hidden_size))
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    for start in range(0, len(order), FEATURE_BATCH_SIZE):
-        chunk = order[start : start + FEATURE_BATCH_SIZE]
-        texts = pad([sequences[i] for i in chunk], list(range(len(chunk))), pad_token_id)
-        pooled = backbone(
-            texts.input_ids.to(device), texts.attention_mask.to(device), [(channel, len(chunk))]
-        )
-        features[chunk] = F.normalize(pooled, dim=-1).cpu()
-    return features
-
-
 class EncoderOutput(NamedTuple):
     embeddings: torch.Tensor  # (U, D+1) float32 points on the hyperboloid
     expert_utilisation: torch.Tensor  # (E,) share of routing slots per expert
     mean_gate_probability: torch.Tensor  # (E,) mean gate probability per expert
-
-
-# Texts per backbone pass when features are computed without gradients.
-FEATURE_BATCH_SIZE = 256
-
-
-def _in_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``tensor`` itself when it is already ``dtype`` or not floating point (token ids, position
-    indices), else a frozen copy in ``dtype``, of the same kind (parameter or buffer)."""
-    if not tensor.is_floating_point() or tensor.dtype == dtype:
-        return tensor
-    converted = tensor.detach().to(dtype)
-    return (
-        nn.Parameter(converted, requires_grad=False)
-        if isinstance(tensor, nn.Parameter)
-        else converted
-    )
-
-
-class ChannelLinear(nn.Module):
-    """A LoRA-adapted linear layer for encoding without gradients: each channel's adapter merged
-    into its own copy of the weight (``W + scaling * B @ A``, stacked ``(C, out, in)``), and the
-    base layer's bias; each group of a batch's rows reads its channel's weight.
-
-    Merging takes the adapter's dropout, two thin products and the addition out of every call,
-    and lets the texts of several channels share one backbone pass: every other weight of the
-    backbone is the same for all channels, and reading those weights from memory is what a pass
-    over a few short texts costs on a CPU.
-    """
-
-    def __init__(
-        self, layer: peft.tuners.lora.Linear, channels: tuple[str, ...], dtype: torch.dtype
-    ) -> None:
-        super().__init__()
-        base = layer.get_base_layer()
-        weights = [base.weight + layer.get_delta_weight(channel) for channel in channels]
-        self.register_buffer("weights", torch.stack(weights).to(dtype), persistent=False)
-        self.bias = None if base.bias is None else base.bias.to(dtype)
-        # (channel index, row count) of each group of rows, in batch order; set per call.
-        self.groups: list[tuple[int, int]] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self.groups) == 1:
-            return F.linear(x, self.weights[self.groups[0][0]], self.bias)
-        parts = x.split([count for _, count in self.groups])
-        return torch.cat(
-            [
-                F.linear(part, self.weights[channel], self.bias)
-                for (channel, _), part in zip(self.groups, parts, strict=True)
-            ]
-        )
-
-
-class MergedBackbone(nn.Module):
-    """The backbone as it is now, with every channel's adapter merged (:class:`ChannelLinear`),
-    in eval mode: what encoding without gradients runs (features of codes and items, queries).
-
-    A snapshot: it holds the merged weights as they were when it was built, so rebuild it after
-    the adapters change. In float32 it shares the frozen weights with the training backbone (no
-    copy) and its pooled states equal :meth:`MultiChannelEncoder.encode_texts`' in eval mode to
-    float rounding (``tests/test_inference.py``). In bfloat16 it holds its own half-size copy of
-    every weight (the training backbone stays float32): on a CPU with AMX or AVX512-BF16 the
-    long texts of all codes then encode in under half the time, at a cosine of
-    about 0.9999 with float32's (docs/results.md has what it does to retrieval).
-    """
-
-    def __init__(
-        self,
-        backbone: peft.PeftModel,
-        channels: tuple[str, ...],
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        super().__init__()
-        self.channels = channels
-        frozen = itertools.chain(backbone.parameters(), backbone.buffers())
-        shared = {id(t): _in_dtype(t, dtype) for t in frozen}
-        model = copy.deepcopy(backbone.get_base_model(), shared)
-        self.linears = []
-        with torch.no_grad():
-            for name, module in backbone.get_base_model().named_modules():
-                if not isinstance(module, peft.tuners.lora.LoraLayer):
-                    continue
-                if not isinstance(module, peft.tuners.lora.Linear):
-                    raise BackboneError(
-                        f"cannot merge the adapter of {name} ({type(module).__name__}): "
-                        "model.lora.target_modules must name linear layers"
-                    )
-                merged = ChannelLinear(module, channels, dtype)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, merged)
-                self.linears.append(merged)
-        self.model = model.eval()
-        self.hidden_size = model.config.hidden_size
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: list[tuple[str, int]]
-    ) -> torch.Tensor:
-        """Pooled states ``(K, H)`` of ``K`` texts whose consecutive groups of rows are read by
-        the channels ``groups`` names: ``[("title", Q), ("examples", Q)]`` for Q queries."""
-        indexed = [(self.channels.index(channel), count) for channel, count in groups]
-        for linear in self.linears:
-            linear.groups = indexed
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        # Pooled in float32: a bfloat16 sum over a long text's tokens would lose digits.
-        return mean_pool(hidden.last_hidden_state.float(), attention_mask)
 
 
 class MultiChannelEncoder(nn.Module):
@@ -244,6 +85,7 @@ class MultiChannelEncoder(nn.Module):
     def __init__(self, config: ModelConfig, curvature: float) -> None:
         super().__init__()
         backbone = load_frozen_backbone(config.base_model_name)
+        check_mergeable(config.base_model_name, backbone.config)
         lora = lora_config(config)
         try:
             self.backbone = peft.get_peft_model(backbone, copy.deepcopy(lora), CHANNELS[0])

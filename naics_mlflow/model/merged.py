@@ -1,0 +1,241 @@
+"""Encoding without gradients: the backbone's BERT encoder run directly on its weights, with each
+channel's LoRA adapter merged into its own copy of the weights it adapts.
+
+What runs it: a head-only stage's features, ``embed``, ``search``, ``evaluate`` and the served
+model. Training keeps peft's adapters on the transformers module, and the two agree to float
+rounding in eval mode (``tests/test_inference.py``).
+
+Why not the transformers module: a query is a few short texts, and a pass over them is dozens of
+small matrix products with the module's bookkeeping around each. Here query, key and value are
+one product, every weight is stored ``(in, out)`` (MKL runs products of a few rows up to 1.9x
+faster on that layout than through ``F.linear``'s transposed view), and nothing else runs between
+the products: a single query's pass takes about a fifth less time (docs/results.md). The price is
+that only BERT encoders can be merged; :func:`check_mergeable` says so when a model is built,
+before anything trains.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import peft
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from naics_mlflow.data.features import mean_pool
+from naics_mlflow.data.pretrained import BackboneError
+from naics_mlflow.data.tokenization import pad
+
+# Texts per backbone pass when features are computed without gradients.
+FEATURE_BATCH_SIZE = 256
+
+
+def check_mergeable(name: str, config) -> None:
+    """Raise :class:`BackboneError` unless the backbone ``name`` (its transformers ``config``) is
+    a BERT encoder with absolute positions, the architecture :class:`MergedBackbone` runs."""
+    position = getattr(config, "position_embedding_type", "absolute")
+    if config.model_type != "bert" or position != "absolute" or config.is_decoder:
+        raise BackboneError(
+            f"backbone '{name}' is a {config.model_type} model; model.base_model_name must be a "
+            "BERT encoder (MiniLM, BGE, E5, GTE and the like), the architecture that search and "
+            "embedding run"
+        )
+
+
+def channel_weights(
+    module: nn.Module, channels: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K, out, in)`` weights and the ``(out,)`` bias of a linear layer of the backbone: one
+    weight per channel (``W + scaling * B @ A``) when a LoRA adapter wraps it, else ``K = 1``."""
+    if not isinstance(module, peft.tuners.lora.LoraLayer):
+        return module.weight.unsqueeze(0), module.bias
+    if not isinstance(module, peft.tuners.lora.Linear):
+        raise BackboneError(
+            f"cannot merge the adapter of a {type(module).__name__}: "
+            "model.lora.target_modules must name linear layers"
+        )
+    base = module.get_base_layer()
+    return torch.stack([base.weight + module.get_delta_weight(c) for c in channels]), base.bias
+
+
+class ChannelLinear(nn.Module):
+    """A linear layer whose weight may differ by channel: ``weight`` ``(K, in, out)``, one per
+    channel, or ``K = 1`` shared by all. Each group of a batch's rows reads its channel's."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().transpose(1, 2).to(dtype).contiguous())
+        self.register_buffer("bias", bias.detach().to(dtype))
+
+    @classmethod
+    def of(cls, modules: list[nn.Module], channels: tuple[str, ...], dtype: torch.dtype):
+        """One layer computing ``modules``' outputs side by side (query, key and value in one
+        product), from their weights with the adapters merged."""
+        merged = [channel_weights(module, channels) for module in modules]
+        count = max(weight.shape[0] for weight, _ in merged)
+        weight = torch.cat([weight.expand(count, -1, -1) for weight, _ in merged], dim=1)
+        return cls(weight, torch.cat([bias for _, bias in merged]), dtype)
+
+    def forward(self, x: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
+        """``(N, in)`` -> ``(N, out)``; ``groups`` lists (channel index, row count) in row order."""
+        if len(self.weight) == 1:
+            return torch.addmm(self.bias, x, self.weight[0])
+        if len(groups) == 1:
+            return torch.addmm(self.bias, x, self.weight[groups[0][0]])
+        parts = x.split([rows for _, rows in groups])
+        return torch.cat(
+            [
+                torch.addmm(self.bias, part, self.weight[channel])
+                for (channel, _), part in zip(groups, parts, strict=True)
+            ]
+        )
+
+
+class LayerNorm(nn.Module):
+    """A copy of a transformers LayerNorm's weights in ``dtype``."""
+
+    def __init__(self, norm: nn.LayerNorm, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("weight", norm.weight.detach().to(dtype))
+        self.register_buffer("bias", norm.bias.detach().to(dtype))
+        self.eps = norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class MergedLayer(nn.Module):
+    """One BERT layer: self-attention and the feed-forward block, each followed by a residual
+    LayerNorm (post-norm), on ``(N, H)`` token rows."""
+
+    def __init__(self, layer: nn.Module, channels: tuple[str, ...], dtype: torch.dtype) -> None:
+        super().__init__()
+        attention = layer.attention
+        parts = [attention.self.query, attention.self.key, attention.self.value]
+        self.qkv = ChannelLinear.of(parts, channels, dtype)
+        self.heads = attention.self.num_attention_heads
+        self.attention_out = ChannelLinear.of([attention.output.dense], channels, dtype)
+        self.attention_norm = LayerNorm(attention.output.LayerNorm, dtype)
+        self.ffn_in = ChannelLinear.of([layer.intermediate.dense], channels, dtype)
+        self.activation = layer.intermediate.intermediate_act_fn
+        self.ffn_out = ChannelLinear.of([layer.output.dense], channels, dtype)
+        self.ffn_norm = LayerNorm(layer.output.LayerNorm, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        shape: tuple[int, int],
+        attend: torch.Tensor | None,
+        groups: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """``x`` ``(B * L, H)`` rows of ``shape`` ``(B, L)`` texts; ``attend`` ``(B, 1, 1, L)``
+        True at real tokens, or None when no text is padded."""
+        texts, length = shape
+        qkv = self.qkv(x, groups).view(texts, length, 3, self.heads, -1)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=attend)
+        attended = attended.transpose(1, 2).reshape(x.shape)
+        x = self.attention_norm(self.attention_out(attended, groups) + x)
+        hidden = self.activation(self.ffn_in(x, groups))
+        return self.ffn_norm(self.ffn_out(hidden, groups) + x)
+
+
+class MergedBackbone(nn.Module):
+    """The backbone as it is now, every channel's adapter merged (:class:`ChannelLinear`), for
+    encoding without gradients; see the module's docstring.
+
+    A snapshot: it holds the merged weights as they were when it was built, so rebuild it after
+    the adapters change. Its weights are its own copies in ``dtype`` (a float32 one shares only
+    the word embeddings with the training backbone). In bfloat16 a CPU with AMX or AVX512-BF16
+    encodes the long texts of all codes in under half float32's time, at a cosine of about
+    0.9999 with float32's (docs/results.md has what it does to retrieval); the training backbone
+    stays float32.
+    """
+
+    def __init__(
+        self,
+        backbone: peft.PeftModel,
+        channels: tuple[str, ...],
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        model = backbone.get_base_model()
+        self.channels = channels
+        embeddings = model.embeddings
+        with torch.no_grad():
+            self.register_buffer("word", embeddings.word_embeddings.weight.detach().to(dtype))
+            self.register_buffer(
+                "position", embeddings.position_embeddings.weight.detach().to(dtype)
+            )
+            # Texts are one segment: every token has type 0.
+            self.register_buffer(
+                "token_type", embeddings.token_type_embeddings.weight[0].detach().to(dtype)
+            )
+            self.embedding_norm = LayerNorm(embeddings.LayerNorm, dtype)
+            self.layers = nn.ModuleList(
+                MergedLayer(layer, channels, dtype) for layer in model.encoder.layer
+            )
+        self.hidden_size = model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.word.device
+
+    @torch.no_grad()
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, groups: list[tuple[str, int]]
+    ) -> torch.Tensor:
+        """Pooled states ``(B, H)`` of ``B`` texts ``(B, L)`` whose consecutive groups of rows are
+        read by the channels ``groups`` names: ``[("title", Q), ("examples", Q)]`` for Q
+        queries."""
+        texts, length = input_ids.shape
+        token_groups = [(self.channels.index(channel), count * length) for channel, count in groups]
+        x = self.word[input_ids] + self.position[:length] + self.token_type
+        x = self.embedding_norm(x).view(texts * length, -1)
+        attend = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, (texts, length), attend, token_groups)
+        # Pooled in float32: a bfloat16 sum over a long text's tokens would lose digits.
+        return mean_pool(x.view(texts, length, -1).float(), attention_mask)
+
+
+def unit_features(
+    backbone: MergedBackbone, channel: str, sequences: list[np.ndarray | None], pad_token_id: int
+) -> torch.Tensor:
+    """``(len(sequences), H)`` unit features of one channel's texts on the CPU, zeros for None.
+
+    Each distinct text runs once (a third of the titles and descriptions repeat a parent's or a
+    child's), in batches of similar length, so that padding stays small.
+    """
+    slot_of: dict[bytes, int] = {}
+    distinct: list[np.ndarray] = []
+    rows, slots = [], []
+    for row, sequence in enumerate(sequences):
+        if sequence is None:
+            continue
+        slot = slot_of.setdefault(sequence.tobytes(), len(distinct))
+        if slot == len(distinct):
+            distinct.append(sequence)
+        rows.append(row)
+        slots.append(slot)
+    features = torch.zeros((len(sequences), backbone.hidden_size))
+    features[rows] = _encode_distinct(backbone, channel, distinct, pad_token_id)[slots]
+    return features
+
+
+def _encode_distinct(
+    backbone: MergedBackbone, channel: str, sequences: list[np.ndarray], pad_token_id: int
+) -> torch.Tensor:
+    """``(len(sequences), H)`` unit features, encoded shortest first in batches of
+    ``FEATURE_BATCH_SIZE``."""
+    device = backbone.device
+    features = torch.zeros((len(sequences), backbone.hidden_size))
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), FEATURE_BATCH_SIZE):
+        chunk = order[start : start + FEATURE_BATCH_SIZE]
+        texts = pad([sequences[i] for i in chunk], list(range(len(chunk))), pad_token_id)
+        pooled = backbone(
+            texts.input_ids.to(device), texts.attention_mask.to(device), [(channel, len(chunk))]
+        )
+        features[chunk] = F.normalize(pooled, dim=-1).cpu()
+    return features
