@@ -132,11 +132,21 @@ def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, ta
 def test_bfloat16_backbone_reads_like_float32_and_leaves_training_weights_alone(
     trained_adapters,
 ):
-    module, _, tokens = trained_adapters
+    module, tokenizer, tokens = trained_adapters
+    encoder = module.encoder
     rows = torch.tensor([0, 1, 17, 300, 1024, 2124])
-    exact = module.encoder.code_features(tokens).of_codes(rows)
-    halved = module.encoder.code_features(tokens, dtype=torch.bfloat16).of_codes(rows)
+    queries = tokenize_queries(QUERIES, tokenizer, module.config.data_loader.tokenization)
+    exact = encoder.code_features(tokens).of_codes(rows)
+    halved = encoder.code_features(tokens, dtype=torch.bfloat16).of_codes(rows)
+    # Queries run their two channels as two groups of one batch.
+    exact_queries = encoder.query_features(encoder.merged_backbone(), queries.texts["title"])
+    halved_queries = encoder.query_features(
+        encoder.merged_backbone(torch.bfloat16), queries.texts["title"]
+    )
     for channel in CHANNELS:
+        torch.testing.assert_close(
+            halved_queries[channel], exact_queries[channel], atol=0.02, rtol=0
+        )
         assert halved[channel].dtype == torch.float32
         present = exact[channel].norm(dim=-1) > 0
         cosine = torch.nn.functional.cosine_similarity(

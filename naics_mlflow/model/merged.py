@@ -58,14 +58,36 @@ def channel_weights(
     return torch.stack([base.weight + module.get_delta_weight(c) for c in channels]), base.bias
 
 
+def _onednn_packs(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is bfloat16 on a CPU whose oneDNN runs bfloat16 natively (AMX or
+    AVX512-BF16): there, oneDNN's own blocked layout, the one ``torch.compile`` gives CPU
+    linears, makes a query's products 1.3-2x faster than ``addmm`` and a batch's 10% faster."""
+    return (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
 class ChannelLinear(nn.Module):
-    """A linear layer whose weight may differ by channel: ``weight`` ``(K, in, out)``, one per
-    channel, or ``K = 1`` shared by all. Each group of a batch's rows reads its channel's."""
+    """A linear layer whose weight may differ by channel: one per channel, or one shared by all
+    (``count``). Each group of a batch's rows reads its channel's.
+
+    Weights are stored ``(in, out)`` for ``addmm``, or packed by oneDNN (see
+    :func:`_onednn_packs`).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> None:
+        """``weight`` ``(count, out, in)``, ``bias`` ``(out,)``."""
         super().__init__()
-        self.register_buffer("weight", weight.detach().transpose(1, 2).to(dtype).contiguous())
+        weight = weight.detach().to(dtype)
         self.register_buffer("bias", bias.detach().to(dtype))
+        self.count = len(weight)
+        self.packed = None
+        if _onednn_packs(weight):
+            self.packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weight]
+        else:
+            self.register_buffer("weight", weight.transpose(1, 2).contiguous())
 
     @classmethod
     def of(cls, modules: list[nn.Module], channels: tuple[str, ...], dtype: torch.dtype):
@@ -76,18 +98,22 @@ class ChannelLinear(nn.Module):
         weight = torch.cat([weight.expand(count, -1, -1) for weight, _ in merged], dim=1)
         return cls(weight, torch.cat([bias for _, bias in merged]), dtype)
 
+    def _product(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(
+                x, self.packed[index], self.bias, "none", [], ""
+            )
+        return torch.addmm(self.bias, x, self.weight[index])
+
     def forward(self, x: torch.Tensor, groups: list[tuple[int, int]]) -> torch.Tensor:
         """``(N, in)`` -> ``(N, out)``; ``groups`` lists (channel index, row count) in row order."""
-        if len(self.weight) == 1:
-            return torch.addmm(self.bias, x, self.weight[0])
+        if self.count == 1:
+            return self._product(x, 0)
         if len(groups) == 1:
-            return torch.addmm(self.bias, x, self.weight[groups[0][0]])
+            return self._product(x, groups[0][0])
         parts = x.split([rows for _, rows in groups])
         return torch.cat(
-            [
-                torch.addmm(self.bias, part, self.weight[channel])
-                for (channel, _), part in zip(groups, parts, strict=True)
-            ]
+            [self._product(part, channel) for (channel, _), part in zip(groups, parts, strict=True)]
         )
 
 
