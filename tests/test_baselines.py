@@ -59,6 +59,20 @@ def test_lexical_index_ranks_the_matching_code_first():
     assert scores.argmax(axis=1).tolist() == [0, 1, 2]
 
 
+def test_lexical_scores_equal_the_vectorizers_own_tf_idf_cosine():
+    """A query's vector is built without ``vectorizer.transform`` (see ``query_vector``); it must
+    weigh repeated words, bigrams and unknown words exactly as the documents' vectors do."""
+    index = LexicalIndex(CODE_TEXTS)
+    queries = [
+        "soybean soybean soybean farming farms",
+        "Software-publishing, software PUBLISHING",
+        "zebra",
+        "freight trucking of soybean",
+    ]
+    expected = (index.vectorizer.transform(queries) @ index.documents.T).toarray()
+    np.testing.assert_allclose(index.scores(queries), expected, rtol=1e-6, atol=1e-7)
+
+
 def test_lexical_index_is_fitted_on_code_documents_only():
     index = LexicalIndex(CODE_TEXTS)
     assert (index.scores(["zebra quantum"]) == 0.0).all()
