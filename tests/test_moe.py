@@ -35,6 +35,27 @@ def test_output_shapes():
     assert out.expert_utilisation.shape == (4,)
 
 
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_without_gradients_only_the_selected_experts_run_and_give_the_same_output(batch):
+    moe = _moe(top_k=2, num_experts=4)
+    x = torch.randn(batch, 6)
+    dense = moe(x)
+    with torch.no_grad():
+        routed = moe(x)
+    torch.testing.assert_close(routed.output, dense.output.detach())
+    torch.testing.assert_close(routed.expert_utilisation, dense.expert_utilisation)
+
+
+def test_without_gradients_an_expert_no_row_chose_is_never_read():
+    moe = _moe(top_k=2, num_experts=4)
+    x = torch.randn(1, 6)
+    with torch.no_grad():
+        unchosen = moe(x).expert_utilisation == 0
+        moe.w1[unchosen] = float("nan")
+        assert moe(x).output.isfinite().all()
+    assert moe(x).output.isnan().all()  # the dense path, with gradients, reads every expert
+
+
 def test_top_k_above_num_experts_is_rejected():
     with pytest.raises(ValueError, match=r"top_k=5.*num_experts=4"):
         MixtureOfExperts(input_dim=6, output_dim=5, num_experts=4, top_k=5, hidden_dim=8)

@@ -43,10 +43,13 @@ def _uniform_(tensor: Tensor, fan_in: int) -> Tensor:
 class MixtureOfExperts(nn.Module):
     """Top-k mixture of ``Linear -> GELU -> Linear`` experts.
 
-    The experts' weights are stacked into ``(E, ...)`` parameters and every expert runs on the
-    whole batch with one ``einsum`` per layer; the unselected outputs get weight zero. With few
-    experts this costs ``E / top_k`` times the strictly necessary compute but avoids the gather,
-    scatter and per-expert kernel launches of sparse dispatch.
+    The experts' weights are stacked into ``(E, ...)`` parameters. In training every expert runs
+    on the whole batch with one ``einsum`` per layer and the unselected outputs get weight zero:
+    with few experts this costs ``E / top_k`` times the strictly necessary compute but avoids the
+    gather, scatter and per-expert kernel launches of sparse dispatch. Without gradients each
+    row runs through its selected experts only (:meth:`routed_output`, equal to float rounding):
+    a single query then reads ``top_k`` experts' weights instead of all of them, which is most of
+    what the head costs it on a CPU.
 
     The kept gate probabilities are renormalised to sum to 1. With ``top_k = 1`` that makes every
     weight 1, so the gate then learns only from the load-balancing loss.
@@ -79,12 +82,25 @@ class MixtureOfExperts(nn.Module):
         probs = F.softmax(self.gate(x), dim=-1)
         kept_probs, kept_experts = probs.topk(self.top_k, dim=-1)
         kept_weights = kept_probs / kept_probs.sum(dim=-1, keepdim=True)
-        weights = torch.zeros_like(probs).scatter(1, kept_experts, kept_weights)
-
-        hidden = F.gelu(torch.einsum("bi,eih->beh", x, self.w1) + self.b1)
-        expert_outputs = torch.einsum("beh,eho->beo", hidden, self.w2) + self.b2
-        output = torch.einsum("be,beo->bo", weights, expert_outputs)
+        if torch.is_grad_enabled():
+            weights = torch.zeros_like(probs).scatter(1, kept_experts, kept_weights)
+            hidden = F.gelu(torch.einsum("bi,eih->beh", x, self.w1) + self.b1)
+            expert_outputs = torch.einsum("beh,eho->beo", hidden, self.w2) + self.b2
+            output = torch.einsum("be,beo->bo", weights, expert_outputs)
+        else:
+            output = self.routed_output(x, kept_experts, kept_weights)
 
         slots = F.one_hot(kept_experts, self.num_experts).flatten(0, 1)
         utilisation = slots.float().mean(dim=0)
         return MoEOutput(output, utilisation, probs.mean(dim=0))
+
+    def routed_output(self, x: Tensor, kept_experts: Tensor, kept_weights: Tensor) -> Tensor:
+        """``(B, output_dim)``: each row through its ``top_k`` experts (``kept_experts``, both
+        ``(B, top_k)``) only, their outputs mixed by ``kept_weights``."""
+        output = x.new_zeros((len(x), self.w2.shape[-1]))
+        for expert in kept_experts.unique().tolist():
+            rows, slots = (kept_experts == expert).nonzero(as_tuple=True)
+            hidden = F.gelu(torch.addmm(self.b1[expert], x[rows], self.w1[expert]))
+            expert_output = torch.addmm(self.b2[expert], hidden, self.w2[expert])
+            output.index_add_(0, rows, expert_output * kept_weights[rows, slots, None])
+        return output
