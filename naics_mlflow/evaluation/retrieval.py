@@ -251,9 +251,12 @@ class SearchEngine:
         return np.flatnonzero(self.levels == level)
 
     def distances(self, queries: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        """(Q, len(rows)) Lorentz distances of embedded queries to the codes at ``rows``."""
+        """(Q, len(rows)) Lorentz distances of embedded queries to the codes at ``rows``.
+
+        Computed to every code, then selected: gathering the candidates' embeddings first would
+        copy them at every query, which costs a single query more than the extra distances."""
         curvature = self.embedder.config.loss.curvature
-        return pairwise_distance(queries, self.code_embeddings[rows], curvature)
+        return pairwise_distance(queries, self.code_embeddings, curvature)[:, rows]
 
     def scores(self, texts: list[str], distances: torch.Tensor, level: int | None) -> torch.Tensor:
         """(Q, C) ranking scores from the distances to the candidates of ``level``: hybrid for
