@@ -93,6 +93,13 @@ def test_a_backbone_that_is_not_bert_is_refused_before_training(tmp_path, tiny_o
         NaicsEmbedder(config.to_dict())
 
 
+def test_an_adapter_that_merging_would_drop_is_refused_before_training(tiny_overrides):
+    overrides = [*tiny_overrides, "model.lora.target_modules=[query, word_embeddings]"]
+    config = load_config(CONFIG, overrides)
+    with pytest.raises(BackboneError, match=r"adapts embeddings\.word_embeddings, which search"):
+        NaicsEmbedder(config.to_dict())
+
+
 def test_item_features_read_through_each_query_channel(trained_adapters):
     module, tokenizer, tokens = trained_adapters
     items = [0, 5, 99]

@@ -26,7 +26,12 @@ from naics_mlflow.data.tokenization import (
     TextBatch,
 )
 from naics_mlflow.model.lorentz import LorentzProjection
-from naics_mlflow.model.merged import MergedBackbone, check_mergeable, unit_features
+from naics_mlflow.model.merged import (
+    MergedBackbone,
+    check_adapters,
+    check_mergeable,
+    unit_features,
+)
 from naics_mlflow.model.moe import MixtureOfExperts
 
 
@@ -96,6 +101,7 @@ class MultiChannelEncoder(nn.Module):
             ) from exc
         for channel in CHANNELS[1:]:
             self.backbone.add_adapter(channel, copy.deepcopy(lora))
+        check_adapters(self.backbone)
         hidden = backbone.config.hidden_size
         self.fusion = MixtureOfExperts(
             input_dim=len(CHANNELS) * hidden,

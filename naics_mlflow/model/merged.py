@@ -42,6 +42,35 @@ def check_mergeable(name: str, config) -> None:
         )
 
 
+# The linear layers of a BERT layer that :class:`MergedLayer` reads, by their path in the layer.
+LAYER_LINEARS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+
+
+def check_adapters(backbone: peft.PeftModel) -> None:
+    """Raise :class:`BackboneError` when a LoRA adapter wraps a layer that
+    :class:`MergedBackbone` would not merge, and so would silently drop: anything but the
+    ``LAYER_LINEARS`` of the encoder's layers and the pooler (which mean pooling never reads)."""
+    model = backbone.get_base_model()
+    merged = {
+        id(layer.get_submodule(path)) for layer in model.encoder.layer for path in LAYER_LINEARS
+    }
+    for name, module in model.named_modules():
+        if not isinstance(module, peft.tuners.lora.LoraLayer) or id(module) in merged:
+            continue
+        if not name.startswith("pooler."):
+            raise BackboneError(
+                f"model.lora.target_modules adapts {name}, which search and embedding cannot "
+                "merge; name linear layers of the encoder's layers (query, key, value, dense)"
+            )
+
+
 def channel_weights(
     module: nn.Module, channels: tuple[str, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,11 +78,6 @@ def channel_weights(
     weight per channel (``W + scaling * B @ A``) when a LoRA adapter wraps it, else ``K = 1``."""
     if not isinstance(module, peft.tuners.lora.LoraLayer):
         return module.weight.unsqueeze(0), module.bias
-    if not isinstance(module, peft.tuners.lora.Linear):
-        raise BackboneError(
-            f"cannot merge the adapter of a {type(module).__name__}: "
-            "model.lora.target_modules must name linear layers"
-        )
     base = module.get_base_layer()
     return torch.stack([base.weight + module.get_delta_weight(c) for c in channels]), base.bias
 
@@ -136,15 +160,14 @@ class MergedLayer(nn.Module):
 
     def __init__(self, layer: nn.Module, channels: tuple[str, ...], dtype: torch.dtype) -> None:
         super().__init__()
-        attention = layer.attention
-        parts = [attention.self.query, attention.self.key, attention.self.value]
-        self.qkv = ChannelLinear.of(parts, channels, dtype)
-        self.heads = attention.self.num_attention_heads
-        self.attention_out = ChannelLinear.of([attention.output.dense], channels, dtype)
-        self.attention_norm = LayerNorm(attention.output.LayerNorm, dtype)
-        self.ffn_in = ChannelLinear.of([layer.intermediate.dense], channels, dtype)
+        query, key, value, attention_out, ffn_in, ffn_out = map(layer.get_submodule, LAYER_LINEARS)
+        self.qkv = ChannelLinear.of([query, key, value], channels, dtype)
+        self.heads = layer.attention.self.num_attention_heads
+        self.attention_out = ChannelLinear.of([attention_out], channels, dtype)
+        self.attention_norm = LayerNorm(layer.attention.output.LayerNorm, dtype)
+        self.ffn_in = ChannelLinear.of([ffn_in], channels, dtype)
         self.activation = layer.intermediate.intermediate_act_fn
-        self.ffn_out = ChannelLinear.of([layer.output.dense], channels, dtype)
+        self.ffn_out = ChannelLinear.of([ffn_out], channels, dtype)
         self.ffn_norm = LayerNorm(layer.output.LayerNorm, dtype)
 
     def forward(
