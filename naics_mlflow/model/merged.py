@@ -21,6 +21,7 @@ import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 from naics_mlflow.data.features import mean_pool
 from naics_mlflow.data.pretrained import BackboneError
@@ -30,7 +31,7 @@ from naics_mlflow.data.tokenization import pad
 FEATURE_BATCH_SIZE = 256
 
 
-def check_mergeable(name: str, config) -> None:
+def check_mergeable(name: str, config: PretrainedConfig) -> None:
     """Raise :class:`BackboneError` unless the backbone ``name`` (its transformers ``config``) is
     a BERT encoder with absolute positions, the architecture :class:`MergedBackbone` runs."""
     position = getattr(config, "position_embedding_type", "absolute")
