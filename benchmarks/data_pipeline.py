@@ -22,7 +22,7 @@ from naics_mlflow.data.taxonomy import load_taxonomy
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--raw-dir", type=Path, default=Path("../shared/naics2022"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:

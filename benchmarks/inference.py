@@ -106,7 +106,7 @@ def query_parts(engine: SearchEngine) -> dict[str, Callable[[str], object]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--from-checkpoint", type=Path, required=True, metavar="PATH")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--queries", type=int, default=200, help="held-out items searched")

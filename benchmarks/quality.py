@@ -30,7 +30,7 @@ def run(command: list[str], workdir: Path, env: dict[str, str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chain", default="chain_quickstart")
     parser.add_argument("--config", type=Path, default=REPO / "conf" / "config.yaml")
     parser.add_argument("--raw-dir", default=os.environ.get("NAICS_RAW_DIR", "../shared/naics2022"))

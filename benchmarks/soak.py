@@ -130,7 +130,7 @@ def _unreadable(path: Path) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=100, help="epochs over the whole chain")
     parser.add_argument("--kills", type=int, default=10, help="SIGKILLs before the last run")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="shortest run before a kill")

@@ -390,7 +390,7 @@ def machine(device: torch.device) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--backbone", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median)")
