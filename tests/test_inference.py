@@ -11,7 +11,12 @@ import torch
 
 from naics_mlflow.config import load_config
 from naics_mlflow.data.pretrained import BackboneError, load_tokenizer
-from naics_mlflow.data.tokenization import CHANNELS, tokenize_codes, tokenize_queries
+from naics_mlflow.data.tokenization import (
+    CHANNELS,
+    length_batches,
+    tokenize_codes,
+    tokenize_queries,
+)
 from naics_mlflow.evaluation.lexical import LexicalIndex
 from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.module import NaicsEmbedder
@@ -58,6 +63,12 @@ def test_the_adapters_change_what_each_channel_reads(trained_adapters):
             plain = encoder.encode_texts("title", tokens.texts["title"])
     assert (adapted - plain).abs().max() > 0.1
     assert (adapted - other).abs().max() > 0.1
+
+
+def test_passes_are_shortest_first_and_fill_the_token_budget():
+    lengths = [5, 1, 30, 7, 7, 2, 12, 3]
+    # Padded sizes 3 x 3, 2 x 7, 1 x 7, 1 x 12 of 16; the 30 tokens over the budget run alone.
+    assert list(length_batches(lengths, budget=16)) == [[1, 5, 7], [0, 3], [4], [6], [2]]
 
 
 def test_code_features_equal_the_training_path(trained_adapters):

@@ -13,6 +13,7 @@ a training step at ~30 tokens per title instead of a fixed 512.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from naics_mlflow.config import TokenizationConfig
 from naics_mlflow.data.taxonomy import Taxonomy
+
 CHANNELS = ("title", "description", "excluded", "examples")
 """The four texts of a code, each encoded with its own LoRA adapter, in this order."""
 
@@ -71,6 +73,20 @@ def pad(sequences: list[np.ndarray], owners: list[int], pad_token_id: int) -> Te
         input_ids[i, : len(seq)] = torch.from_numpy(seq)
         attention_mask[i, : len(seq)] = 1
     return TextBatch(input_ids, attention_mask, torch.tensor(owners, dtype=torch.long))
+
+
+def length_batches(lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """Indices of sequences of ``lengths``, shortest first, in batches that hold at most
+    ``budget`` tokens once padded to their longest (a longer sequence runs alone)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batch: list[int] = []
+    for index in order:
+        if batch and (len(batch) + 1) * lengths[index] > budget:
+            yield batch
+            batch = []
+        batch.append(index)
+    if batch:
+        yield batch
 
 
 def channel_texts(taxonomy: Taxonomy) -> dict[str, list[str]]:

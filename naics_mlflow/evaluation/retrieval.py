@@ -30,7 +30,9 @@ from naics_mlflow.config import TokenizationConfig
 from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL, Taxonomy
 from naics_mlflow.data.tokenization import (
+    QUERY_CHANNELS,
     TextBatch,
+    length_batches,
     pad,
     query_ids,
     tokenize_codes,
@@ -41,6 +43,7 @@ from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_di
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.encoder import MergedBackbone, MultiChannelEncoder
 from naics_mlflow.model.lorentz import pairwise_distance
+from naics_mlflow.model.merged import pass_tokens
 from naics_mlflow.model.module import NaicsEmbedder
 
 logger = logging.getLogger(__name__)
@@ -48,8 +51,6 @@ logger = logging.getLogger(__name__)
 MAX_TOP_K = 100
 # Under dirs.outputs: the codes' embeddings of each model that a command has built an engine of.
 CODE_EMBEDDINGS_CACHE = "code_embeddings"
-# Queries per forward pass; short texts, so a few hundred fit easily.
-QUERY_BATCH_SIZE = 256
 
 
 class QueryError(UserError):
@@ -95,14 +96,14 @@ def query_batches(
     """The channel features of free-text queries, batch by batch, with the positions of the
     queries each batch holds.
 
-    Queries run shortest first, ``QUERY_BATCH_SIZE`` at a time, each batch one pass of the merged
-    ``backbone`` for both query channels: many queries cost little padding and few passes.
+    Queries run shortest first, each batch one pass of the merged ``backbone`` for every query
+    channel, of at most :func:`pass_tokens` tokens: many queries cost little padding and few
+    passes.
     """
     ids = query_ids(texts, tokenizer, config)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     device = backbone.device
-    for start in range(0, len(order), QUERY_BATCH_SIZE):
-        rows = order[start : start + QUERY_BATCH_SIZE]
+    budget = pass_tokens(device) // len(QUERY_CHANNELS)
+    for rows in length_batches([len(sequence) for sequence in ids], budget):
         batch = pad([ids[i] for i in rows], list(range(len(rows))), tokenizer.pad_token_id)
         yield rows, encoder.query_features(backbone, TextBatch(*(t.to(device) for t in batch)))
 
