@@ -732,6 +732,12 @@ def test_mixed_precision_casts_the_frozen_weights_once_and_trains_the_same(tiny_
     assert any("lora_A" in n for n in gradients)
     for name, gradient in gradients.items():
         assert torch.equal(gradients_once[name], gradient), name
+    # What the fit's evaluations read: the merged backbone, built from the cast weights.
+    tokens = datamodule.tokens.subset(np.arange(0, 2125, 100))
+    features = cast_per_call.encoder.code_features(tokens).channels
+    features_once = cast_once.encoder.code_features(tokens).channels
+    for channel, feature in features.items():
+        torch.testing.assert_close(features_once[channel], feature, atol=1e-2, rtol=0)
 
 
 def test_float32_training_leaves_the_frozen_weights_in_float32(tiny_setup):
