@@ -31,9 +31,9 @@ from naics_mlflow.data.tokenization import length_batches, pad
 def pass_tokens(device: torch.device) -> int:
     """Tokens, padding included, that one backbone pass without gradients takes on ``device``.
 
-    On a CPU, passes of 2,048 tokens (12 MB of activations at the feed-forward layer, where
-    passes of 256 texts held up to 32,768 tokens) embed all codes in a sixth less time in float32
-    and a fifth less in bfloat16 (docs/results.md). A GPU takes larger passes.
+    On a CPU, passes of 2,048 tokens (12 MB of float32 activations at the feed-forward layer)
+    embed all codes in a sixth less time in float32, and a fifth less in bfloat16, than passes of
+    256 texts did (up to 32,768 tokens, 200 MB; docs/results.md). A GPU takes larger passes.
     """
     return 2048 if device.type == "cpu" else 32768
 
