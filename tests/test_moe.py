@@ -36,24 +36,36 @@ def test_output_shapes():
 
 
 @pytest.mark.parametrize("batch", [1, 3, 64])
-def test_without_gradients_only_the_selected_experts_run_and_give_the_same_output(batch):
+def test_routed_and_dense_mixtures_give_the_same_output_and_gradients(batch):
     moe = _moe(top_k=2, num_experts=4)
     x = torch.randn(batch, 6)
-    dense = moe(x)
-    with torch.no_grad():
-        routed = moe(x)
-    torch.testing.assert_close(routed.output, dense.output.detach())
-    torch.testing.assert_close(routed.expert_utilisation, dense.expert_utilisation)
+    probs = F.softmax(moe.gate(x), dim=-1)
+    kept_probs, kept_experts = probs.topk(2, dim=-1)
+    kept_weights = kept_probs / kept_probs.sum(dim=-1, keepdim=True)
+    results = []
+    for mix in (moe.routed_output, moe.dense_output):
+        moe.zero_grad()
+        output = mix(x, kept_experts, kept_weights)
+        (output.square().sum() + output.sum()).backward(retain_graph=True)
+        results.append((output.detach(), [p.grad.clone() for p in moe.parameters()]))
+    (routed, routed_grads), (dense, dense_grads) = results
+    torch.testing.assert_close(routed, dense)
+    for routed_grad, dense_grad in zip(routed_grads, dense_grads, strict=True):
+        torch.testing.assert_close(routed_grad, dense_grad)
 
 
-def test_without_gradients_an_expert_no_row_chose_is_never_read():
+def test_on_a_cpu_an_expert_no_row_chose_is_never_read_even_in_training():
     moe = _moe(top_k=2, num_experts=4)
     x = torch.randn(1, 6)
     with torch.no_grad():
         unchosen = moe(x).expert_utilisation == 0
         moe.w1[unchosen] = float("nan")
         assert moe(x).output.isfinite().all()
-    assert moe(x).output.isnan().all()  # the dense path, with gradients, reads every expert
+    trained = moe(x)
+    trained.output.sum().backward()
+    assert trained.output.isfinite().all() and moe.w1.grad[~unchosen].abs().sum() > 0
+    kept_experts = moe.gate(x).topk(2, dim=-1).indices
+    assert moe.dense_output(x, kept_experts, torch.full((1, 2), 0.5)).isnan().all()
 
 
 def test_top_k_above_num_experts_is_rejected():

@@ -43,13 +43,15 @@ def _uniform_(tensor: Tensor, fan_in: int) -> Tensor:
 class MixtureOfExperts(nn.Module):
     """Top-k mixture of ``Linear -> GELU -> Linear`` experts.
 
-    The experts' weights are stacked into ``(E, ...)`` parameters. In training every expert runs
-    on the whole batch with one ``einsum`` per layer and the unselected outputs get weight zero:
-    with few experts this costs ``E / top_k`` times the strictly necessary compute but avoids the
-    gather, scatter and per-expert kernel launches of sparse dispatch. Without gradients each
-    row runs through its selected experts only (:meth:`routed_output`, equal to float rounding):
-    a single query then reads ``top_k`` experts' weights instead of all of them, which is most of
-    what the head costs it on a CPU.
+    The experts' weights are stacked into ``(E, ...)`` parameters, and each row runs through its
+    selected experts only (:meth:`routed_output`), except when training on a GPU
+    (:meth:`dense_output`): there every expert runs on the whole batch with one ``einsum`` per
+    layer and the unselected outputs get weight zero. That costs ``E / top_k`` times the strictly
+    necessary compute, but a GPU step is bound by the host, and sparse dispatch adds a gather, a
+    scatter and a host synchronisation per expert. On a CPU compute is what costs: routing takes
+    a quarter off a head-only step with every code in the batch (docs/results.md), and a single
+    query reads ``top_k`` experts' weights instead of all of them. The two give the same output
+    and gradients to float rounding (``tests/test_moe.py``).
 
     The kept gate probabilities are renormalised to sum to 1. With ``top_k = 1`` that makes every
     weight 1, so the gate then learns only from the load-balancing loss.
@@ -82,17 +84,20 @@ class MixtureOfExperts(nn.Module):
         probs = F.softmax(self.gate(x), dim=-1)
         kept_probs, kept_experts = probs.topk(self.top_k, dim=-1)
         kept_weights = kept_probs / kept_probs.sum(dim=-1, keepdim=True)
-        if torch.is_grad_enabled():
-            weights = torch.zeros_like(probs).scatter(1, kept_experts, kept_weights)
-            hidden = F.gelu(torch.einsum("bi,eih->beh", x, self.w1) + self.b1)
-            expert_outputs = torch.einsum("beh,eho->beo", hidden, self.w2) + self.b2
-            output = torch.einsum("be,beo->bo", weights, expert_outputs)
-        else:
-            output = self.routed_output(x, kept_experts, kept_weights)
-
+        mix = self.dense_output if x.is_cuda and torch.is_grad_enabled() else self.routed_output
+        output = mix(x, kept_experts, kept_weights)
         slots = F.one_hot(kept_experts, self.num_experts).flatten(0, 1)
         utilisation = slots.float().mean(dim=0)
         return MoEOutput(output, utilisation, probs.mean(dim=0))
+
+    def dense_output(self, x: Tensor, kept_experts: Tensor, kept_weights: Tensor) -> Tensor:
+        """``(B, output_dim)``: every expert on every row, the outputs mixed by ``kept_weights``
+        at ``kept_experts`` (both ``(B, top_k)``) and by zero elsewhere."""
+        weights = kept_weights.new_zeros((len(x), self.num_experts))
+        weights = weights.scatter(1, kept_experts, kept_weights)
+        hidden = F.gelu(torch.einsum("bi,eih->beh", x, self.w1) + self.b1)
+        expert_outputs = torch.einsum("beh,eho->beo", hidden, self.w2) + self.b2
+        return torch.einsum("be,beo->bo", weights, expert_outputs)
 
     def routed_output(self, x: Tensor, kept_experts: Tensor, kept_weights: Tensor) -> Tensor:
         """``(B, output_dim)``: each row through its ``top_k`` experts (``kept_experts``, both
@@ -102,5 +107,7 @@ class MixtureOfExperts(nn.Module):
             rows, slots = (kept_experts == expert).nonzero(as_tuple=True)
             hidden = F.gelu(torch.addmm(self.b1[expert], x[rows], self.w1[expert]))
             expert_output = torch.addmm(self.b2[expert], hidden, self.w2[expert])
-            output.index_add_(0, rows, expert_output * kept_weights[rows, slots, None])
+            weighted = expert_output * kept_weights[rows, slots, None]
+            # Under autocast the experts compute in half precision; the mix keeps the input's.
+            output.index_add_(0, rows, weighted.to(output.dtype))
         return output
