@@ -113,8 +113,8 @@ class NaicsEmbedder(L.LightningModule):
         """The hierarchy terms with a weight above zero, over the batch's codes.
 
         The two pairwise terms share one distance matrix: with every code in the batch it is
-        2,125 x 2,125, and computing it with its backward pass once instead of twice takes a
-        third off a head-only step on a CPU (docs/results.md).
+        2,125 x 2,125, and computing it with its backward pass once instead of twice took, with
+        the distortion term's masking, a third off a head-only step on a CPU (docs/results.md).
         """
         loss = self.config.loss
         weighted = [name for name in HIERARCHY_TERMS if getattr(loss, f"{name}_weight") > 0]

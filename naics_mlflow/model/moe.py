@@ -48,10 +48,10 @@ class MixtureOfExperts(nn.Module):
     (:meth:`dense_output`): there every expert runs on the whole batch with one ``einsum`` per
     layer and the unselected outputs get weight zero. That costs ``E / top_k`` times the strictly
     necessary compute, but a GPU step is bound by the host, and sparse dispatch adds a gather, a
-    scatter and a host synchronisation per expert. On a CPU compute is what costs: routing takes
-    a quarter off a head-only step with every code in the batch (docs/results.md), and a single
-    query reads ``top_k`` experts' weights instead of all of them. The two give the same output
-    and gradients to float rounding (``tests/test_moe.py``).
+    scatter and a host synchronisation per expert. On a CPU compute is what costs: routing took
+    a fifth off the loss's forward and backward pass in a head-only step with every code in the
+    batch (docs/results.md), and a single query reads ``top_k`` experts' weights instead of all
+    of them. The two give the same output and gradients to float rounding (``tests/test_moe.py``).
 
     The kept gate probabilities are renormalised to sum to 1. With ``top_k = 1`` that makes every
     weight 1, so the gate then learns only from the load-balancing loss.
