@@ -15,7 +15,8 @@ and with ``--threads 1`` it is the latency one idle core would give.
   adapters) and the head, what ``naics-embedder embed`` spends after loading the checkpoint.
 - ``search``: ``SearchEngine.search`` of one held-out index item at a time (``--queries`` of
   them), p50 and p95 per repeat; then the parts of one query: tokenizing, the backbone pass of
-  both query channels, the head, the lexical scores, and the distances to every code.
+  both query channels, the head, the lexical scores, the nearest index items, and the distances
+  to every code.
 - ``batched``: all ``--queries`` queries in one ``search`` call, queries per second.
 """
 
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from naics_mlflow.config import load_config
 from naics_mlflow.data.taxonomy import HOLDOUT_FILE, MAX_LEVEL, load_taxonomy
 from naics_mlflow.data.tokenization import TextBatch, query_ids, tokenize_codes
 from naics_mlflow.evaluation.retrieval import SearchEngine
@@ -62,7 +64,7 @@ def embed_seconds(module: NaicsEmbedder, engine: SearchEngine, taxonomy) -> floa
     """Seconds to embed every code from its tokens (tokenizing is cached, as in one process)."""
     tokens = tokenize_codes(taxonomy, engine.tokenizer, module.config.data_loader.tokenization)
     rows = np.arange(taxonomy.size)
-    dtype = getattr(torch, engine.backbone_dtype)
+    dtype = getattr(torch, engine.settings.backbone_dtype)
     return seconds(
         lambda: module.embed_codes(module.encoder.code_features(tokens, dtype=dtype), rows)
     )
@@ -100,6 +102,9 @@ def query_parts(engine: SearchEngine) -> dict[str, Callable[[str], object]]:
         ),
         "head (mixture of experts, projection)": lambda q: encoder.head(features),
         "lexical (TF-IDF)": lambda q: engine.lexical.scores([q]),
+        "nearest index item": lambda q: engine.items.nearest_similarity(
+            features["examples"], len(engine.codes)
+        ),
         "distances to the candidates": lambda q: engine.distances(embedded, rows),
         "search, whole": lambda q: engine.search([q]),
     }
@@ -109,6 +114,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--from-checkpoint", type=Path, required=True, metavar="PATH")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=REPO / "conf" / "config.yaml",
+        help="the search settings (search.*) come from this file, as the commands take them",
+    )
     parser.add_argument("--queries", type=int, default=200, help="held-out items searched")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
@@ -126,9 +137,8 @@ def main() -> None:
 
     module = load_embedder(args.from_checkpoint)
     taxonomy = load_taxonomy(args.data_dir)
-    engine = SearchEngine.build(
-        module, taxonomy, module.config.search.lexical_weight, args.backbone_dtype
-    )
+    settings = load_config(args.config, [f"search.backbone_dtype={args.backbone_dtype}"]).search
+    engine = SearchEngine.build(module, taxonomy, settings)
     queries = pd.read_parquet(args.data_dir / HOLDOUT_FILE)["text"].tolist()[: args.queries]
     engine.search(queries[:5])  # warm-up
 

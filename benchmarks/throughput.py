@@ -383,7 +383,7 @@ def inference(module: NaicsEmbedder, datamodule: NaicsDataModule, data_dir: Path
     """(codes embedded per second, search p50 ms, search p95 ms), measured as
     ``benchmarks/inference.py`` measures a trained model."""
     taxonomy = datamodule.taxonomy
-    engine = SearchEngine.build(module, taxonomy, module.config.search.lexical_weight)
+    engine = SearchEngine.build(module, taxonomy, module.config.search)
     codes_per_second = taxonomy.size / embed_seconds(module, engine, taxonomy)
     queries = pd.read_parquet(data_dir / HOLDOUT_FILE)["text"].tolist()[:SEARCH_QUERIES]
     engine.search(queries[:5])  # warm-up

@@ -1,3 +1,3 @@
 """naics-embedder: hyperbolic embeddings of the NAICS 2022 taxonomy, tracked in MLflow."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -486,8 +486,7 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
     engine = SearchEngine.build(
         load_embedder(resolved.path),
         taxonomy,
-        config.search.lexical_weight,
-        config.search.backbone_dtype,
+        config.search,
         cache_dir=Path(config.dirs.outputs) / CODE_EMBEDDINGS_CACHE,
     )
     return engine, taxonomy, resolved, config

@@ -174,6 +174,7 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     lexical_weight: float
+    item_weight: float
     backbone_dtype: str
 
 
@@ -222,7 +223,9 @@ class Config:
 
 # Keys added to the schema after checkpoints of the current format were saved without them, with
 # the value that reproduces how those checkpoints were trained (not necessarily today's default).
-KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {"search": {"backbone_dtype": "float32"}}
+KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {
+    "search": {"backbone_dtype": "float32", "item_weight": 0.0}
+}
 
 
 # Values that must be strictly positive: a zero or negative size is never meaningful.
@@ -267,6 +270,7 @@ _NON_NEGATIVE_KEYS = {
     "loss.depth_weight",
     "loss.depth_margin",
     "search.lexical_weight",
+    "search.item_weight",
     "loss.fn_curriculum_start_epoch",
     "training.weight_decay",
     "training.warmup_steps",

@@ -2,13 +2,15 @@
 
 ``log_search_model`` packs a checkpoint, the precomputed embeddings of all codes (so a served
 model starts without re-encoding the taxonomy) with the national industries' documents for the
-lexical signal, the search settings (as the model's ``model_config``), this package's code and, for
-a backbone that is a local folder, that folder.
+lexical signal and their index items' features for the nearest-item signal, the search settings
+(as the model's ``model_config``), this package's code and, for a backbone that is a local
+folder, that folder.
 ``mlflow models serve -m runs:/<id>/model --env-manager local`` then answers ``POST /invocations``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,11 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import naics_mlflow
+from naics_mlflow.config import SearchConfig
 from naics_mlflow.data.pretrained import DEFAULT_BACKBONE, load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL
 from naics_mlflow.evaluation.lexical import LexicalIndex
-from naics_mlflow.evaluation.retrieval import QueryError, SearchEngine, check_request
+from naics_mlflow.evaluation.retrieval import IndexItems, QueryError, SearchEngine, check_request
 from naics_mlflow.model.loading import load_embedder
 
 MODEL_NAME = "model"
@@ -69,19 +72,25 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         backbone = context.artifacts.get("backbone")
         embedder = load_embedder(Path(context.artifacts["checkpoint"]), backbone)
-        table = pq.read_table(context.artifacts["codes"]).to_pydict()
-        levels = np.asarray(table["level"])
+        table = pq.read_table(context.artifacts["codes"])
+        columns = table.drop_columns(["items"] if "items" in table.column_names else []).to_pydict()
+        levels = np.asarray(columns["level"])
+        settings = context.model_config
         self.engine = SearchEngine(
             embedder=embedder,
             tokenizer=load_tokenizer(embedder.config.model.base_model_name),
-            codes=table["code"],
-            titles=table["title"],
+            codes=columns["code"],
+            titles=columns["title"],
             levels=levels,
-            code_embeddings=torch.tensor(np.asarray(table["embedding"], dtype=np.float32)),
-            lexical=LexicalIndex([table["document"][row] for row in np.flatnonzero(levels == 6)]),
-            lexical_weight=float(context.model_config["lexical_weight"]),
-            # Models logged before the setting existed encoded in float32.
-            backbone_dtype=context.model_config.get("backbone_dtype", "float32"),
+            code_embeddings=torch.tensor(np.asarray(columns["embedding"], dtype=np.float32)),
+            lexical=LexicalIndex([columns["document"][row] for row in np.flatnonzero(levels == 6)]),
+            items=_read_items(table, embedder.encoder.hidden_size),
+            # Models logged before a setting existed searched without it, in float32.
+            settings=SearchConfig(
+                lexical_weight=float(settings["lexical_weight"]),
+                item_weight=float(settings.get("item_weight", 0.0)),
+                backbone_dtype=settings.get("backbone_dtype", "float32"),
+            ),
         )
 
     def predict(
@@ -104,7 +113,7 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
             )
         if params["output"] == "embedding":
             check_request(texts, DEFAULT_TOP_K, None)
-            embeddings = self.engine.embed_queries(texts).cpu().numpy()
+            embeddings = self.engine.encode_queries(texts).embeddings.cpu().numpy()
             return pd.DataFrame({"text": texts, "embedding": [row.tolist() for row in embeddings]})
         per_row = (
             model_input["top_k"].fillna(params["top_k"]).astype(int).tolist()
@@ -133,8 +142,14 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
 
 
 def _codes_table(engine: SearchEngine) -> pa.Table:
-    """Every code with its embedding, and each national industry's lexical document."""
+    """Every code with its embedding, and each national industry's lexical document and index
+    items' features (a list of vectors; empty for the other codes)."""
     documents = iter(engine.lexical.texts)
+    items = engine.items
+    counts = torch.bincount(items.rows.cpu(), minlength=len(engine.codes))
+    offsets = np.concatenate([[0], counts.cumsum(0).numpy()]).astype(np.int32)
+    order = items.rows.cpu().argsort(stable=True)
+    vectors = items.vectors.cpu()[order].numpy()
     return pa.table(
         {
             "code": engine.codes,
@@ -144,8 +159,22 @@ def _codes_table(engine: SearchEngine) -> pa.Table:
             "embedding": pa.array(
                 engine.code_embeddings.cpu().numpy().tolist(), type=pa.list_(pa.float32())
             ),
+            "items": pa.ListArray.from_arrays(
+                offsets,
+                pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), vectors.shape[1]),
+            ),
         }
     )
+
+
+def _read_items(table: pa.Table, hidden_size: int) -> IndexItems:
+    """The index items of :func:`_codes_table`; none for a model logged before it held them."""
+    if "items" not in table.column_names:
+        return IndexItems(torch.zeros((0, hidden_size)), torch.zeros(0, dtype=torch.long))
+    column = table.column("items").combine_chunks()
+    vectors = column.flatten().flatten().to_numpy().reshape(-1, hidden_size)
+    rows = np.repeat(np.arange(len(column)), np.diff(column.offsets.to_numpy()))
+    return IndexItems(torch.from_numpy(vectors.copy()), torch.from_numpy(rows))
 
 
 def log_search_model(
@@ -165,10 +194,7 @@ def log_search_model(
             artifacts=artifacts,
             signature=SIGNATURE,
             input_example=INPUT_EXAMPLE,
-            model_config={
-                "lexical_weight": engine.lexical_weight,
-                "backbone_dtype": engine.backbone_dtype,
-            },
+            model_config=dataclasses.asdict(engine.settings),
             code_paths=[str(Path(naics_mlflow.__file__).parent)],
             pip_requirements=_requirements(),
             registered_model_name=registered_name,

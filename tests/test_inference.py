@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from naics_mlflow.config import load_config
+from naics_mlflow.config import SearchConfig, load_config
 from naics_mlflow.data.pretrained import BackboneError, load_tokenizer
+from naics_mlflow.data.taxonomy import MAX_LEVEL
 from naics_mlflow.data.tokenization import (
     CHANNELS,
     length_batches,
     tokenize_codes,
     tokenize_queries,
 )
+from naics_mlflow.evaluation import retrieval
 from naics_mlflow.evaluation.lexical import LexicalIndex
-from naics_mlflow.evaluation.retrieval import SearchEngine
+from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine
 from naics_mlflow.model.module import NaicsEmbedder
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
@@ -128,6 +130,7 @@ def test_item_features_read_through_each_query_channel(trained_adapters):
 
 def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, taxonomy):
     module, tokenizer, _ = trained_adapters
+    hidden = module.encoder.hidden_size
     engine = SearchEngine(
         module,
         tokenizer,
@@ -136,15 +139,65 @@ def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, ta
         taxonomy.levels,
         torch.zeros((taxonomy.size, module.config.model.embedding_dim + 1)),
         LexicalIndex(["soybean farming"]),
-        lexical_weight=0.0,
+        IndexItems(torch.zeros((0, hidden)), torch.zeros(0, dtype=torch.long)),
+        SearchConfig(lexical_weight=0.0, item_weight=0.0, backbone_dtype="float32"),
     )
     config = module.config.data_loader.tokenization
     with torch.no_grad():
-        expected = torch.cat(
-            [module(tokenize_queries([text], tokenizer, config)).embeddings for text in QUERIES]
+        one_by_one = [tokenize_queries([text], tokenizer, config) for text in QUERIES]
+        embeddings = torch.cat([module(tokens).embeddings for tokens in one_by_one])
+        examples = torch.cat(
+            [module.encoder.channel_features(tokens)["examples"] for tokens in one_by_one]
         )
-    torch.testing.assert_close(engine.embed_queries(QUERIES), expected, **TOLERANCE)
-    torch.testing.assert_close(engine.embed_queries(QUERIES[1:2]), expected[1:2], **TOLERANCE)
+    batched = engine.encode_queries(QUERIES)
+    torch.testing.assert_close(batched.embeddings, embeddings, **TOLERANCE)
+    torch.testing.assert_close(batched.examples, examples, **TOLERANCE)
+    single = engine.encode_queries(QUERIES[1:2])
+    torch.testing.assert_close(single.embeddings, embeddings[1:2], **TOLERANCE)
+
+
+def test_nearest_item_similarity_is_each_codes_nearest_item_floored_at_zero(monkeypatch):
+    vectors = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.6, 0.8, 0], [-1, 0, 0]])
+    # Code 0 has two items, code 1 none, code 2 one, and code 3's one item opposes every query.
+    items = IndexItems(vectors, torch.tensor([0, 0, 2, 3]))
+    queries = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.8, 0.6, 0]])
+    expected = torch.tensor([[1.0, 0, 0.6, 0], [1, 0, 0.8, 0], [0.8, 0, 0.96, 0]])
+    torch.testing.assert_close(items.nearest_similarity(queries, 4), expected)
+    monkeypatch.setattr(retrieval, "QUERY_BLOCK", 2)  # blocks of queries change nothing
+    torch.testing.assert_close(items.nearest_similarity(queries, 4), expected)
+
+
+def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapters, taxonomy):
+    module, *_ = trained_adapters
+    national = np.flatnonzero(taxonomy.levels == MAX_LEVEL)
+    owners: dict[str, list[int]] = {}
+    for row in national:
+        for item in taxonomy.examples[row]:
+            owners.setdefault(item, []).append(int(row))
+    item, (row,) = next((text, rows) for text, rows in owners.items() if len(rows) == 1)
+    alone = SearchConfig(lexical_weight=0.0, item_weight=0.0, backbone_dtype="float32")
+    engine = SearchEngine.build(module, taxonomy, alone)
+    assert set(engine.items.rows.tolist()) == {r for r in national if taxonomy.examples[r]}
+    assert len(engine.items.rows) == sum(len(taxonomy.examples[r]) for r in national)
+
+    texts = [item, "retail bakery"]
+    queries = engine.encode_queries(texts)
+    by_embedding = {}
+    for level in (MAX_LEVEL, MAX_LEVEL - 1):
+        distances = engine.distances(queries.embeddings, engine.candidates(level))
+        by_embedding[level] = engine.scores(texts, queries, distances, level)
+    engine.settings = SearchConfig(lexical_weight=0.0, item_weight=3.0, backbone_dtype="float32")
+    nearest = engine.items.nearest_similarity(queries.examples, taxonomy.size)
+    for level, alone_scores in by_embedding.items():
+        rows = engine.candidates(level)
+        distances = engine.distances(queries.embeddings, rows)
+        added = engine.scores(texts, queries, distances, level) - alone_scores
+        expected = 3.0 * nearest[:, rows] if level == MAX_LEVEL else torch.zeros_like(added)
+        torch.testing.assert_close(added, expected)
+    assert nearest[0, row] == pytest.approx(1.0, abs=1e-5)  # the query is the code's own item
+    best = (by_embedding[MAX_LEVEL] + 3.0 * nearest[:, engine.candidates(MAX_LEVEL)]).max(dim=1)
+    found = engine.search(texts, top_k=1)
+    assert [matches[0].score for matches in found] == pytest.approx(best.values.tolist())
 
 
 def test_bfloat16_backbone_reads_like_float32_and_leaves_training_weights_alone(

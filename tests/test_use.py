@@ -105,7 +105,8 @@ def test_commands_reuse_the_code_embeddings_an_earlier_one_cached(trained):
     third = ok(run_cli(workdir, *command))
     assert "ignoring unreadable cached code embeddings" in third.stderr
     assert third.stdout == first.stdout
-    assert torch.load(cached, weights_only=True).shape[0] == 2125  # computed again, replaced
+    rewritten = torch.load(cached, weights_only=True)  # computed again, replaced
+    assert rewritten["embeddings"].shape[0] == 2125 and len(rewritten["item_vectors"]) > 16000
     shutil.rmtree(cache)
     cache.write_text("")  # a file where the folder should be: nothing can be cached
     fourth = ok(run_cli(workdir, *command))
@@ -328,8 +329,10 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
                 workdir, "search", "grow soybeans", "--top", "2", "--from-checkpoint", "quickstart"
             )
         )
-        assert [p["code"] for p in body["predictions"]] == [
-            line.split()[1] for line in searched.stdout.strip().splitlines()[1:]
+        # The same codes with the same scores: the nearest-item signal is served as well.
+        rows = [line.split() for line in searched.stdout.strip().splitlines()[1:]]
+        assert [(p["code"], f"{p['score']:.3f}") for p in body["predictions"]] == [
+            (row[1], row[2]) for row in rows
         ]
         status, body = _post(
             f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"text": " "}]}

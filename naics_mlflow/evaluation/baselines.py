@@ -25,12 +25,9 @@ from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import Taxonomy
 from naics_mlflow.data.tokenization import CHANNELS, tokenize_codes
 from naics_mlflow.evaluation.metrics import ranking_metrics
-from naics_mlflow.evaluation.retrieval import query_batches
+from naics_mlflow.evaluation.retrieval import IndexItems, query_batches
 from naics_mlflow.model.lorentz import pairwise_distance
 from naics_mlflow.model.module import NaicsEmbedder
-
-# Queries per block of (block, items) similarities: 512 x 16,347 float32 is 33 MB.
-QUERY_BLOCK = 512
 
 
 class UntrainedBackbone:
@@ -43,6 +40,8 @@ class UntrainedBackbone:
         tokens = tokenize_codes(taxonomy, self.tokenizer, config.data_loader.tokenization)
         self.features = self.module.encoder.code_features(tokens)
         self.embeddings = self.module.embed_codes(self.features, np.arange(taxonomy.size))
+        self.items = IndexItems.of_national_industries(self.features, taxonomy)
+        self.size = taxonomy.size
         self.backbone = self.module.encoder.merged_backbone()
 
     def _query_features(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -67,20 +66,9 @@ class UntrainedBackbone:
     @torch.no_grad()
     def nearest_item_scores(self, texts: Sequence[str], rows: np.ndarray) -> torch.Tensor:
         """``(Q, C)``: for each code at ``rows``, the backbone's cosine of the query with the
-        nearest of the code's own index items; -1 for a code without items."""
-        column = torch.cat(
-            [torch.full((len(self.features.code_items[row]),), i) for i, row in enumerate(rows)]
-        )
-        items = torch.cat([self.features.code_items[row] for row in rows])
-        vectors = self.features.items["examples"][items]
-        scores = []
-        for start in range(0, len(texts), QUERY_BLOCK):
-            block = self._query_features(texts[start : start + QUERY_BLOCK])["examples"]
-            similarity = block @ vectors.T
-            best = torch.full((len(block), len(rows)), -1.0)
-            index = column.unsqueeze(0).expand(len(block), -1)
-            scores.append(best.scatter_reduce(1, index, similarity, reduce="amax"))
-        return torch.cat(scores)
+        nearest of the code's own index items, floored at 0 (a code without items scores 0)."""
+        queries = self._query_features(texts)["examples"]
+        return self.items.nearest_similarity(queries, self.size)[:, torch.from_numpy(rows)]
 
 
 def score_retrieval(

@@ -154,9 +154,10 @@ def evaluate(
     untrained = UntrainedBackbone(config, taxonomy) if baselines else None
     for query_set in query_sets:
         texts, codes = query_set.texts, query_set.codes
-        distances = engine.distances(engine.embed_queries(texts), rows)
+        queries = engine.encode_queries(texts)
+        distances = engine.distances(queries.embeddings, rows)
         scores = {
-            "model": engine.scores(texts, distances, level=6),
+            "model": engine.scores(texts, queries, distances, level=6),
             "embedding": -distances,
         }
         if untrained is not None:

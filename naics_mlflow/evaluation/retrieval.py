@@ -2,11 +2,18 @@
 distance, plus the lexical signal for national industries. Used by ``search``, ``evaluate`` and
 the served MLflow model.
 
-A query's score for a six-digit code is ``-d_H(query, code) / temperature + lexical_weight *
-tfidf(query, code)``: the model's own logit (its training turns distances into probabilities at
-``loss.temperature``) plus the TF-IDF cosine of :mod:`naics_mlflow.evaluation.lexical`, weighted
-by ``search.lexical_weight`` (chosen on the dev split; 0 ranks by the embedding alone). Codes of
-levels 2-5 have no index items of their own, so they are ranked by the embedding alone.
+A query's score for a six-digit code is
+
+    -d_H(query, code) / temperature + lexical_weight * tfidf(query, code)
+                                    + item_weight * nearest_item(query, code)
+
+the model's own logit (its training turns distances into probabilities at ``loss.temperature``),
+plus the TF-IDF cosine of :mod:`naics_mlflow.evaluation.lexical`, plus the cosine of the query with
+the nearest of the code's training index items, both read by the examples channel
+(:class:`IndexItems`): a business described the way the index already words one of the code's
+activities. The weights are ``search.lexical_weight`` and ``search.item_weight``, chosen on the dev
+split; 0 and 0 rank by the embedding alone. Codes of levels 2-5 have no index items of their own,
+so they are ranked by the embedding alone.
 """
 
 from __future__ import annotations
@@ -20,13 +27,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 import naics_mlflow
-from naics_mlflow.config import TokenizationConfig
+from naics_mlflow.config import SearchConfig, TokenizationConfig
+from naics_mlflow.data.features import CodeFeatures
 from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL, Taxonomy
 from naics_mlflow.data.tokenization import (
@@ -49,8 +58,11 @@ from naics_mlflow.model.module import NaicsEmbedder
 logger = logging.getLogger(__name__)
 
 MAX_TOP_K = 100
-# Under dirs.outputs: the codes' embeddings of each model that a command has built an engine of.
+# Under dirs.outputs: the codes' embeddings (and the national industries' index items as the
+# model reads them) of each model that a command has built an engine of.
 CODE_EMBEDDINGS_CACHE = "code_embeddings"
+# Queries per block of (block, items) similarities: 512 x 16,347 float32 is 33 MB.
+QUERY_BLOCK = 512
 
 
 class QueryError(UserError):
@@ -66,13 +78,45 @@ class Match:
     score: float  # what the ranking sorts by, higher first
 
 
-def hybrid_scores(
-    distance: torch.Tensor, lexical: torch.Tensor | None, temperature: float, weight: float
-) -> torch.Tensor:
-    """``(Q, C)`` ``-distance / temperature + weight * lexical``; the embedding alone without
-    ``lexical``."""
-    logits = -distance / temperature
-    return logits if lexical is None else logits + weight * lexical.to(logits.device)
+class EncodedQueries(NamedTuple):
+    embeddings: torch.Tensor  # (Q, D+1) points on the hyperboloid
+    examples: torch.Tensor  # (Q, H) unit features as the examples channel reads them (as an item)
+
+
+@dataclass(frozen=True)
+class IndexItems:
+    """The national industries' training index items as the examples channel reads them, one row
+    per (code, item) pair: what :meth:`nearest_similarity` compares a query with. Dev and held-out
+    items are in no code's texts, so they are never here."""
+
+    vectors: torch.Tensor  # (P, H) float32 unit features
+    rows: torch.Tensor  # (P,) int64 taxonomy row of each item's code
+
+    @classmethod
+    def of_national_industries(cls, features: CodeFeatures, taxonomy: Taxonomy) -> IndexItems:
+        national = six_digit_rows(taxonomy)
+        items = [features.code_items[row] for row in national]
+        rows = [torch.full((len(i),), int(row)) for row, i in zip(national, items, strict=True)]
+        return cls(features.items["examples"][torch.cat(items)].float(), torch.cat(rows))
+
+    def to(self, device: torch.device) -> IndexItems:
+        return IndexItems(self.vectors.to(device), self.rows.to(device))
+
+    def nearest_similarity(self, queries: torch.Tensor, size: int) -> torch.Tensor:
+        """``(Q, size)``: for every code row, the cosine of each query with the nearest of the
+        code's items, floored at 0, so that a code without items, or with none like the query,
+        neither gains nor loses.
+
+        ``queries``: ``(Q, H)`` unit features read by the examples channel. Blocks of
+        ``QUERY_BLOCK`` queries bound the ``(Q, P)`` similarities' memory.
+        """
+        blocks = []
+        for block in queries.float().split(QUERY_BLOCK):
+            similarity = block @ self.vectors.T
+            floor = similarity.new_zeros((len(block), size))
+            owners = self.rows.expand(len(block), -1)
+            blocks.append(floor.scatter_reduce(1, owners, similarity, reduce="amax"))
+        return torch.cat(blocks) if blocks else queries.new_zeros((0, size))
 
 
 def check_request(texts: list[str], top_k: int, level: int | None) -> None:
@@ -120,32 +164,43 @@ def code_embeddings_key(embedder: NaicsEmbedder, taxonomy: Taxonomy, backbone_dt
     return digest.hexdigest()[:24]
 
 
-def _read_cached(path: Path | None, size: int) -> torch.Tensor | None:
-    """The cached embeddings at ``path``, or None when there are none or they cannot be read
-    (then they are computed again and the file replaced)."""
+def _read_cached(path: Path | None, size: int) -> tuple[torch.Tensor, IndexItems] | None:
+    """The cached code embeddings and index items at ``path``, or None when there are none or
+    they cannot be read (then they are computed again and the file replaced)."""
     if path is None or not path.is_file():
         return None
     try:
-        embeddings = torch.load(path, weights_only=True)
+        cached = torch.load(path, weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         logger.warning("ignoring unreadable cached code embeddings %s (%s)", path, exc)
         return None
-    if not isinstance(embeddings, torch.Tensor) or len(embeddings) != size:
-        logger.warning("ignoring cached code embeddings %s: not one row per code", path)
+    names = ("embeddings", "item_vectors", "item_rows")
+    if (
+        not isinstance(cached, dict)
+        or not all(isinstance(cached.get(name), torch.Tensor) for name in names)
+        or len(cached["embeddings"]) != size
+        or len(cached["item_vectors"]) != len(cached["item_rows"])
+    ):
+        logger.warning("ignoring cached code embeddings %s: not one row per code and item", path)
         return None
     logger.info("code embeddings read from %s", path)
-    return embeddings
+    return cached["embeddings"], IndexItems(cached["item_vectors"], cached["item_rows"])
 
 
-def _write_cached(path: Path | None, embeddings: torch.Tensor) -> None:
+def _write_cached(path: Path | None, embeddings: torch.Tensor, items: IndexItems) -> None:
     """Write through a temporary file, so that a build stopped half-way leaves no cache. A folder
     that cannot be written costs the next command the embedding again, not this one its answer."""
     if path is None:
         return
     partial = path.with_name(path.name + ".partial")
+    cached = {
+        "embeddings": embeddings.cpu(),
+        "item_vectors": items.vectors.cpu(),
+        "item_rows": items.rows.cpu(),
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(embeddings.cpu(), partial)
+        torch.save(cached, partial)
         partial.replace(path)
     except OSError as exc:
         with contextlib.suppress(OSError):  # nothing may have been written
@@ -161,7 +216,7 @@ def _write_cached(path: Path | None, embeddings: torch.Tensor) -> None:
 @dataclass
 class SearchEngine:
     """A trained model with every code embedded once, its adapters merged for queries, and the
-    lexical index of the national industries, ready to answer queries."""
+    national industries' lexical index and index items, ready to answer queries."""
 
     embedder: NaicsEmbedder
     tokenizer: PreTrainedTokenizerBase
@@ -170,45 +225,48 @@ class SearchEngine:
     levels: np.ndarray  # (N,)
     code_embeddings: torch.Tensor  # (N, D+1)
     lexical: LexicalIndex  # over the six-digit codes, in row order
-    lexical_weight: float
-    backbone_dtype: str = "float32"  # search.backbone_dtype: the merged backbone's weights
+    items: IndexItems
+    settings: SearchConfig  # search.*: the signals' weights and the backbone's dtype
     backbone: MergedBackbone = field(init=False)  # the embedder's, adapters merged, for queries
 
     def __post_init__(self) -> None:
-        self.backbone = self.embedder.encoder.merged_backbone(getattr(torch, self.backbone_dtype))
+        dtype = getattr(torch, self.settings.backbone_dtype)
+        self.backbone = self.embedder.encoder.merged_backbone(dtype)
 
     @classmethod
     def build(
         cls,
         embedder: NaicsEmbedder,
         taxonomy: Taxonomy,
-        lexical_weight: float,
-        backbone_dtype: str = "float32",
+        settings: SearchConfig,
         cache_dir: Path | None = None,
     ) -> SearchEngine:
-        """The engine of a trained model; every code is embedded now, or read from ``cache_dir``
-        when an earlier build of the same model, texts and dtype left it there."""
+        """The engine of a trained model; every code and index item is embedded now, or read
+        from ``cache_dir`` when an earlier build of the same model, texts and dtype left it
+        there."""
         tokenizer = load_tokenizer(embedder.config.model.base_model_name)
+        backbone_dtype = settings.backbone_dtype
         cache = None
         if cache_dir is not None:
             key = code_embeddings_key(embedder, taxonomy, backbone_dtype)
             cache = cache_dir / f"{key}.pt"
-        embeddings = _read_cached(cache, taxonomy.size)
-        if embeddings is not None:
-            embeddings = embeddings.to(embedder.device)
+        cached = _read_cached(cache, taxonomy.size)
+        if cached is not None:
+            embeddings, items = cached
         else:
             started = time.perf_counter()
             config = embedder.config.data_loader.tokenization
             tokens = tokenize_codes(taxonomy, tokenizer, config)
             features = embedder.encoder.code_features(tokens, dtype=getattr(torch, backbone_dtype))
             embeddings = embedder.embed_codes(features, np.arange(taxonomy.size))
+            items = IndexItems.of_national_industries(features, taxonomy)
             logger.info(
                 "embedded %d codes in %.1f s (%s backbone)",
                 taxonomy.size,
                 time.perf_counter() - started,
                 backbone_dtype,
             )
-            _write_cached(cache, embeddings)
+            _write_cached(cache, embeddings, items)
         lexical = LexicalIndex(code_documents(taxonomy, six_digit_rows(taxonomy)))
         return cls(
             embedder,
@@ -216,16 +274,16 @@ class SearchEngine:
             taxonomy.codes,
             taxonomy.titles,
             taxonomy.levels,
-            embeddings,
+            embeddings.to(embedder.device),
             lexical,
-            lexical_weight,
-            backbone_dtype,
+            items.to(embedder.device),
+            settings,
         )
 
     @torch.no_grad()
-    def embed_queries(self, texts: list[str]) -> torch.Tensor:
-        """(Q, D+1) Lorentz embeddings of free-text queries; says in one line how many texts were
-        cut at the token limit (only their beginning is used).
+    def encode_queries(self, texts: list[str]) -> EncodedQueries:
+        """Free-text queries as Lorentz embeddings and as the examples channel reads them; says
+        in one line how many texts were cut at the token limit (only their beginning is used).
 
         See :func:`query_batches`.
         """
@@ -241,9 +299,12 @@ class SearchEngine:
             )
         encoder = self.embedder.encoder
         embeddings = torch.empty((len(texts), self.code_embeddings.shape[1]))
+        examples = torch.empty((len(texts), encoder.hidden_size))
         for rows, features in query_batches(encoder, self.backbone, self.tokenizer, config, texts):
             embeddings[rows] = encoder.head(features).embeddings.cpu()
-        return embeddings.to(self.embedder.device)
+            examples[rows] = features["examples"].float().cpu()
+        device = self.embedder.device
+        return EncodedQueries(embeddings.to(device), examples.to(device))
 
     def candidates(self, level: int | None) -> np.ndarray:
         """Rows of the codes a query may match: one level, or all."""
@@ -259,14 +320,23 @@ class SearchEngine:
         curvature = self.embedder.config.loss.curvature
         return pairwise_distance(queries, self.code_embeddings, curvature)[:, rows]
 
-    def scores(self, texts: list[str], distances: torch.Tensor, level: int | None) -> torch.Tensor:
-        """(Q, C) ranking scores from the distances to the candidates of ``level``: hybrid for
-        the national industries, the embedding's alone for any other level."""
-        lexical = None
-        if level == MAX_LEVEL and self.lexical_weight > 0:
-            lexical = torch.from_numpy(self.lexical.scores(texts))
-        temperature = self.embedder.config.loss.temperature
-        return hybrid_scores(distances, lexical, temperature, self.lexical_weight)
+    def scores(
+        self, texts: list[str], queries: EncodedQueries, distances: torch.Tensor, level: int | None
+    ) -> torch.Tensor:
+        """(Q, C) ranking scores from the distances to the candidates of ``level``: with the
+        lexical and nearest-item signals for the national industries, the embedding's alone for
+        any other level (see the module's docstring)."""
+        logits = -distances / self.embedder.config.loss.temperature
+        if level != MAX_LEVEL:
+            return logits
+        if self.settings.lexical_weight > 0:
+            lexical = torch.from_numpy(self.lexical.scores(texts)).to(logits.device)
+            logits = logits + self.settings.lexical_weight * lexical
+        if self.settings.item_weight > 0:
+            rows = torch.from_numpy(self.candidates(level)).to(logits.device)
+            nearest = self.items.nearest_similarity(queries.examples, len(self.codes))
+            logits = logits + self.settings.item_weight * nearest[:, rows]
+        return logits
 
     def search(
         self, texts: list[str], top_k: int = 5, level: int | None = MAX_LEVEL
@@ -274,8 +344,9 @@ class SearchEngine:
         """The ``top_k`` best codes (at ``level``, or any level for None) for each text."""
         check_request(texts, top_k, level)
         rows = self.candidates(level)
-        distances = self.distances(self.embed_queries(texts), rows)
-        best = self.scores(texts, distances, level).topk(min(top_k, len(rows)), dim=1)
+        queries = self.encode_queries(texts)
+        distances = self.distances(queries.embeddings, rows)
+        best = self.scores(texts, queries, distances, level).topk(min(top_k, len(rows)), dim=1)
         return [
             [
                 Match(

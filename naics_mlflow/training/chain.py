@@ -203,8 +203,7 @@ def _log_final_model(checkpoint: Path, config: Config) -> None:
     engine = SearchEngine.build(
         load_embedder(checkpoint),
         load_taxonomy(config.dirs.data),
-        config.search.lexical_weight,
-        config.search.backbone_dtype,
+        config.search,
         cache_dir=Path(config.dirs.outputs) / CODE_EMBEDDINGS_CACHE,
     )
     uri = log_search_model(checkpoint, engine)
