@@ -596,6 +596,7 @@ def evaluate(
 ) -> None:
     """Hierarchy metrics over all codes and retrieval on the dev, held-out and unseen query sets,
     with baselines; logged to a run nested under the checkpoint's run."""
+    import dataclasses
     import json
     import tempfile
 
@@ -616,6 +617,10 @@ def evaluate(
     experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
     tags = {"evaluation": "true", "checkpoint": reference}
     with tracking.run(experiment_id, "evaluation", tags, parent_run_id=resolved.run_id) as active:
+        # The "as search ranks" figures follow from these, which come from --config, not the run.
+        tracking.log_params(
+            {f"search.{k}": v for k, v in dataclasses.asdict(config.search).items()}
+        )
         tracking.log_metrics(report.metrics())
         tracking.log_dict(report.as_dict(), "evaluation.json")
     if as_json:

@@ -227,6 +227,11 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     assert evaluation.data.tags["evaluation"] == "true"
     assert evaluation.data.tags["mlflow.parentRunId"] == run.info.run_id
     assert "holdout/tfidf/top5" in evaluation.data.metrics
+    assert evaluation.data.params == {
+        "search.lexical_weight": "32.0",
+        "search.item_weight": "10.0",
+        "search.backbone_dtype": "float32",
+    }
 
     queries.write_text("code,text\n999999,Not a code\n")
     line = error_line(
