@@ -104,8 +104,8 @@ class IndexItems:
 
     def nearest_similarity(self, queries: torch.Tensor, size: int) -> torch.Tensor:
         """``(Q, size)``: for every code row, the cosine of each query with the nearest of the
-        code's items, floored at 0, so that a code without items, or with none like the query,
-        neither gains nor loses.
+        code's items, floored at 0: a code without items, or with none like the query, gets no
+        bonus (and no penalty beyond it).
 
         ``queries``: ``(Q, H)`` unit features read by the examples channel. Blocks of
         ``QUERY_BLOCK`` queries bound the ``(Q, P)`` similarities' memory.
