@@ -105,7 +105,7 @@ class IndexItems:
     def nearest_similarity(self, queries: torch.Tensor, size: int) -> torch.Tensor:
         """``(Q, size)``: for every code row, the cosine of each query with the nearest of the
         code's items, floored at 0: a code without items, or with none like the query, gets no
-        bonus (and no penalty beyond it).
+        bonus.
 
         ``queries``: ``(Q, H)`` unit features read by the examples channel. Blocks of
         ``QUERY_BLOCK`` queries bound the ``(Q, P)`` similarities' memory.
