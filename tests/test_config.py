@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from naics_mlflow.config import ConfigError, build_config, load_config, parse_overrides
+from naics_mlflow.config import Config, ConfigError, build_config, load_config, parse_overrides
 
 BASE = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
 
@@ -66,6 +66,7 @@ def test_later_override_wins():
         ("data_loader.batch_size=0", ["must be > 0"]),
         ("model.lora.r=-2", ["must be > 0"]),
         ("training.weight_decay=-0.1", ["must be >= 0"]),
+        ("search.item_weight=-1", ["'search.item_weight'", "must be >= 0"]),
         ("model.moe.top_k=5", ["top_k (5)", "num_experts (4)"]),
         ("training.optimizer=sgd", ["must be one of", "adamw"]),
         ("data_loader.val_split=1.5", ["val_split"]),
@@ -136,3 +137,12 @@ def test_hash_changes_with_values():
 
 def test_parse_overrides_nests_keys():
     assert parse_overrides(["a.b.c=1", "a.d=x"], "test") == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_a_configuration_saved_before_the_search_keys_searched_without_them():
+    saved = load_config(BASE).to_dict()
+    del saved["search"]["item_weight"], saved["search"]["backbone_dtype"]
+    search = Config.from_dict(saved).search
+    # The nearest-item signal did not exist yet, and the backbone read in float32.
+    assert (search.item_weight, search.backbone_dtype) == (0.0, "float32")
+    assert search.lexical_weight == saved["search"]["lexical_weight"]
