@@ -138,6 +138,7 @@ class LossConfig:
     depth_margin: float
     tree_scale: float
     hard_negative_k: int | None
+    hierarchy_rows: int | None
     fn_curriculum_start_epoch: int | None
     fn_cluster_every_n_epochs: int
     fn_num_clusters: int
@@ -224,7 +225,8 @@ class Config:
 # Keys added to the schema after checkpoints of the current format were saved without them, with
 # the value that reproduces how those checkpoints were trained (not necessarily today's default).
 KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {
-    "search": {"backbone_dtype": "float32", "item_weight": 0.0}
+    "search": {"backbone_dtype": "float32", "item_weight": 0.0},
+    "loss": {"hierarchy_rows": None},
 }
 
 
@@ -249,6 +251,7 @@ _POSITIVE_KEYS = {
     "loss.neighbourhood_sharpness",
     "loss.tree_scale",
     "loss.hard_negative_k",
+    "loss.hierarchy_rows",
     "loss.fn_cluster_every_n_epochs",
     "loss.fn_num_clusters",
     "training.learning_rate",

@@ -67,6 +67,7 @@ def test_later_override_wins():
         ("model.lora.r=-2", ["must be > 0"]),
         ("training.weight_decay=-0.1", ["must be >= 0"]),
         ("search.item_weight=-1", ["'search.item_weight'", "must be >= 0"]),
+        ("loss.hierarchy_rows=0", ["'loss.hierarchy_rows'", "must be > 0"]),
         ("model.moe.top_k=5", ["top_k (5)", "num_experts (4)"]),
         ("training.optimizer=sgd", ["must be one of", "adamw"]),
         ("data_loader.val_split=1.5", ["val_split"]),
@@ -146,3 +147,9 @@ def test_a_configuration_saved_before_the_search_keys_searched_without_them():
     # The nearest-item signal did not exist yet, and the backbone read in float32.
     assert (search.item_weight, search.backbone_dtype) == (0.0, "float32")
     assert search.lexical_weight == saved["search"]["lexical_weight"]
+
+
+def test_a_configuration_saved_before_hierarchy_rows_took_every_pair():
+    saved = load_config(BASE, ["loss.hierarchy_rows=512"]).to_dict()
+    del saved["loss"]["hierarchy_rows"]
+    assert Config.from_dict(saved).loss.hierarchy_rows is None

@@ -257,3 +257,18 @@ def test_hierarchy_terms_turn_free_points_into_the_tree():
     levels = torch.tensor([len(c) for c in codes])
     means = [radius[levels == level].mean() for level in (2, 3, 4)]
     assert means[0] < means[1] < means[2]
+
+
+def test_rows_of_pairs_average_to_the_pairwise_terms():
+    """The hierarchy terms of a few codes' rows of pairs (``loss.hierarchy_rows``) are, averaged
+    over the rows, the terms of all pairs: each code's row has as many pairs as any other."""
+    hyperbolic = _line_distances([0.0, 1.0, 3.0])
+    for term in (
+        lambda h, t: distortion_loss(h, t, 1.0),
+        lambda h, t: neighbourhood_loss(h, t, 1.0, 2.0),
+    ):
+        rows = [term(hyperbolic[[i]], PATH_TREE[[i]]).item() for i in range(3)]
+        assert sum(rows) / 3 == pytest.approx(term(hyperbolic, PATH_TREE).item(), rel=1e-9)
+        assert term(hyperbolic[[0, 2]], PATH_TREE[[0, 2]]).item() == pytest.approx(
+            (rows[0] + rows[2]) / 2, rel=1e-9
+        )

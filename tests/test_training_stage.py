@@ -32,7 +32,12 @@ from naics_mlflow.data.tokenization import (
 )
 from naics_mlflow.model.checkpoint import CheckpointError
 from naics_mlflow.model.loading import load_trainable_weights
-from naics_mlflow.model.lorentz import distance_to_origin, manifold_violation, pairwise_distance
+from naics_mlflow.model.lorentz import (
+    distance_to_origin,
+    expmap0,
+    manifold_violation,
+    pairwise_distance,
+)
 from naics_mlflow.model.module import NaicsEmbedder
 from naics_mlflow.training.callbacks import TaxonomyEvaluation
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
@@ -584,6 +589,28 @@ def test_length_buckets_change_speed_not_embeddings(tiny_setup, tiny_overrides):
             atol=1e-5,
             rtol=1e-5,
         )
+
+
+def test_hierarchy_rows_sample_the_pairwise_terms_in_training_only(tiny_setup):
+    """With ``loss.hierarchy_rows``, a training step's distortion and neighbourhood terms take
+    that many codes' rows of pairs, drawn afresh each step: their mean over steps is the terms of
+    every pair, and validation (eval mode) computes them whole."""
+    config, datamodule = tiny_setup
+    sampled = Config.from_dict(merge(config.to_dict(), {"loss": {"hierarchy_rows": 4}}))
+    module = NaicsEmbedder(sampled.to_dict())
+    batch = _fixed_batch(datamodule)
+    embeddings = torch.randn(len(batch["rows"]), 8, generator=torch.Generator().manual_seed(0))
+    points = expmap0(embeddings, config.loss.curvature)
+    module.eval()
+    whole = module._hierarchy_losses(batch, points)
+    module.train()
+    torch.manual_seed(0)
+    draws = [module._hierarchy_losses(batch, points) for _ in range(400)]
+    for term in ("distortion", "neighbourhood"):
+        values = torch.stack([draw[term] for draw in draws])
+        assert values.std() > 0  # the rows change from step to step
+        assert values.mean().item() == pytest.approx(whole[term].item(), rel=0.05)
+    assert torch.stack([draw["depth"] for draw in draws]).eq(whole["depth"]).all()
 
 
 def test_model_embeddings_stay_on_the_manifold(tiny_setup):

@@ -183,14 +183,15 @@ def distortion_loss(hyperbolic: Tensor, tree_distance: Tensor, scale: float) -> 
     of each hyperbolic distance as a multiple of the tree distance.
 
     Relative rather than absolute, so that the many far pairs (codes of different sectors are 6-10
-    edges apart) do not drown the few near ones. The diagonal is masked by arithmetic, not
-    selected out: gathering the off-diagonal pairs of all 2,125 codes (4.5M) and scattering their
-    gradient back took longer than the rest of the term.
+    edges apart) do not drown the few near ones. A code's pair with itself is masked by
+    arithmetic, not selected out: gathering the pairs of distinct codes of all 2,125 (4.5M) and
+    scattering their gradient back took longer than the rest of the term.
 
     Args:
-        hyperbolic: ``(U, U)`` hyperbolic distances between the batch's codes
+        hyperbolic: ``(R, U)`` hyperbolic distances from ``R`` of the batch's codes (all of
+            them, or a sample: ``loss.hierarchy_rows``) to all ``U``
             (:func:`~naics_mlflow.model.lorentz.pairwise_distance`).
-        tree_distance: ``(U, U)`` tree distances, 0 only on the diagonal.
+        tree_distance: ``(R, U)`` tree distances, 0 only where a code meets itself.
         scale: the hyperbolic length of one tree edge.
 
     Returns:
@@ -215,18 +216,19 @@ def neighbourhood_loss(
     averaged over every pair, leaves loose.
 
     Args:
-        hyperbolic: ``(U, U)`` hyperbolic distances between the batch's codes
+        hyperbolic: ``(R, U)`` hyperbolic distances from ``R`` of the batch's codes (all of
+            them, or a sample: ``loss.hierarchy_rows``) to all ``U``
             (:func:`~naics_mlflow.model.lorentz.pairwise_distance`).
-        tree_distance: ``(U, U)`` tree distances, 0 only on the diagonal.
+        tree_distance: ``(R, U)`` tree distances, 0 only where a code meets itself.
         scale: the hyperbolic length of one tree edge.
         sharpness: how fast the tree's weight falls per edge.
 
     Returns:
-        Scalar mean over the codes; 0 when the batch has fewer than two codes.
+        Scalar mean over the ``R`` codes; 0 when the batch has fewer than two codes.
     """
-    if len(hyperbolic) < 2:
+    if hyperbolic.shape[1] < 2:
         return hyperbolic.sum() * 0.0
-    itself = torch.eye(len(hyperbolic), dtype=torch.bool, device=hyperbolic.device)
+    itself = tree_distance == 0
     log_q = F.log_softmax((-sharpness / scale * hyperbolic).masked_fill(itself, float("-inf")), 1)
     p = F.softmax((-sharpness * tree_distance.float()).masked_fill(itself, float("-inf")), 1)
     return -(p * log_q.masked_fill(itself, 0.0)).sum(dim=1).mean()

@@ -115,26 +115,34 @@ class NaicsEmbedder(L.LightningModule):
         The two pairwise terms share one distance matrix: with every code in the batch it is
         2,125 x 2,125, and computing it with its backward pass once instead of twice took, with
         the distortion term's masking, a third off a head-only step on a CPU (docs/results.md).
+        In training it holds the rows of :meth:`_hierarchy_rows` only.
         """
         loss = self.config.loss
         weighted = [name for name in HIERARCHY_TERMS if getattr(loss, f"{name}_weight") > 0]
         pairwise = "distortion" in weighted or "neighbourhood" in weighted
-        hyperbolic = pairwise_distance(embeddings, embeddings, loss.curvature) if pairwise else None
+        if pairwise:
+            rows = self._hierarchy_rows(len(embeddings), embeddings.device)
+            hyperbolic = pairwise_distance(embeddings[rows], embeddings, loss.curvature)
+            tree_distance = batch["tree_distance"][rows]
         terms = {
-            "distortion": lambda: distortion_loss(
-                hyperbolic, batch["tree_distance"], loss.tree_scale
-            ),
+            "distortion": lambda: distortion_loss(hyperbolic, tree_distance, loss.tree_scale),
             "neighbourhood": lambda: neighbourhood_loss(
-                hyperbolic,
-                batch["tree_distance"],
-                loss.tree_scale,
-                loss.neighbourhood_sharpness,
+                hyperbolic, tree_distance, loss.tree_scale, loss.neighbourhood_sharpness
             ),
             "depth": lambda: depth_loss(
                 embeddings, batch["parent"], loss.curvature, loss.depth_margin
             ),
         }
         return {name: terms[name]() for name in weighted}
+
+    def _hierarchy_rows(self, size: int, device: torch.device) -> torch.Tensor | slice:
+        """The codes whose rows of pairs the hierarchy terms take this step: ``loss.hierarchy_rows``
+        of them drawn at random in training, else all. Each term is a mean over rows, so a random
+        subset estimates it without bias, and the columns keep every code in the gradient."""
+        count = self.config.loss.hierarchy_rows
+        if not self.training or count is None or count >= size:
+            return slice(None)
+        return torch.randperm(size, device=device)[:count]
 
     def _contrastive_loss(
         self, batch: dict[str, Any], embeddings: torch.Tensor
