@@ -216,11 +216,7 @@ def neighbourhood_loss(
     averaged over every pair, leaves loose.
 
     Args:
-        hyperbolic: ``(R, U)`` hyperbolic distances from ``R`` of the batch's codes (all of
-            them, or a sample: ``loss.hierarchy_rows``) to all ``U``
-            (:func:`~naics_mlflow.model.lorentz.pairwise_distance`).
-        tree_distance: ``(R, U)`` tree distances, 0 only where a code meets itself.
-        scale: the hyperbolic length of one tree edge.
+        hyperbolic, tree_distance, scale: as in :func:`distortion_loss`, ``(R, U)``.
         sharpness: how fast the tree's weight falls per edge.
 
     Returns:
