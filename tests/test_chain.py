@@ -201,7 +201,9 @@ def test_from_checkpoint_references(workdir):
             "training.trainer.max_epochs=1",
         )
     )
-    local = next((workdir / "checkpoints").rglob(second.data.tags["best_checkpoint"]))
+    # The run's own folder: two runs of a stage may name their best checkpoints alike.
+    tags = second.data.tags
+    local = workdir / "checkpoints" / tags["run_group"] / "01_stage" / tags["best_checkpoint"]
     ok(
         run_cli(
             workdir,
