@@ -156,6 +156,44 @@ def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, ta
     torch.testing.assert_close(single.embeddings, embeddings[1:2], **TOLERANCE)
 
 
+@pytest.mark.parametrize("moved", [None, "title"])
+def test_channels_that_read_alike_share_one_pass(tiny_overrides, moved):
+    """Untrained adapters (LoRA's B at zero, as after head-only training) all read like the
+    backbone: a query runs once, not once per query channel, and reads what the training path
+    reads. Moving one adapter away from zero gives it its own pass again."""
+    config = load_config(CONFIG, tiny_overrides)
+    module = NaicsEmbedder(config.to_dict()).eval()
+    encoder = module.encoder
+    if moved is not None:
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for name, parameter in encoder.backbone.named_parameters():
+                if f"lora_B.{moved}." in name:
+                    parameter.normal_(std=0.5)
+    tokenizer = load_tokenizer(config.model.base_model_name)
+    backbone = encoder.merged_backbone()
+    rows_read = []
+    backbone.layers[0].qkv.register_forward_pre_hook(lambda _, args: rows_read.append(len(args[0])))
+    batches = list(
+        retrieval.query_batches(
+            encoder, backbone, tokenizer, config.data_loader.tokenization, QUERIES[:3]
+        )
+    )
+    assert len(batches) == 1
+    rows, features = batches[0]
+    texts = [QUERIES[i] for i in rows]
+    tokens = tokenize_queries(texts, tokenizer, config.data_loader.tokenization)
+    expected = encoder.channel_features(tokens)
+    for channel in CHANNELS:
+        torch.testing.assert_close(features[channel], expected[channel], **TOLERANCE)
+    padded_rows = tokens.texts["title"].input_ids.numel()
+    assert rows_read == [padded_rows * (1 if moved is None else 2)]
+    if moved is None:
+        assert torch.equal(features["title"], features["examples"])
+    else:
+        assert (features["title"] - features["examples"]).abs().max() > 0.01
+
+
 def test_nearest_item_similarity_is_each_codes_nearest_item_floored_at_zero(monkeypatch):
     vectors = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0.6, 0.8, 0], [-1, 0, 0]])
     # Code 0 has two items, code 1 none, code 2 one, and code 3's one item opposes every query.

@@ -141,12 +141,12 @@ def query_batches(
     queries each batch holds.
 
     Queries run shortest first, each batch one pass of the merged ``backbone`` for every query
-    channel, of at most :func:`pass_tokens` tokens: many queries cost little padding and few
-    passes.
+    channel that reads differently, of at most :func:`pass_tokens` tokens: many queries cost
+    little padding and few passes.
     """
     ids = query_ids(texts, tokenizer, config)
     device = backbone.device
-    budget = pass_tokens(device) // len(QUERY_CHANNELS)
+    budget = pass_tokens(device) // len({backbone.reading[channel] for channel in QUERY_CHANNELS})
     for rows in length_batches([len(sequence) for sequence in ids], budget):
         batch = pad([ids[i] for i in rows], list(range(len(rows))), tokenizer.pad_token_id)
         yield rows, encoder.query_features(backbone, TextBatch(*(t.to(device) for t in batch)))

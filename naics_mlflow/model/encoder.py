@@ -203,8 +203,8 @@ class MultiChannelEncoder(nn.Module):
         ``item_queries`` also reads every index item through the title adapter, as a query is
         read, which a stage needs only when it trains on items as queries from these features
         (a head-only stage): that pass is a third of the work, so embedding codes skips it. While
-        the title and examples adapters are both still the identity (LoRA's B starts at zero),
-        it is the examples pass and is not repeated.
+        the title and examples adapters read alike (both still the identity, as LoRA's B starts
+        at zero), it is the examples pass and is not repeated.
         """
         backbone = self.merged_backbone(dtype)
         pad_id = tokens.pad_token_id
@@ -216,7 +216,7 @@ class MultiChannelEncoder(nn.Module):
         if item_queries:
             items["title"] = (
                 items["examples"]
-                if self._is_identity("title") and self._is_identity("examples")
+                if backbone.reading["title"] == backbone.reading["examples"]
                 else unit_features(backbone, "title", tokens.item_ids, pad_id)
             )
         code_items = [torch.from_numpy(rows) for rows in tokens.code_items]
@@ -228,25 +228,21 @@ class MultiChannelEncoder(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """``{channel: (Q, H)}`` of free-text queries (one text each): the unit features of each
         query read by every one of ``QUERY_CHANNELS`` in a single pass of ``backbone``, zeros in
-        the other channels; what :meth:`channel_features` gives their query tokens."""
+        the other channels; what :meth:`channel_features` gives their query tokens. Channels
+        that read alike (``backbone.reading``) read the queries once."""
         count = len(queries.input_ids)
-        repeats = len(QUERY_CHANNELS)
+        readings = list(dict.fromkeys(backbone.reading[channel] for channel in QUERY_CHANNELS))
         pooled = backbone(
-            queries.input_ids.repeat(repeats, 1),
-            queries.attention_mask.repeat(repeats, 1),
-            [(channel, count) for channel in QUERY_CHANNELS],
+            queries.input_ids.repeat(len(readings), 1),
+            queries.attention_mask.repeat(len(readings), 1),
+            [(reading, count) for reading in readings],
         )
-        read = dict(zip(QUERY_CHANNELS, F.normalize(pooled, dim=-1).split(count), strict=True))
+        read = dict(zip(readings, F.normalize(pooled, dim=-1).split(count), strict=True))
         zeros = torch.zeros((count, self.hidden_size), device=pooled.device)
-        return {channel: read.get(channel, zeros) for channel in CHANNELS}
-
-    def _is_identity(self, channel: str) -> bool:
-        """Whether a channel's adapter changes nothing: every LoRA B matrix is zero."""
-        return all(
-            not parameter.any()
-            for name, parameter in self.backbone.named_parameters()
-            if f"lora_B.{channel}." in name
-        )
+        return {
+            channel: read[backbone.reading[channel]] if channel in QUERY_CHANNELS else zeros
+            for channel in CHANNELS
+        }
 
     def cast_frozen_linears(self, dtype: torch.dtype) -> None:
         """Store the frozen backbone's linear layers (every one but the adapters) in ``dtype``,

@@ -79,6 +79,33 @@ def check_adapters(backbone: peft.PeftModel) -> None:
             )
 
 
+def shared_readings(backbone: peft.PeftModel, channels: tuple[str, ...]) -> dict[str, str]:
+    """Each channel -> the first of ``channels`` whose adapter is the same function as its own.
+
+    Adapters are the same function when every LoRA layer adds the same weight for both: always
+    while LoRA's B matrices are still zero, as after head-only training, where all four channels
+    are the backbone itself. Channels that read alike then share one copy of the weights, and a
+    query's title and examples readings are one pass instead of two.
+    """
+    adapted = [
+        module for module in backbone.modules() if isinstance(module, peft.tuners.lora.LoraLayer)
+    ]
+    reading: dict[str, str] = {}
+    for channel in channels:
+        reading[channel] = next(
+            (
+                earlier
+                for earlier in dict.fromkeys(reading.values())
+                if all(
+                    torch.equal(module.get_delta_weight(earlier), module.get_delta_weight(channel))
+                    for module in adapted
+                )
+            ),
+            channel,
+        )
+    return reading
+
+
 def channel_weights(
     module: nn.Module, channels: tuple[str, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,11 +229,12 @@ class MergedBackbone(nn.Module):
     encoding without gradients; see the module's docstring.
 
     A snapshot: it holds the merged weights as they were when it was built, so rebuild it after
-    the adapters change. Its weights are its own copies in ``dtype`` (a float32 one shares only
-    the word embeddings with the training backbone). In bfloat16 a CPU with AMX or AVX512-BF16
+    the adapters change. Channels whose adapters are the same function share one copy
+    (:func:`shared_readings`, ``reading``). Its weights are its own copies in ``dtype`` (a float32
+    one shares only the word embeddings with the training backbone). In bfloat16 a CPU with AMX
     encodes the long texts of all codes in under half float32's time, at a cosine of about
-    0.9999 with float32's (docs/results.md has what it does to retrieval); the training backbone
-    stays float32.
+    0.9999 with float32's (docs/results.md has what it does to retrieval; with AVX512-BF16 but no
+    AMX it took longer than float32); the training backbone stays float32.
     """
 
     def __init__(
@@ -217,7 +245,8 @@ class MergedBackbone(nn.Module):
     ) -> None:
         super().__init__()
         model = backbone.get_base_model()
-        self.channels = channels
+        self.reading = shared_readings(backbone, channels)
+        self.readings = tuple(dict.fromkeys(self.reading.values()))
         embeddings = model.embeddings
         with torch.no_grad():
             self.register_buffer("word", embeddings.word_embeddings.weight.detach().to(dtype))
@@ -230,7 +259,7 @@ class MergedBackbone(nn.Module):
             )
             self.embedding_norm = LayerNorm(embeddings.LayerNorm, dtype)
             self.layers = nn.ModuleList(
-                MergedLayer(layer, channels, dtype) for layer in model.encoder.layer
+                MergedLayer(layer, self.readings, dtype) for layer in model.encoder.layer
             )
         self.hidden_size = model.config.hidden_size
 
@@ -246,7 +275,14 @@ class MergedBackbone(nn.Module):
         read by the channels ``groups`` names: ``[("title", Q), ("examples", Q)]`` for Q
         queries."""
         texts, length = input_ids.shape
-        token_groups = [(self.channels.index(channel), count * length) for channel, count in groups]
+        token_groups: list[tuple[int, int]] = []
+        for channel, count in groups:
+            index = self.readings.index(self.reading[channel])
+            if token_groups and token_groups[-1][0] == index:
+                # Neighbouring groups read alike: one product instead of two.
+                token_groups[-1] = (index, token_groups[-1][1] + count * length)
+            else:
+                token_groups.append((index, count * length))
         x = self.word[input_ids] + self.position[:length] + self.token_type
         x = self.embedding_norm(x).view(texts * length, -1)
         attend = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
