@@ -127,7 +127,7 @@ def test_mlflow_run_chain_nests_three_stages(workdir):
     assert predict.stdout.strip().splitlines()[-1] == "5"  # the chain's model, in its parent run
     assert list(
         (workdir / "checkpoints" / "sequential_01-02-03_chain_test" / "02_stage").glob(
-            "02_stage-epoch=00-val_loss=*.ckpt"
+            f"{second.info.run_id}/02_stage-epoch=00-val_loss=*.ckpt"
         )
     )
 
@@ -154,6 +154,35 @@ def test_command_line_overrides_beat_chain_values_and_runs_lists_the_stage(workd
     assert f"runs:/{child.info.run_id}/ckpt" in rows[0]
     assert f"{child.data.metrics['best_val_loss']:.4f}" in rows[0]
     assert ok(run_cli(workdir, "runs", "--stage", "02_stage")).stdout.startswith("no stage runs")
+
+
+def test_runs_of_a_stage_in_one_group_keep_their_own_checkpoints(workdir):
+    """Two runs of 01_stage with other settings share the group sequential_01; neither may
+    overwrite the other's local files, which each run uploads as its own."""
+    for rate in ("1e-2", "1e-4"):
+        ok(
+            run_cli(
+                workdir,
+                "train-curriculum",
+                "--curricula",
+                "01_stage",
+                f"training.learning_rate={rate}",
+                "training.trainer.max_epochs=1",
+            )
+        )
+    runs = _runs(workdir, "tags.stage = '01_stage'")
+    assert {r.data.tags["run_group"] for r in runs} == {"sequential_01"}
+    digests = []
+    for run in runs:
+        folder = workdir / "checkpoints" / "sequential_01" / "01_stage" / run.info.run_id
+        for name in (tracking.LAST_CHECKPOINT, run.data.tags["best_checkpoint"]):
+            logged = _client(workdir).download_artifacts(
+                run.info.run_id, f"ckpt/{name}", str(workdir / "dl" / run.info.run_id)
+            )
+            local = weights_digest(torch.load(folder / name, weights_only=True)["state_dict"])
+            assert local == weights_digest(torch.load(logged, weights_only=True)["state_dict"])
+        digests.append(local)
+    assert len(runs) == 2 and digests[0] != digests[1]
 
 
 def test_from_checkpoint_references(workdir):
@@ -201,9 +230,15 @@ def test_from_checkpoint_references(workdir):
             "training.trainer.max_epochs=1",
         )
     )
-    # The run's own folder: two runs of a stage may name their best checkpoints alike.
     tags = second.data.tags
-    local = workdir / "checkpoints" / tags["run_group"] / "01_stage" / tags["best_checkpoint"]
+    local = (
+        workdir
+        / "checkpoints"
+        / tags["run_group"]
+        / "01_stage"
+        / second.info.run_id
+        / tags["best_checkpoint"]
+    )
     ok(
         run_cli(
             workdir,

@@ -201,6 +201,7 @@ def test_concurrent_chains_share_a_tracking_server(tiny_workdir, tracking_server
             / "checkpoints"
             / f"sequential_{sequence}_{chain}"
             / run.data.tags["stage"]
+            / run.info.run_id
             / run.data.tags["best_checkpoint"]
         )
         local_digest = weights_digest(torch.load(local, weights_only=True)["state_dict"])

@@ -29,7 +29,7 @@ class ChainPlan:
 
     @property
     def run_group(self) -> str:
-        """The local checkpoint folder, ``checkpoints/<run_group>/<stage>/``."""
+        """The local checkpoint folder, ``checkpoints/<run_group>/<stage>/<run id>/``."""
         suffix = f"_{self.chain}" if self.chain else ""
         return f"sequential_{self.sequence}{suffix}"
 

@@ -88,17 +88,18 @@ def train_stage(
     and return None.
     """
     rank_zero = is_global_zero()
-    checkpoint_dir = Path(config.dirs.checkpoints) / run_group / curriculum.name
+    stage_dir = Path(config.dirs.checkpoints) / run_group / curriculum.name
     # The store and the folder first: either failing should cost seconds, not a trained epoch.
     experiment_id = tracking.use_experiment(config.mlflow.experiment_name) if rank_zero else None
     if rank_zero:
-        _check_writable(checkpoint_dir)
+        _check_writable(stage_dir)
     L.seed_everything(config.training.seed, workers=True)
     datamodule = NaicsDataModule(config, curriculum, release, raw_dir)
     module = NaicsEmbedder(config.to_dict())
     if not rank_zero:
         # DDP copies rank 0's weights to every rank as training starts: no need to load them.
-        _fit(config, module, datamodule, run_group, checkpoint_dir, None, resume_checkpoint)
+        # The checkpoint folder, too, is rank 0's (ModelCheckpoint broadcasts it).
+        _fit(config, module, datamodule, run_group, stage_dir, None, resume_checkpoint)
         return None
     if init_checkpoint is not None:
         load_trainable_weights(module, init_checkpoint)
@@ -118,6 +119,10 @@ def train_stage(
         tags["init_weights_digest"] = weights_digest(module.encoder.trainable_state_dict())
     with tracking.run(experiment_id, curriculum.name, tags, parent_run_id) as active:
         run_id = active.info.run_id
+        # A folder of the run's own: runs of a stage in one group (a rerun with other settings,
+        # a sweep's parallel jobs) would otherwise overwrite each other's last.ckpt and best file,
+        # and upload the other run's as their own.
+        checkpoint_dir = stage_dir / run_id
         tracking.log_params(config.flat())
         tracking.log_params({f"curriculum.{k}": v for k, v in asdict(curriculum).items()})
         tracking.log_dict(config.to_dict(), "config.yaml")
