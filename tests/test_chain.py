@@ -315,11 +315,12 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
     client = _client(workdir)
     # Stop it once stage 02 has logged a last.ckpt. The store is only asked once that stage has
     # written its first local one (the upload follows), not all through stage 01.
-    local_last = workdir / "checkpoints" / "sequential_01-02_chain_kill" / "02_stage" / "last.ckpt"
+    stage_dir = workdir / "checkpoints" / "sequential_01-02_chain_kill" / "02_stage"
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            runs = _stage_runs(workdir, "02_stage") if local_last.exists() else []
+            written = any(stage_dir.glob(f"*/{tracking.LAST_CHECKPOINT}"))
+            runs = _stage_runs(workdir, "02_stage") if written else []
             if runs and any(
                 a.path == "ckpt/last.ckpt"
                 for a in client.list_artifacts(runs[0].info.run_id, "ckpt")
@@ -351,6 +352,8 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
     assert client.get_run(old.info.run_id).info.status == "KILLED"
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["resumed_from"] == old.info.run_id
+    # It continued in the interrupted run's folder, where Lightning's record of the best holds.
+    assert (stage_dir / old.info.run_id / resumed.data.tags["best_checkpoint"]).is_file()
     assert resumed.data.tags["mlflow.parentRunId"] == old.data.tags["mlflow.parentRunId"]
     epochs = [m.value for m in client.get_metric_history(resumed.info.run_id, "epoch")]
     assert min(epochs) >= 1 and max(epochs) == 3  # continued, not restarted

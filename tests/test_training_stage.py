@@ -130,7 +130,7 @@ def test_cli_run_logs_checkpoints_config_and_tensorboard(cli_run):
     assert checkpoints == {"ckpt/last.ckpt", f"ckpt/{best}"}
     assert best.startswith("01_stage-epoch=") and best.endswith(".ckpt")
     assert "val_loss=" in best
-    local = list((workdir / "checkpoints").glob(f"single_*/01_stage/{best}"))
+    local = list((workdir / "checkpoints").glob(f"single_*/01_stage/{run.info.run_id}/{best}"))
     assert len(local) == 1 and (local[0].parent / "last.ckpt").is_file()
     assert any(a.path == "config.yaml" for a in client.list_artifacts(run.info.run_id))
     pictures = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, "plots")}
@@ -149,7 +149,9 @@ def test_logged_checkpoint_reloads_to_the_same_embeddings(
     assert resolved.run_id == run.info.run_id
     downloaded = resolved.path
     assert downloaded.name == run.data.tags["best_checkpoint"]
-    (local,) = (workdir / "checkpoints").glob(f"single_*/01_stage/{downloaded.name}")
+    (local,) = (workdir / "checkpoints").glob(
+        f"single_*/01_stage/{run.info.run_id}/{downloaded.name}"
+    )
     config = load_config(CONFIG, tiny_overrides)
     tokens = tokenize_codes(
         taxonomy, load_tokenizer(config.model.base_model_name), config.data_loader.tokenization
@@ -826,7 +828,7 @@ def test_false_negative_clusters_mask_negatives(tiny_setup):
 
 def test_checkpoint_of_another_shape_is_rejected(tiny_setup, tmp_path, cli_run, tiny_overrides):
     workdir, *_ = cli_run
-    (last,) = (workdir / "checkpoints").glob("single_*/01_stage/last.ckpt")
+    (last,) = (workdir / "checkpoints").glob("single_*/01_stage/*/last.ckpt")
     config = load_config(CONFIG, [*tiny_overrides, "model.lora.r=4"])
     with pytest.raises(CheckpointError, match=r"trained with model\.lora\.r=2, this run has 4"):
         load_trainable_weights(NaicsEmbedder(config.to_dict()), last)
@@ -849,20 +851,28 @@ def test_a_resumed_stage_forgets_a_best_checkpoint_that_is_not_on_disk(tmp_path,
 
     kept = tmp_path / "kept.ckpt"
     kept.write_bytes(b"weights")
-    for best, forgotten in ((kept, False), (tmp_path / "gone.ckpt", True)):
+    cases = (
+        (kept, torch.tensor(0.5), False),
+        # What restoring a last.ckpt of another machine, or of a killed process, leaves.
+        (tmp_path / "gone.ckpt", torch.tensor(0.5), True),
+        # What Lightning restores when the checkpoint folder is not the interrupted run's.
+        (kept, None, True),
+    )
+    for best, score, forgotten in cases:
         checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
         trainer = L.Trainer(callbacks=[checkpoint], logger=False, enable_progress_bar=False)
-        # What restoring a last.ckpt of another machine, or of a killed process, leaves.
         checkpoint.best_model_path = checkpoint.kth_best_model_path = str(best)
-        checkpoint.best_model_score = checkpoint.kth_value = torch.tensor(0.5)
-        checkpoint.best_k_models = {str(best): torch.tensor(0.5)}
+        checkpoint.best_model_score = checkpoint.kth_value = score
+        checkpoint.best_k_models = {str(best): score}
         ForgetUnreachableBest().on_train_start(trainer, None)
         assert (checkpoint.best_model_path == "") is forgotten
-        assert (checkpoint.best_model_score is None) is forgotten
+        assert (checkpoint.best_model_score is None) is (forgotten or score is None)
         assert (checkpoint.best_k_models == {}) is forgotten
         # A later epoch with any val_loss then becomes the best.
-        assert (float(checkpoint.kth_value) == float("inf")) is forgotten
-    assert "gone.ckpt (val_loss 0.5000), is not on this disk" in caplog.text
+        if forgotten:
+            assert float(checkpoint.kth_value) == float("inf")
+    assert "gone.ckpt, is not on this disk or its val_loss was not restored" in caplog.text
+    assert "kept.ckpt, is not on this disk" in caplog.text
 
 
 def test_precision_falls_back_to_float32_on_cpu(caplog):

@@ -209,25 +209,27 @@ class EpochSummary(L.Callback):
 
 
 class ForgetUnreachableBest(L.Callback):
-    """A resumed stage: forget a best checkpoint that is not on this disk.
+    """A resumed stage: forget a best checkpoint that is not on this disk, or whose val_loss was
+    not restored.
 
     Resuming restores the checkpoint callback's record of the best epoch, but its file may be
     gone: the run may resume on another machine (``last.ckpt`` comes from the store, the best
     file is uploaded only when the stage ends), or the process may have died between saving a
-    better epoch (which deletes the previous best) and uploading ``last.ckpt``. Keeping that
-    record would end the stage naming a file that does not exist; forgetting it lets the resumed
-    epochs choose a best that does.
+    better epoch (which deletes the previous best) and uploading ``last.ckpt``. And Lightning
+    restores the record's val_loss only when the checkpoint folder is the interrupted run's.
+    Keeping such a record would end the stage naming a file that does not exist, or one that
+    cannot be compared; forgetting it lets the resumed epochs choose a best that does.
     """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         checkpoint = trainer.checkpoint_callback
-        if not checkpoint.best_model_path or Path(checkpoint.best_model_path).is_file():
+        best = checkpoint.best_model_path
+        if not best or (Path(best).is_file() and checkpoint.best_model_score is not None):
             return
         logger.warning(
-            "the best checkpoint before the interruption, %s (val_loss %.4f), is not on this "
-            "disk; the best of the resumed epochs is kept instead",
-            Path(checkpoint.best_model_path).name,
-            float(checkpoint.best_model_score),
+            "the best checkpoint before the interruption, %s, is not on this disk or its "
+            "val_loss was not restored; the best of the resumed epochs is kept instead",
+            Path(best).name,
         )
         checkpoint.best_model_path = ""
         checkpoint.best_model_score = None

@@ -158,7 +158,6 @@ def _record_chain(
                     stage_start.run_id,
                 )
                 tracking.mark_killed_if_running(stage_start.run_id)
-                extra_tags["resumed_from"] = stage_start.run_id
             result = train_stage(
                 stage.config,
                 stage.curriculum,
@@ -167,6 +166,7 @@ def _record_chain(
                 raw_dir=raw_dir,
                 init_checkpoint=_initial_weights(stage_start, previous_best),
                 resume_checkpoint=_resume_checkpoint(stage_start),
+                resumed_run_id=stage_start.run_id if stage_start.how is How.RESUME else None,
                 parent_run_id=parent.info.run_id,
                 extra_tags=extra_tags,
             )

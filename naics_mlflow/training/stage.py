@@ -77,15 +77,16 @@ def train_stage(
     raw_dir: str | None = None,
     init_checkpoint: Path | None = None,
     resume_checkpoint: Path | None = None,
+    resumed_run_id: str | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
 ) -> StageResult | None:
     """Train ``curriculum`` inside a new MLflow run and log its checkpoints under ``ckpt/``.
 
     It starts from scratch, from ``init_checkpoint``'s weights with a fresh optimiser and
-    schedule, or continues an interrupted run from ``resume_checkpoint`` (a ``last.ckpt``) with
-    optimiser, schedule and epoch restored. Ranks other than 0 of a data-parallel run only train,
-    and return None.
+    schedule, or continues the interrupted run ``resumed_run_id`` from ``resume_checkpoint`` (its
+    ``last.ckpt``) with optimiser, schedule and epoch restored. Ranks other than 0 of a
+    data-parallel run only train, and return None.
     """
     rank_zero = is_global_zero()
     stage_dir = Path(config.dirs.checkpoints) / run_group / curriculum.name
@@ -114,6 +115,8 @@ def train_stage(
         "run_group": run_group,
         **(extra_tags or {}),
     }
+    if resumed_run_id is not None:
+        tags["resumed_from"] = resumed_run_id
     if init_checkpoint is not None:
         tags["init_checkpoint"] = str(init_checkpoint)
         tags["init_weights_digest"] = weights_digest(module.encoder.trainable_state_dict())
@@ -121,8 +124,9 @@ def train_stage(
         run_id = active.info.run_id
         # A folder of the run's own: runs of a stage in one group (a rerun with other settings,
         # a sweep's parallel jobs) would otherwise overwrite each other's last.ckpt and best file,
-        # and upload the other run's as their own.
-        checkpoint_dir = stage_dir / run_id
+        # and upload the other run's as their own. A resumed run continues in the interrupted
+        # run's, where Lightning restores its whole record of the best epoch.
+        checkpoint_dir = stage_dir / (resumed_run_id or run_id)
         tracking.log_params(config.flat())
         tracking.log_params({f"curriculum.{k}": v for k, v in asdict(curriculum).items()})
         tracking.log_dict(config.to_dict(), "config.yaml")
