@@ -223,13 +223,18 @@ class ForgetUnreachableBest(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         checkpoint = trainer.checkpoint_callback
-        best = checkpoint.best_model_path
-        if not best or (Path(best).is_file() and checkpoint.best_model_score is not None):
+        best, score = checkpoint.best_model_path, checkpoint.best_model_score
+        if not best or (Path(best).is_file() and score is not None):
             return
+        if score is None:
+            problem = "came without its val_loss (another checkpoint folder)"
+        else:
+            problem = f"(val_loss {float(score):.4f}), is not on this disk"
         logger.warning(
-            "the best checkpoint before the interruption, %s, is not on this disk or its "
-            "val_loss was not restored; the best of the resumed epochs is kept instead",
+            "the best checkpoint before the interruption, %s %s; the best of the resumed epochs "
+            "is kept instead",
             Path(best).name,
+            problem,
         )
         checkpoint.best_model_path = ""
         checkpoint.best_model_score = None
