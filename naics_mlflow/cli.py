@@ -472,7 +472,7 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
     from naics_mlflow.data.build import build_data, is_built
     from naics_mlflow.data.census import load_release, resolve_raw_dir
     from naics_mlflow.data.taxonomy import load_taxonomy
-    from naics_mlflow.evaluation.retrieval import CODE_EMBEDDINGS_CACHE, SearchEngine
+    from naics_mlflow.evaluation.retrieval import SearchEngine
     from naics_mlflow.model.loading import load_embedder
 
     data_dir = Path(config.dirs.data)
@@ -487,7 +487,7 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
         load_embedder(resolved.path),
         taxonomy,
         config.search,
-        cache_dir=Path(config.dirs.outputs) / CODE_EMBEDDINGS_CACHE,
+        outputs_dir=Path(config.dirs.outputs),
     )
     return engine, taxonomy, resolved, config
 
@@ -613,7 +613,13 @@ def evaluate(
         unseen_queries or Path(config.evaluation.unseen_queries),
         set(taxonomy.codes),
     )
-    report = run_evaluation(engine, taxonomy, query_sets, baselines=not no_baselines)
+    report = run_evaluation(
+        engine,
+        taxonomy,
+        query_sets,
+        baselines=not no_baselines,
+        outputs_dir=Path(config.dirs.outputs),
+    )
     experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
     tags = {"evaluation": "true", "checkpoint": reference}
     with tracking.run(experiment_id, "evaluation", tags, parent_run_id=resolved.run_id) as active:

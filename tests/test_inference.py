@@ -3,6 +3,7 @@ gives, on the tiny backbone with every channel's adapter moved away from LoRA's 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from naics_mlflow.data.pretrained import BackboneError, load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL
 from naics_mlflow.data.tokenization import (
     CHANNELS,
+    TEXT_CHANNELS,
     length_batches,
     tokenize_codes,
     tokenize_queries,
@@ -126,6 +128,62 @@ def test_item_features_read_through_each_query_channel(trained_adapters):
         )
     # Embedding codes reads the items through the examples adapter only: a third less work.
     assert set(module.encoder.code_features(tokens).items) == {"examples"}
+
+
+def test_channel_features_are_cached_by_what_the_adapters_compute(
+    tmp_path, tiny_overrides, taxonomy, caplog
+):
+    config = load_config(CONFIG, tiny_overrides)
+    tokenizer = load_tokenizer(config.model.base_model_name)
+    tokens = tokenize_codes(taxonomy, tokenizer, config.data_loader.tokenization)
+    torch.manual_seed(0)
+    first = NaicsEmbedder(config.to_dict()).eval().encoder
+    torch.manual_seed(1)
+    second = NaicsEmbedder(config.to_dict()).eval().encoder  # other A matrices, B still zero
+    lora_a = [[p for n, p in e.named_parameters() if "lora_A" in n] for e in (first, second)]
+    assert not any(torch.equal(a, b) for a, b in zip(*lora_a, strict=True))
+    computed = first.code_features(tokens, cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("*.pt")
+
+    caplog.set_level(logging.INFO, logger="naics_mlflow")
+    read = second.code_features(tokens, cache_dir=tmp_path)  # adapters that add nothing: shared
+    assert f"channel features read from {cached}" in caplog.text
+    for channel in TEXT_CHANNELS:
+        assert torch.equal(read.channels[channel], computed.channels[channel])
+    assert torch.equal(read.items["examples"], computed.items["examples"])
+
+    # Asking for the items' title features, which the file lacks: computed, the file replaced.
+    caplog.clear()
+    with_titles = second.code_features(tokens, item_queries=True, cache_dir=tmp_path)
+    assert "read from" not in caplog.text
+    assert set(torch.load(cached, weights_only=True)) >= {"items.title", "items.examples"}
+    assert set(second.code_features(tokens, item_queries=True, cache_dir=tmp_path).items) == {
+        "examples",
+        "title",
+    }
+    assert "read from" in caplog.text
+    torch.testing.assert_close(with_titles.channels["title"], computed.channels["title"])
+
+    # A moved adapter reads otherwise: its features are computed and kept in a file of their own.
+    with torch.no_grad():
+        for name, parameter in second.backbone.named_parameters():
+            if "lora_B" in name and ".title" in name:
+                parameter.normal_(std=0.5)
+    caplog.clear()
+    moved = second.code_features(tokens, cache_dir=tmp_path)
+    assert "read from" not in caplog.text
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    assert (moved.channels["title"] - computed.channels["title"]).abs().max() > 0.01
+    torch.testing.assert_close(moved.channels["excluded"], computed.channels["excluded"])
+
+    # A file cut short is computed again and replaced, with one warning.
+    cached.write_bytes(b"cut short")
+    caplog.clear()
+    again = first.code_features(tokens, cache_dir=tmp_path)
+    assert f"ignoring unreadable cached channel features {cached}" in caplog.text
+    assert torch.equal(again.channels["description"], computed.channels["description"])
+    assert set(torch.load(cached, weights_only=True)) >= {"channels.title", "items.examples"}
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, taxonomy):

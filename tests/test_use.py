@@ -115,6 +115,18 @@ def test_commands_reuse_the_code_embeddings_an_earlier_one_cached(trained):
     cache.unlink()
 
 
+def test_commands_read_the_channel_features_the_head_only_stage_cached(trained):
+    """Its adapters never moved, so the trained model reads its texts as the stage's start did."""
+    workdir, *_ = trained
+    folder = workdir / "outputs" / "channel_features"
+    cached = sorted(folder.glob("*.pt"))
+    shutil.rmtree(workdir / "outputs" / "code_embeddings", ignore_errors=True)
+    result = ok(run_cli(workdir, "search", "grow soybeans", "--from-checkpoint", "quickstart"))
+    assert f"channel features read from {folder}" in result.stderr
+    assert "embedded 2125 codes" in result.stderr  # the head still runs
+    assert sorted(folder.glob("*.pt")) == cached  # nothing computed again
+
+
 def test_search_returns_the_closest_codes(trained):
     workdir, _, _, checkpoint = trained
     result = ok(
@@ -213,6 +225,8 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
         )
     )
     report = json.loads(result.stdout)
+    # The untrained baseline reads its texts as the head-only stage did: cached features.
+    assert "channel features read from" in result.stderr
     assert {"spearman", "ndcg_at_10"} <= {k.removeprefix("val/") for k in report["hierarchy"]}
     assert "radius_depth_spearman" in {k.removeprefix("val/") for k in report["hierarchy"]}
     assert list(report["retrieval"]) == ["dev", "holdout", "unseen_2017"]

@@ -4,18 +4,28 @@ A text's feature is its pooled backbone state (through the channel's adapter) sc
 length; a channel with several texts (the examples channel's index items) has the unit mean of
 its texts' features; a channel with no text has the zero vector. :class:`CodeFeatures` holds them
 for every code, computed once with frozen adapters, so a head-only stage trains on lookups instead
-of backbone passes.
+of backbone passes; :func:`read_features` and :func:`write_features` keep them on disk between
+commands, under a digest of everything they follow from (``MultiChannelEncoder.features_key``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from naics_mlflow.data.tokenization import TEXT_CHANNELS
+from naics_mlflow.data.disk_cache import read_cached, write_cached
+from naics_mlflow.data.tokenization import TEXT_CHANNELS, CodeTokens
+
+logger = logging.getLogger(__name__)
+
+# Under dirs.outputs: the channel features of every set of adapters a command has encoded with.
+CHANNEL_FEATURES_CACHE = "channel_features"
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -86,3 +96,33 @@ class CodeFeatures:
             "excluded": zeros,
             "examples": self.items["examples"][items],
         }
+
+
+def write_features(path: Path | None, features: CodeFeatures) -> None:
+    """Cache ``features`` at ``path`` (nothing when None); which items each code reads is not
+    written: it comes from the tokens the file's name digests."""
+    tensors = {f"channels.{channel}": values for channel, values in features.channels.items()}
+    tensors.update({f"items.{channel}": values for channel, values in features.items.items()})
+    write_cached(path, tensors, "channel features")
+
+
+def read_features(path: Path | None, tokens: CodeTokens, item_queries: bool) -> CodeFeatures | None:
+    """The features cached at ``path`` for ``tokens``, or None when there are none, they cannot
+    be read, or they lack the items' title features that ``item_queries`` asks for."""
+    cached = read_cached(path, "channel features")
+    if cached is None:
+        return None
+    channels = {channel: cached.get(f"channels.{channel}") for channel in TEXT_CHANNELS}
+    wanted = ("examples", "title") if item_queries else ("examples",)
+    items = {channel: cached[f"items.{channel}"] for channel in wanted if f"items.{channel}" in cached}
+    codes, item_count = len(tokens.code_items), len(tokens.item_ids)
+    if len(items) < len(wanted):
+        return None  # computed again with the title features, and the file replaced
+    if any(values is None or len(values) != codes for values in channels.values()) or any(
+        len(values) != item_count for values in items.values()
+    ):
+        logger.warning("ignoring cached channel features %s: not one row per code and item", path)
+        return None
+    logger.info("channel features read from %s", path)
+    code_items = [torch.from_numpy(rows) for rows in tokens.code_items]
+    return CodeFeatures(channels, items, code_items)

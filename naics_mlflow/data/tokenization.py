@@ -13,6 +13,7 @@ a training step at ~30 tokens per title instead of a fixed 512.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -138,6 +139,20 @@ class CodeTokens:
         sequences = [self.item_ids[item] for items in examples for item in items]
         texts["examples"] = pad(sequences, owners, self.pad_token_id)
         return ChannelTokens(len(rows), texts)
+
+    def digest(self) -> str:
+        """A digest of every token id and of which items each code reads: equal digests, equal
+        inputs to the backbone."""
+        digest = hashlib.sha256()
+        for sequences in [*self.ids.values(), self.item_ids, self.code_items]:
+            for sequence in sequences:
+                # Each sequence's length first (-1: no text), so that no two lists read alike.
+                length = -1 if sequence is None else len(sequence)
+                digest.update(np.int64(length).tobytes())
+                if sequence is not None:
+                    digest.update(np.ascontiguousarray(sequence, np.int64).tobytes())
+        digest.update(str(self.pad_token_id).encode())
+        return digest.hexdigest()[:24]
 
     def subset(self, rows: np.ndarray) -> CodeTokens:
         """The tokens of the codes at ``rows`` only, with only the items they read."""

@@ -16,11 +16,13 @@ which goes through the same ``metrics.ranking_metrics`` as the model, so the num
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from naics_mlflow.config import Config
+from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE
 from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import Taxonomy
 from naics_mlflow.data.tokenization import CHANNELS, tokenize_codes
@@ -31,14 +33,17 @@ from naics_mlflow.model.module import NaicsEmbedder
 
 
 class UntrainedBackbone:
-    """The model of ``config`` before any training, every code and index item embedded once."""
+    """The model of ``config`` before any training, every code and index item embedded once (or
+    its features read from ``outputs_dir``, where a head-only stage of the same backbone left
+    them)."""
 
-    def __init__(self, config: Config, taxonomy: Taxonomy) -> None:
+    def __init__(self, config: Config, taxonomy: Taxonomy, outputs_dir: Path | None = None) -> None:
         self.module = NaicsEmbedder(config.to_dict()).eval()
         self.tokenizer = load_tokenizer(config.model.base_model_name)
         self.config = config
         tokens = tokenize_codes(taxonomy, self.tokenizer, config.data_loader.tokenization)
-        self.features = self.module.encoder.code_features(tokens)
+        cache_dir = None if outputs_dir is None else outputs_dir / CHANNEL_FEATURES_CACHE
+        self.features = self.module.encoder.code_features(tokens, cache_dir=cache_dir)
         self.embeddings = self.module.embed_codes(self.features, np.arange(taxonomy.size))
         self.items = IndexItems.of_national_industries(self.features, taxonomy)
         self.size = taxonomy.size

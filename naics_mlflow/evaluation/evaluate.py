@@ -141,8 +141,14 @@ class EvaluationReport:
 
 
 def evaluate(
-    engine: SearchEngine, taxonomy: Taxonomy, query_sets: list[QuerySet], baselines: bool = True
+    engine: SearchEngine,
+    taxonomy: Taxonomy,
+    query_sets: list[QuerySet],
+    baselines: bool = True,
+    outputs_dir: Path | None = None,
 ) -> EvaluationReport:
+    """The report of ``engine``'s model; the baselines' features are cached under
+    ``outputs_dir`` (a head-only model's equal them)."""
     config = engine.embedder.config
     report = EvaluationReport(
         hierarchy=hierarchy_metrics(
@@ -151,7 +157,7 @@ def evaluate(
     )
     rows = six_digit_rows(taxonomy)
     candidates = [taxonomy.codes[row] for row in rows]
-    untrained = UntrainedBackbone(config, taxonomy) if baselines else None
+    untrained = UntrainedBackbone(config, taxonomy, outputs_dir) if baselines else None
     for query_set in query_sets:
         texts, codes = query_set.texts, query_set.codes
         queries = engine.encode_queries(texts)

@@ -18,11 +18,9 @@ so they are ranked by the embedding alone.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,7 +33,8 @@ from transformers import PreTrainedTokenizerBase
 
 import naics_mlflow
 from naics_mlflow.config import SearchConfig, TokenizationConfig
-from naics_mlflow.data.features import CodeFeatures
+from naics_mlflow.data.disk_cache import read_cached, write_cached
+from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE, CodeFeatures
 from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL, Taxonomy
 from naics_mlflow.data.tokenization import (
@@ -167,17 +166,12 @@ def code_embeddings_key(embedder: NaicsEmbedder, taxonomy: Taxonomy, backbone_dt
 def _read_cached(path: Path | None, size: int) -> tuple[torch.Tensor, IndexItems] | None:
     """The cached code embeddings and index items at ``path``, or None when there are none or
     they cannot be read (then they are computed again and the file replaced)."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        cached = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        logger.warning("ignoring unreadable cached code embeddings %s (%s)", path, exc)
+    cached = read_cached(path, "code embeddings")
+    if cached is None:
         return None
     names = ("embeddings", "item_vectors", "item_rows")
     if (
-        not isinstance(cached, dict)
-        or not all(isinstance(cached.get(name), torch.Tensor) for name in names)
+        not all(name in cached for name in names)
         or len(cached["embeddings"]) != size
         or len(cached["item_vectors"]) != len(cached["item_rows"])
     ):
@@ -185,32 +179,6 @@ def _read_cached(path: Path | None, size: int) -> tuple[torch.Tensor, IndexItems
         return None
     logger.info("code embeddings read from %s", path)
     return cached["embeddings"], IndexItems(cached["item_vectors"], cached["item_rows"])
-
-
-def _write_cached(path: Path | None, embeddings: torch.Tensor, items: IndexItems) -> None:
-    """Write through a temporary file, so that a build stopped half-way leaves no cache. A folder
-    that cannot be written costs the next command the embedding again, not this one its answer."""
-    if path is None:
-        return
-    partial = path.with_name(path.name + ".partial")
-    cached = {
-        "embeddings": embeddings.cpu(),
-        "item_vectors": items.vectors.cpu(),
-        "item_rows": items.rows.cpu(),
-    }
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(cached, partial)
-        partial.replace(path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):  # nothing may have been written
-            partial.unlink(missing_ok=True)
-        logger.warning(
-            "could not cache the code embeddings in %s (%s); set dirs.outputs to a writable "
-            "folder to skip embedding them next time",
-            path.parent,
-            exc,
-        )
 
 
 @dataclass
@@ -239,17 +207,18 @@ class SearchEngine:
         embedder: NaicsEmbedder,
         taxonomy: Taxonomy,
         settings: SearchConfig,
-        cache_dir: Path | None = None,
+        outputs_dir: Path | None = None,
     ) -> SearchEngine:
         """The engine of a trained model; every code and index item is embedded now, or read
-        from ``cache_dir`` when an earlier build of the same model, texts and dtype left it
-        there."""
+        from ``outputs_dir`` when an earlier build of the same model, texts and dtype left it
+        there (the channel features too, which other models with the same adapters share)."""
         tokenizer = load_tokenizer(embedder.config.model.base_model_name)
         backbone_dtype = settings.backbone_dtype
-        cache = None
-        if cache_dir is not None:
+        cache = features_cache = None
+        if outputs_dir is not None:
             key = code_embeddings_key(embedder, taxonomy, backbone_dtype)
-            cache = cache_dir / f"{key}.pt"
+            cache = outputs_dir / CODE_EMBEDDINGS_CACHE / f"{key}.pt"
+            features_cache = outputs_dir / CHANNEL_FEATURES_CACHE
         cached = _read_cached(cache, taxonomy.size)
         if cached is not None:
             embeddings, items = cached
@@ -257,7 +226,9 @@ class SearchEngine:
             started = time.perf_counter()
             config = embedder.config.data_loader.tokenization
             tokens = tokenize_codes(taxonomy, tokenizer, config)
-            features = embedder.encoder.code_features(tokens, dtype=getattr(torch, backbone_dtype))
+            features = embedder.encoder.code_features(
+                tokens, dtype=getattr(torch, backbone_dtype), cache_dir=features_cache
+            )
             embeddings = embedder.embed_codes(features, np.arange(taxonomy.size))
             items = IndexItems.of_national_industries(features, taxonomy)
             logger.info(
@@ -266,7 +237,12 @@ class SearchEngine:
                 time.perf_counter() - started,
                 backbone_dtype,
             )
-            _write_cached(cache, embeddings, items)
+            cached_tensors = {
+                "embeddings": embeddings,
+                "item_vectors": items.vectors,
+                "item_rows": items.rows,
+            }
+            write_cached(cache, cached_tensors, "code embeddings")
         lexical = LexicalIndex(code_documents(taxonomy, six_digit_rows(taxonomy)))
         return cls(
             embedder,

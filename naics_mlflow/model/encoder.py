@@ -5,6 +5,8 @@ the Lorentz hyperboloid."""
 from __future__ import annotations
 
 import copy
+import hashlib
+from pathlib import Path
 from typing import NamedTuple
 
 import peft
@@ -13,8 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
 
+import naics_mlflow
 from naics_mlflow.config import ModelConfig
-from naics_mlflow.data.features import CodeFeatures, mean_pool, pool_by_owner
+from naics_mlflow.data.features import (
+    CodeFeatures,
+    mean_pool,
+    pool_by_owner,
+    read_features,
+    write_features,
+)
 from naics_mlflow.data.pretrained import BackboneError, load_pretrained
 from naics_mlflow.data.tokenization import (
     CHANNELS,
@@ -119,6 +128,7 @@ class MultiChannelEncoder(nn.Module):
             parameter.requires_grad_(_is_trainable(name))
         self._adapter_parameters = [p for n, p in self.backbone.named_parameters() if "lora_" in n]
         self.hidden_size = hidden
+        self.base_model_name = config.base_model_name
         self.length_buckets = config.length_buckets
 
     def freeze_adapters(self) -> None:
@@ -192,9 +202,32 @@ class MultiChannelEncoder(nn.Module):
         gradients, its weights in ``dtype`` (see :class:`MergedBackbone`)."""
         return MergedBackbone(self.backbone, CHANNELS, dtype)
 
+    def features_key(self, tokens: CodeTokens, dtype: torch.dtype) -> str:
+        """A digest of everything :meth:`code_features` follow from: the backbone's name, what
+        each channel's adapter adds to the weights it adapts, the tokens, the dtype and this
+        package's version (the encoding code).
+
+        Adapters that add nothing (LoRA's B still zero) digest alike whatever their A, so an
+        untrained model, a head-only stage and the model it trains share their features.
+        """
+        digest = hashlib.sha256()
+        for part in (self.base_model_name, str(dtype), tokens.digest(), naics_mlflow.__version__):
+            digest.update(part.encode() + b"|")
+        for module in self.backbone.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                for channel in CHANNELS:
+                    delta = module.get_delta_weight(channel).detach()
+                    # A zero delta may hold -0.0 where another holds 0.0: same function.
+                    digest.update(delta.float().cpu().numpy().tobytes() if delta.any() else b"0")
+        return digest.hexdigest()[:24]
+
     @torch.no_grad()
     def code_features(
-        self, tokens: CodeTokens, item_queries: bool = False, dtype: torch.dtype = torch.float32
+        self,
+        tokens: CodeTokens,
+        item_queries: bool = False,
+        dtype: torch.dtype = torch.float32,
+        cache_dir: Path | None = None,
     ) -> CodeFeatures:
         """Every code's and index item's features with the adapters as they are now, without
         gradients, on the CPU; each distinct text of a channel runs once, through
@@ -205,7 +238,14 @@ class MultiChannelEncoder(nn.Module):
         (a head-only stage): that pass is a third of the work, so embedding codes skips it. While
         the title and examples adapters read alike (both still the identity, as LoRA's B starts
         at zero), it is the examples pass and is not repeated.
+
+        With ``cache_dir``, features an earlier call left there under :meth:`features_key` are
+        read instead, and computed ones written there.
         """
+        path = None if cache_dir is None else cache_dir / f"{self.features_key(tokens, dtype)}.pt"
+        cached = read_features(path, tokens, item_queries)
+        if cached is not None:
+            return cached
         backbone = self.merged_backbone(dtype)
         pad_id = tokens.pad_token_id
         channels = {
@@ -220,7 +260,9 @@ class MultiChannelEncoder(nn.Module):
                 else unit_features(backbone, "title", tokens.item_ids, pad_id)
             )
         code_items = [torch.from_numpy(rows) for rows in tokens.code_items]
-        return CodeFeatures(channels, items, code_items)
+        features = CodeFeatures(channels, items, code_items)
+        write_features(path, features)
+        return features
 
     @torch.no_grad()
     def query_features(

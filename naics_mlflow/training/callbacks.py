@@ -15,6 +15,7 @@ import torch
 
 from naics_mlflow import tracking
 from naics_mlflow.data.datamodule import NaicsDataModule
+from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE
 from naics_mlflow.data.taxonomy import MIN_LEVEL
 from naics_mlflow.data.validation import VALIDATION_TEMPERATURE
 from naics_mlflow.evaluation.metrics import hierarchy_metrics, sample_codes
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 class PrecomputedFeatures(L.Callback):
     """A head-only stage: every code's and index item's channel features, computed once by the
-    frozen backbone and adapters when fitting starts, replace the backbone in every batch.
+    frozen backbone and adapters when fitting starts (or read from ``dirs.outputs``, where an
+    earlier command with the same adapters cached them), replace the backbone in every batch.
 
     The features are exact, not an approximation: nothing before the fusion trains in such a
     stage. A step then costs the head alone, so a CPU runs thousands of them where the backbone
@@ -43,11 +45,12 @@ class PrecomputedFeatures(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
         started = time.perf_counter()
+        cache_dir = Path(pl_module.config.dirs.outputs) / CHANNEL_FEATURES_CACHE
         datamodule.code_features = pl_module.encoder.code_features(
-            datamodule.tokens, item_queries=True
+            datamodule.tokens, item_queries=True, cache_dir=cache_dir
         )
         logger.info(
-            "head-only stage: features of %d codes and %d index items computed in %.1f s",
+            "head-only stage: features of %d codes and %d index items ready in %.1f s",
             len(datamodule.tokens.code_items),
             len(datamodule.tokens.item_ids),
             time.perf_counter() - started,

@@ -17,7 +17,7 @@ from naics_mlflow.config import Config
 from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.taxonomy import load_taxonomy
 from naics_mlflow.distributed import is_global_zero, rank_zero_answer
-from naics_mlflow.evaluation.retrieval import CODE_EMBEDDINGS_CACHE, SearchEngine
+from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weights_digest
 from naics_mlflow.model.loading import load_embedder
 from naics_mlflow.serving import log_search_model
@@ -204,7 +204,7 @@ def _log_final_model(checkpoint: Path, config: Config) -> None:
         load_embedder(checkpoint),
         load_taxonomy(config.dirs.data),
         config.search,
-        cache_dir=Path(config.dirs.outputs) / CODE_EMBEDDINGS_CACHE,
+        outputs_dir=Path(config.dirs.outputs),
     )
     uri = log_search_model(checkpoint, engine)
     logger.info("chain model logged as %s", uri)

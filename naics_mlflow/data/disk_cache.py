@@ -1,0 +1,59 @@
+"""Tensors that one command computes and later commands read back: written whole or not at all,
+read or ignored, never trusted half-way.
+
+A cache only saves time, so neither reading nor writing one may fail a command: a file that
+cannot be read is computed again and replaced, a folder that cannot be written costs the next
+command the computation again. Each says so in one warning that names the file and what it held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def read_cached(path: Path | None, what: str) -> dict[str, torch.Tensor] | None:
+    """The tensors saved at ``path``, or None when there is no such file or it cannot be read."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        logger.warning("ignoring unreadable cached %s %s (%s)", what, path, exc)
+        return None
+    if not isinstance(cached, dict) or not all(
+        isinstance(value, torch.Tensor) for value in cached.values()
+    ):
+        logger.warning("ignoring cached %s %s: not a file of named tensors", what, path)
+        return None
+    return cached
+
+
+def write_cached(path: Path | None, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Save ``tensors`` at ``path`` through a temporary file of this process's own, so that a
+    write stopped half-way leaves nothing and processes writing the same file (the ranks of a
+    data-parallel run) do not interleave."""
+    if path is None:
+        return
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({name: tensor.cpu() for name, tensor in tensors.items()}, partial)
+        partial.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # nothing may have been written
+            partial.unlink(missing_ok=True)
+        logger.warning(
+            "could not cache the %s in %s (%s); set dirs.outputs to a writable folder to skip "
+            "computing them next time",
+            what,
+            path.parent,
+            exc,
+        )
