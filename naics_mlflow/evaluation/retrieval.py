@@ -51,7 +51,7 @@ from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_di
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.encoder import MergedBackbone, MultiChannelEncoder
 from naics_mlflow.model.lorentz import pairwise_distance
-from naics_mlflow.model.merged import pass_tokens
+from naics_mlflow.model.merged import ChannelLinear, pass_tokens
 from naics_mlflow.model.module import NaicsEmbedder
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,16 @@ class IndexItems:
     vectors: torch.Tensor  # (P, H) float32 unit features
     rows: torch.Tensor  # (P,) int64 taxonomy row of each item's code
 
+    def __post_init__(self) -> None:
+        # The vectors as a linear layer's weight, packed once: a query's cosines with all 16,000
+        # items then take a fifth of the time of ``queries @ vectors.T``, which reads a
+        # transposed view (0.7 against 3.2 ms on 2 cores; docs/results.md).
+        layer = None
+        if len(self.vectors):  # oneDNN packs no empty weight
+            bias = self.vectors.new_zeros(len(self.vectors))
+            layer = ChannelLinear(self.vectors.unsqueeze(0), bias, torch.float32)
+        object.__setattr__(self, "_similarity", layer)  # frozen dataclass: derived once, here
+
     @classmethod
     def of_national_industries(cls, features: CodeFeatures, taxonomy: Taxonomy) -> IndexItems:
         national = six_digit_rows(taxonomy)
@@ -109,9 +119,11 @@ class IndexItems:
         ``queries``: ``(Q, H)`` unit features read by the examples channel. Blocks of
         ``QUERY_BLOCK`` queries bound the ``(Q, P)`` similarities' memory.
         """
+        if self._similarity is None:
+            return queries.new_zeros((len(queries), size))
         blocks = []
         for block in queries.float().split(QUERY_BLOCK):
-            similarity = block @ self.vectors.T
+            similarity = self._similarity(block, [(0, len(block))])
             floor = similarity.new_zeros((len(block), size))
             owners = self.rows.expand(len(block), -1)
             blocks.append(floor.scatter_reduce(1, owners, similarity, reduce="amax"))
