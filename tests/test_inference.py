@@ -23,6 +23,7 @@ from naics_mlflow.data.tokenization import (
 from naics_mlflow.evaluation import retrieval
 from naics_mlflow.evaluation.lexical import LexicalIndex
 from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine
+from naics_mlflow.model import merged
 from naics_mlflow.model.module import NaicsEmbedder
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
@@ -75,8 +76,13 @@ def test_passes_are_shortest_first_and_fill_the_token_budget():
     assert list(length_batches(lengths, budget=16)) == [[1, 5, 7], [0, 3], [4], [6], [2]]
 
 
-def test_code_features_equal_the_training_path(trained_adapters):
+@pytest.mark.parametrize("amd_cpu", [False, True], ids=["addmm", "onednn_packed"])
+def test_code_features_equal_the_training_path(trained_adapters, monkeypatch, amd_cpu):
+    """Both float32 products, whichever this machine's CPU would take."""
+    monkeypatch.setattr(merged, "_amd_cpu", lambda: amd_cpu)
     module, _, tokens = trained_adapters
+    backbone = module.encoder.merged_backbone()
+    assert (backbone.layers[0].qkv.packed is not None) == amd_cpu
     rows = np.array([0, 1, 17, 300, 1024, 2124])
     expected = module.encoder.eval().channel_features(tokens.batch(rows))
     features = module.encoder.code_features(tokens).of_codes(torch.from_numpy(rows))

@@ -7,15 +7,18 @@ rounding in eval mode (``tests/test_inference.py``).
 
 Why not the transformers module: a query is a few short texts, and a pass over them is dozens of
 small matrix products with the module's bookkeeping around each. Here query, key and value are
-one product, every weight is packed once in oneDNN's layout on a CPU (stored ``(in, out)`` for
-``addmm`` elsewhere, which runs products of a few rows up to 1.9x faster than ``F.linear``'s
-transposed view), and nothing else runs between the products: a single query's pass takes about
-a fifth less time (docs/results.md). The price is
+one product, every weight is stored ``(in, out)`` for ``addmm`` (MKL runs products of a few rows
+up to 1.9x faster on that layout than through ``F.linear``'s transposed view) or packed once in
+oneDNN's layout where that is faster (:func:`_onednn_packs`), and nothing else runs between the
+products: a single query's pass takes about a fifth less time (docs/results.md). The price is
 that only BERT encoders can be merged; :func:`check_mergeable` says so when a model is built,
 before anything trains.
 """
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import numpy as np
 import peft
@@ -118,20 +121,27 @@ def channel_weights(
     return torch.stack([base.weight + module.get_delta_weight(c) for c in channels]), base.bias
 
 
+@functools.cache
+def _amd_cpu() -> bool:
+    """Whether Linux names the CPU an AMD one (``/proc/cpuinfo``); False where it cannot tell."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.is_file() and "AuthenticAMD" in cpuinfo.read_text()
+
+
 def _onednn_packs(weight: torch.Tensor) -> bool:
     """Whether ``weight``'s products run from oneDNN's own blocked layout (the one
-    ``torch.compile`` gives CPU linears) instead of ``addmm``: on a CPU, for float32, and for
-    bfloat16 where oneDNN runs it natively (AMX or AVX512-BF16).
+    ``torch.compile`` gives CPU linears) instead of ``addmm`` (MKL's GEMM on x86).
 
-    On an AMD EPYC (Zen 4) it made float32 products of 20-2,048 rows 1.3-1.6x faster than MKL's
-    ``addmm`` and embedding all codes a fifth faster, to float rounding; with AMX, bfloat16
-    queries 1.3-2x faster and batches 10% (docs/results.md).
+    bfloat16: where oneDNN runs it natively (AMX or AVX512-BF16); with AMX a query's products ran
+    1.3-2x faster than ``addmm`` and a batch's 10%. float32: on AMD CPUs only, where MKL's GEMM
+    is slower than oneDNN's (on an EPYC Zen 4, products of 20-2,048 rows 1.3-1.6x, embedding
+    all codes 80 -> 53 s); on an Intel Xeon MKL was the faster, by a tenth (docs/results.md).
     """
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    return weight.dtype == torch.float32 or (
-        weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
+    if weight.dtype == torch.float32:
+        return _amd_cpu()
+    return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class ChannelLinear(nn.Module):
