@@ -10,9 +10,8 @@ commands, under a digest of everything they follow from (``MultiChannelEncoder.f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,7 +61,9 @@ class CodeFeatures:
     code_items: list[Tensor]
 
     def __post_init__(self) -> None:
-        owner = torch.cat([torch.full((len(items),), row) for row, items in enumerate(self.code_items)])
+        owner = torch.cat(
+            [torch.full((len(items),), row) for row, items in enumerate(self.code_items)]
+        )
         members = torch.cat(self.code_items)
         size = len(self.code_items)
         units = self.items["examples"]
@@ -114,7 +115,9 @@ def read_features(path: Path | None, tokens: CodeTokens, item_queries: bool) -> 
         return None
     channels = {channel: cached.get(f"channels.{channel}") for channel in TEXT_CHANNELS}
     wanted = ("examples", "title") if item_queries else ("examples",)
-    items = {channel: cached[f"items.{channel}"] for channel in wanted if f"items.{channel}" in cached}
+    items = {
+        channel: cached[f"items.{channel}"] for channel in wanted if f"items.{channel}" in cached
+    }
     codes, item_count = len(tokens.code_items), len(tokens.item_ids)
     if len(items) < len(wanted):
         return None  # computed again with the title features, and the file replaced
