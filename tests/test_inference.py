@@ -3,6 +3,7 @@ gives, on the tiny backbone with every channel's adapter moved away from LoRA's 
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from naics_mlflow.config import SearchConfig, load_config
+from naics_mlflow.data.disk_cache import source_digest
 from naics_mlflow.data.pretrained import BackboneError, load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL
 from naics_mlflow.data.tokenization import (
@@ -190,6 +192,17 @@ def test_channel_features_are_cached_by_what_the_adapters_compute(
     assert torch.equal(again.channels["description"], computed.channels["description"])
     assert set(torch.load(cached, weights_only=True)) >= {"channels.title", "items.examples"}
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_cache_key_follows_the_source_of_the_code_that_computed_it(tmp_path, monkeypatch):
+    module = tmp_path / "encoding_code.py"
+    module.write_text("def encode(x):\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    encoding_code = importlib.import_module("encoding_code")
+    before = source_digest(encoding_code.encode)
+    assert source_digest(encoding_code.encode) == before
+    module.write_text("def encode(x):\n    return 2 * x\n")  # edited, same version
+    assert source_digest(encoding_code.encode) != before
 
 
 def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, taxonomy):

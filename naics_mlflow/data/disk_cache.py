@@ -9,6 +9,8 @@ command the computation again. Each says so in one warning that names the file a
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import inspect
 import logging
 import os
 import pickle
@@ -17,6 +19,16 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+def source_digest(*defined: object) -> str:
+    """A digest of the source files that define ``defined`` (classes, functions): part of a
+    cache's key, so that what one checkout cached is never read back by edited code, even
+    within one version of the package."""
+    digest = hashlib.sha256()
+    for path in sorted({inspect.getsourcefile(thing) for thing in defined}):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def read_cached(path: Path | None, what: str) -> dict[str, torch.Tensor] | None:

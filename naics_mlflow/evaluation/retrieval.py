@@ -31,9 +31,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-import naics_mlflow
 from naics_mlflow.config import SearchConfig, TokenizationConfig
-from naics_mlflow.data.disk_cache import read_cached, write_cached
+from naics_mlflow.data.disk_cache import read_cached, source_digest, write_cached
 from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE, CodeFeatures
 from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL, Taxonomy
@@ -166,12 +165,23 @@ def query_batches(
 def code_embeddings_key(embedder: NaicsEmbedder, taxonomy: Taxonomy, backbone_dtype: str) -> str:
     """A digest of everything the codes' embeddings follow from: the trained weights, the
     configuration saved with them (backbone name, token limits), every code's texts, the dtype
-    of the backbone and this package's version (the encoding code)."""
+    of the backbone and the source of the code that embeds."""
     digest = hashlib.sha256()
     digest.update(weights_digest(embedder.encoder.trainable_state_dict()).encode())
     texts = [taxonomy.codes, taxonomy.titles, taxonomy.descriptions, taxonomy.excluded]
     payload = [embedder.config.to_dict(), texts, taxonomy.examples, backbone_dtype]
-    digest.update(json.dumps([*payload, naics_mlflow.__version__], sort_keys=True).encode())
+    encoder = embedder.encoder
+    source = source_digest(
+        type(embedder),
+        type(encoder),
+        type(encoder.fusion),
+        type(encoder.projection),
+        MergedBackbone,
+        CodeFeatures,
+        IndexItems,
+        tokenize_codes,
+    )
+    digest.update(json.dumps([*payload, source], sort_keys=True).encode())
     return digest.hexdigest()[:24]
 
 

@@ -5,9 +5,7 @@ the Lorentz hyperboloid."""
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
-import inspect
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,6 +16,7 @@ from torch import nn
 from transformers import AutoModel
 
 from naics_mlflow.config import ModelConfig
+from naics_mlflow.data.disk_cache import source_digest
 from naics_mlflow.data.features import (
     CodeFeatures,
     mean_pool,
@@ -43,16 +42,6 @@ from naics_mlflow.model.merged import (
     unit_features,
 )
 from naics_mlflow.model.moe import MixtureOfExperts
-
-
-@functools.cache
-def _encoding_source_digest() -> str:
-    """A digest of the modules that compute channel features (this one, ``merged`` and
-    ``features``), so that cached features outlive no edit of them, even within a version."""
-    digest = hashlib.sha256()
-    for defined_there in (MultiChannelEncoder, MergedBackbone, CodeFeatures):
-        digest.update(Path(inspect.getsourcefile(defined_there)).read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def _is_trainable(name: str) -> bool:
@@ -216,13 +205,14 @@ class MultiChannelEncoder(nn.Module):
     def features_key(self, tokens: CodeTokens, dtype: torch.dtype) -> str:
         """A digest of everything :meth:`code_features` follow from: the backbone's name, what
         each channel's adapter adds to the weights it adapts, the tokens, the dtype and the
-        source of the code that encodes (:func:`_encoding_source_digest`).
+        source of the code that encodes.
 
         Adapters that add nothing (LoRA's B still zero) digest alike whatever their A, so an
         untrained model, a head-only stage and the model it trains share their features.
         """
         digest = hashlib.sha256()
-        for part in (self.base_model_name, str(dtype), tokens.digest(), _encoding_source_digest()):
+        source = source_digest(MultiChannelEncoder, MergedBackbone, CodeFeatures)
+        for part in (self.base_model_name, str(dtype), tokens.digest(), source):
             digest.update(part.encode() + b"|")
         for module in self.backbone.modules():
             if isinstance(module, peft.tuners.lora.LoraLayer):
