@@ -108,6 +108,8 @@ class IndexItems:
         return cls(features.items["examples"][torch.cat(items)].float(), torch.cat(rows))
 
     def to(self, device: torch.device) -> IndexItems:
+        if self.vectors.device == torch.device(device):
+            return self  # already there: no second copy of the laid-out vectors
         return IndexItems(self.vectors.to(device), self.rows.to(device))
 
     def nearest_similarity(self, queries: torch.Tensor, size: int) -> torch.Tensor:
