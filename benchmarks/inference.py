@@ -3,7 +3,7 @@ where it goes, and the batched query path.
 
     python benchmarks/inference.py --from-checkpoint PATH.ckpt --data-dir data
     python benchmarks/inference.py --from-checkpoint PATH.ckpt --repeats 5 --threads 1 --json
-    python benchmarks/inference.py --from-checkpoint PATH.ckpt --backbone-dtype bfloat16
+    python benchmarks/inference.py --from-checkpoint PATH.ckpt --backbone-dtype float32
 
 Each measure is repeated ``--repeats`` times; the minimum and the median of the repeats are
 reported, since a shared machine makes single timings noisy. Latencies are given twice: wall
@@ -38,6 +38,7 @@ from naics_mlflow.data.taxonomy import HOLDOUT_FILE, MAX_LEVEL, load_taxonomy
 from naics_mlflow.data.tokenization import TextBatch, query_ids, tokenize_codes
 from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.loading import load_embedder
+from naics_mlflow.model.merged import dtype_name
 from naics_mlflow.model.module import NaicsEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,9 +65,10 @@ def embed_seconds(module: NaicsEmbedder, engine: SearchEngine, taxonomy) -> floa
     """Seconds to embed every code from its tokens (tokenizing is cached, as in one process)."""
     tokens = tokenize_codes(taxonomy, engine.tokenizer, module.config.data_loader.tokenization)
     rows = np.arange(taxonomy.size)
-    dtype = getattr(torch, engine.settings.backbone_dtype)
     return seconds(
-        lambda: module.embed_codes(module.encoder.code_features(tokens, dtype=dtype), rows)
+        lambda: module.embed_codes(
+            module.encoder.code_features(tokens, dtype=engine.backbone.dtype), rows
+        )
     )
 
 
@@ -125,9 +127,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument(
         "--backbone-dtype",
-        choices=("float32", "bfloat16"),
-        default="float32",
-        help="search.backbone_dtype",
+        choices=("auto", "float32", "bfloat16"),
+        help="search.backbone_dtype (default: the config's)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
@@ -137,14 +138,15 @@ def main() -> None:
 
     module = load_embedder(args.from_checkpoint)
     taxonomy = load_taxonomy(args.data_dir)
-    settings = load_config(args.config, [f"search.backbone_dtype={args.backbone_dtype}"]).search
+    overrides = [f"search.backbone_dtype={args.backbone_dtype}"] if args.backbone_dtype else []
+    settings = load_config(args.config, overrides).search
     engine = SearchEngine.build(module, taxonomy, settings)
     queries = pd.read_parquet(args.data_dir / HOLDOUT_FILE)["text"].tolist()[: args.queries]
     engine.search(queries[:5])  # warm-up
 
     report: dict[str, object] = {
         "threads": torch.get_num_threads(),
-        "backbone_dtype": args.backbone_dtype,
+        "backbone_dtype": dtype_name(engine.backbone.dtype),
         "queries": len(queries),
     }
     report["embed_all_codes_s"] = summary(
@@ -163,7 +165,8 @@ def main() -> None:
         print(json.dumps(report))
         return
     print(
-        f"{report['threads']} threads, {args.backbone_dtype} backbone; min / median of "
+        f"{report['threads']} threads, {report['backbone_dtype']} backbone "
+        f"(search.backbone_dtype {settings.backbone_dtype}); min / median of "
         f"{args.repeats} repeats; wall | CPU time"
     )
     print(f"embed all {taxonomy.size} codes: {format_summary(report['embed_all_codes_s'], 's')}")

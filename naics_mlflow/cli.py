@@ -603,6 +603,7 @@ def evaluate(
     from naics_mlflow import tracking
     from naics_mlflow.evaluation.evaluate import evaluate as run_evaluation
     from naics_mlflow.evaluation.evaluate import load_query_sets
+    from naics_mlflow.model.merged import dtype_name
 
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         engine, taxonomy, resolved, config = _load_engine(
@@ -623,9 +624,13 @@ def evaluate(
     experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
     tags = {"evaluation": "true", "checkpoint": reference}
     with tracking.run(experiment_id, "evaluation", tags, parent_run_id=resolved.run_id) as active:
-        # The "as search ranks" figures follow from these, which come from --config, not the run.
+        # The "as search ranks" figures follow from these, which come from --config, not the run,
+        # and from the dtype that search.backbone_dtype gave on this machine.
         tracking.log_params(
-            {f"search.{k}": v for k, v in dataclasses.asdict(config.search).items()}
+            {
+                **{f"search.{k}": v for k, v in dataclasses.asdict(config.search).items()},
+                "backbone_dtype": dtype_name(engine.backbone.dtype),
+            }
         )
         tracking.log_metrics(report.metrics())
         tracking.log_dict(report.as_dict(), "evaluation.json")

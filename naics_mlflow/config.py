@@ -282,7 +282,7 @@ _NON_NEGATIVE_KEYS = {
 _CHOICES = {
     "training.optimizer": ("adamw", "riemannian_adam"),
     "training.trainer.precision": ("16-mixed", "bf16-mixed", "32-true", "32", "16", "bf16", "64"),
-    "search.backbone_dtype": ("float32", "bfloat16"),
+    "search.backbone_dtype": ("auto", "float32", "bfloat16"),
 }
 
 

@@ -78,10 +78,32 @@ def test_passes_are_shortest_first_and_fill_the_token_budget():
     assert list(length_batches(lengths, budget=16)) == [[1, 5, 7], [0, 3], [4], [6], [2]]
 
 
+@pytest.mark.parametrize(
+    ("amd", "flags", "auto"),
+    [
+        (False, {"avx512f", "avx512_bf16", "amx_bf16"}, torch.bfloat16),
+        (True, {"avx512f", "avx512_bf16"}, torch.bfloat16),
+        (False, {"avx512f", "avx512_bf16"}, torch.float32),  # bfloat16 measured slower there
+        (True, {"avx2"}, torch.float32),  # no bfloat16 products: every one converted
+    ],
+    ids=["intel_amx", "amd_avx512_bf16", "intel_avx512_bf16", "amd_avx2"],
+)
+def test_auto_takes_bfloat16_only_on_cpus_where_it_was_measured_faster(amd, flags, auto):
+    cpu = merged.Cpu(amd=amd, flags=frozenset(flags))
+    on_cpu = torch.device("cpu")
+    assert merged.inference_dtype("auto", on_cpu, cpu) == auto
+    assert merged.inference_dtype("float32", on_cpu, cpu) == torch.float32
+    assert merged.inference_dtype("bfloat16", on_cpu, cpu) == torch.bfloat16
+
+
+def test_this_cpu_is_read_from_linux():
+    assert "fpu" in merged.this_cpu().flags  # every x86-64 CPU has it
+
+
 @pytest.mark.parametrize("amd_cpu", [False, True], ids=["addmm", "onednn_packed"])
 def test_code_features_equal_the_training_path(trained_adapters, monkeypatch, amd_cpu):
     """Both float32 products, whichever this machine's CPU would take."""
-    monkeypatch.setattr(merged, "_amd_cpu", lambda: amd_cpu)
+    monkeypatch.setattr(merged, "this_cpu", lambda: merged.Cpu(amd=amd_cpu, flags=frozenset()))
     module, _, tokens = trained_adapters
     backbone = module.encoder.merged_backbone()
     assert (backbone.layers[0].qkv.packed is not None) == amd_cpu
@@ -159,6 +181,20 @@ def test_channel_features_are_cached_by_what_the_adapters_compute(
     for channel in TEXT_CHANNELS:
         assert torch.equal(read.channels[channel], computed.channels[channel])
     assert torch.equal(read.items["examples"], computed.items["examples"])
+
+    # bfloat16 asked for, float32 cached: the exact features stand in, nothing is computed.
+    caplog.clear()
+    halved = second.code_features(tokens, dtype=torch.bfloat16, cache_dir=tmp_path)
+    assert f"channel features read from {cached}" in caplog.text
+    assert torch.equal(halved.channels["title"], computed.channels["title"])
+    # Not the other way round: float32 is never read from bfloat16's.
+    only_halved = tmp_path / "bfloat16_only"
+    first.code_features(tokens, dtype=torch.bfloat16, cache_dir=only_halved)
+    caplog.clear()
+    exact = first.code_features(tokens, cache_dir=only_halved)
+    assert "read from" not in caplog.text
+    assert len(list(only_halved.glob("*.pt"))) == 2
+    assert torch.equal(exact.channels["title"], computed.channels["title"])
 
     # Asking for the items' title features, which the file lacks: computed, the file replaced.
     caplog.clear()

@@ -21,6 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow.model.lorentz import distance, distance_to_origin, manifold_violation
+from naics_mlflow.model.merged import dtype_name, inference_dtype
 from tests.commands import environment, error_line, ok, run_cli
 
 
@@ -67,25 +68,33 @@ def test_embed_writes_every_code_on_the_manifold(trained):
     assert logged == ["embeddings/emb.parquet"]
 
     config = (workdir / "conf" / "config.yaml").read_text()
-    assert "backbone_dtype: float32" in config
-    halved = workdir / "conf" / "bf16.yaml"
-    halved.write_text(config.replace("backbone_dtype: float32", "backbone_dtype: bfloat16"))
-    ok(
-        run_cli(
-            workdir,
-            "embed",
-            "--from-checkpoint",
-            "quickstart",
-            "--out",
-            "bf16.parquet",
-            "--config",
-            str(halved),
+    assert "backbone_dtype: auto" in config
+    halved = config.replace("backbone_dtype: auto", "backbone_dtype: bfloat16")
+    outputs = f"outputs: {workdir / 'outputs'}"
+    assert outputs in halved
+    fresh = halved.replace(outputs, f"outputs: {workdir / 'outputs_bf16'}")
+    embedded = {}
+    for name, text in (("cached", halved), ("fresh", fresh)):
+        (workdir / "conf" / f"{name}.yaml").write_text(text)
+        ok(
+            run_cli(
+                workdir,
+                "embed",
+                "--from-checkpoint",
+                "quickstart",
+                "--out",
+                f"{name}.parquet",
+                "--config",
+                f"conf/{name}.yaml",
+            )
         )
-    )
-    table = pq.read_table(workdir / "bf16.parquet").to_pydict()
-    from_bf16 = torch.tensor(np.asarray(table["embedding"], dtype=np.float32))
-    assert manifold_violation(from_bf16, 1.0).max() < 1e-4
-    moved = distance(from_bf16, embeddings, 1.0)
+        table = pq.read_table(workdir / f"{name}.parquet").to_pydict()
+        embedded[name] = torch.tensor(np.asarray(table["embedding"], dtype=np.float32))
+    # bfloat16 asked for: the float32 features the head-only stage cached stand in for its own.
+    assert torch.equal(embedded["cached"], embeddings)
+    # With nothing cached, the backbone runs in bfloat16: close to float32, not equal.
+    assert manifold_violation(embedded["fresh"], 1.0).max() < 1e-4
+    moved = distance(embedded["fresh"], embeddings, 1.0)
     assert 0 < moved.max() < 0.05 * distance_to_origin(embeddings, 1.0).mean()
 
 
@@ -244,7 +253,8 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     assert evaluation.data.params == {
         "search.lexical_weight": "32.0",
         "search.item_weight": "10.0",
-        "search.backbone_dtype": "float32",
+        "search.backbone_dtype": "auto",
+        "backbone_dtype": dtype_name(inference_dtype("auto", torch.device("cpu"))),
     }
 
     queries.write_text("code,text\n999999,Not a code\n")

@@ -50,7 +50,7 @@ from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_di
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.encoder import MergedBackbone, MultiChannelEncoder
 from naics_mlflow.model.lorentz import pairwise_distance
-from naics_mlflow.model.merged import ChannelLinear, pass_tokens
+from naics_mlflow.model.merged import ChannelLinear, dtype_name, inference_dtype, pass_tokens
 from naics_mlflow.model.module import NaicsEmbedder
 
 logger = logging.getLogger(__name__)
@@ -164,14 +164,14 @@ def query_batches(
         yield rows, encoder.query_features(backbone, TextBatch(*(t.to(device) for t in batch)))
 
 
-def code_embeddings_key(embedder: NaicsEmbedder, taxonomy: Taxonomy, backbone_dtype: str) -> str:
+def code_embeddings_key(embedder: NaicsEmbedder, taxonomy: Taxonomy, dtype: torch.dtype) -> str:
     """A digest of everything the codes' embeddings follow from: the trained weights, the
     configuration saved with them (backbone name, token limits), every code's texts, the dtype
     of the backbone and the source of the code that embeds."""
     digest = hashlib.sha256()
     digest.update(weights_digest(embedder.encoder.trainable_state_dict()).encode())
     texts = [taxonomy.codes, taxonomy.titles, taxonomy.descriptions, taxonomy.excluded]
-    payload = [embedder.config.to_dict(), texts, taxonomy.examples, backbone_dtype]
+    payload = [embedder.config.to_dict(), texts, taxonomy.examples, str(dtype)]
     encoder = embedder.encoder
     source = source_digest(
         type(embedder),
@@ -222,7 +222,7 @@ class SearchEngine:
     backbone: MergedBackbone = field(init=False)  # the embedder's, adapters merged, for queries
 
     def __post_init__(self) -> None:
-        dtype = getattr(torch, self.settings.backbone_dtype)
+        dtype = inference_dtype(self.settings.backbone_dtype, self.embedder.device)
         self.backbone = self.embedder.encoder.merged_backbone(dtype)
 
     @classmethod
@@ -237,10 +237,10 @@ class SearchEngine:
         from ``outputs_dir`` when an earlier build of the same model, texts and dtype left it
         there (the channel features too, which other models with the same adapters share)."""
         tokenizer = load_tokenizer(embedder.config.model.base_model_name)
-        backbone_dtype = settings.backbone_dtype
+        dtype = inference_dtype(settings.backbone_dtype, embedder.device)
         cache = features_cache = None
         if outputs_dir is not None:
-            key = code_embeddings_key(embedder, taxonomy, backbone_dtype)
+            key = code_embeddings_key(embedder, taxonomy, dtype)
             cache = outputs_dir / CODE_EMBEDDINGS_CACHE / f"{key}.pt"
             features_cache = outputs_dir / CHANNEL_FEATURES_CACHE
         cached = _read_cached(cache, taxonomy.size)
@@ -250,16 +250,14 @@ class SearchEngine:
             started = time.perf_counter()
             config = embedder.config.data_loader.tokenization
             tokens = tokenize_codes(taxonomy, tokenizer, config)
-            features = embedder.encoder.code_features(
-                tokens, dtype=getattr(torch, backbone_dtype), cache_dir=features_cache
-            )
+            features = embedder.encoder.code_features(tokens, dtype=dtype, cache_dir=features_cache)
             embeddings = embedder.embed_codes(features, np.arange(taxonomy.size))
             items = IndexItems.of_national_industries(features, taxonomy)
             logger.info(
                 "embedded %d codes in %.1f s (%s backbone)",
                 taxonomy.size,
                 time.perf_counter() - started,
-                backbone_dtype,
+                dtype_name(dtype),
             )
             cached_tensors = {
                 "embeddings": embeddings,

@@ -241,12 +241,20 @@ class MultiChannelEncoder(nn.Module):
         at zero), it is the examples pass and is not repeated.
 
         With ``cache_dir``, features an earlier call left there under :meth:`features_key` are
-        read instead, and computed ones written there.
+        read instead, and computed ones written there. Float32 features of the same adapters
+        stand in for bfloat16 ones: they are what bfloat16 approximates, so a model trained
+        head-only, whose stage computed them in float32, never runs its backbone again.
         """
-        path = None if cache_dir is None else cache_dir / f"{self.features_key(tokens, dtype)}.pt"
-        cached = read_features(path, tokens, item_queries)
-        if cached is not None:
-            return cached
+        paths: dict[torch.dtype, Path] = {}
+        if cache_dir is not None:
+            paths = {
+                readable: cache_dir / f"{self.features_key(tokens, readable)}.pt"
+                for readable in dict.fromkeys([torch.float32, dtype])
+            }
+        for path in paths.values():
+            cached = read_features(path, tokens, item_queries)
+            if cached is not None:
+                return cached
         backbone = self.merged_backbone(dtype)
         pad_id = tokens.pad_token_id
         channels = {
@@ -262,7 +270,7 @@ class MultiChannelEncoder(nn.Module):
             )
         code_items = [torch.from_numpy(rows) for rows in tokens.code_items]
         features = CodeFeatures(channels, items, code_items)
-        write_features(path, features)
+        write_features(paths.get(dtype), features)
         return features
 
     @torch.no_grad()

@@ -18,6 +18,7 @@ before anything trains.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +122,50 @@ def channel_weights(
     return torch.stack([base.weight + module.get_delta_weight(c) for c in channels]), base.bias
 
 
+@dataclass(frozen=True)
+class Cpu:
+    """What decides how a CPU runs the backbone's products fastest: its maker and its flags."""
+
+    amd: bool
+    flags: frozenset[str]
+
+
 @functools.cache
-def _amd_cpu() -> bool:
-    """Whether Linux names the CPU an AMD one (``/proc/cpuinfo``); False where it cannot tell."""
+def this_cpu() -> Cpu:
+    """This machine's CPU as Linux describes it (``/proc/cpuinfo``); no flags where it cannot
+    tell, which keeps every choice at what runs everywhere."""
     cpuinfo = Path("/proc/cpuinfo")
-    return cpuinfo.is_file() and "AuthenticAMD" in cpuinfo.read_text()
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return Cpu(amd="AuthenticAMD" in text, flags=frozenset(flags.partition(":")[2].split()))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, as ``search.backbone_dtype`` names it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def inference_dtype(setting: str, device: torch.device, cpu: Cpu | None = None) -> torch.dtype:
+    """The backbone's dtype for encoding without gradients on ``device``: ``search.backbone_dtype``
+    as set, or for ``auto`` bfloat16 where it was measured faster, else float32.
+
+    bfloat16 left retrieval on dev where float32 has it (quick-start model as ``search`` ranks:
+    top-1 0.7764 against 0.7745, the same top-1 code for 99.6% of the queries) and embeds all
+    codes in about half the time where the CPU multiplies bfloat16 natively and oneDNN uses it:
+    with AMX (Intel Xeons since 2023), and on AMD CPUs with AVX512-BF16 (Zen 4 and later). An
+    Intel CPU with AVX512-BF16 but no AMX was slower in bfloat16 (63 s against 46 s), and a CPU
+    without either converts every product. GPUs with bfloat16 use it. ``cpu`` defaults to
+    :func:`this_cpu` (docs/results.md).
+    """
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    cpu = this_cpu() if cpu is None else cpu
+    native = "amx_bf16" in cpu.flags or (cpu.amd and "avx512_bf16" in cpu.flags)
+    if device.type == "cpu" and native and torch.backends.mkldnn.is_available():
+        return torch.bfloat16
+    return torch.float32
 
 
 def _onednn_packs(weight: torch.Tensor) -> bool:
@@ -140,7 +180,7 @@ def _onednn_packs(weight: torch.Tensor) -> bool:
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.float32:
-        return _amd_cpu()
+        return this_cpu().amd
     return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -272,10 +312,9 @@ class MergedBackbone(nn.Module):
     A snapshot: it holds the merged weights as they were when it was built, so rebuild it after
     the adapters change. Channels whose adapters are the same function share one copy
     (:func:`shared_readings`, ``reading``). Its weights are its own copies in ``dtype`` (a float32
-    one shares only the word embeddings with the training backbone). In bfloat16 a CPU with AMX
-    encodes the long texts of all codes in under half float32's time, at a cosine of about
-    0.9999 with float32's (docs/results.md has what it does to retrieval; with AVX512-BF16 but no
-    AMX it took longer than float32); the training backbone stays float32.
+    one shares only the word embeddings with the training backbone). bfloat16 features are
+    within a cosine of about 0.9999 of float32's; :func:`inference_dtype` says where they are
+    faster. The training backbone stays float32.
     """
 
     def __init__(
@@ -307,6 +346,10 @@ class MergedBackbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.word.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.word.dtype
 
     @torch.no_grad()
     def forward(
