@@ -153,7 +153,7 @@ def _readable_copy(path: Path, trust_checkpoint: bool, download_dir: Path) -> Pa
     "--from-checkpoint",
     "from_checkpoint",
     default="",
-    help="Initialise from a checkpoint file or a runs:/<run_id>/ckpt URI.",
+    help="Initialise from a stage name (its best run), a runs:/<run_id>/ckpt URI or a .ckpt file.",
 )
 @_trust_option
 @click.option("--raw-dir", default=None, help="Census files (default: $NAICS_RAW_DIR, dirs.raw).")
