@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from naics_mlflow.errors import UserError
 
@@ -29,6 +30,9 @@ def resolve_backbone(name: str) -> str:
 def load_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained`` (a transformers Auto class) of the backbone ``name``, or one
     line saying why it cannot be loaded."""
+    # Its "Loading weights" bar would flash by at every command: the backbone is a local folder
+    # that loads in milliseconds.
+    transformers_logging.disable_progress_bar()
     try:
         return loader.from_pretrained(resolve_backbone(name), **kwargs)
     except (OSError, ValueError) as exc:

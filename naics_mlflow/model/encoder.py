@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -102,7 +103,13 @@ class MultiChannelEncoder(nn.Module):
         check_mergeable(config.base_model_name, backbone.config)
         lora = lora_config(config)
         try:
-            self.backbone = peft.get_peft_model(backbone, copy.deepcopy(lora), CHANNELS[0])
+            # peft asks the backbone `is_gradient_checkpointing`, which transformers 5 marks
+            # deprecated; the warning would greet every command that builds a model.
+            with warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning
+                )
+                self.backbone = peft.get_peft_model(backbone, copy.deepcopy(lora), CHANNELS[0])
         except ValueError as exc:
             raise BackboneError(
                 f"model.lora.target_modules {config.lora.target_modules} do not match modules "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -224,8 +225,14 @@ def _fit(
         logger=loggers,
         enable_model_summary=False,
     )
-    # weights_only: a resumed checkpoint may come from a shared store; never unpickle code.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint, weights_only=True)
+    with warnings.catch_warnings():
+        # Lightning 2.6 builds torch's LeafSpec, which torch 2.13 marks deprecated: theirs to
+        # fix, and it would greet every fit.
+        warnings.filterwarnings(
+            "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
+        )
+        # weights_only: a resumed checkpoint may come from a shared store; never unpickle code.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint, weights_only=True)
     return trainer, checkpoint
 
 
