@@ -537,9 +537,30 @@ def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -
     )
 
 
+# `search` ranks this many texts per call, and says how far it got after each.
+SEARCH_CHUNK = 4096
+SEARCH_OUTPUTS = {
+    ".csv": lambda table, path: table.to_csv(path, index=False),
+    ".parquet": lambda table, path: table.to_parquet(path, index=False),
+}
+
+
 @main.command()
-@click.argument("text")
+@click.argument("texts", nargs=-1)
 @_checkpoint_option
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A CSV of business descriptions in a `text` column, instead of TEXT; its other "
+    "columns (an id, say) lead each row of --out.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write one row per match (text, rank, code, title, level, distance, score) to this "
+    ".csv or .parquet file instead of printing tables.",
+)
 @click.option("--top", "top_k", default=5, show_default=True, help="How many codes to show.")
 @click.option(
     "--level",
@@ -551,20 +572,70 @@ def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
 @_reports_user_errors
 def search(
-    reference: str, trust_checkpoint: bool, text: str, top_k: int, level: str, config_path: str
+    reference: str,
+    trust_checkpoint: bool,
+    texts: tuple[str, ...],
+    input_path: Path | None,
+    out: Path | None,
+    top_k: int,
+    level: str,
+    config_path: str,
 ) -> None:
-    """The NAICS codes that best match a business description: ranked by score (the model's
-    logit plus, for national industries, the lexical signal; see docs/using.md), with each code's
-    Lorentz distance from the text."""
+    """The NAICS codes that best match each business description TEXT (or each row of
+    --input): ranked by score (the model's logit plus, for national industries, the lexical and
+    nearest-item signals; see docs/using.md), with each code's Lorentz distance from the text."""
     import tempfile
 
-    from naics_mlflow.evaluation.retrieval import check_request
+    import numpy as np
+    import pandas as pd
 
+    from naics_mlflow.evaluation.queries import (
+        QueryError,
+        check_request,
+        matches_table,
+        read_query_csv,
+    )
+
+    if texts and input_path:
+        raise QueryError("give business descriptions as TEXT arguments or --input, not both")
+    if not texts and not input_path:
+        raise QueryError("give a business description as TEXT, or a CSV of them as --input")
+    if out is not None and out.suffix not in SEARCH_OUTPUTS:
+        raise QueryError(f"--out must end in .csv or .parquet, got {out.name}")
+    if out is not None and input_path is not None and out.resolve() == input_path.resolve():
+        raise QueryError(f"--out {out} is the --input file; write the matches to another file")
+    queries = read_query_csv(input_path) if input_path else pd.DataFrame({"text": texts})
+    query_texts = queries["text"].tolist()
     chosen_level = None if level == "any" else int(level)
-    check_request([text], top_k, chosen_level)
+    check_request(query_texts, top_k, chosen_level)
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         engine, *_ = _load_engine(reference, trust_checkpoint, config_path, Path(download_dir))
-    (matches,) = engine.search([text], top_k, chosen_level)
+    found = []
+    for start in range(0, len(query_texts), SEARCH_CHUNK):
+        found += engine.search(query_texts[start : start + SEARCH_CHUNK], top_k, chosen_level)
+        if len(query_texts) > SEARCH_CHUNK:
+            click.echo(f"searched {len(found):,} of {len(query_texts):,} texts", err=True)
+    if out is None:
+        for number, (text, matches) in enumerate(zip(query_texts, found, strict=True), start=1):
+            if number > 1:
+                click.echo()
+            if len(query_texts) > 1:
+                click.echo(f"{number}. {text}")
+            _print_matches(matches)
+        return
+    # Each text's own input columns lead its match rows.
+    owners = np.repeat(np.arange(len(queries)), [len(matches) for matches in found])
+    leading = queries.drop(columns="text").iloc[owners].reset_index(drop=True)
+    table = pd.concat([leading, matches_table(query_texts, found)], axis=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    SEARCH_OUTPUTS[out.suffix](table, partial)
+    partial.replace(out)
+    click.echo(f"{out}: {len(table):,} matches of {len(query_texts):,} texts")
+
+
+def _print_matches(matches: list[Any]) -> None:
+    """One text's matches as a table."""
     click.echo(f"{'rank':<5} {'code':<8} {'score':>8} {'distance':>8}  title")
     for rank, match in enumerate(matches, start=1):
         click.echo(

@@ -31,7 +31,8 @@ from naics_mlflow.config import SearchConfig
 from naics_mlflow.data.pretrained import DEFAULT_BACKBONE, load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL
 from naics_mlflow.evaluation.lexical import LexicalIndex
-from naics_mlflow.evaluation.retrieval import IndexItems, QueryError, SearchEngine, check_request
+from naics_mlflow.evaluation.queries import QueryError, check_request, matches_table
+from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine
 from naics_mlflow.model.loading import load_embedder
 
 MODEL_NAME = "model"
@@ -125,20 +126,9 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
             check_request(texts, top_k, level)
         # One batched search at the largest top_k; each row keeps its own first top_k matches.
         found = self.engine.search(texts, max(per_row), level)
-        rows = [
-            {
-                "text": text,
-                "rank": rank,
-                "code": match.code,
-                "title": match.title,
-                "level": match.level,
-                "distance": match.distance,
-                "score": match.score,
-            }
-            for text, top_k, matches in zip(texts, per_row, found, strict=True)
-            for rank, match in enumerate(matches[:top_k], start=1)
-        ]
-        return pd.DataFrame(rows, columns=[c.name for c in SIGNATURE.outputs.inputs])
+        return matches_table(
+            texts, [matches[:top_k] for matches, top_k in zip(found, per_row, strict=True)]
+        )
 
 
 def _codes_table(engine: SearchEngine) -> pa.Table:

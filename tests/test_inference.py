@@ -351,6 +351,22 @@ def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapte
     assert [matches[0].score for matches in found] == pytest.approx(best.values.tolist())
 
 
+def test_search_ranks_many_texts_in_blocks_as_it_ranks_them_at_once(
+    trained_adapters, taxonomy, monkeypatch
+):
+    module, *_ = trained_adapters
+    settings = SearchConfig(lexical_weight=32.0, item_weight=10.0, backbone_dtype="float32")
+    engine = SearchEngine.build(module, taxonomy, settings)
+    texts = [*QUERIES, "dairy farm"]
+    at_once = engine.search(texts, top_k=4)
+    monkeypatch.setattr(retrieval, "QUERY_BLOCK", 2)  # blocks of 2, the last one short
+    in_blocks = engine.search(texts, top_k=4)
+    assert len(in_blocks) == len(texts)
+    for blocked, whole in zip(in_blocks, at_once, strict=True):
+        assert [m.code for m in blocked] == [m.code for m in whole]
+        assert [m.score for m in blocked] == pytest.approx([m.score for m in whole], abs=1e-4)
+
+
 def test_bfloat16_backbone_reads_like_float32_and_leaves_training_weights_alone(
     trained_adapters,
 ):

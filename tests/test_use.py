@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from naics_mlflow.model.lorentz import distance, distance_to_origin, manifold_violation
 from naics_mlflow.model.merged import dtype_name, inference_dtype
-from tests.commands import environment, error_line, ok, run_cli
+from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +177,142 @@ def test_search_rejects_bad_requests(trained, arguments, expected):
     workdir, _, _, checkpoint = trained
     line = error_line(run_cli(workdir, "search", *arguments, "--from-checkpoint", str(checkpoint)))
     assert line.startswith("error: ") and expected in line
+
+
+def _table_rows(lines: list[str]) -> list[list[str]]:
+    """rank, code, score, distance of each row of a printed table (titles have spaces)."""
+    return [line.split()[:4] for line in lines]
+
+
+def test_search_answers_several_texts_one_table_each(trained):
+    workdir, _, _, checkpoint = trained
+    alone = ok(
+        run_cli(
+            workdir, "search", "grow soybeans", "--top", "3", "--from-checkpoint", str(checkpoint)
+        )
+    )
+    texts = ["grow soybeans", "retail bakery", "grow soybeans"]
+    together = ok(
+        run_cli(workdir, "search", *texts, "--top", "3", "--from-checkpoint", str(checkpoint))
+    )
+    blocks = together.stdout.strip().split("\n\n")
+    assert len(blocks) == 3  # a repeated text is answered again, not merged
+    header, *expected = alone.stdout.strip().splitlines()
+    for number, (block, text) in enumerate(zip(blocks, texts, strict=True), start=1):
+        heading, block_header, *rows = block.splitlines()
+        assert (heading, block_header) == (f"{number}. {text}", header)
+        assert [row[0] for row in _table_rows(rows)] == ["1", "2", "3"]
+    for block in (blocks[0], blocks[2]):  # as the text alone ranks it
+        rows = block.splitlines()[2:]
+        assert [row[:2] for row in _table_rows(rows)] == [r[:2] for r in _table_rows(expected)]
+    assert _table_rows(blocks[1].splitlines()[2:]) != _table_rows(blocks[0].splitlines()[2:])
+
+
+def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
+    workdir, _, _, checkpoint = trained
+    queries = workdir / "businesses.csv"
+    queries.write_text(
+        'id,text,region\n007,grow soybeans,"Iowa, US"\n008,retail bakery,\n009,grow soybeans,x\n'
+    )
+    single = ok(
+        run_cli(
+            workdir, "search", "grow soybeans", "--top", "2", "--from-checkpoint", str(checkpoint)
+        )
+    )
+    expected_codes = [row[1] for row in _table_rows(single.stdout.strip().splitlines()[1:])]
+    for out in ("coded/matches.csv", "coded/matches.parquet"):
+        result = ok(
+            run_cli(
+                workdir,
+                "search",
+                "--input",
+                str(queries),
+                "--out",
+                out,
+                "--top",
+                "2",
+                "--from-checkpoint",
+                str(checkpoint),
+            )
+        )
+        assert result.stdout.strip() == f"{out}: 6 matches of 3 texts"
+        table = (
+            pd.read_csv(workdir / out, dtype={"id": str, "code": str}, keep_default_na=False)
+            if out.endswith(".csv")
+            else pd.read_parquet(workdir / out)
+        )
+        assert list(table.columns) == [
+            "id", "region", "text", "rank", "code", "title", "level", "distance", "score"
+        ]  # fmt: skip
+        assert table["id"].tolist() == ["007", "007", "008", "008", "009", "009"]
+        assert table["region"].tolist() == ["Iowa, US", "Iowa, US", "", "", "x", "x"]
+        assert table["rank"].tolist() == [1, 2] * 3
+        assert table["code"].tolist()[:2] == expected_codes
+        assert table["code"].tolist()[4:] == expected_codes
+        assert (table["level"] == 6).all()
+        assert not list((workdir / "coded").glob("*.partial"))
+
+
+# (input file, further arguments, what the error line says); {input} is the file's name.
+BAD_SEARCH_INPUTS = [
+    ("id,description\n1,bakery\n", [], "has no `text` column (its columns: id, description)"),
+    ("code,text\n311811,bakery\n", [], "has the column(s) code, which each match row"),
+    ("id,text\n1,bakery\n2,  \n", [], "row 2 has an empty text"),
+    ("id,text\n", [], "holds no rows"),
+    (b"id,text\n1,caf\xe9\n", [], "is not UTF-8 text"),
+    ("id,text\n1,bakery\n", ["bakery"], "TEXT arguments or --input, not both"),
+    ("id,text\n1,bakery\n", ["--out", "matches.txt"], "--out must end in .csv or .parquet"),
+    ("id,text\n1,bakery\n", ["--out", "{input}"], "is the --input file"),
+]
+
+
+def test_search_refuses_bad_input_files_before_any_model_work(trained):
+    workdir, _, _, checkpoint = trained
+    commands = []
+    for number, (contents, arguments, _) in enumerate(BAD_SEARCH_INPUTS):
+        queries = workdir / f"queries{number}.csv"
+        queries.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+        further = [argument.format(input=queries.name) for argument in arguments]
+        out = ["--out", f"matches{number}.csv"]
+        # The case's own arguments come last, so that their --out wins.
+        commands.append(
+            [
+                "search",
+                "--input",
+                queries.name,
+                *out,
+                "--from-checkpoint",
+                str(checkpoint),
+                *further,
+            ]
+        )
+    results = run_cli_concurrently(workdir, commands)
+    for number, ((contents, _, expected), result) in enumerate(
+        zip(BAD_SEARCH_INPUTS, results, strict=True)
+    ):
+        line = error_line(result)
+        assert line.startswith("error: ") and expected in line
+        assert result.stderr.strip() == line  # refused before the model was loaded
+        written = (workdir / f"queries{number}.csv").read_bytes()
+        assert written == (contents if isinstance(contents, bytes) else contents.encode())
+        assert not (workdir / f"matches{number}.csv").exists()
+
+
+def test_search_needs_a_text_or_an_input_file(trained):
+    workdir, _, _, checkpoint = trained
+    nothing, missing = run_cli_concurrently(
+        workdir,
+        [
+            ["search", "--from-checkpoint", str(checkpoint)],
+            ["search", "--input", "nowhere.csv", "--from-checkpoint", str(checkpoint)],
+        ],
+    )
+    assert error_line(nothing) == (
+        "error: give a business description as TEXT, or a CSV of them as --input"
+    )
+    assert error_line(missing) == (
+        "error: nowhere.csv not found; give the path of a CSV with a `text` column"
+    )
 
 
 class _RunsCode:

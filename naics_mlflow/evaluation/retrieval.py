@@ -35,7 +35,7 @@ from naics_mlflow.config import SearchConfig, TokenizationConfig
 from naics_mlflow.data.disk_cache import read_cached, source_digest, write_cached
 from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE, CodeFeatures
 from naics_mlflow.data.pretrained import load_tokenizer
-from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL, Taxonomy
+from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy
 from naics_mlflow.data.tokenization import (
     QUERY_CHANNELS,
     TextBatch,
@@ -45,8 +45,8 @@ from naics_mlflow.data.tokenization import (
     tokenize_codes,
     truncated_queries,
 )
-from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
+from naics_mlflow.evaluation.queries import Match, check_request
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.encoder import MergedBackbone, MultiChannelEncoder
 from naics_mlflow.model.lorentz import pairwise_distance
@@ -55,25 +55,11 @@ from naics_mlflow.model.module import NaicsEmbedder
 
 logger = logging.getLogger(__name__)
 
-MAX_TOP_K = 100
 # Under dirs.outputs: the codes' embeddings (and the national industries' index items as the
 # model reads them) of each model that a command has built an engine of.
 CODE_EMBEDDINGS_CACHE = "code_embeddings"
 # Queries per block of (block, items) similarities: 512 x 16,347 float32 is 33 MB.
 QUERY_BLOCK = 512
-
-
-class QueryError(UserError):
-    """A search request that cannot be answered as asked."""
-
-
-@dataclass(frozen=True)
-class Match:
-    code: str
-    title: str
-    level: int
-    distance: float  # Lorentz distance from the query
-    score: float  # what the ranking sorts by, higher first
 
 
 class EncodedQueries(NamedTuple):
@@ -129,17 +115,6 @@ class IndexItems:
             owners = self.rows.expand(len(block), -1)
             blocks.append(floor.scatter_reduce(1, owners, similarity, reduce="amax"))
         return torch.cat(blocks) if blocks else queries.new_zeros((0, size))
-
-
-def check_request(texts: list[str], top_k: int, level: int | None) -> None:
-    """Reject empty texts and out-of-range ``top_k`` / ``level`` before any model work."""
-    for position, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise QueryError(f"query {position + 1} is empty; give a business description")
-    if not 1 <= top_k <= MAX_TOP_K:
-        raise QueryError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
-    if level is not None and not MIN_LEVEL <= level <= MAX_LEVEL:
-        raise QueryError(f"level must be between {MIN_LEVEL} and {MAX_LEVEL}, got {level}")
 
 
 def query_batches(
@@ -339,22 +314,31 @@ class SearchEngine:
     def search(
         self, texts: list[str], top_k: int = 5, level: int | None = MAX_LEVEL
     ) -> list[list[Match]]:
-        """The ``top_k`` best codes (at ``level``, or any level for None) for each text."""
+        """The ``top_k`` best codes (at ``level``, or any level for None) for each text.
+
+        The texts are encoded together and ranked ``QUERY_BLOCK`` at a time, so that the
+        (queries, codes) score matrices stay small however many texts come."""
         check_request(texts, top_k, level)
         rows = self.candidates(level)
         queries = self.encode_queries(texts)
-        distances = self.distances(queries.embeddings, rows)
-        best = self.scores(texts, queries, distances, level).topk(min(top_k, len(rows)), dim=1)
-        return [
-            [
-                Match(
-                    self.codes[rows[j]],
-                    self.titles[rows[j]],
-                    int(self.levels[rows[j]]),
-                    float(distances[q, j]),
-                    float(score),
-                )
-                for score, j in zip(values.tolist(), indices.tolist(), strict=True)
+        matches = []
+        for start in range(0, len(texts), QUERY_BLOCK):
+            block = slice(start, start + QUERY_BLOCK)
+            encoded = EncodedQueries(queries.embeddings[block], queries.examples[block])
+            distances = self.distances(encoded.embeddings, rows)
+            scores = self.scores(texts[block], encoded, distances, level)
+            best = scores.topk(min(top_k, len(rows)), dim=1)
+            matches += [
+                [
+                    Match(
+                        self.codes[rows[j]],
+                        self.titles[rows[j]],
+                        int(self.levels[rows[j]]),
+                        float(distances[q, j]),
+                        float(score),
+                    )
+                    for score, j in zip(values.tolist(), indices.tolist(), strict=True)
+                ]
+                for q, (values, indices) in enumerate(zip(best.values, best.indices, strict=True))
             ]
-            for q, (values, indices) in enumerate(zip(best.values, best.indices, strict=True))
-        ]
+        return matches

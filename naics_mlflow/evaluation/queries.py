@@ -1,0 +1,85 @@
+"""A search request and its answer, apart from the model: what ``search``, ``evaluate`` and the
+served model check before any model work, and the table of matches they give back. Light to
+import, so that a bad request is refused in a moment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL
+from naics_mlflow.errors import UserError
+
+MAX_TOP_K = 100
+# One row per match, as `search --out` writes and the served model answers.
+MATCH_COLUMNS = ("text", "rank", "code", "title", "level", "distance", "score")
+
+
+class QueryError(UserError):
+    """A search request that cannot be answered as asked."""
+
+
+@dataclass(frozen=True)
+class Match:
+    code: str
+    title: str
+    level: int
+    distance: float  # Lorentz distance from the query
+    score: float  # what the ranking sorts by, higher first
+
+
+def check_request(texts: list[str], top_k: int, level: int | None) -> None:
+    """Reject empty texts and out-of-range ``top_k`` / ``level`` before any model work."""
+    for position, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise QueryError(f"query {position + 1} is empty; give a business description")
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise QueryError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
+    if level is not None and not MIN_LEVEL <= level <= MAX_LEVEL:
+        raise QueryError(f"level must be between {MIN_LEVEL} and {MAX_LEVEL}, got {level}")
+
+
+def matches_table(texts: list[str], found: list[list[Match]]) -> pd.DataFrame:
+    """One row per match (:data:`MATCH_COLUMNS`), each text's matches in rank order."""
+    return pd.DataFrame(
+        [
+            (text, rank, match.code, match.title, match.level, match.distance, match.score)
+            for text, matches in zip(texts, found, strict=True)
+            for rank, match in enumerate(matches, start=1)
+        ],
+        columns=list(MATCH_COLUMNS),
+    )
+
+
+def read_query_csv(path: Path) -> pd.DataFrame:
+    """The rows of a CSV with a ``text`` column of business descriptions, every column as
+    strings (an id such as ``007`` keeps its zeros); its other columns will lead each match row,
+    so none may share a name with :data:`MATCH_COLUMNS`."""
+    if not path.is_file():
+        raise QueryError(f"{path} not found; give the path of a CSV with a `text` column")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise QueryError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise QueryError(f"{path} is not a CSV that can be read: {reason}") from exc
+    if "text" not in table.columns:
+        raise QueryError(
+            f"{path} has no `text` column (its columns: {', '.join(table.columns)}); "
+            "name the column of business descriptions `text`"
+        )
+    clashing = [name for name in table.columns if name != "text" and name in MATCH_COLUMNS]
+    if clashing:
+        raise QueryError(
+            f"{path} has the column(s) {', '.join(clashing)}, which each match row also has; "
+            f"rename them (a match row adds {', '.join(MATCH_COLUMNS)})"
+        )
+    if table.empty:
+        raise QueryError(f"{path} holds no rows; give one business description per row")
+    for row, text in enumerate(table["text"], start=1):
+        if not text.strip():
+            raise QueryError(f"{path} row {row} has an empty text; give a business description")
+    return table
