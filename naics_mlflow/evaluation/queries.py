@@ -62,7 +62,12 @@ def read_query_csv(path: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise QueryError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise QueryError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+            "(in Excel: CSV UTF-8)"
+        ) from exc
+    except OSError as exc:
+        raise QueryError(f"{path} cannot be read ({exc.strerror})") from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise QueryError(f"{path} is not a CSV that can be read: {reason}") from exc
