@@ -96,6 +96,20 @@ def test_auto_takes_bfloat16_only_on_cpus_where_it_was_measured_faster(amd, flag
     assert merged.inference_dtype("bfloat16", on_cpu, cpu) == torch.bfloat16
 
 
+@pytest.mark.parametrize("bf16_supported", [True, False])
+def test_auto_follows_the_gpu_not_the_host_cpu(monkeypatch, bf16_supported):
+    """The GPU branch, checked without a GPU: a ``cuda`` device is only a name until used."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
+    on_gpu = torch.device("cuda", 0)
+    expected = torch.bfloat16 if bf16_supported else torch.float32
+    for host in (
+        merged.Cpu(amd=False, flags=frozenset({"amx_bf16"})),
+        merged.Cpu(False, frozenset()),
+    ):
+        assert merged.inference_dtype("auto", on_gpu, host) == expected
+    assert merged.inference_dtype("float32", on_gpu) == torch.float32
+
+
 def test_this_cpu_is_read_from_linux():
     assert "fpu" in merged.this_cpu().flags  # every x86-64 CPU has it
 
