@@ -51,6 +51,7 @@ SIGNATURE = ModelSignature(
             ColSpec("long", "level"),
             ColSpec("double", "distance"),
             ColSpec("double", "score"),
+            ColSpec("double", "margin"),
         ]
     ),
     params=ParamSchema(

@@ -4,7 +4,9 @@ gives, on the tiny backbone with every channel's adapter moved away from LoRA's 
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -379,6 +381,20 @@ def test_search_ranks_many_texts_in_blocks_as_it_ranks_them_at_once(
     for blocked, whole in zip(in_blocks, at_once, strict=True):
         assert [m.code for m in blocked] == [m.code for m in whole]
         assert [m.score for m in blocked] == pytest.approx([m.score for m in whole], abs=1e-4)
+
+
+def test_a_matchs_margin_is_its_score_above_the_next_codes(trained_adapters, taxonomy):
+    module, *_ = trained_adapters
+    settings = SearchConfig(lexical_weight=32.0, item_weight=10.0, backbone_dtype="float32")
+    engine = SearchEngine.build(module, taxonomy, settings)
+    for shown, longer in zip(
+        engine.search(QUERIES, top_k=3), engine.search(QUERIES, top_k=4), strict=True
+    ):
+        scores = [match.score for match in longer]
+        expected = [above - below for above, below in itertools.pairwise(scores)]
+        assert [match.margin for match in shown] == pytest.approx(expected)
+    (sectors,) = engine.search(QUERIES[:1], top_k=20, level=2)  # all 20: none below the last
+    assert all(match.margin >= 0 for match in sectors[:-1]) and math.isnan(sectors[-1].margin)
 
 
 def test_bfloat16_backbone_reads_like_float32_and_leaves_training_weights_alone(

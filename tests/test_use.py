@@ -242,7 +242,7 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
             else pd.read_parquet(workdir / out)
         )
         assert list(table.columns) == [
-            "id", "region", "text", "rank", "code", "title", "level", "distance", "score"
+            "id", "region", "text", "rank", "code", "title", "level", "distance", "score", "margin"
         ]  # fmt: skip
         assert table["id"].tolist() == ["007", "007", "008", "008", "009", "009"]
         assert table["region"].tolist() == ["Iowa, US", "Iowa, US", "", "", "x", "x"]
@@ -250,6 +250,9 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
         assert table["code"].tolist()[:2] == expected_codes
         assert table["code"].tolist()[4:] == expected_codes
         assert (table["level"] == 6).all()
+        first, second = table.iloc[0], table.iloc[1]
+        assert first["margin"] == pytest.approx(first["score"] - second["score"])
+        assert (table["margin"] >= 0).all()
         assert not list((workdir / "coded").glob("*.partial"))
 
 
@@ -446,7 +449,7 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
     )
     assert load.returncode == 0, load.stderr[-3000:]
     assert load.stdout.strip().splitlines()[-1] == (
-        "3 ['text', 'rank', 'code', 'title', 'level', 'distance', 'score'] 17"
+        "3 ['text', 'rank', 'code', 'title', 'level', 'distance', 'score', 'margin'] 17"
     )
     registered = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_registered_model("naics")
     assert registered.name == "naics"

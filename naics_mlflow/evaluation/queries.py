@@ -14,7 +14,7 @@ from naics_mlflow.errors import UserError
 
 MAX_TOP_K = 100
 # One row per match, as `search --out` writes and the served model answers.
-MATCH_COLUMNS = ("text", "rank", "code", "title", "level", "distance", "score")
+MATCH_COLUMNS = ("text", "rank", "code", "title", "level", "distance", "score", "margin")
 
 
 class QueryError(UserError):
@@ -28,6 +28,9 @@ class Match:
     level: int
     distance: float  # Lorentz distance from the query
     score: float  # what the ranking sorts by, higher first
+    # How far the score stands above the next-ranked code's (NaN for a level's last code): the
+    # first match's margin says how sure the ranking is (docs/using.md has dev's figures).
+    margin: float
 
 
 def check_request(texts: list[str], top_k: int, level: int | None) -> None:
@@ -45,7 +48,16 @@ def matches_table(texts: list[str], found: list[list[Match]]) -> pd.DataFrame:
     """One row per match (:data:`MATCH_COLUMNS`), each text's matches in rank order."""
     return pd.DataFrame(
         [
-            (text, rank, match.code, match.title, match.level, match.distance, match.score)
+            (
+                text,
+                rank,
+                match.code,
+                match.title,
+                match.level,
+                match.distance,
+                match.score,
+                match.margin,
+            )
             for text, matches in zip(texts, found, strict=True)
             for rank, match in enumerate(matches, start=1)
         ],

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -327,18 +328,27 @@ class SearchEngine:
             encoded = EncodedQueries(queries.embeddings[block], queries.examples[block])
             distances = self.distances(encoded.embeddings, rows)
             scores = self.scores(texts[block], encoded, distances, level)
-            best = scores.topk(min(top_k, len(rows)), dim=1)
-            matches += [
-                [
-                    Match(
-                        self.codes[rows[j]],
-                        self.titles[rows[j]],
-                        int(self.levels[rows[j]]),
-                        float(distances[q, j]),
-                        float(score),
-                    )
-                    for score, j in zip(values.tolist(), indices.tolist(), strict=True)
-                ]
-                for q, (values, indices) in enumerate(zip(best.values, best.indices, strict=True))
-            ]
+            # One more than asked, for the last match's margin.
+            best = scores.topk(min(top_k + 1, len(rows)), dim=1)
+            shown = min(top_k, len(rows))
+            best_distances = distances.gather(1, best.indices).tolist()
+            for values, indices, lengths in zip(
+                best.values.tolist(), best.indices.tolist(), best_distances, strict=True
+            ):
+                following = [*values[1:], math.nan]
+                matches.append(
+                    [
+                        Match(
+                            self.codes[rows[j]],
+                            self.titles[rows[j]],
+                            int(self.levels[rows[j]]),
+                            distance,
+                            score,
+                            score - below,
+                        )
+                        for score, below, j, distance in zip(
+                            values, following, indices, lengths, strict=True
+                        )
+                    ][:shown]
+                )
         return matches
