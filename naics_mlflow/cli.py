@@ -539,10 +539,6 @@ def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -
 
 # `search` ranks this many texts per call, and says how far it got after each.
 SEARCH_CHUNK = 4096
-SEARCH_OUTPUTS = {
-    ".csv": lambda table, path: table.to_csv(path, index=False),
-    ".parquet": lambda table, path: table.to_parquet(path, index=False),
-}
 
 
 @main.command()
@@ -558,8 +554,8 @@ SEARCH_OUTPUTS = {
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write one row per match (text, rank, code, title, level, distance, score) to this "
-    ".csv or .parquet file instead of printing tables.",
+    help="Write one row per match (text, rank, code, title, level, distance, score, margin) to "
+    "this .csv or .parquet file instead of printing tables.",
 )
 @click.option("--top", "top_k", default=5, show_default=True, help="How many codes to show.")
 @click.option(
@@ -586,24 +582,22 @@ def search(
     nearest-item signals; see docs/using.md), with each code's Lorentz distance from the text."""
     import tempfile
 
-    import numpy as np
     import pandas as pd
 
     from naics_mlflow.evaluation.queries import (
         QueryError,
+        check_matches_file,
         check_request,
-        matches_table,
         read_query_csv,
+        write_matches,
     )
 
     if texts and input_path:
         raise QueryError("give business descriptions as TEXT arguments or --input, not both")
     if not texts and not input_path:
         raise QueryError("give a business description as TEXT, or a CSV of them as --input")
-    if out is not None and out.suffix not in SEARCH_OUTPUTS:
-        raise QueryError(f"--out must end in .csv or .parquet, got {out.name}")
-    if out is not None and input_path is not None and out.resolve() == input_path.resolve():
-        raise QueryError(f"--out {out} is the --input file; write the matches to another file")
+    if out is not None:
+        check_matches_file(out, input_path)
     queries = read_query_csv(input_path) if input_path else pd.DataFrame({"text": texts})
     query_texts = queries["text"].tolist()
     chosen_level = None if level == "any" else int(level)
@@ -615,23 +609,16 @@ def search(
         found += engine.search(query_texts[start : start + SEARCH_CHUNK], top_k, chosen_level)
         if len(query_texts) > SEARCH_CHUNK:
             click.echo(f"searched {len(found):,} of {len(query_texts):,} texts", err=True)
-    if out is None:
-        for number, (text, matches) in enumerate(zip(query_texts, found, strict=True), start=1):
-            if number > 1:
-                click.echo()
-            if len(query_texts) > 1:
-                click.echo(f"{number}. {text}")
-            _print_matches(matches)
+    if out is not None:
+        rows = write_matches(out, queries, found)
+        click.echo(f"{out}: {rows:,} matches of {len(query_texts):,} texts")
         return
-    # Each text's own input columns lead its match rows.
-    owners = np.repeat(np.arange(len(queries)), [len(matches) for matches in found])
-    leading = queries.drop(columns="text").iloc[owners].reset_index(drop=True)
-    table = pd.concat([leading, matches_table(query_texts, found)], axis=1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    SEARCH_OUTPUTS[out.suffix](table, partial)
-    partial.replace(out)
-    click.echo(f"{out}: {len(table):,} matches of {len(query_texts):,} texts")
+    for number, (text, matches) in enumerate(zip(query_texts, found, strict=True), start=1):
+        if number > 1:
+            click.echo()
+        if len(query_texts) > 1:
+            click.echo(f"{number}. {text}")
+        _print_matches(matches)
 
 
 def _print_matches(matches: list[Any]) -> None:

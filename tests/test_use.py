@@ -220,7 +220,7 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
         )
     )
     expected_codes = [row[1] for row in _table_rows(single.stdout.strip().splitlines()[1:])]
-    for out in ("coded/matches.csv", "coded/matches.parquet"):
+    for out in ("coded/matches.CSV", "coded/matches.parquet"):  # suffixes in any case
         result = ok(
             run_cli(
                 workdir,
@@ -238,7 +238,7 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
         assert result.stdout.strip() == f"{out}: 6 matches of 3 texts"
         table = (
             pd.read_csv(workdir / out, dtype={"id": str, "code": str}, keep_default_na=False)
-            if out.endswith(".csv")
+            if out.endswith(".CSV")
             else pd.read_parquet(workdir / out)
         )
         assert list(table.columns) == [

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL
@@ -15,6 +16,11 @@ from naics_mlflow.errors import UserError
 MAX_TOP_K = 100
 # One row per match, as `search --out` writes and the served model answers.
 MATCH_COLUMNS = ("text", "rank", "code", "title", "level", "distance", "score", "margin")
+# `search --out` by the file's suffix.
+MATCH_FILE_WRITERS = {
+    ".csv": lambda table, path: table.to_csv(path, index=False),
+    ".parquet": lambda table, path: table.to_parquet(path, index=False),
+}
 
 
 class QueryError(UserError):
@@ -63,6 +69,27 @@ def matches_table(texts: list[str], found: list[list[Match]]) -> pd.DataFrame:
         ],
         columns=list(MATCH_COLUMNS),
     )
+
+
+def check_matches_file(out: Path, input_path: Path | None) -> None:
+    """Refuse an ``--out`` that could not be written as asked, or would overwrite the input."""
+    if out.suffix.lower() not in MATCH_FILE_WRITERS:
+        raise QueryError(f"--out must end in .csv or .parquet, got {out.name}")
+    if input_path is not None and out.resolve() == input_path.resolve():
+        raise QueryError(f"--out {out} is the --input file; write the matches to another file")
+
+
+def write_matches(out: Path, queries: pd.DataFrame, found: list[list[Match]]) -> int:
+    """Write :func:`matches_table` of ``queries["text"]`` to ``out`` whole or not at all, each
+    text's other input columns leading its rows; returns how many rows it wrote."""
+    owners = np.repeat(np.arange(len(queries)), [len(matches) for matches in found])
+    leading = queries.drop(columns="text").iloc[owners].reset_index(drop=True)
+    table = pd.concat([leading, matches_table(queries["text"].tolist(), found)], axis=1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    MATCH_FILE_WRITERS[out.suffix.lower()](table, partial)
+    partial.replace(out)
+    return len(table)
 
 
 def read_query_csv(path: Path) -> pd.DataFrame:
