@@ -1,6 +1,6 @@
-"""A search request and its answer, apart from the model: what ``search``, ``evaluate`` and the
-served model check before any model work, and the table of matches they give back. Light to
-import, so that a bad request is refused in a moment."""
+"""A search request and its answer, apart from the model: what ``search`` and the served model
+check before any model work, and the table of matches they give back. Light to import, so that
+a bad request is refused in a moment."""
 
 from __future__ import annotations
 
