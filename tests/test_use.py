@@ -254,6 +254,22 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
         assert first["margin"] == pytest.approx(first["score"] - second["score"])
         assert (table["margin"] >= 0).all()
         assert not list((workdir / "coded").glob("*.partial"))
+    blocked = workdir / "not-a-folder"
+    blocked.write_text("")
+    line = error_line(
+        run_cli(
+            workdir,
+            "search",
+            "--input",
+            str(queries),
+            "--out",
+            f"{blocked.name}/matches.csv",
+            "--from-checkpoint",
+            str(checkpoint),
+        )
+    )
+    assert line.startswith(f"error: cannot write {blocked.name}/matches.csv (")
+    assert blocked.read_text() == ""
 
 
 # (input file, further arguments, what the error line says); {input} is the file's name.

@@ -85,10 +85,17 @@ def write_matches(out: Path, queries: pd.DataFrame, found: list[list[Match]]) ->
     owners = np.repeat(np.arange(len(queries)), [len(matches) for matches in found])
     leading = queries.drop(columns="text").iloc[owners].reset_index(drop=True)
     table = pd.concat([leading, matches_table(queries["text"].tolist(), found)], axis=1)
-    out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    MATCH_FILE_WRITERS[out.suffix.lower()](table, partial)
-    partial.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        MATCH_FILE_WRITERS[out.suffix.lower()](table, partial)
+        partial.replace(out)
+    except OSError as exc:
+        if partial.exists():  # False, not an error, where the folder is a file
+            partial.unlink()
+        raise QueryError(
+            f"cannot write {out} ({exc.strerror}); give --out a path in a folder you can write"
+        ) from exc
     return len(table)
 
 
