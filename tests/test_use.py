@@ -220,21 +220,17 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
         )
     )
     expected_codes = [row[1] for row in _table_rows(single.stdout.strip().splitlines()[1:])]
-    for out in ("coded/matches.CSV", "coded/matches.parquet"):  # suffixes in any case
-        result = ok(
-            run_cli(
-                workdir,
-                "search",
-                "--input",
-                str(queries),
-                "--out",
-                out,
-                "--top",
-                "2",
-                "--from-checkpoint",
-                str(checkpoint),
-            )
+
+    def search_file(out: str) -> subprocess.CompletedProcess:
+        return run_cli(
+            workdir,
+            "search",
+            *("--input", str(queries), "--out", out, "--top", "2"),
+            *("--from-checkpoint", str(checkpoint)),
         )
+
+    for out in ("coded/matches.CSV", "coded/matches.parquet"):  # suffixes in any case
+        result = ok(search_file(out))
         assert result.stdout.strip() == f"{out}: 6 matches of 3 texts"
         table = (
             pd.read_csv(workdir / out, dtype={"id": str, "code": str}, keep_default_na=False)
@@ -256,18 +252,7 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
         assert not list((workdir / "coded").glob("*.partial"))
     blocked = workdir / "not-a-folder"
     blocked.write_text("")
-    line = error_line(
-        run_cli(
-            workdir,
-            "search",
-            "--input",
-            str(queries),
-            "--out",
-            f"{blocked.name}/matches.csv",
-            "--from-checkpoint",
-            str(checkpoint),
-        )
-    )
+    line = error_line(search_file(f"{blocked.name}/matches.csv"))
     assert line.startswith(f"error: cannot write {blocked.name}/matches.csv (")
     assert blocked.read_text() == ""
 
