@@ -137,8 +137,19 @@ def _mark_model_development(experiment_id: str) -> None:
     """Tag the experiment as model development: MLflow 3's UI opens an experiment without a kind
     on its GenAI pages (traces, prompts), and one with this kind on its runs."""
     client = MlflowClient()
-    if client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+
+    def is_marked() -> bool:
+        return client.get_experiment(experiment_id).tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND
+
+    if is_marked():
+        return
+    try:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    except MlflowException:
+        # A command started at the same time inserted the same tag first, and a SQL store
+        # refuses the second insert; any other failure leaves the experiment unmarked.
+        if not is_marked():
+            raise
 
 
 def git_commit() -> str:

@@ -8,11 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow import tracking
@@ -483,6 +485,36 @@ def test_an_experiment_is_opened_on_its_runs_and_a_launchers_other_one_is_named(
     assert tracking.use_experiment("naics-embedder") == "0"
     assert store.get_experiment("0").tags["mlflow.experimentKind"] == "custom_model_development"
     assert "add --experiment-name naics-embedder to mlflow run" in caplog.text
+
+
+def test_commands_starting_together_open_one_experiment_without_error(store):
+    # Chains started at once on a shared store each find the experiment (made in the UI, say)
+    # untagged and tag it; the store refuses the second insert of the same tag.
+    threads_per_experiment = 6
+    for attempt in range(25):
+        name = f"naics-embedder-{attempt}"
+        store.create_experiment(name)
+        barrier = threading.Barrier(threads_per_experiment)
+        opened: list[str] = []
+        errors: list[BaseException] = []
+
+        def open_experiment(name=name, barrier=barrier, opened=opened, errors=errors):
+            barrier.wait()
+            try:
+                opened.append(tracking.use_experiment(name))
+            except MlflowException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_experiment) for _ in range(threads_per_experiment)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        (experiment_id,) = set(opened)
+        assert store.get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == (
+            tracking.EXPERIMENT_KIND
+        )
 
 
 def _finished_stage_run(store, tmp_path, val_loss: float, **tags: str) -> str:
