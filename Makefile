@@ -28,8 +28,9 @@ lint: install
 
 # Two workers, each taking whole test files (module fixtures are built once): most tests wait on
 # one single-threaded subprocess at a time, so a 2-core machine runs two of them side by side.
+# Files go out in collection order, where tests/conftest.py puts the longest first.
 test: lint
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 quickstart: install
 	$(BIN)/naics-embedder data build

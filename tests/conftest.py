@@ -24,10 +24,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-# The longest files, longest first: `make test`'s two workers each take a whole file at a time in
-# collection order, and starting these first lets both workers finish at about the same time
-# instead of one running the guide's ten minutes of commands alone at the end.
-LONGEST_FILES = ("test_training_guide.py", "test_chain.py", "test_scale_out.py", "test_use.py")
+# The longest files, longest first (each takes 3-7 minutes on 2 cores): `make test`'s two workers
+# each take a whole file at a time in collection order (`--no-loadscope-reorder`; xdist would
+# otherwise order files by their number of tests), and starting these first lets both workers
+# finish at about the same time instead of one running long files alone at the end.
+LONGEST_FILES = (
+    "test_training_guide.py",
+    "test_chain.py",
+    "test_use.py",
+    "test_scale_out.py",
+    "test_training_stage.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
