@@ -21,6 +21,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from naics_mlflow.cli import SEARCH_CHUNK
 from naics_mlflow.model.lorentz import distance, distance_to_origin, manifold_violation
 from naics_mlflow.model.merged import dtype_name, inference_dtype
 from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
@@ -250,6 +251,22 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
         assert first["margin"] == pytest.approx(first["score"] - second["score"])
         assert (table["margin"] >= 0).all()
         assert not list((workdir / "coded").glob("*.partial"))
+
+    # Past one chunk of texts: a progress line per chunk, and every row still matches its text.
+    many = SEARCH_CHUNK + 1
+    queries.write_text(
+        "id,text\n"
+        + "".join(f"{i},{('grow soybeans', 'retail bakery')[i % 2]}\n" for i in range(many))
+    )
+    result = ok(search_file("coded/many.csv"))
+    assert f"searched {SEARCH_CHUNK:,} of {many:,} texts" in result.stderr
+    assert f"searched {many:,} of {many:,} texts" in result.stderr
+    table = pd.read_csv(workdir / "coded/many.csv", dtype={"code": str})
+    firsts = table[table["rank"] == 1]
+    assert firsts["id"].tolist() == list(range(many))
+    assert set(firsts["code"].iloc[::2]) == {expected_codes[0]}
+    assert set(firsts["code"].iloc[1::2]) == {firsts["code"].iloc[1]}
+
     blocked = workdir / "not-a-folder"
     blocked.write_text("")
     line = error_line(search_file(f"{blocked.name}/matches.csv"))
