@@ -31,7 +31,9 @@ from naics_mlflow.data.taxonomy import (
     DEV_FILE,
     DISTANCES_FILE,
     HOLDOUT_FILE,
+    MAX_LEVEL,
     RELATIONS_FILE,
+    cross_reference_parts,
     index_split,
 )
 from tests.conftest import REPO_ROOT
@@ -89,6 +91,30 @@ def test_excluded_codes_of_541511(taxonomy):
     assert taxonomy.excluded_codes[i] == ["513210", "518210", "541512"]
     assert len(taxonomy.excluded[i]) == 3
     assert taxonomy.excluded_matrix()[i, taxonomy.positions["541512"]]
+
+
+def test_a_cross_reference_splits_into_its_activity_and_where_it_goes():
+    assert cross_reference_parts(
+        "Growing wheat--are classified in Industry 11114, Wheat Farming;"
+    ) == ("Growing wheat", " in Industry 11114, Wheat Farming;")
+    assert cross_reference_parts(
+        "Establishments primarily engaged in X are included in Industry 1, Y."
+    ) == ("Establishments primarily engaged in X", " in Industry 1, Y.")
+    assert cross_reference_parts("Growing wheat, see Wheat Farming.") is None
+
+
+def test_cross_references_credit_the_one_national_industry_they_send_an_activity_to(taxonomy):
+    activities = taxonomy.cross_referenced_activities()
+    # 488111 sends military air traffic control to 928110, National Security.
+    assert any(
+        "military air traffic control" in a for a in activities[taxonomy.positions["928110"]]
+    )
+    # 11119 sends "Growing wheat" to Industry 11114, whose one national industry is 111140.
+    assert "Growing wheat" in activities[taxonomy.positions["111140"]]
+    # 926130 sends "Operating utilities" to Subsector 221, which holds many: none is credited.
+    assert all("Operating utilities" not in of_code for of_code in activities)
+    assert not any(activities[row] for row in np.flatnonzero(taxonomy.levels < MAX_LEVEL))
+    assert sum(len(of_code) for of_code in activities) > 2_000
 
 
 def test_index_split_rule():

@@ -409,8 +409,8 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     assert evaluation.data.tags["mlflow.parentRunId"] == run.info.run_id
     assert "holdout/tfidf/top5" in evaluation.data.metrics
     assert evaluation.data.params == {
-        "search.lexical_weight": "32.0",
-        "search.item_weight": "10.0",
+        "search.lexical_weight": "48.0",
+        "search.item_weight": "16.0",
         "search.backbone_dtype": "auto",
         "backbone_dtype": dtype_name(inference_dtype("auto", torch.device("cpu"))),
     }

@@ -73,6 +73,9 @@ _CROSS_REFERENCE_TAIL = re.compile(r"\s*Cross-References\..*$", re.S)
 _SECTOR_HEADING = re.compile(r"^\s*The Sector as a Whole\s*", re.S)
 _POINTER = re.compile(r"^See industry description for (\d{6})\.?$")
 _CODE_MENTION = re.compile(r"\b(\d{2})(?:-\d{2}|(\d{0,4}))\b")
+# Where a cross-reference's activity ends and the clause naming its code begins:
+# "Growing soybeans--are classified in ...", "Establishments ... are included in ...".
+_CLASSIFIED_IN = re.compile(r"(?:--|\s)(?:are|is)\s+(?:classified|included)\b")
 
 
 def sector_of(prefix: str) -> str:
@@ -124,6 +127,19 @@ def mentioned_codes(sentence: str, valid_codes: set[str]) -> list[str]:
         if code in valid_codes and code not in found:
             found.append(code)
     return found
+
+
+def cross_reference_parts(sentence: str) -> tuple[str, str] | None:
+    """A cross-reference split into the activity it excludes and the clause that says where the
+    activity is classified instead; None when the sentence names no such place.
+
+    ``"Growing soybeans--are classified in Industry 111110, Soybean Farming;"`` ->
+    ``("Growing soybeans", " in Industry 111110, Soybean Farming;")``.
+    """
+    match = _CLASSIFIED_IN.search(sentence)
+    if match is None:
+        return None
+    return sentence[: match.start()].strip(" ,;"), sentence[match.end() :]
 
 
 HELD_OUT, DEV, TRAINING = "holdout", "dev", "train"
@@ -203,6 +219,39 @@ class Taxonomy:
         for i, targets in enumerate(self.excluded_codes):
             matrix[i, [positions[code] for code in targets]] = True
         return matrix
+
+    def cross_referenced_activities(self) -> list[list[str]]:
+        """Per row, the activities that other codes' cross-references classify in that national
+        industry, each once: more examples of what the code covers, in the Census's words.
+
+        Each code a cross-reference names is credited when it is a national industry, or a
+        higher code with exactly one national industry under it; a group of several says too
+        little about which one to credit. Other rows get none.
+        """
+        national_under: dict[int, list[int]] = {}
+        for row in np.flatnonzero(self.levels == MAX_LEVEL):
+            node = int(row)
+            while node >= 0:
+                national_under.setdefault(node, []).append(int(row))
+                node = int(self.parents[node])
+        valid = set(self.codes)
+        activities: list[list[str]] = [[] for _ in self.codes]
+        for source, sentences in zip(self.codes, self.excluded, strict=True):
+            for sentence in sentences:
+                parts = cross_reference_parts(sentence)
+                if parts is None or not parts[0]:
+                    continue
+                activity, destination = parts
+                named = [code for code in mentioned_codes(destination, valid) if code != source]
+                targets = {
+                    national_under[self.positions[code]][0]
+                    for code in named
+                    if len(national_under.get(self.positions[code], [])) == 1
+                }
+                for target in sorted(targets):
+                    if activity not in activities[target]:
+                        activities[target].append(activity)
+        return activities
 
 
 def load_taxonomy(data_dir: str | Path) -> Taxonomy:

@@ -23,7 +23,7 @@ SYSTEM_NAMES = {
     "embedding": "trained model, embedding alone",
     "untrained": "untrained model (backbone, same channels)",
     "knn": "untrained backbone, nearest training item",
-    "tfidf": "TF-IDF (title + description + training items)",
+    "tfidf": "TF-IDF (title, description, items, cross-refs)",
 }
 # Metric -> table column; prefixN: share of queries whose top code has the right first N digits.
 TABLE_COLUMNS = {

@@ -2,7 +2,8 @@
 
 Search adds it to the embedding's score (``SearchEngine``), and ``evaluate`` reports it alone as
 the TF-IDF baseline, so both use this one index. A six-digit code's document is its title, its
-description and its training index items (dev and held-out items are never in it). Words carry
+description, its training index items (dev and held-out items are never in it) and the
+activities that other codes' cross-references classify in it. Words carry
 what an embedding of a short text can blur: a product name, a material, a regulated activity.
 """
 
@@ -34,9 +35,17 @@ def join_texts(parts: Sequence[str]) -> str:
 
 
 def code_documents(taxonomy: Taxonomy, rows: Sequence[int]) -> list[str]:
-    """``title. description. item. item...`` per row."""
+    """``title. description. item. item... activity. activity...`` per row."""
+    activities = taxonomy.cross_referenced_activities()
     return [
-        join_texts([taxonomy.titles[row], taxonomy.descriptions[row], *taxonomy.examples[row]])
+        join_texts(
+            [
+                taxonomy.titles[row],
+                taxonomy.descriptions[row],
+                *taxonomy.examples[row],
+                *activities[row],
+            ]
+        )
         for row in rows
     ]
 
