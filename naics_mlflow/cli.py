@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import shlex
 import sys
 from collections.abc import Callable
@@ -622,11 +623,14 @@ def search(
 
 
 def _print_matches(matches: list[Any]) -> None:
-    """One text's matches as a table."""
-    click.echo(f"{'rank':<5} {'code':<8} {'score':>8} {'distance':>8}  title")
+    """One text's matches as a table; a margin is the score's lead over the next code's, and
+    ``-`` where no code follows."""
+    click.echo(f"{'rank':<5} {'code':<8} {'score':>8} {'margin':>8} {'distance':>8}  title")
     for rank, match in enumerate(matches, start=1):
+        margin = "-" if math.isnan(match.margin) else f"{match.margin:.3f}"
         click.echo(
-            f"{rank:<5} {match.code:<8} {match.score:>8.3f} {match.distance:>8.4f}  {match.title}"
+            f"{rank:<5} {match.code:<8} {match.score:>8.3f} {margin:>8} {match.distance:>8.4f}  "
+            f"{match.title}"
         )
 
 

@@ -3,6 +3,7 @@ real subprocesses against a sqlite store, with a stage trained on the tiny backb
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -146,11 +147,13 @@ def test_search_returns_the_closest_codes(trained):
         )
     )
     header, *rows = result.stdout.strip().splitlines()
-    assert header.split()[:4] == ["rank", "code", "score", "distance"]
+    assert header.split()[:5] == ["rank", "code", "score", "margin", "distance"]
     assert [row.split()[0] for row in rows] == ["1", "2", "3"]
     assert all(len(row.split()[1]) == 6 for row in rows)
     scores = [float(row.split()[2]) for row in rows]
     assert scores == sorted(scores, reverse=True)
+    margins = [float(row.split()[3]) for row in rows]
+    assert margins[:2] == pytest.approx([a - b for a, b in itertools.pairwise(scores)], abs=2e-3)
     sectors = ok(
         run_cli(
             workdir,
@@ -164,7 +167,9 @@ def test_search_returns_the_closest_codes(trained):
             str(checkpoint),
         )
     )
-    assert len(sectors.stdout.strip().splitlines()) == 21  # every sector, ranked
+    sector_rows = sectors.stdout.strip().splitlines()[1:]
+    assert len(sector_rows) == 20  # every sector, ranked
+    assert sector_rows[-1].split()[3] == "-"  # no code below the last one
 
 
 @pytest.mark.parametrize(
