@@ -101,6 +101,11 @@ def test_a_cross_reference_splits_into_its_activity_and_where_it_goes():
         "Establishments primarily engaged in X are included in Industry 1, Y."
     ) == ("Establishments primarily engaged in X", " in Industry 1, Y.")
     assert cross_reference_parts("Growing wheat, see Wheat Farming.") is None
+    # The Census's typo in 423720's cross-reference.
+    assert cross_reference_parts("Wholesaling X--are lclassified in Industry 423730, Y; and") == (
+        "Wholesaling X",
+        " in Industry 423730, Y; and",
+    )
 
 
 def test_cross_references_credit_the_one_national_industry_they_send_an_activity_to(taxonomy):

@@ -74,8 +74,9 @@ _SECTOR_HEADING = re.compile(r"^\s*The Sector as a Whole\s*", re.S)
 _POINTER = re.compile(r"^See industry description for (\d{6})\.?$")
 _CODE_MENTION = re.compile(r"\b(\d{2})(?:-\d{2}|(\d{0,4}))\b")
 # Where a cross-reference's activity ends and the clause naming its code begins:
-# "Growing soybeans--are classified in ...", "Establishments ... are included in ...".
-_CLASSIFIED_IN = re.compile(r"(?:--|\s)(?:are|is)\s+(?:classified|included)\b")
+# "Growing soybeans--are classified in ...", "Establishments ... are included in ...". A letter
+# may precede the verb: 423720's cross-reference reads "--are lclassified in Industry 423730".
+_CLASSIFIED_IN = re.compile(r"(?:--|\s)(?:are|is)\s+[a-z]?(?:classified|included)\b")
 
 
 def sector_of(prefix: str) -> str:
