@@ -96,7 +96,8 @@ def data_build(raw_dir: Path | None, out_dir: Path | None, force: bool, config_p
     )
     click.echo(
         f"{result.out_dir}: {result.n_codes:,} codes, {result.n_training_examples:,} training "
-        f"index items, {result.n_dev:,} dev, {result.n_holdout:,} held out"
+        f"index items, {result.n_cross_referenced_activities:,} cross-referenced activities, "
+        f"{result.n_dev:,} dev, {result.n_holdout:,} held out"
         + ("" if result.rebuilt else " (unchanged)")
     )
 

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import hashlib
 import http.server
+import json
 import math
 import shutil
 import socket
@@ -31,9 +32,9 @@ from naics_mlflow.data.taxonomy import (
     DEV_FILE,
     DISTANCES_FILE,
     HOLDOUT_FILE,
-    MAX_LEVEL,
     RELATIONS_FILE,
     cross_reference_parts,
+    cross_referenced_activities,
     index_split,
 )
 from tests.conftest import REPO_ROOT
@@ -108,18 +109,41 @@ def test_a_cross_reference_splits_into_its_activity_and_where_it_goes():
     )
 
 
-def test_cross_references_credit_the_one_national_industry_they_send_an_activity_to(taxonomy):
-    activities = taxonomy.cross_referenced_activities()
-    # 488111 sends military air traffic control to 928110, National Security.
-    assert any(
-        "military air traffic control" in a for a in activities[taxonomy.positions["928110"]]
-    )
+def test_cross_references_credit_the_one_national_industry_they_name():
+    codes = ["11", "111", "1111", "11111", "111110", "11112", "111120", "111121"]
+    cross_references = {
+        "111110": [
+            "Growing peas--are classified in Industry 11112, Pea Farming;",  # two under 11112
+            "Growing oats--are classified in Industry 11111, Oat Farming.",  # itself
+        ],
+        "111120": [
+            "Growing rye--are classified in Industry 11111, Rye Farming; and",  # one under 11111
+            "Growing rye--are classified in U.S. Industry 111110, Rye Farming.",  # credited once
+            "Farming--are classified in Sector 11, Agriculture.",  # a group
+        ],
+        "111121": ["Growing hops--are classified in U.S. Industries 111110 or 111120."],  # both
+    }
+    assert cross_referenced_activities(codes, cross_references) == {
+        "111110": ["Growing rye", "Growing hops"],
+        "111120": ["Growing hops"],
+    }
+
+
+def test_a_national_industrys_examples_end_with_the_activities_cross_references_send_it(
+    taxonomy, data_dir
+):
+    dev = set(pq.read_table(data_dir / DEV_FILE).column("text").to_pylist())
     # 11119 sends "Growing wheat" to Industry 11114, whose one national industry is 111140.
-    assert "Growing wheat" in activities[taxonomy.positions["111140"]]
+    wheat = taxonomy.examples[taxonomy.positions["111140"]]
+    assert wheat[-1] == "Growing wheat" and not dev & set(wheat)
+    # 488111 sends military air traffic control to 928110, National Security.
+    security = taxonomy.examples[taxonomy.positions["928110"]]
+    assert any("military air traffic control" in example for example in security)
     # 926130 sends "Operating utilities" to Subsector 221, which holds many: none is credited.
-    assert all("Operating utilities" not in of_code for of_code in activities)
-    assert not any(activities[row] for row in np.flatnonzero(taxonomy.levels < MAX_LEVEL))
-    assert sum(len(of_code) for of_code in activities) > 2_000
+    assert all("Operating utilities" not in examples for examples in taxonomy.examples)
+    # Codes at levels 2-5 sample their descendants' training index items only.
+    sector = taxonomy.examples[taxonomy.positions["11"]]
+    assert "Growing wheat" not in sector and len(sector) == 64
 
 
 def test_index_split_rule():
@@ -143,10 +167,15 @@ def test_dev_and_held_out_items_never_enter_code_texts(data_dir, taxonomy):
         assert not texts & (training_texts | set(taxonomy.descriptions))
     # Two index rows of the Census file are their own code's title, word for word.
     assert {row["text"] for row in dev} & set(taxonomy.titles) == {"Sawmills", "Marinas"}
+    counts = json.loads((data_dir / MANIFEST_FILE).read_text())["counts"]
+    assert counts["n_training_examples"] + len(dev) + len(held_out) == 20373
     six_digit_examples = sum(
         len(e) for e, level in zip(taxonomy.examples, taxonomy.levels, strict=True) if level == 6
     )
-    assert six_digit_examples + len(dev) + len(held_out) == 20373
+    assert (
+        six_digit_examples
+        == counts["n_training_examples"] + counts["n_cross_referenced_activities"]
+    )
 
 
 def test_upper_levels_sample_their_descendants_examples(taxonomy):
@@ -158,8 +187,9 @@ def test_upper_levels_sample_their_descendants_examples(taxonomy):
             if code.startswith(prefix) and len(code) == 6
         ]
 
-    # 11111 (Soybean Farming's parent) has fewer items than the cap: all of them, in code order.
-    assert taxonomy.examples[taxonomy.positions["11111"]] == descendants_items("11111")
+    # 54192 (Photographic Services) has fewer items than the cap: all of them, in code order. No
+    # cross-reference sends an activity to its two national industries, so all are index items.
+    assert taxonomy.examples[taxonomy.positions["54192"]] == descendants_items("54192")
     sector = taxonomy.examples[taxonomy.positions["11"]]
     everything = descendants_items("11")
     assert len(sector) == MAX_INHERITED_EXAMPLES < len(everything)

@@ -342,24 +342,12 @@ def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapte
         for item in taxonomy.examples[row]:
             owners.setdefault(item, []).append(int(row))
     item, (row,) = next((text, rows) for text, rows in owners.items() if len(rows) == 1)
-    activities = taxonomy.cross_referenced_activities()
-    credited: dict[str, list[int]] = {}
-    for target in national:
-        for text in activities[target]:
-            credited.setdefault(text, []).append(int(target))
-    activity, (target,) = next(
-        (text, rows) for text, rows in credited.items() if len(rows) == 1 and text not in owners
-    )
     alone = SearchConfig(lexical_weight=0.0, item_weight=0.0, backbone_dtype="float32")
     engine = SearchEngine.build(module, taxonomy, alone)
-    assert set(engine.items.rows.tolist()) == {
-        r for r in national if taxonomy.examples[r] or activities[r]
-    }
-    assert len(engine.items.rows) == sum(
-        len(taxonomy.examples[r]) + len(activities[r]) for r in national
-    )
+    assert set(engine.items.rows.tolist()) == {r for r in national if taxonomy.examples[r]}
+    assert len(engine.items.rows) == sum(len(taxonomy.examples[r]) for r in national)
 
-    texts = [item, "retail bakery", activity]
+    texts = [item, "retail bakery"]
     queries = engine.encode_queries(texts)
     by_embedding = {}
     for level in (MAX_LEVEL, MAX_LEVEL - 1):
@@ -374,8 +362,6 @@ def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapte
         expected = 3.0 * nearest[:, rows] if level == MAX_LEVEL else torch.zeros_like(added)
         torch.testing.assert_close(added, expected)
     assert nearest[0, row] == pytest.approx(1.0, abs=1e-5)  # the query is the code's own item
-    # ... and another code's cross-reference classifies this one in its target.
-    assert nearest[2, target] == pytest.approx(1.0, abs=1e-5)
     best = (by_embedding[MAX_LEVEL] + 3.0 * nearest[:, engine.candidates(MAX_LEVEL)]).max(dim=1)
     found = engine.search(texts, top_k=1)
     assert [matches[0].score for matches in found] == pytest.approx(best.values.tolist())

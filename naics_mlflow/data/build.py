@@ -61,6 +61,7 @@ class BuildResult:
     rebuilt: bool
     n_codes: int
     n_training_examples: int
+    n_cross_referenced_activities: int
     n_dev: int
     n_holdout: int
 
@@ -221,10 +222,14 @@ def _read_cross_references(
     return sentences
 
 
-def _examples(codes: list[str], training: dict[str, list[str]]) -> dict[str, list[str]]:
-    """A six-digit code's own training items; a higher code's are up to
-    ``MAX_INHERITED_EXAMPLES`` of its six-digit descendants' items (the index file lists only
-    six-digit codes), drawn at random with a seed fixed by the code, kept in code order."""
+def _examples(
+    codes: list[str], training: dict[str, list[str]], activities: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """A six-digit code's own training items, then the activities that cross-references classify
+    in it (``taxonomy.cross_referenced_activities``, less any among them); a higher code's are
+    up to ``MAX_INHERITED_EXAMPLES`` of its six-digit descendants' training items (the index file
+    lists only six-digit codes), drawn at random with a seed fixed by the code, kept in code
+    order."""
     inherited: dict[str, list[str]] = {code: [] for code in codes}
     for code in codes:
         node = taxonomy.parent_of(code)
@@ -234,7 +239,7 @@ def _examples(codes: list[str], training: dict[str, list[str]]) -> dict[str, lis
     examples = {}
     for code in codes:
         if len(code) == taxonomy.MAX_LEVEL:
-            examples[code] = list(training.get(code, []))
+            examples[code] = [*training.get(code, []), *activities.get(code, [])]
             continue
         items = inherited[code]
         seed = int(hashlib.sha1(code.encode()).hexdigest(), 16) % 2**32
@@ -298,7 +303,27 @@ def build_data(
     progress.step(f"read cross-references of {len(cross_references):,} codes")
 
     valid = set(codes)
-    examples = _examples(codes, training)
+    # A cross-reference may word an activity as a dev or held-out item does (6 do, in any case);
+    # those stay out of every code's texts like the items themselves. One that repeats the code's
+    # own training item adds nothing.
+    evaluation_texts = {text.casefold() for _, text in [*dev, *held_out]}
+    activities = {
+        code: added
+        for code, credited in taxonomy.cross_referenced_activities(codes, cross_references).items()
+        if (
+            added := [
+                text
+                for text in credited
+                if text.casefold() not in evaluation_texts and text not in training.get(code, [])
+            ]
+        )
+    }
+    n_activities = sum(len(added) for added in activities.values())
+    progress.step(
+        f"credited {n_activities:,} cross-referenced activities to {len(activities):,} national "
+        "industries"
+    )
+    examples = _examples(codes, training, activities)
     rows = []
     for code in codes:
         sentences = cross_references.get(code, [])
@@ -322,6 +347,7 @@ def build_data(
     counts = {
         "n_codes": len(codes),
         "n_training_examples": n_training,
+        "n_cross_referenced_activities": n_activities,
         "n_dev": len(dev),
         "n_holdout": len(held_out),
     }

@@ -3,10 +3,11 @@
 A training item is ``(anchor, positive, the anchor's sampled negatives)``. A batch gathers every
 code its items mention, so each distinct code is encoded once per step, and carries local indices
 into that set for the loss, and the tree distances and parent links among those codes for the
-hierarchy terms. Every six-digit code in the batch that has training index items also brings one
-of them as a free-text query, which the model learns to place at that code rather than at the
-batch's other six-digit codes (see ``NaicsEmbedder``); that item is left out of the code's own
-examples in the same step, so the query never finds its own words.
+hierarchy terms. Every six-digit code in the batch that has examples (training index items, and
+activities that cross-references classify there) also brings one of them as a free-text query, which
+the model learns to place at that code rather than at the batch's other six-digit codes (see
+``NaicsEmbedder``); that item is left out of the code's own examples in the same step, so the query
+never finds its own words.
 
 A batch carries the codes' texts as tokens, or, in a head-only stage, their precomputed channel
 features (:attr:`NaicsDataModule.code_features`, set when the stage starts).
@@ -263,7 +264,7 @@ class NaicsDataModule(L.LightningDataModule):
         return batch
 
     def _query_items(self, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """(U,) one training index item (an index into ``tokens.item_ids``) of each six-digit
+        """(U,) one example (an index into ``tokens.item_ids``) of each six-digit
         code that has one, -1 elsewhere or when ``loss.query_weight`` is 0.
 
         Only six-digit codes: a higher code's examples are its descendants' items, whose own

@@ -143,6 +143,41 @@ def cross_reference_parts(sentence: str) -> tuple[str, str] | None:
     return sentence[: match.start()].strip(" ,;"), sentence[match.end() :]
 
 
+def cross_referenced_activities(
+    codes: list[str], cross_references: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """The activities that codes' cross-references classify in each national industry, each
+    once, in the order of ``codes`` and their sentences: more examples of what a national
+    industry covers, in the Census's words.
+
+    Each code a cross-reference names is credited when it is a national industry, or a higher code
+    with exactly one national industry under it (``Industry 11114`` is ``111140``); a group of
+    several says too little about which one to credit, and a code never credits itself.
+    """
+    national_under: dict[str, list[str]] = {}
+    for code in codes:
+        node = code if len(code) == MAX_LEVEL else None
+        while node is not None:
+            national_under.setdefault(node, []).append(code)
+            node = parent_of(node)
+    valid = set(codes)
+    activities: dict[str, list[str]] = {}
+    for source in codes:
+        for sentence in cross_references.get(source, []):
+            parts = cross_reference_parts(sentence)
+            if parts is None or not parts[0]:
+                continue
+            activity, destination = parts
+            for named in mentioned_codes(destination, valid):
+                under = national_under.get(named, [])
+                if len(under) != 1 or under[0] == source:
+                    continue
+                credited = activities.setdefault(under[0], [])
+                if activity not in credited:
+                    credited.append(activity)
+    return activities
+
+
 HELD_OUT, DEV, TRAINING = "holdout", "dev", "train"
 
 
@@ -220,39 +255,6 @@ class Taxonomy:
         for i, targets in enumerate(self.excluded_codes):
             matrix[i, [positions[code] for code in targets]] = True
         return matrix
-
-    def cross_referenced_activities(self) -> list[list[str]]:
-        """Per row, the activities that other codes' cross-references classify in that national
-        industry, each once: more examples of what the code covers, in the Census's words.
-
-        Each code a cross-reference names is credited when it is a national industry, or a
-        higher code with exactly one national industry under it; a group of several says too
-        little about which one to credit. Other rows get none.
-        """
-        national_under: dict[int, list[int]] = {}
-        for row in np.flatnonzero(self.levels == MAX_LEVEL):
-            node = int(row)
-            while node >= 0:
-                national_under.setdefault(node, []).append(int(row))
-                node = int(self.parents[node])
-        valid = set(self.codes)
-        activities: list[list[str]] = [[] for _ in self.codes]
-        for source, sentences in zip(self.codes, self.excluded, strict=True):
-            for sentence in sentences:
-                parts = cross_reference_parts(sentence)
-                if parts is None or not parts[0]:
-                    continue
-                activity, destination = parts
-                named = [code for code in mentioned_codes(destination, valid) if code != source]
-                targets = {
-                    national_under[self.positions[code]][0]
-                    for code in named
-                    if len(national_under.get(self.positions[code], [])) == 1
-                }
-                for target in sorted(targets):
-                    if activity not in activities[target]:
-                        activities[target].append(activity)
-        return activities
 
 
 def load_taxonomy(data_dir: str | Path) -> Taxonomy:

@@ -4,13 +4,13 @@ Each ranks the six-digit codes for each free-text query and is scored by ``score
 which goes through the same ``metrics.ranking_metrics`` as the model, so the numbers compare:
 
 - TF-IDF (:class:`~naics_mlflow.evaluation.lexical.LexicalIndex` alone): lexical overlap with each
-  code's title, description, training index items and cross-referenced activities, the bar any
-  learned model must clear on queries that reuse the taxonomy's words.
+  code's title, description and examples (training index items and cross-referenced
+  activities), the bar any learned model must clear on queries that reuse the taxonomy's words.
 - :class:`UntrainedBackbone`, two ways. ``embedding_distances``: the model as built before any
   training, which reads the same channels as the trained one (title, description, the mean of the
   index items) through the pretrained backbone and ranks by its cosine similarity; what training
-  adds. ``nearest_item_scores``: the code of the nearest training index item by the backbone's
-  cosine (kNN), the strongest cheap baseline on phrasings the index items already cover.
+  adds. ``nearest_item_scores``: the code of the nearest example by the backbone's cosine (kNN),
+  the strongest cheap baseline on phrasings the examples already cover.
 """
 
 from __future__ import annotations

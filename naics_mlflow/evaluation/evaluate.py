@@ -22,8 +22,8 @@ SYSTEM_NAMES = {
     "model": "trained model, as search ranks",
     "embedding": "trained model, embedding alone",
     "untrained": "untrained model (backbone, same channels)",
-    "knn": "untrained backbone, nearest training item",
-    "tfidf": "TF-IDF (title, description, items, cross-refs)",
+    "knn": "untrained backbone, nearest example",
+    "tfidf": "TF-IDF (title + description + examples)",
 }
 # Metric -> table column; prefixN: share of queries whose top code has the right first N digits.
 TABLE_COLUMNS = {

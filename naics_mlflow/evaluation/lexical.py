@@ -2,8 +2,8 @@
 
 Search adds it to the embedding's score (``SearchEngine``), and ``evaluate`` reports it alone as
 the TF-IDF baseline, so both use this one index. A six-digit code's document is its title, its
-description, its training index items (dev and held-out items are never in it) and the
-activities that other codes' cross-references classify in it. Words carry
+description and its examples: its training index items and the activities cross-references
+classify in it (dev and held-out items are never among them). Words carry
 what an embedding of a short text can blur: a product name, a material, a regulated activity.
 """
 
@@ -35,17 +35,9 @@ def join_texts(parts: Sequence[str]) -> str:
 
 
 def code_documents(taxonomy: Taxonomy, rows: Sequence[int]) -> list[str]:
-    """``title. description. item. item... activity. activity...`` per row."""
-    activities = taxonomy.cross_referenced_activities()
+    """``title. description. item. item...`` per row."""
     return [
-        join_texts(
-            [
-                taxonomy.titles[row],
-                taxonomy.descriptions[row],
-                *taxonomy.examples[row],
-                *activities[row],
-            ]
-        )
+        join_texts([taxonomy.titles[row], taxonomy.descriptions[row], *taxonomy.examples[row]])
         for row in rows
     ]
 

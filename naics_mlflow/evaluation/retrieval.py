@@ -9,11 +9,11 @@ A query's score for a six-digit code is
 
 the model's own logit (its training turns distances into probabilities at ``loss.temperature``),
 plus the TF-IDF cosine of :mod:`naics_mlflow.evaluation.lexical`, plus the cosine of the query with
-the nearest of the code's items, both read by the examples channel (:class:`IndexItems`): a
-business described the way the Census already words one of the code's activities, in its training
-index items or in another code's cross-reference that classifies the activity there. The weights
-are ``search.lexical_weight`` and ``search.item_weight``, chosen on the dev split; 0 and 0 rank by
-the embedding alone. Codes of levels 2-5 have no items of their own, so they are ranked by the
+the nearest of the code's examples (its training index items and the activities cross-references
+classify there, see ``data build``), both read by the examples channel (:class:`IndexItems`): a
+business described the way the Census already words one of the code's activities. The weights are
+``search.lexical_weight`` and ``search.item_weight``, chosen on the dev split; 0 and 0 rank by the
+embedding alone. Codes of levels 2-5 have no examples of their own, so they are ranked by the
 embedding alone.
 """
 
@@ -71,11 +71,10 @@ class EncodedQueries(NamedTuple):
 
 @dataclass(frozen=True)
 class IndexItems:
-    """Examples of the national industries' activities as the examples channel reads them, one
-    row per (code, item) pair: what :meth:`nearest_similarity` compares a query with. A search
-    engine's are the training index items and the cross-referenced activities
-    (``Taxonomy.cross_referenced_activities``); dev and held-out items are in no code's texts,
-    so they are never here."""
+    """The national industries' examples (training index items and cross-referenced activities)
+    as the examples channel reads them, one row per (code, item) pair: what
+    :meth:`nearest_similarity` compares a query with. Dev and held-out items are in no code's
+    texts, so they are never here."""
 
     vectors: torch.Tensor  # (P, H) float32 unit features
     rows: torch.Tensor  # (P,) int64 taxonomy row of each item's code
@@ -96,12 +95,6 @@ class IndexItems:
         items = [features.code_items[row] for row in national]
         rows = [torch.full((len(i),), int(row)) for row, i in zip(national, items, strict=True)]
         return cls(features.items["examples"][torch.cat(items)].float(), torch.cat(rows))
-
-    def joined(self, other: IndexItems) -> IndexItems:
-        """These items and ``other``'s."""
-        return IndexItems(
-            torch.cat([self.vectors, other.vectors]), torch.cat([self.rows, other.rows])
-        )
 
     def to(self, device: torch.device) -> IndexItems:
         if self.vectors.device == torch.device(device):
@@ -166,7 +159,6 @@ def code_embeddings_key(embedder: NaicsEmbedder, taxonomy: Taxonomy, dtype: torc
         MergedBackbone,
         CodeFeatures,
         IndexItems,
-        Taxonomy,
         tokenize_codes,
     )
     digest.update(json.dumps([*payload, source], sort_keys=True).encode())
@@ -230,17 +222,29 @@ class SearchEngine:
             cache = outputs_dir / CODE_EMBEDDINGS_CACHE / f"{key}.pt"
             features_cache = outputs_dir / CHANNEL_FEATURES_CACHE
         cached = _read_cached(cache, taxonomy.size)
-        started = time.perf_counter()
         if cached is not None:
             embeddings, items = cached
         else:
+            started = time.perf_counter()
             config = embedder.config.data_loader.tokenization
             tokens = tokenize_codes(taxonomy, tokenizer, config)
             features = embedder.encoder.code_features(tokens, dtype=dtype, cache_dir=features_cache)
             embeddings = embedder.embed_codes(features, np.arange(taxonomy.size))
             items = IndexItems.of_national_industries(features, taxonomy)
+            logger.info(
+                "embedded %d codes in %.1f s (%s backbone)",
+                taxonomy.size,
+                time.perf_counter() - started,
+                dtype_name(dtype),
+            )
+            cached_tensors = {
+                "embeddings": embeddings,
+                "item_vectors": items.vectors,
+                "item_rows": items.rows,
+            }
+            write_cached(cache, cached_tensors, "code embeddings")
         lexical = LexicalIndex(code_documents(taxonomy, six_digit_rows(taxonomy)))
-        engine = cls(
+        return cls(
             embedder,
             tokenizer,
             taxonomy.codes,
@@ -251,32 +255,8 @@ class SearchEngine:
             items.to(embedder.device),
             settings,
         )
-        if cached is None:
-            engine.items = engine.items.joined(engine.cross_referenced_items(taxonomy))
-            logger.info(
-                "embedded %d codes and %d items in %.1f s (%s backbone)",
-                taxonomy.size,
-                len(engine.items.rows),
-                time.perf_counter() - started,
-                dtype_name(dtype),
-            )
-            cached_tensors = {
-                "embeddings": embeddings,
-                "item_vectors": engine.items.vectors,
-                "item_rows": engine.items.rows,
-            }
-            write_cached(cache, cached_tensors, "code embeddings")
-        return engine
 
-    def cross_referenced_items(self, taxonomy: Taxonomy) -> IndexItems:
-        """The activities that cross-references classify in each national industry, read by the
-        examples channel as a query is, since it is queries they are compared with."""
-        activities = taxonomy.cross_referenced_activities()
-        texts = [activity for of_code in activities for activity in of_code]
-        rows = [row for row, of_code in enumerate(activities) for _ in of_code]
-        vectors = self._encode(texts).examples
-        return IndexItems(vectors, torch.tensor(rows, dtype=torch.long, device=vectors.device))
-
+    @torch.no_grad()
     def encode_queries(self, texts: list[str]) -> EncodedQueries:
         """Free-text queries as Lorentz embeddings and as the examples channel reads them; says
         in one line how many texts were cut at the token limit (only their beginning is used).
@@ -293,11 +273,6 @@ class SearchEngine:
                 len(texts),
                 config.examples_max_length,
             )
-        return self._encode(texts)
-
-    @torch.no_grad()
-    def _encode(self, texts: list[str]) -> EncodedQueries:
-        config = self.embedder.config.data_loader.tokenization
         encoder = self.embedder.encoder
         embeddings = torch.empty((len(texts), self.code_embeddings.shape[1]))
         examples = torch.empty((len(texts), encoder.hidden_size))
