@@ -303,9 +303,9 @@ def build_data(
     progress.step(f"read cross-references of {len(cross_references):,} codes")
 
     valid = set(codes)
-    # A cross-reference may word an activity as a dev or held-out item does (6 do, in any case);
-    # those stay out of every code's texts like the items themselves. One that repeats the code's
-    # own training item adds nothing.
+    # A cross-reference may word an activity as a dev or held-out item does (6 in the 2022 files,
+    # ignoring case); those stay out of every code's texts like the items themselves. One that
+    # repeats the code's own training item adds nothing.
     evaluation_texts = {text.casefold() for _, text in [*dev, *held_out]}
     activities = {
         code: added
