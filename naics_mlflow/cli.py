@@ -471,7 +471,7 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
     )
     read_checkpoint(resolved.path)  # a bad file fails before the model stack is imported
 
-    from naics_mlflow.data.build import build_data, is_built
+    from naics_mlflow.data.build import build_data, is_built, warn_if_built_by_other_code
     from naics_mlflow.data.census import load_release, resolve_raw_dir
     from naics_mlflow.data.taxonomy import load_taxonomy
     from naics_mlflow.evaluation.retrieval import SearchEngine
@@ -484,6 +484,8 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
             data_dir,
             load_release(_census_sources(config_path)),
         )
+    else:
+        warn_if_built_by_other_code(data_dir)
     taxonomy = load_taxonomy(data_dir)
     engine = SearchEngine.build(
         load_embedder(resolved.path),

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import http.server
 import json
+import logging
 import math
 import shutil
 import socket
@@ -26,6 +27,7 @@ from naics_mlflow.data.build import (
     MAX_INHERITED_EXAMPLES,
     OUTPUT_FILES,
     build_data,
+    warn_if_built_by_other_code,
 )
 from naics_mlflow.data.census import DataError, ensure_raw_files, load_release
 from naics_mlflow.data.taxonomy import (
@@ -235,6 +237,26 @@ def test_matrices_are_consistent(taxonomy, data_dir):
     assert long_distances["distance"].to_numpy().tolist() == taxonomy.distance[7].tolist()
     long_relations = pq.read_table(data_dir / RELATIONS_FILE).slice(2125 * 9, 2125)
     assert long_relations["relation_id"].to_numpy().tolist() == taxonomy.relation[9].tolist()
+
+
+def test_a_build_made_by_other_code_is_named_with_the_command_that_rebuilds_it(
+    data_dir, tmp_path, caplog
+):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    with caplog.at_level(logging.WARNING, logger="naics_mlflow.data.build"):
+        warn_if_built_by_other_code(copy)
+    assert not caplog.records  # built by this code: nothing to say
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    del manifest["code_digest"]  # as an earlier version wrote it
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="naics_mlflow.data.build"):
+        warn_if_built_by_other_code(copy)
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"{copy} was built by another version of naics-embedder; run `naics-embedder data "
+        "build` to rebuild it from the Census files"
+    )
 
 
 def test_unchanged_rebuild_does_nothing_unless_forced(data_dir, raw_dir, release):

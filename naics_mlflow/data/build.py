@@ -3,7 +3,8 @@
 The build is all-or-nothing: every output is written to a temporary folder next to the outputs and
 moved into place only when all of them are complete, with ``manifest.json`` last. The manifest holds
 a fingerprint of the inputs (the four workbooks and this build code), so an unchanged rebuild does
-nothing unless forced.
+nothing unless forced, and a digest of the code alone, so that commands which read a build say
+when other code made it.
 """
 
 from __future__ import annotations
@@ -66,14 +67,35 @@ class BuildResult:
     n_holdout: int
 
 
-def _fingerprint(paths: dict[str, Path]) -> str:
-    """Digest of the input workbooks and of the code that turns them into outputs."""
+def _digest_of_files(paths: list[Path]) -> str:
     digest = hashlib.sha256()
-    sources = [Path(census.__file__), Path(taxonomy.__file__), Path(__file__)]
-    for path in [*(paths[role] for role in sorted(paths)), *sources]:
+    for path in paths:
         digest.update(path.name.encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
+
+
+def _code_digest() -> str:
+    """Digest of the code that turns the workbooks into outputs."""
+    return _digest_of_files([Path(census.__file__), Path(taxonomy.__file__), Path(__file__)])
+
+
+def _fingerprint(paths: dict[str, Path]) -> str:
+    """Digest of the input workbooks and of the code that turns them into outputs."""
+    return _digest_of_files([*(paths[role] for role in sorted(paths))]) + _code_digest()
+
+
+def warn_if_built_by_other_code(out_dir: Path) -> None:
+    """Say in one line when the complete build in ``out_dir`` was made by other code than this
+    (an earlier version records none): commands read it as it is, and it may lack what this code
+    writes, such as the cross-referenced activities among the examples."""
+    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+    if manifest.get("code_digest") != _code_digest():
+        logger.warning(
+            "%s was built by another version of naics-embedder; run `naics-embedder data build` "
+            "to rebuild it from the Census files",
+            out_dir,
+        )
 
 
 def _digest_of(folder: Path, names: list[str]) -> str:
@@ -364,7 +386,7 @@ def build_data(
                 _pair_table(codes, relation, "relation_id"), p
             ),
         },
-        {"fingerprint": fingerprint, "counts": counts},
+        {"fingerprint": fingerprint, "code_digest": _code_digest(), "counts": counts},
     )
     progress.step(f"wrote {len(OUTPUT_FILES)} files to {out_dir}")
     logger.info("data build: done in %.1f s", time.perf_counter() - progress.started)
