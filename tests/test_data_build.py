@@ -178,6 +178,12 @@ def test_dev_and_held_out_items_never_enter_code_texts(data_dir, taxonomy):
         six_digit_examples
         == counts["n_training_examples"] + counts["n_cross_referenced_activities"]
     )
+    # An activity that repeats its code's own training item is not added a second time.
+    assert all(
+        len(set(e)) == len(e)
+        for e, level in zip(taxonomy.examples, taxonomy.levels, strict=True)
+        if level == 6
+    )
 
 
 def test_upper_levels_sample_their_descendants_examples(taxonomy):

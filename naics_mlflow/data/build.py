@@ -100,11 +100,7 @@ def warn_if_built_by_other_code(out_dir: Path) -> None:
 
 def _digest_of(folder: Path, names: list[str]) -> str:
     """A short digest of the files' bytes: the same outputs, whatever code or inputs made them."""
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(name.encode())
-        digest.update(hashlib.sha256((folder / name).read_bytes()).digest())
-    return digest.hexdigest()[:12]
+    return _digest_of_files([folder / name for name in names])[:12]
 
 
 def data_digest(out_dir: Path) -> str | None:
@@ -244,11 +240,32 @@ def _read_cross_references(
     return sentences
 
 
+def _new_activities(
+    credited: dict[str, list[str]],
+    training: dict[str, list[str]],
+    evaluation: list[tuple[str, str]],
+) -> dict[str, list[str]]:
+    """The cross-referenced activities that add a text to their code's examples.
+
+    A cross-reference may word an activity as a dev or held-out item does (6 in the 2022 files,
+    ignoring case): those stay out of every code's texts, like the items themselves. One that
+    repeats the code's own training item adds nothing.
+    """
+    evaluation_texts = {text.casefold() for _, text in evaluation}
+    new: dict[str, list[str]] = {}
+    for code, activities in credited.items():
+        own = set(training.get(code, []))
+        kept = [a for a in activities if a.casefold() not in evaluation_texts and a not in own]
+        if kept:
+            new[code] = kept
+    return new
+
+
 def _examples(
     codes: list[str], training: dict[str, list[str]], activities: dict[str, list[str]]
 ) -> dict[str, list[str]]:
     """A six-digit code's own training items, then the activities that cross-references classify
-    in it (``taxonomy.cross_referenced_activities``, less any among them); a higher code's are
+    in it (:func:`_new_activities`); a higher code's are
     up to ``MAX_INHERITED_EXAMPLES`` of its six-digit descendants' training items (the index file
     lists only six-digit codes), drawn at random with a seed fixed by the code, kept in code
     order."""
@@ -325,21 +342,9 @@ def build_data(
     progress.step(f"read cross-references of {len(cross_references):,} codes")
 
     valid = set(codes)
-    # A cross-reference may word an activity as a dev or held-out item does (6 in the 2022 files,
-    # ignoring case); those stay out of every code's texts like the items themselves. One that
-    # repeats the code's own training item adds nothing.
-    evaluation_texts = {text.casefold() for _, text in [*dev, *held_out]}
-    activities = {
-        code: added
-        for code, credited in taxonomy.cross_referenced_activities(codes, cross_references).items()
-        if (
-            added := [
-                text
-                for text in credited
-                if text.casefold() not in evaluation_texts and text not in training.get(code, [])
-            ]
-        )
-    }
+    activities = _new_activities(
+        taxonomy.cross_referenced_activities(codes, cross_references), training, [*dev, *held_out]
+    )
     n_activities = sum(len(added) for added in activities.values())
     progress.step(
         f"credited {n_activities:,} cross-referenced activities to {len(activities):,} national "
