@@ -59,18 +59,30 @@ def test_lexical_index_ranks_the_matching_code_first():
     assert scores.argmax(axis=1).tolist() == [0, 1, 2]
 
 
-def test_lexical_scores_equal_the_vectorizers_own_tf_idf_cosine():
-    """A query's vector is built without ``vectorizer.transform`` (see ``query_vector``); it must
-    weigh repeated words, bigrams and unknown words exactly as the documents' vectors do."""
-    index = LexicalIndex(CODE_TEXTS)
+@pytest.mark.parametrize("real_documents", [False, True], ids=["made_up", "national_industries"])
+def test_lexical_scores_equal_scikit_learns_tf_idf_cosine(request, real_documents):
+    """The index computes scikit-learn's TF-IDF itself (see ``LexicalIndex``); it must weigh
+    repeated words, case, punctuation, accents, bigrams and unknown words exactly as
+    scikit-learn does."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
     queries = [
         "soybean soybean soybean farming farms",
         "Software-publishing, software PUBLISHING",
         "zebra",
+        "",
         "freight trucking of soybean",
+        "Café crème brûlée, naïve résumé writing services",
     ]
-    expected = (index.vectorizer.transform(queries) @ index.documents.T).toarray()
-    np.testing.assert_allclose(index.scores(queries), expected, rtol=1e-6, atol=1e-7)
+    documents = [*CODE_TEXTS, "Crème brûlée café. Résumé writing services"]
+    if real_documents:
+        taxonomy = request.getfixturevalue("taxonomy")
+        documents = code_documents(taxonomy, six_digit_rows(taxonomy))
+        queries += [taxonomy.examples[row][0] for row in six_digit_rows(taxonomy)[::50]]
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    expected = (vectorizer.fit_transform(documents) @ vectorizer.transform(queries).T).T
+    scores = LexicalIndex(documents).scores(queries)
+    np.testing.assert_allclose(scores, expected.toarray(), rtol=1e-6, atol=1e-7)
 
 
 def test_lexical_index_is_fitted_on_code_documents_only():

@@ -9,15 +9,18 @@ what an embedding of a short text can blur: a product name, a material, a regula
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
 
 from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy
 
 SEPARATOR = ". "
+# A word: two or more word characters (scikit-learn's default token pattern).
+WORD = re.compile(r"(?u)\b\w\w+\b")
 
 
 def six_digit_rows(taxonomy: Taxonomy) -> np.ndarray:
@@ -42,48 +45,60 @@ def code_documents(taxonomy: Taxonomy, rows: Sequence[int]) -> list[str]:
     ]
 
 
+def terms(text: str) -> list[str]:
+    """The lowercased words of ``text`` and each pair of neighbouring words (a bigram)."""
+    words = WORD.findall(text.lower())
+    return [*words, *(" ".join(pair) for pair in itertools.pairwise(words))]
+
+
 class LexicalIndex:
     """TF-IDF vectors of code documents; :meth:`scores` gives the cosine of queries with each.
 
-    The vocabulary and IDF are fitted on the documents only, so a query's scores do not depend
-    on the other queries and a word no code uses contributes nothing. Sublinear TF keeps a word
+    The weights are scikit-learn's ``TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)``:
+    a term's weight is ``(1 + ln tf) * (1 + ln((1 + n) / (1 + df)))`` over ``n`` documents, each
+    vector L2-normalised so that the dot product is the cosine (``tests/test_baselines.py`` holds
+    the two equal). Computed here because importing scikit-learn costs a ``search`` about a
+    second, more than its index takes to build.
+
+    The vocabulary and IDF come from the documents only, so a query's scores do not depend on
+    the other queries and a word no code uses contributes nothing. Sublinear TF keeps a word
     repeated across many index items from dominating; bigrams reward phrases such as "oil seed".
-    Rows are L2-normalised, so the dot product is the cosine.
     """
 
     def __init__(self, documents: Sequence[str]) -> None:
         self.texts = list(documents)
-        self.vectorizer = TfidfVectorizer(
-            lowercase=True, ngram_range=(1, 2), min_df=1, sublinear_tf=True, norm="l2"
-        )
-        self.documents = self.vectorizer.fit_transform(self.texts)
-        # (terms, C) in CSR, built once: a query's few terms then read only their own rows.
-        # ``documents.T`` is CSC, which every product would convert whole again (~15 ms a query).
-        self.by_term = self.documents.T.tocsr()
-        self._analyze = self.vectorizer.build_analyzer()
-        self._vocabulary = self.vectorizer.vocabulary_
-        self._idf = self.vectorizer.idf_
+        counts = [Counter(terms(text)) for text in self.texts]
+        self._vocabulary = {term: i for i, term in enumerate(sorted(set().union(*counts)))}
+        term_ids = [
+            np.fromiter((self._vocabulary[t] for t in c), dtype=np.int64, count=len(c))
+            for c in counts
+        ]
+        frequency = np.bincount(np.concatenate(term_ids), minlength=len(self._vocabulary))
+        self._idf = np.log((1.0 + len(counts)) / (1.0 + frequency)) + 1.0
+        weights = [self._weigh(ids, c.values()) for ids, c in zip(term_ids, counts, strict=True)]
+        # By term: a query's few terms then read only the documents that hold them.
+        term_of = np.concatenate(term_ids)
+        document_of = np.repeat(np.arange(len(counts)), [len(ids) for ids in term_ids])
+        order = np.argsort(term_of, kind="stable")
+        self._starts = np.searchsorted(term_of[order], np.arange(len(self._vocabulary) + 1))
+        self._documents = document_of[order]
+        self._weights = np.concatenate(weights)[order]
 
-    def query_vector(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """A query's TF-IDF vector as (term ids, weights), weighted as the documents are.
-
-        Computed here rather than by ``vectorizer.transform``, whose input checks cost a
-        millisecond a query, most of what ``search`` spends on the lexical signal.
-        """
-        counts = Counter(
-            self._vocabulary[term] for term in self._analyze(text) if term in self._vocabulary
-        )
-        terms = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-        frequencies = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
-        weights = (1.0 + np.log(frequencies)) * self._idf[terms]
+    def _weigh(self, term_ids: np.ndarray, frequencies) -> np.ndarray:
+        """The unit TF-IDF weights of one text's terms (``term_ids``, counted ``frequencies``)."""
+        counts = np.fromiter(frequencies, dtype=np.float64, count=len(term_ids))
+        weights = (1.0 + np.log(counts)) * self._idf[term_ids]
         norm = np.linalg.norm(weights)
-        return terms, weights / norm if norm > 0 else weights
+        return weights / norm if norm > 0 else weights
 
     def scores(self, queries: Sequence[str]) -> np.ndarray:
         """``(Q, C)`` float32 cosine of each query with each document, in [0, 1]."""
-        scores = np.zeros((len(queries), self.by_term.shape[1]), dtype=np.float32)
+        scores = np.zeros((len(queries), len(self.texts)), dtype=np.float64)
         for row, text in enumerate(queries):
-            terms, weights = self.query_vector(text)
-            if len(terms):
-                scores[row] = self.by_term[terms].T @ weights
-        return scores
+            counts = Counter(t for t in terms(text) if t in self._vocabulary)
+            term_ids = np.fromiter((self._vocabulary[t] for t in counts), dtype=np.int64)
+            for term, weight in zip(term_ids, self._weigh(term_ids, counts.values()), strict=True):
+                start, end = self._starts[term], self._starts[term + 1]
+                # A term occurs once in each document's vector: no document repeats in a slice.
+                scores[row, self._documents[start:end]] += weight * self._weights[start:end]
+        return scores.astype(np.float32)
