@@ -37,9 +37,9 @@ from naics_mlflow.config import load_config
 from naics_mlflow.data.taxonomy import HOLDOUT_FILE, MAX_LEVEL, load_taxonomy
 from naics_mlflow.data.tokenization import TextBatch, query_ids, tokenize_codes
 from naics_mlflow.evaluation.retrieval import SearchEngine
-from naics_mlflow.model.loading import load_embedder
 from naics_mlflow.model.merged import dtype_name
 from naics_mlflow.model.module import NaicsEmbedder
+from naics_mlflow.model.trained import load_embedder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def embed_seconds(module: NaicsEmbedder, engine: SearchEngine, taxonomy) -> floa
     tokens = tokenize_codes(taxonomy, engine.tokenizer, module.config.data_loader.tokenization)
     rows = np.arange(taxonomy.size)
     return seconds(
-        lambda: module.embed_codes(
+        lambda: module.encoder.embed_codes(
             module.encoder.code_features(tokens, dtype=engine.backbone.dtype), rows
         )
     )

@@ -475,7 +475,7 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
     from naics_mlflow.data.census import load_release, resolve_raw_dir
     from naics_mlflow.data.taxonomy import load_taxonomy
     from naics_mlflow.evaluation.retrieval import SearchEngine
-    from naics_mlflow.model.loading import load_embedder
+    from naics_mlflow.model.trained import load_embedder
 
     data_dir = Path(config.dirs.data)
     if not is_built(data_dir):

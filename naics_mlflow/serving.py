@@ -33,7 +33,7 @@ from naics_mlflow.data.taxonomy import MAX_LEVEL
 from naics_mlflow.evaluation.lexical import LexicalIndex
 from naics_mlflow.evaluation.queries import QueryError, check_request, matches_table
 from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine
-from naics_mlflow.model.loading import load_embedder
+from naics_mlflow.model.trained import load_embedder
 
 MODEL_NAME = "model"
 DEFAULT_TOP_K = 5

@@ -7,8 +7,12 @@ import importlib
 import itertools
 import logging
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -28,7 +32,9 @@ from naics_mlflow.evaluation import retrieval
 from naics_mlflow.evaluation.lexical import LexicalIndex
 from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine
 from naics_mlflow.model import merged
+from naics_mlflow.model.checkpoint import CheckpointError
 from naics_mlflow.model.module import NaicsEmbedder
+from naics_mlflow.model.trained import load_embedder
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
 QUERIES = [
@@ -425,3 +431,101 @@ def test_bfloat16_backbone_reads_like_float32_and_leaves_training_weights_alone(
     merged = module.encoder.merged_backbone(torch.bfloat16)
     assert {t.dtype for t in merged.buffers()} == {torch.bfloat16}
     assert {p.dtype for p in module.encoder.backbone.parameters()} == {torch.float32}
+
+
+def _save_checkpoint(module: NaicsEmbedder, path: Path) -> Path:
+    """``module``'s weights as a stage saves them (``on_save_checkpoint``)."""
+    checkpoint = {"hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("targets", ["default", "every_linear"])
+def test_a_checkpoint_read_without_peft_encodes_as_the_training_model(
+    tiny_overrides, taxonomy, tmp_path, targets
+):
+    """``load_embedder`` builds the encoder from the checkpoint's tensors and the backbone's own
+    files; it reads codes and queries exactly as the training model it was saved from (the same
+    weights in the same products), and finds the same cached features. With every linear layer
+    adapted, the pooler's adapter is in the checkpoint too."""
+    overrides = list(tiny_overrides)
+    if targets == "every_linear":
+        overrides.append("model.lora.target_modules=[query, key, value, dense]")
+    module, tokenizer, tokens = _with_trained_adapters(overrides, taxonomy)
+    trained = load_embedder(_save_checkpoint(module, tmp_path / "adapted.ckpt")).encoder
+    assert not trained.training
+    expected = module.encoder.code_features(tokens)
+    features = trained.code_features(tokens)
+    for channel in TEXT_CHANNELS:
+        assert torch.equal(features.channels[channel], expected.channels[channel])
+    rows = np.arange(taxonomy.size)
+    assert torch.equal(
+        trained.embed_codes(features, rows), module.encoder.embed_codes(expected, rows)
+    )
+    queries = tokenize_queries(QUERIES, tokenizer, module.config.data_loader.tokenization)
+    read = trained.query_features(trained.merged_backbone(), queries.texts["title"])
+    for channel, values in module.encoder.query_features(
+        module.encoder.merged_backbone(), queries.texts["title"]
+    ).items():
+        assert torch.equal(read[channel], values)
+    assert trained.features_key(tokens, torch.float32) == module.encoder.features_key(
+        tokens, torch.float32
+    )
+
+
+def test_a_checkpoint_that_does_not_fit_its_configuration_is_named(trained_adapters, tmp_path):
+    module, _, _ = trained_adapters
+    path = _save_checkpoint(module, tmp_path / "adapted.ckpt")
+    checkpoint = torch.load(path, weights_only=True)
+    name = next(name for name in checkpoint["state_dict"] if "lora_A.examples" in name)
+    del checkpoint["state_dict"][name]
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=rf"does not fit this model at '{name[8:]}'"):
+        load_embedder(path)
+
+
+def test_a_backbone_named_by_its_hub_id_is_read_from_the_hugging_face_cache(
+    tiny_backbone, monkeypatch, tmp_path
+):
+    """What ``from_pretrained`` reads offline, search reads too: the cached snapshot."""
+    snapshot = tmp_path / "models--someone--tiny-bert" / "snapshots" / "0123abcd"
+    snapshot.parent.mkdir(parents=True)
+    shutil.copytree(tiny_backbone, snapshot)
+    (tmp_path / "models--someone--tiny-bert" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny-bert" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    weights = merged.BertWeights.read("someone/tiny-bert")
+    local = merged.BertWeights.read(str(tiny_backbone))
+    assert weights.config == local.config
+    assert all(torch.equal(weights.tensors[name], t) for name, t in local.tensors.items())
+    with pytest.raises(BackboneError, match=r"not a folder and not in the Hugging Face cache"):
+        merged.BertWeights.read("someone/another-bert")
+
+
+def test_using_a_trained_model_imports_no_training_stack():
+    """Search, embed, evaluate and the served model start without importing Lightning, peft,
+    transformers' model classes or scikit-learn, which cost seconds at every command."""
+    heavy = ["lightning", "peft", "sklearn", "transformers.modeling_utils", "geoopt"]
+    script = (
+        "import sys; import naics_mlflow.model.trained, naics_mlflow.evaluation.retrieval; "
+        f"print([name for name in {heavy!r} if name in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_backbone_saved_with_a_task_head_is_read_as_its_encoder(tiny_backbone, tmp_path):
+    """A BERT saved with a masked-LM head names its encoder's weights ``bert.*``, as
+    ``AutoModel`` reads them; the weights search reads are the same."""
+    from transformers import BertForMaskedLM
+
+    encoder_only = merged.BertWeights.read(str(tiny_backbone))
+    with_head = BertForMaskedLM.from_pretrained(tiny_backbone)
+    with_head.save_pretrained(tmp_path)
+    weights = merged.BertWeights.read(str(tmp_path))
+    assert all(torch.equal(weights.tensors[name], t) for name, t in encoder_only.tensors.items())
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(BackboneError, match=r"cannot load backbone .*config\.json"):
+        merged.BertWeights.read(str(tmp_path))

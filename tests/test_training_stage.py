@@ -163,7 +163,7 @@ def test_logged_checkpoint_reloads_to_the_same_embeddings(
         module = NaicsEmbedder(config.to_dict())
         if checkpoint is not None:
             load_trainable_weights(module, checkpoint)
-        return module.embed_codes(module.encoder.code_features(tokens), rows)
+        return module.encoder.embed_codes(module.encoder.code_features(tokens), rows)
 
     from_artifact = embeddings(downloaded)
     assert torch.equal(from_artifact, embeddings(local))
@@ -619,14 +619,17 @@ def test_model_embeddings_stay_on_the_manifold(tiny_setup):
     config, datamodule = tiny_setup
     module = NaicsEmbedder(config.to_dict())
     features = module.encoder.code_features(datamodule.tokens)
-    embeddings = module.embed_codes(features, np.arange(datamodule.taxonomy.size))
+    embeddings = module.encoder.embed_codes(features, np.arange(datamodule.taxonomy.size))
     assert embeddings.dtype == torch.float32
     # Embedding a few codes reads only their texts, and gives what embedding all of them does.
     rows = np.array([0, 5, 300, 2124])
     subset = module.encoder.code_features(datamodule.tokens.subset(rows))
     assert len(subset.items["examples"]) < len(features.items["examples"])
     torch.testing.assert_close(
-        module.embed_codes(subset, np.arange(len(rows))), embeddings[rows], atol=1e-5, rtol=1e-5
+        module.encoder.embed_codes(subset, np.arange(len(rows))),
+        embeddings[rows],
+        atol=1e-5,
+        rtol=1e-5,
     )
     assert manifold_violation(embeddings, config.loss.curvature).max() < 1e-4
 
@@ -641,7 +644,7 @@ def test_untrained_model_ranks_codes_like_the_backbone(tiny_setup, tiny_override
     )
     rows = np.arange(0, datamodule.taxonomy.size, 7)
     features = module.encoder.code_features(datamodule.tokens)
-    embeddings = module.embed_codes(features, rows)
+    embeddings = module.encoder.embed_codes(features, rows)
     torch.testing.assert_close(
         distance_to_origin(embeddings, 1.0), torch.ones(len(rows)), atol=1e-4, rtol=0
     )

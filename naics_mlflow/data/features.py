@@ -5,7 +5,7 @@ length; a channel with several texts (the examples channel's index items) has th
 its texts' features; a channel with no text has the zero vector. :class:`CodeFeatures` holds them
 for every code, computed once with frozen adapters, so a head-only stage trains on lookups instead
 of backbone passes; :func:`read_features` and :func:`write_features` keep them on disk between
-commands, under a digest of everything they follow from (``MultiChannelEncoder.features_key``).
+commands, under a digest of everything they follow from (``EncoderHead.features_key``).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class UntrainedBackbone:
         tokens = tokenize_codes(taxonomy, self.tokenizer, config.data_loader.tokenization)
         cache_dir = None if outputs_dir is None else outputs_dir / CHANNEL_FEATURES_CACHE
         self.features = self.module.encoder.code_features(tokens, cache_dir=cache_dir)
-        self.embeddings = self.module.embed_codes(self.features, np.arange(taxonomy.size))
+        self.embeddings = self.module.encoder.embed_codes(self.features, np.arange(taxonomy.size))
         self.items = IndexItems.of_national_industries(self.features, taxonomy)
         self.size = taxonomy.size
         self.backbone = self.module.encoder.merged_backbone()

@@ -50,10 +50,16 @@ from naics_mlflow.data.tokenization import (
 from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
 from naics_mlflow.evaluation.queries import Match, check_request
 from naics_mlflow.model.checkpoint import weights_digest
-from naics_mlflow.model.encoder import MergedBackbone, MultiChannelEncoder
+from naics_mlflow.model.head import EncoderHead
 from naics_mlflow.model.lorentz import pairwise_distance
-from naics_mlflow.model.merged import ChannelLinear, dtype_name, inference_dtype, pass_tokens
-from naics_mlflow.model.module import NaicsEmbedder
+from naics_mlflow.model.merged import (
+    ChannelLinear,
+    MergedBackbone,
+    dtype_name,
+    inference_dtype,
+    pass_tokens,
+)
+from naics_mlflow.model.trained import TrainedEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +127,7 @@ class IndexItems:
 
 
 def query_batches(
-    encoder: MultiChannelEncoder,
+    encoder: EncoderHead,
     backbone: MergedBackbone,
     tokenizer: PreTrainedTokenizerBase,
     config: TokenizationConfig,
@@ -142,7 +148,7 @@ def query_batches(
         yield rows, encoder.query_features(backbone, TextBatch(*(t.to(device) for t in batch)))
 
 
-def code_embeddings_key(embedder: NaicsEmbedder, taxonomy: Taxonomy, dtype: torch.dtype) -> str:
+def code_embeddings_key(embedder: TrainedEmbedder, taxonomy: Taxonomy, dtype: torch.dtype) -> str:
     """A digest of everything the codes' embeddings follow from: the trained weights, the
     configuration saved with them (backbone name, token limits), every code's texts, the dtype
     of the backbone and the source of the code that embeds."""
@@ -154,6 +160,7 @@ def code_embeddings_key(embedder: NaicsEmbedder, taxonomy: Taxonomy, dtype: torc
     source = source_digest(
         type(embedder),
         type(encoder),
+        EncoderHead,
         type(encoder.fusion),
         type(encoder.projection),
         MergedBackbone,
@@ -188,7 +195,7 @@ class SearchEngine:
     """A trained model with every code embedded once, its adapters merged for queries, and the
     national industries' lexical index and index items, ready to answer queries."""
 
-    embedder: NaicsEmbedder
+    embedder: TrainedEmbedder
     tokenizer: PreTrainedTokenizerBase
     codes: list[str]
     titles: list[str]
@@ -206,7 +213,7 @@ class SearchEngine:
     @classmethod
     def build(
         cls,
-        embedder: NaicsEmbedder,
+        embedder: TrainedEmbedder,
         taxonomy: Taxonomy,
         settings: SearchConfig,
         outputs_dir: Path | None = None,
@@ -229,7 +236,7 @@ class SearchEngine:
             config = embedder.config.data_loader.tokenization
             tokens = tokenize_codes(taxonomy, tokenizer, config)
             features = embedder.encoder.code_features(tokens, dtype=dtype, cache_dir=features_cache)
-            embeddings = embedder.embed_codes(features, np.arange(taxonomy.size))
+            embeddings = embedder.encoder.embed_codes(features, np.arange(taxonomy.size))
             items = IndexItems.of_national_industries(features, taxonomy)
             logger.info(
                 "embedded %d codes in %.1f s (%s backbone)",

@@ -126,6 +126,18 @@ def check_compatible(path: Path, config: Config) -> dict[str, Any]:
     return checkpoint
 
 
+def check_fits(path: Path, saved: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:
+    """Raise :class:`CheckpointError` naming the first weight that the checkpoint at ``path``
+    lacks, has in excess or holds in another shape than the model it is loaded into
+    (``expected``: names and shapes, as ``saved`` names them)."""
+    for name in sorted(set(saved) | set(expected)):
+        if name not in saved or name not in expected or saved[name].shape != expected[name]:
+            raise CheckpointError(
+                f"{path} does not fit this model at '{name}'; use the configuration it was "
+                "trained with"
+            )
+
+
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
     """A short digest of trainable weights (names without the ``encoder.`` prefix), recorded on a
     stage run that starts from a checkpoint so the weights it started from can be checked."""

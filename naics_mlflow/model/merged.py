@@ -13,24 +13,54 @@ oneDNN's layout where that is faster (:func:`_onednn_packs`), and nothing else r
 products: a single query's pass takes about a fifth less time (docs/results.md). The price is
 that only BERT encoders can be merged; :func:`check_mergeable` says so when a model is built,
 before anything trains.
+
+It is built from plain tensors: the backbone's weights (:class:`BertWeights`, from the training
+model in memory or read from its files) and each channel's adapter as the weights it adds
+(:func:`adapter_deltas`, from the LoRA tensors of the training model or of a checkpoint). So a
+command that only uses a trained model never imports peft or transformers' model classes.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import peft
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig
 
 from naics_mlflow.data.features import mean_pool
-from naics_mlflow.data.pretrained import BackboneError
+from naics_mlflow.data.pretrained import BackboneError, resolve_backbone
 from naics_mlflow.data.tokenization import length_batches, pad
+
+# Each channel's {linear layer's path in the backbone: (out, in) weight its adapter adds}.
+AdapterDeltas = dict[str, dict[str, torch.Tensor]]
+
+# The activations of BERT encoders, by their config's ``hidden_act``, as transformers computes
+# them; its own table is not imported because importing it costs seconds.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+# The linear layers of a BERT layer that :class:`MergedLayer` reads, by their path in the layer.
+LAYER_LINEARS = (
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+)
+# How peft names a LoRA tensor in the model it adapts: ``<layer path>.lora_A.<channel>.weight``.
+LORA_TENSOR = re.compile(r"(?P<path>.+)\.lora_(?P<matrix>[AB])\.(?P<channel>[^.]+)\.weight")
 
 
 def pass_tokens(device: torch.device) -> int:
@@ -43,58 +73,70 @@ def pass_tokens(device: torch.device) -> int:
     return 2048 if device.type == "cpu" else 32768
 
 
-def check_mergeable(name: str, config: PretrainedConfig) -> None:
-    """Raise :class:`BackboneError` unless the backbone ``name`` (its transformers ``config``) is
-    a BERT encoder with absolute positions, the architecture :class:`MergedBackbone` runs."""
-    position = getattr(config, "position_embedding_type", "absolute")
-    if config.model_type != "bert" or position != "absolute" or config.is_decoder:
+def check_mergeable(name: str, config: dict[str, Any]) -> None:
+    """Raise :class:`BackboneError` unless the backbone ``name`` (its ``config.json`` as a dict)
+    is a BERT encoder with absolute positions and an activation of ``ACTIVATIONS``, the
+    architecture :class:`MergedBackbone` runs."""
+    model_type = config.get("model_type")
+    position = config.get("position_embedding_type", "absolute")
+    if model_type != "bert" or position != "absolute" or config.get("is_decoder", False):
         raise BackboneError(
-            f"backbone '{name}' is a {config.model_type} model; model.base_model_name must be a "
+            f"backbone '{name}' is a {model_type} model; model.base_model_name must be a "
             "BERT encoder (MiniLM, BGE, E5, GTE and the like), the architecture that search and "
             "embedding run"
         )
+    if config.get("hidden_act") not in ACTIVATIONS:
+        raise BackboneError(
+            f"backbone '{name}' uses the activation {config.get('hidden_act')}; search and "
+            f"embedding run BERT encoders with {', '.join(ACTIVATIONS)}"
+        )
 
 
-# The linear layers of a BERT layer that :class:`MergedLayer` reads, by their path in the layer.
-LAYER_LINEARS = (
-    "attention.self.query",
-    "attention.self.key",
-    "attention.self.value",
-    "attention.output.dense",
-    "intermediate.dense",
-    "output.dense",
-)
+def _is_layer_linear(path: str) -> bool:
+    layer, _, linear = path.partition(".layer.")[2].partition(".")
+    return path.startswith("encoder.layer.") and layer.isdigit() and linear in LAYER_LINEARS
 
 
-def check_adapters(backbone: peft.PeftModel) -> None:
-    """Raise :class:`BackboneError` when a LoRA adapter wraps a layer that
-    :class:`MergedBackbone` would not merge, and so would silently drop: anything but the
-    ``LAYER_LINEARS`` of the encoder's layers and the pooler (which mean pooling never reads)."""
-    model = backbone.get_base_model()
-    merged = {
-        id(layer.get_submodule(path)) for layer in model.encoder.layer for path in LAYER_LINEARS
-    }
-    for name, module in model.named_modules():
-        if not isinstance(module, peft.tuners.lora.LoraLayer) or id(module) in merged:
-            continue
-        if not name.startswith("pooler."):
+def adapter_deltas(
+    lora: dict[str, torch.Tensor], scaling: float, channels: tuple[str, ...]
+) -> AdapterDeltas:
+    """Each channel's adapter as the weights it adds, ``scaling * B @ A`` (peft's LoRA), from the
+    LoRA tensors named as peft names them in the backbone (``LORA_TENSOR``).
+
+    Raises :class:`BackboneError` for an adapter on a layer :class:`MergedBackbone` would not
+    merge, and so would silently drop: anything but the ``LAYER_LINEARS`` of the encoder's layers
+    and the pooler (which mean pooling never reads, so its adapter is left out).
+    """
+    matrices: dict[tuple[str, str, str], torch.Tensor] = {}
+    for name, tensor in lora.items():
+        path = name.partition(".lora_")[0]
+        if not _is_layer_linear(path) and not path.startswith("pooler."):
             raise BackboneError(
-                f"model.lora.target_modules adapts {name}, which search and embedding cannot "
+                f"model.lora.target_modules adapts {path}, which search and embedding cannot "
                 "merge; name linear layers of the encoder's layers (query, key, value, dense)"
             )
+        match = LORA_TENSOR.fullmatch(name)
+        if match is None:
+            raise BackboneError(f"cannot merge '{name}': search merges LoRA's A and B matrices")
+        matrices[path, match["matrix"], match["channel"]] = tensor.detach()
+    paths = [path for path, matrix, _ in matrices if matrix == "A" and _is_layer_linear(path)]
+    return {
+        channel: {
+            path: (matrices[path, "B", channel] @ matrices[path, "A", channel]) * scaling
+            for path in dict.fromkeys(paths)
+        }
+        for channel in channels
+    }
 
 
-def shared_readings(backbone: peft.PeftModel, channels: tuple[str, ...]) -> dict[str, str]:
+def shared_readings(deltas: AdapterDeltas, channels: tuple[str, ...]) -> dict[str, str]:
     """Each channel -> the first of ``channels`` whose adapter is the same function as its own.
 
-    Adapters are the same function when every LoRA layer adds the same weight for both: always
-    while LoRA's B matrices are still zero, as after head-only training, where all four channels
-    are the backbone itself. Channels that read alike then share one copy of the weights, and a
+    Adapters are the same function when they add the same weight to every layer: always while
+    LoRA's B matrices are still zero, as after head-only training, where all four channels are
+    the backbone itself. Channels that read alike then share one copy of the weights, and a
     query's title and examples readings are one pass instead of two.
     """
-    adapted = [
-        module for module in backbone.modules() if isinstance(module, peft.tuners.lora.LoraLayer)
-    ]
     reading: dict[str, str] = {}
     for channel in channels:
         reading[channel] = next(
@@ -102,8 +144,8 @@ def shared_readings(backbone: peft.PeftModel, channels: tuple[str, ...]) -> dict
                 earlier
                 for earlier in dict.fromkeys(reading.values())
                 if all(
-                    torch.equal(module.get_delta_weight(earlier), module.get_delta_weight(channel))
-                    for module in adapted
+                    torch.equal(delta, deltas[earlier][path])
+                    for path, delta in deltas[channel].items()
                 )
             ),
             channel,
@@ -111,15 +153,97 @@ def shared_readings(backbone: peft.PeftModel, channels: tuple[str, ...]) -> dict
     return reading
 
 
-def channel_weights(
-    module: nn.Module, channels: tuple[str, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(K, out, in)`` weights and the ``(out,)`` bias of a linear layer of the backbone: one
-    weight per channel (``W + scaling * B @ A``) when a LoRA adapter wraps it, else ``K = 1``."""
-    if not isinstance(module, peft.tuners.lora.LoraLayer):
-        return module.weight.unsqueeze(0), module.bias
-    base = module.get_base_layer()
-    return torch.stack([base.weight + module.get_delta_weight(c) for c in channels]), base.bias
+@dataclass(frozen=True)
+class BertWeights:
+    """A BERT encoder's own weights, named as in its state dict (``encoder.layer.0.output.dense
+    .weight``), and its ``config.json``: what :class:`MergedBackbone` merges adapters into."""
+
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> BertWeights:
+        """The weights of a transformers BERT model in memory, with or without peft's adapters
+        (which name an adapted layer's own weight ``<path>.base_layer.weight``)."""
+        tensors = {
+            name.replace(".base_layer.", "."): tensor.detach()
+            for name, tensor in model.state_dict().items()
+            if ".lora_" not in name
+        }
+        return cls(tensors, model.config.to_dict())
+
+    @classmethod
+    def read(cls, name: str) -> BertWeights:
+        """The weights of the backbone ``name`` read from its files (``config.json`` and
+        ``model.safetensors`` or ``pytorch_model.bin``), as transformers would load them.
+
+        Without transformers' model classes, whose import takes longer (about 3 s on 2 cores)
+        than loading everything else a search needs.
+        """
+        folder = _backbone_folder(name)
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise BackboneError(f"cannot load backbone '{name}': {folder} has no config.json")
+        try:
+            config = json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise BackboneError(f"cannot load backbone '{name}': {config_file}: {exc}") from exc
+        check_mergeable(name, config)
+        if (folder / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            raw = load_file(folder / "model.safetensors")
+        elif (folder / "pytorch_model.bin").is_file():
+            raw = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise BackboneError(
+                f"cannot load backbone '{name}': {folder} has neither model.safetensors nor "
+                "pytorch_model.bin"
+            )
+        # A BERT saved with a task head (BertForMaskedLM and the like) prefixes its encoder's
+        # weights with "bert."; transformers' AutoModel reads those too.
+        tensors = {key.removeprefix("bert."): tensor for key, tensor in raw.items()}
+        missing = [key for key in _needed_tensors(config) if key not in tensors]
+        if missing:
+            raise BackboneError(
+                f"cannot load backbone '{name}': its weights have no '{missing[0]}'"
+            )
+        return cls({key: tensors[key].float() for key in _needed_tensors(config)}, config)
+
+
+def _backbone_folder(name: str) -> Path:
+    """The folder of the backbone ``name``: itself, the copy the project ships, or its copy in the
+    Hugging Face cache (never downloaded)."""
+    location = Path(resolve_backbone(name))
+    if location.is_dir():
+        return location
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (HFValidationError, LocalEntryNotFoundError) as exc:
+        raise BackboneError(
+            f"cannot load backbone '{name}': not a folder and not in the Hugging Face cache; use "
+            "a local model folder or 'sentence-transformers/all-MiniLM-L6-v2', which ships "
+            "with the project"
+        ) from exc
+
+
+def _needed_tensors(config: dict[str, Any]) -> list[str]:
+    """The names of the weights :class:`MergedBackbone` reads from a BERT encoder."""
+    names = [
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "embeddings.token_type_embeddings.weight",
+        "embeddings.LayerNorm.weight",
+        "embeddings.LayerNorm.bias",
+    ]
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"encoder.layer.{layer}."
+        for module in (*LAYER_LINEARS, "attention.output.LayerNorm", "output.LayerNorm"):
+            names += [f"{prefix}{module}.weight", f"{prefix}{module}.bias"]
+    return names
 
 
 @dataclass(frozen=True)
@@ -184,6 +308,17 @@ def _onednn_packs(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _channel_weights(
+    weights: BertWeights, path: str, deltas: list[dict[str, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K, out, in)`` weights and the ``(out,)`` bias of the linear layer at ``path``: one
+    weight per reading (``W + delta``) when an adapter adds to it, else ``K = 1``."""
+    weight, bias = weights.tensors[f"{path}.weight"], weights.tensors[f"{path}.bias"]
+    if path not in deltas[0]:
+        return weight.unsqueeze(0), bias
+    return torch.stack([weight + delta[path] for delta in deltas]), bias
+
+
 class ChannelLinear(nn.Module):
     """A linear layer whose weight may differ by channel: one per channel, or one shared by all
     (``count``). Each group of a batch's rows reads its channel's.
@@ -205,10 +340,17 @@ class ChannelLinear(nn.Module):
             self.register_buffer("weight", weight.transpose(1, 2).contiguous())
 
     @classmethod
-    def of(cls, modules: list[nn.Module], channels: tuple[str, ...], dtype: torch.dtype):
-        """One layer computing ``modules``' outputs side by side (query, key and value in one
-        product), from their weights with the adapters merged."""
-        merged = [channel_weights(module, channels) for module in modules]
+    def of(
+        cls,
+        weights: BertWeights,
+        paths: list[str],
+        deltas: list[dict[str, torch.Tensor]],
+        dtype: torch.dtype,
+    ):
+        """One layer computing the outputs of the backbone's linear layers at ``paths`` side by
+        side (query, key and value in one product), each reading's adapter (``deltas``, one per
+        reading) merged into their weights."""
+        merged = [_channel_weights(weights, path, deltas) for path in paths]
         count = max(weight.shape[0] for weight, _ in merged)
         weight = torch.cat([weight.expand(count, -1, -1) for weight, _ in merged], dim=1)
         return cls(weight, torch.cat([bias for _, bias in merged]), dtype)
@@ -258,13 +400,13 @@ def attention(
 
 
 class LayerNorm(nn.Module):
-    """A copy of a transformers LayerNorm's weights in ``dtype``."""
+    """A copy of a BERT LayerNorm's weights (at ``path``) in ``dtype``."""
 
-    def __init__(self, norm: nn.LayerNorm, dtype: torch.dtype) -> None:
+    def __init__(self, weights: BertWeights, path: str, dtype: torch.dtype) -> None:
         super().__init__()
-        self.register_buffer("weight", norm.weight.detach().to(dtype))
-        self.register_buffer("bias", norm.bias.detach().to(dtype))
-        self.eps = norm.eps
+        self.register_buffer("weight", weights.tensors[f"{path}.weight"].to(dtype))
+        self.register_buffer("bias", weights.tensors[f"{path}.bias"].to(dtype))
+        self.eps = weights.config["layer_norm_eps"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
@@ -274,17 +416,26 @@ class MergedLayer(nn.Module):
     """One BERT layer: self-attention and the feed-forward block, each followed by a residual
     LayerNorm (post-norm), on ``(N, H)`` token rows."""
 
-    def __init__(self, layer: nn.Module, channels: tuple[str, ...], dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        weights: BertWeights,
+        prefix: str,
+        deltas: list[dict[str, torch.Tensor]],
+        dtype: torch.dtype,
+    ) -> None:
+        """The layer whose weights' names start with ``prefix`` (``encoder.layer.0``)."""
         super().__init__()
-        query, key, value, attention_out, ffn_in, ffn_out = map(layer.get_submodule, LAYER_LINEARS)
-        self.qkv = ChannelLinear.of([query, key, value], channels, dtype)
-        self.heads = layer.attention.self.num_attention_heads
-        self.attention_out = ChannelLinear.of([attention_out], channels, dtype)
-        self.attention_norm = LayerNorm(layer.attention.output.LayerNorm, dtype)
-        self.ffn_in = ChannelLinear.of([ffn_in], channels, dtype)
-        self.activation = layer.intermediate.intermediate_act_fn
-        self.ffn_out = ChannelLinear.of([ffn_out], channels, dtype)
-        self.ffn_norm = LayerNorm(layer.output.LayerNorm, dtype)
+        query, key, value, attention_out, ffn_in, ffn_out = (
+            f"{prefix}.{linear}" for linear in LAYER_LINEARS
+        )
+        self.qkv = ChannelLinear.of(weights, [query, key, value], deltas, dtype)
+        self.heads = weights.config["num_attention_heads"]
+        self.attention_out = ChannelLinear.of(weights, [attention_out], deltas, dtype)
+        self.attention_norm = LayerNorm(weights, f"{prefix}.attention.output.LayerNorm", dtype)
+        self.ffn_in = ChannelLinear.of(weights, [ffn_in], deltas, dtype)
+        self.activation = ACTIVATIONS[weights.config["hidden_act"]]
+        self.ffn_out = ChannelLinear.of(weights, [ffn_out], deltas, dtype)
+        self.ffn_norm = LayerNorm(weights, f"{prefix}.output.LayerNorm", dtype)
 
     def forward(
         self,
@@ -319,29 +470,31 @@ class MergedBackbone(nn.Module):
 
     def __init__(
         self,
-        backbone: peft.PeftModel,
+        weights: BertWeights,
+        deltas: AdapterDeltas,
         channels: tuple[str, ...],
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        model = backbone.get_base_model()
-        self.reading = shared_readings(backbone, channels)
+        self.reading = shared_readings(deltas, channels)
         self.readings = tuple(dict.fromkeys(self.reading.values()))
-        embeddings = model.embeddings
+        by_reading = [deltas[reading] for reading in self.readings]
+        tensors = weights.tensors
         with torch.no_grad():
-            self.register_buffer("word", embeddings.word_embeddings.weight.detach().to(dtype))
+            self.register_buffer("word", tensors["embeddings.word_embeddings.weight"].to(dtype))
             self.register_buffer(
-                "position", embeddings.position_embeddings.weight.detach().to(dtype)
+                "position", tensors["embeddings.position_embeddings.weight"].to(dtype)
             )
             # Texts are one segment: every token has type 0.
             self.register_buffer(
-                "token_type", embeddings.token_type_embeddings.weight[0].detach().to(dtype)
+                "token_type", tensors["embeddings.token_type_embeddings.weight"][0].to(dtype)
             )
-            self.embedding_norm = LayerNorm(embeddings.LayerNorm, dtype)
+            self.embedding_norm = LayerNorm(weights, "embeddings.LayerNorm", dtype)
             self.layers = nn.ModuleList(
-                MergedLayer(layer, self.readings, dtype) for layer in model.encoder.layer
+                MergedLayer(weights, f"encoder.layer.{layer}", by_reading, dtype)
+                for layer in range(weights.config["num_hidden_layers"])
             )
-        self.hidden_size = model.config.hidden_size
+        self.hidden_size = weights.config["hidden_size"]
 
     @property
     def device(self) -> torch.device:

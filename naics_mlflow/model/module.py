@@ -7,12 +7,10 @@ from typing import Any
 
 import geoopt
 import lightning as L
-import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from naics_mlflow.config import Config
-from naics_mlflow.data.features import CodeFeatures
 from naics_mlflow.data.tokenization import CHANNELS
 from naics_mlflow.distributed import mean_over_ranks, world_size
 from naics_mlflow.errors import UserError
@@ -35,8 +33,6 @@ class NonFiniteLossError(UserError):
 
 # What autocast computes the backbone's products in, by Lightning precision.
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
-# Codes per pass of the head when embedding the whole taxonomy without gradients.
-EMBED_BATCH_SIZE = 1024
 # The hierarchy terms, each logged as train/<name>_loss and val/<name>_loss, weighted by
 # loss.<name>_weight.
 HIERARCHY_TERMS = ("distortion", "neighbourhood", "depth")
@@ -252,19 +248,6 @@ class NaicsEmbedder(L.LightningModule):
                 log(f"val/{name}", losses[name])
 
     # --- the whole taxonomy, without gradients -------------------------------------------
-
-    @torch.no_grad()
-    def embed_codes(self, features: CodeFeatures, rows: np.ndarray) -> torch.Tensor:
-        """(len(rows), D+1) embeddings of codes from their channel features, in eval mode."""
-        was_training = self.training
-        self.eval()
-        rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        chunks = []
-        for chunk in rows.split(EMBED_BATCH_SIZE):
-            features_of = {c: t.to(self.device) for c, t in features.of_codes(chunk).items()}
-            chunks.append(self.encoder.head(features_of).embeddings)
-        self.train(was_training)
-        return torch.cat(chunks)
 
     # --- optimisation --------------------------------------------------------------------
 

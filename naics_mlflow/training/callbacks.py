@@ -64,9 +64,9 @@ def embed_current(
     now: from a head-only stage's precomputed features, else from a backbone pass over those
     codes' texts only."""
     if datamodule.code_features is not None:
-        return module.embed_codes(datamodule.code_features, rows)
+        return module.encoder.embed_codes(datamodule.code_features, rows)
     features = module.encoder.code_features(datamodule.tokens.subset(rows))
-    return module.embed_codes(features, np.arange(len(rows)))
+    return module.encoder.embed_codes(features, np.arange(len(rows)))
 
 
 class CurriculumNegatives(L.Callback):

@@ -19,7 +19,7 @@ from naics_mlflow.data.taxonomy import load_taxonomy
 from naics_mlflow.distributed import is_global_zero, rank_zero_answer
 from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weights_digest
-from naics_mlflow.model.loading import load_embedder
+from naics_mlflow.model.trained import load_embedder
 from naics_mlflow.serving import log_search_model
 from naics_mlflow.training.plan import ChainPlan
 from naics_mlflow.training.stage import StageResult, train_stage
