@@ -14,10 +14,13 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install test lint quickstart gpu-carry
 
-$(VENV)/.installed: pyproject.toml
+# The dependencies install at the versions python_env.yaml pins, the ones `mlflow run .` builds
+# and the tests check (tests/test_project_env.py): a release on PyPI changes nothing here.
+$(VENV)/.installed: pyproject.toml python_env.yaml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	sed -n 's/^ *- \([A-Za-z0-9_.-]*==.*\)$$/\1/p' python_env.yaml > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
