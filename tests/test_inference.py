@@ -529,3 +529,14 @@ def test_a_backbone_saved_with_a_task_head_is_read_as_its_encoder(tiny_backbone,
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(BackboneError, match=r"cannot load backbone .*config\.json"):
         merged.BertWeights.read(str(tmp_path))
+
+
+def test_a_backbone_whose_activation_search_cannot_run_is_refused_before_training(
+    tiny_backbone, tmp_path, tiny_overrides
+):
+    shutil.copytree(tiny_backbone, tmp_path, dirs_exist_ok=True)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config_file.read_text().replace('"gelu"', '"gelu_new"'))
+    config = load_config(CONFIG, [*tiny_overrides, f"model.base_model_name={tmp_path}"])
+    with pytest.raises(BackboneError, match=r"uses the activation gelu_new; search and embedding"):
+        NaicsEmbedder(config.to_dict())
