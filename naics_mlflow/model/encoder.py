@@ -1,6 +1,6 @@
-"""The multi-channel text encoder: one frozen backbone, one LoRA adapter per text channel, a
-mixture of experts over the pooled channels added to a semantic skip path, and a projection onto
-the Lorentz hyperboloid."""
+"""The multi-channel text encoder as it trains: one frozen backbone with one peft LoRA adapter per
+text channel, and the head of :mod:`naics_mlflow.model.head` (a mixture of experts over the pooled
+channels added to a semantic skip path, and a projection onto the Lorentz hyperboloid)."""
 
 from __future__ import annotations
 
