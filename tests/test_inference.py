@@ -540,3 +540,17 @@ def test_a_backbone_whose_activation_search_cannot_run_is_refused_before_trainin
     config = load_config(CONFIG, [*tiny_overrides, f"model.base_model_name={tmp_path}"])
     with pytest.raises(BackboneError, match=r"uses the activation gelu_new; search and embedding"):
         NaicsEmbedder(config.to_dict())
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_a_backbone_with_an_unreadable_weights_file_is_one_line(
+    tiny_backbone, tmp_path, weights_file
+):
+    shutil.copytree(tiny_backbone, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / weights_file).write_bytes(b"not weights")
+    with pytest.raises(BackboneError, match=rf"{weights_file} is not readable"):
+        merged.BertWeights.read(str(tmp_path))
+    (tmp_path / weights_file).unlink()
+    with pytest.raises(BackboneError, match=r"has neither model\.safetensors nor"):
+        merged.BertWeights.read(str(tmp_path))

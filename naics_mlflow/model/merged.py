@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -189,26 +190,41 @@ class BertWeights:
         except ValueError as exc:
             raise BackboneError(f"cannot load backbone '{name}': {config_file}: {exc}") from exc
         check_mergeable(name, config)
-        if (folder / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            raw = load_file(folder / "model.safetensors")
-        elif (folder / "pytorch_model.bin").is_file():
-            raw = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        else:
-            raise BackboneError(
-                f"cannot load backbone '{name}': {folder} has neither model.safetensors nor "
-                "pytorch_model.bin"
-            )
+        raw = _read_weights(name, folder)
         # A BERT saved with a task head (BertForMaskedLM and the like) prefixes its encoder's
         # weights with "bert."; transformers' AutoModel reads those too.
         tensors = {key.removeprefix("bert."): tensor for key, tensor in raw.items()}
-        missing = [key for key in _needed_tensors(config) if key not in tensors]
+        needed = _needed_tensors(config)
+        missing = [key for key in needed if key not in tensors]
         if missing:
             raise BackboneError(
                 f"cannot load backbone '{name}': its weights have no '{missing[0]}'"
             )
-        return cls({key: tensors[key].float() for key in _needed_tensors(config)}, config)
+        return cls({key: tensors[key].float() for key in needed}, config)
+
+
+def _read_weights(name: str, folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the backbone's weights file in ``folder``, or one line saying why not."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for file_name in ("model.safetensors", "pytorch_model.bin"):
+        path = folder / file_name
+        if not path.is_file():
+            continue
+        try:
+            if file_name == "model.safetensors":
+                return load_file(path)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+            raise BackboneError(
+                f"cannot load backbone '{name}': {path} is not readable "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
+    raise BackboneError(
+        f"cannot load backbone '{name}': {folder} has neither model.safetensors nor "
+        "pytorch_model.bin"
+    )
 
 
 def _backbone_folder(name: str) -> Path:
