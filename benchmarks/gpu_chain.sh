@@ -2,7 +2,7 @@
 # Train chain_default on the lent GPU machine through MLflow, evaluate its final stage, and leave
 # the record under $OUT, in one device call with no network:
 #
-#   here, once:   make gpu-carry                       (.gpu_carry/, about 63 MB with the tree)
+#   here, once:   make gpu-carry                       (.gpu_carry/, about 66 MB with the tree)
 #   the device:   run(command="bash benchmarks/gpu_chain.sh", carry=[".gpu_carry"],
 #                     timeout_s=600)
 #

