@@ -13,16 +13,20 @@
 # default 90) and chain.log (everything printed). Checkpoints stay on the machine: they are larger
 # than what comes back.
 #
-# Training stops after TRAIN_SECONDS (default 360, the chain's target) so that the evaluation
-# still runs inside the 10-minute call; the last stage that finished is then the one evaluated,
-# and the log says so.
+# Everything must end inside the device call's 10 minutes (BUDGET_SECONDS, default 570, leaves
+# time to copy $OUT back). Training gets what is left after the set-up, the data build and the
+# throughput run, less EVALUATE_SECONDS (default 120) kept for the evaluation, or TRAIN_SECONDS if
+# set; it stops there, and the last stage that finished is the one evaluated (the log says so).
+# The store and summary.json are written before the evaluation too, so that they come back even
+# if it runs out of time.
 # GPU_CHAIN_SMOKE=1 runs the same steps with one batch per stage, a small evaluation sample and
 # no baselines: to check the set-up, on any machine (PYTHON=... picks the interpreter).
 set -euo pipefail
 
 CARRY=${CARRY:-$PWD/.gpu_carry}
 PYTHON=${PYTHON:-python3}
-TRAIN_SECONDS=${TRAIN_SECONDS:-360}
+BUDGET_SECONDS=${BUDGET_SECONDS:-570}
+EVALUATE_SECONDS=${EVALUATE_SECONDS:-120}
 THROUGHPUT_SECONDS=${THROUGHPUT_SECONDS:-90}
 OUT=${OUT:?set OUT to the folder that receives the store, evaluation.json and the log}
 WORK=${WORK:-/tmp/naics_gpu_chain}
@@ -40,6 +44,31 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow.db"
 export NAICS_RAW_DIR="$CARRY/naics2022"
 cli() { "$PYTHON" -m naics_mlflow "$@"; }
+# The store and summary.json (wall time and status of every run, stage by stage) into $OUT.
+record() {
+  [[ -f $WORK/mlflow.db ]] || return 0
+  cp "$WORK/mlflow.db" "$OUT/"
+  "$PYTHON" - "$OUT/summary.json" <<'EOF' || echo "no summary.json"
+import json
+import sys
+
+from mlflow.tracking import MlflowClient
+
+client = MlflowClient()
+runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+summary = [
+    {
+        "run": run.info.run_name,
+        "status": run.info.status,
+        "seconds": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
+        "epochs_logged": len(client.get_metric_history(run.info.run_id, "val_loss")),
+    }
+    for run in sorted(runs, key=lambda run: run.info.start_time)
+]
+json.dump(summary, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(summary, indent=1))
+EOF
+}
 "$PYTHON" -c "import torch, mlflow, geoopt, peft, transformers, lightning; print('torch', \
 torch.__version__, 'cuda', torch.cuda.is_available(), '| mlflow', mlflow.__version__, \
 '| peft', peft.__version__, '| transformers', transformers.__version__)"
@@ -89,45 +118,27 @@ if command -v nvidia-smi >/dev/null; then
     >"$OUT/throughput.json" || echo "throughput exit status $?"
 fi
 
-echo "== train-curriculum --chain chain_default $(date -u +%FT%TZ)"
+train_seconds=${TRAIN_SECONDS:-$((BUDGET_SECONDS - SECONDS - EVALUATE_SECONDS))}
+echo "== train-curriculum --chain chain_default $(date -u +%FT%TZ), at most $train_seconds s"
 trained=0
-timeout --signal=INT --kill-after=60 "$TRAIN_SECONDS" \
+timeout --signal=INT --kill-after=30 "$train_seconds" \
   "$PYTHON" -m naics_mlflow train-curriculum --chain chain_default --config "$config" \
   "${training[@]}" ||
   trained=$?
-echo "train-curriculum exit status $trained (124: stopped after $TRAIN_SECONDS s)"
-
-echo "== evaluate $(date -u +%FT%TZ)"
+echo "train-curriculum exit status $trained (124: stopped after $train_seconds s)"
+record
+echo "== evaluate $(date -u +%FT%TZ), at most $((BUDGET_SECONDS - SECONDS)) s"
 for stage in 03_stage 02_stage 01_stage; do
-  if cli evaluate --from-checkpoint "$stage" --config "$config" --json "${evaluation[@]}" \
+  left=$((BUDGET_SECONDS - SECONDS))
+  ((left > 10)) || { echo "no time left to evaluate"; break; }
+  if timeout --kill-after=10 "$left" "$PYTHON" -m naics_mlflow evaluate \
+    --from-checkpoint "$stage" --config "$config" --json "${evaluation[@]}" \
     >"$WORK/evaluation.out"; then
     tail -n 1 "$WORK/evaluation.out" >"$OUT/evaluation.json"
     echo "evaluated $stage"
     break
   fi
-  echo "no finished $stage to evaluate"
+  echo "no evaluation of $stage (not finished, or out of time)"
 done
-
-"$PYTHON" - "$OUT/summary.json" <<'EOF'
-"""Wall time and status of every run in the store, stage by stage."""
-import json
-import sys
-
-from mlflow.tracking import MlflowClient
-
-client = MlflowClient()
-runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-summary = [
-    {
-        "run": run.info.run_name,
-        "status": run.info.status,
-        "seconds": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
-        "epochs_logged": len(client.get_metric_history(run.info.run_id, "val_loss")),
-    }
-    for run in sorted(runs, key=lambda run: run.info.start_time)
-]
-json.dump(summary, open(sys.argv[1], "w"), indent=1)
-print(json.dumps(summary, indent=1))
-EOF
-cp "$WORK/mlflow.db" "$OUT/"
+record
 echo "== done $(date -u +%FT%TZ)"
