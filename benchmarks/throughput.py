@@ -20,7 +20,8 @@ and number of negatives per anchor:
   once per step, in-batch negatives and the free-text query loss. On a GPU it runs twice: first
   as it ran before a mixed-precision fit cast the frozen backbone's weights once to bfloat16
   (``project, frozen weights cast per call``: autocast casts them at every call), then as a fit
-  runs it now; the report gives the speed-up.
+  runs it now; the report gives the speed-up. ``--larger-batches`` times it again at more
+  anchors (``project, batch N``).
 
 On a CPU the seed's design needs more memory than most machines have: one triplet with 24
 negatives is 104 sequences of 512 tokens whose activations autograd keeps at once, about 35 GB.
@@ -33,8 +34,10 @@ of memory is never a silent death.
 
 Both share the fusion (mixture of experts), the Lorentz projection and the hyperbolic InfoNCE.
 Reported per set-up: anchor-negative pairs scored per second, sequences encoded per second,
-seconds per optimizer step (median of the timed steps, warm-up excluded) and peak memory; then
-the ratio project / seed. The project set-up runs first, so the process's peak resident memory
+seconds per optimizer step (median of the timed steps, warm-up excluded), peak memory and, on
+a GPU, the share of the step the GPU is busy (:func:`gpu_busy_fraction`); then the ratio
+project / seed. Each set-up's figures are also printed on stderr as it finishes, so that a run
+stopped early keeps them. The project set-up runs first, so the process's peak resident memory
 after it is its own. Then inference with the (untrained) project model: ``embed`` of all 2,125
 codes and single-query ``search`` latency against precomputed code embeddings.
 """
@@ -59,6 +62,7 @@ import pandas as pd
 import peft
 import torch
 from inference import embed_seconds, latencies_ms  # benchmarks/inference.py, beside this file
+from torch.autograd import DeviceType
 
 from naics_mlflow.config import load_config
 from naics_mlflow.data.census import load_release
@@ -96,6 +100,7 @@ class SetupResult:
     mean_tokens: float
     peak_rss_mb: float
     peak_cuda_mb: float | None
+    gpu_busy_fraction: float | None  # see gpu_busy_fraction()
 
 
 def peak_rss_mb() -> float:
@@ -154,16 +159,34 @@ def measure(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds, counts = time_steps(step, args.warmup, args.steps, device)
-    peak_cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return SetupResult(
+    on_cuda = device.type == "cuda"
+    result = SetupResult(
         name=name,
         step_seconds=seconds,
         pairs_per_second=counts.pairs / seconds,
         sequences_per_second=counts.sequences / seconds,
         mean_tokens=mean_tokens,
         peak_rss_mb=peak_rss_mb(),
-        peak_cuda_mb=peak_cuda,
+        peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else None,
+        gpu_busy_fraction=gpu_busy_fraction(step, seconds, device) if on_cuda else None,
     )
+    tell(f"throughput: {json.dumps(dataclasses.asdict(result))}")
+    return result
+
+
+def gpu_busy_fraction(
+    step: Callable[[], StepCounts], step_seconds: float, device: torch.device
+) -> float:
+    """The share of a step's time that the GPU spends running its work: the durations of one
+    step's kernels, copies and fills as the torch profiler records them, over the median step
+    time measured without the profiler (whose own host overhead would lengthen the step). A step
+    whose host launches work slower than the GPU runs it scores well below 1."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        step()
+        synchronize(device)
+    device_events = [e for e in profiler.events() if e.device_type == DeviceType.CUDA]
+    return sum(e.time_range.elapsed_us() for e in device_events) / 1e6 / step_seconds
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -405,6 +428,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     parser.add_argument("--batch-size", type=int, default=8, help="anchors per step")
+    parser.add_argument(
+        "--larger-batches",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="also time the project's step at these numbers of anchors (where they fit)",
+    )
     parser.add_argument("--negatives", type=int, default=24, help="sampled negatives per anchor")
     parser.add_argument("--curriculum", default="03_stage")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -482,6 +513,17 @@ def main() -> None:
         results.append(measure(PER_CALL_CASTS, step, mean_tokens, args, device))
         module.encoder.cast_frozen_linears(AUTOCAST_DTYPE)  # what a mixed-precision fit does
     results.append(measure("project", step, mean_tokens, args, device))
+    for size in args.larger_batches:
+        if size > len(items):
+            tell(f"throughput: batch {size} skipped: the curriculum has {len(items)} anchors")
+            continue
+        larger = datamodule.collate(items, np.arange(size))
+        if project_bytes(module, larger) > budget:
+            tell(f"throughput: batch {size} skipped: its step needs more than {budget / GB:.1f} GB")
+            continue
+        larger_pairs = int((items.negatives[:size] >= 0).sum())
+        larger_step, larger_tokens = project_step(module, larger, larger_pairs, device)
+        results.append(measure(f"project, batch {size}", larger_step, larger_tokens, args, device))
     if args.profile:
         print(profile(step, device, args.profile))
     if not args.skip_seed:
@@ -523,13 +565,15 @@ def main() -> None:
     width = max(len(r.name) for r in results)
     header = f"{'set-up':{width}} {'pairs/s':>10} {'seq/s':>10} {'s/step':>9} {'tokens':>7}"
     header += f" {'RSS MB':>8}"
-    print(header + (f" {'CUDA MB':>8}" if device.type == "cuda" else ""))
+    print(header + (f" {'CUDA MB':>8} {'GPU busy':>8}" if device.type == "cuda" else ""))
     for r in results:
         line = (
             f"{r.name:{width}} {r.pairs_per_second:10.1f} {r.sequences_per_second:10.1f} "
             f"{r.step_seconds:9.3f} {r.mean_tokens:7.1f} {r.peak_rss_mb:8.0f}"
         )
-        print(line + (f" {r.peak_cuda_mb:8.0f}" if r.peak_cuda_mb is not None else ""))
+        if r.peak_cuda_mb is not None:
+            line += f" {r.peak_cuda_mb:8.0f} {r.gpu_busy_fraction:8.0%}"
+        print(line)
     if "ratio_pairs_per_second" in report:
         print(f"pairs/s ratio project/seed: {report['ratio_pairs_per_second']:.1f}x")
     if "cast_once_speed_up" in report:
