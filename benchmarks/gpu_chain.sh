@@ -74,6 +74,9 @@ torch.__version__, 'cuda', torch.cuda.is_available(), '| mlflow', mlflow.__versi
 '| peft', peft.__version__, '| transformers', transformers.__version__)"
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=timestamp,memory.used --format=csv -l 1 >"$OUT/gpu_memory.csv" &
+  monitor=$!
+  # Stopped with the script, so that no process outlives it holding the log's pipe open.
+  trap 'kill "$monitor" 2>/dev/null' EXIT
 fi
 
 overrides=(dirs.data="$WORK/data" dirs.checkpoints="$WORK/checkpoints" dirs.outputs="$WORK/outputs")
