@@ -103,7 +103,7 @@ def query_parts(engine: SearchEngine) -> dict[str, Callable[[str], object]]:
             engine.backbone, batch(q)
         ),
         "head (mixture of experts, projection)": lambda q: encoder.head(features),
-        "lexical (TF-IDF)": lambda q: engine.lexical.scores([q]),
+        "lexical (BM25)": lambda q: engine.lexical.scores([q]),
         "nearest index item": lambda q: engine.items.nearest_similarity(
             features["examples"], len(engine.codes)
         ),

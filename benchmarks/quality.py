@@ -1,5 +1,5 @@
 """Train a chain and print the evaluation table: the trained model against the untrained backbone
-and TF-IDF on the held-out index items and the NAICS 2017 unseen phrasings.
+and BM25 on the held-out index items and the NAICS 2017 unseen phrasings.
 
     python benchmarks/quality.py                          # chain_quickstart, on the CPU
     python benchmarks/quality.py --chain chain_default    # on a GPU

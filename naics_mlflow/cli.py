@@ -646,7 +646,7 @@ def _print_matches(matches: list[Any]) -> None:
     help="CSV (code,text) of evaluation-only queries (default: evaluation.unseen_queries).",
 )
 @click.option(
-    "--no-baselines", is_flag=True, help="Skip the untrained-backbone, kNN and TF-IDF rows."
+    "--no-baselines", is_flag=True, help="Skip the untrained-backbone, kNN and BM25 rows."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)

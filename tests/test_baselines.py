@@ -11,7 +11,7 @@ from naics_mlflow.config import load_config
 from naics_mlflow.data.taxonomy import Taxonomy
 from naics_mlflow.data.tokenization import SEMANTIC_CHANNELS
 from naics_mlflow.evaluation.baselines import UntrainedBackbone, score_retrieval
-from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
+from naics_mlflow.evaluation.lexical import K1, B, LexicalIndex, code_documents, six_digit_rows
 from naics_mlflow.evaluation.metrics import retrieval_metrics
 from naics_mlflow.model.lorentz import expmap0
 
@@ -59,13 +59,32 @@ def test_lexical_index_ranks_the_matching_code_first():
     assert scores.argmax(axis=1).tolist() == [0, 1, 2]
 
 
-@pytest.mark.parametrize("real_documents", [False, True], ids=["made_up", "national_industries"])
-def test_lexical_scores_equal_scikit_learns_tf_idf_cosine(request, real_documents):
-    """The index computes scikit-learn's TF-IDF itself (see ``LexicalIndex``); it must weigh
-    repeated words, case, punctuation, accents, bigrams and unknown words exactly as
-    scikit-learn does."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
+def _bm25_by_the_formula(documents: list[str], queries: list[str]) -> np.ndarray:
+    """BM25 as written in textbooks, over scikit-learn's word and word-pair counts: each query's
+    distinct known terms summed, over their most (every term's ``idf * (k1 + 1)``)."""
+    from sklearn.feature_extraction.text import CountVectorizer
 
+    vectorizer = CountVectorizer(ngram_range=(1, 2))
+    tf = vectorizer.fit_transform(documents).toarray().astype(np.float64)
+    present = vectorizer.transform(queries).toarray() > 0
+    df = (tf > 0).sum(axis=0)
+    idf = np.log(1 + (len(documents) - df + 0.5) / (df + 0.5))
+    length = tf.sum(axis=1, keepdims=True)
+    saturation = K1 * (1 - B + B * length / length.mean())
+    weights = idf * tf * (K1 + 1) / (tf + saturation)
+    best = present @ (idf * (K1 + 1))
+    return np.divide(
+        present @ weights.T,
+        best[:, None],
+        where=best[:, None] > 0,
+        out=np.zeros((len(queries), len(documents))),
+    )
+
+
+@pytest.mark.parametrize("real_documents", [False, True], ids=["made_up", "national_industries"])
+def test_lexical_scores_are_bm25_by_the_formula(request, real_documents):
+    """The index computes BM25 itself (see ``LexicalIndex``); it must count repeated words, case,
+    punctuation, accents, word pairs and unknown words as scikit-learn's tokenizer does."""
     queries = [
         "soybean soybean soybean farming farms",
         "Software-publishing, software PUBLISHING",
@@ -79,10 +98,19 @@ def test_lexical_scores_equal_scikit_learns_tf_idf_cosine(request, real_document
         taxonomy = request.getfixturevalue("taxonomy")
         documents = code_documents(taxonomy, six_digit_rows(taxonomy))
         queries += [taxonomy.examples[row][0] for row in six_digit_rows(taxonomy)[::50]]
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    expected = (vectorizer.fit_transform(documents) @ vectorizer.transform(queries).T).T
     scores = LexicalIndex(documents).scores(queries)
-    np.testing.assert_allclose(scores, expected.toarray(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(scores, _bm25_by_the_formula(documents, queries), rtol=1e-5)
+    assert ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_lexical_scores_reach_one_only_at_saturation():
+    # Every query term many times in a short document approaches the most a query can score.
+    index = LexicalIndex(["soybean " * 200, "freight trucking", "software"])
+    scores = index.scores(["soybean", "freight trucking", "soybean freight"])
+    assert 0.98 < scores[0, 0] < 1.0
+    assert 0.3 < scores[1, 1] < scores[0, 0]
+    # Half of the query's weight matches each document: neither reaches one.
+    assert scores[2, 0] < 0.6 and scores[2, 1] < 0.6
 
 
 def test_lexical_index_is_fitted_on_code_documents_only():

@@ -403,7 +403,7 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     assert "radius_depth_spearman" in {k.removeprefix("val/") for k in report["hierarchy"]}
     assert list(report["retrieval"]) == ["dev", "holdout", "unseen_2017"]
     for query_set, systems in report["retrieval"].items():
-        assert set(systems) == {"model", "embedding", "untrained", "knn", "tfidf"}
+        assert set(systems) == {"model", "embedding", "untrained", "knn", "bm25"}
         for metrics in systems.values():
             assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
         for metric, winners in report["winners"][query_set].items():
@@ -412,10 +412,10 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     evaluation = client.get_run(report["run_id"])
     assert evaluation.data.tags["evaluation"] == "true"
     assert evaluation.data.tags["mlflow.parentRunId"] == run.info.run_id
-    assert "holdout/tfidf/top5" in evaluation.data.metrics
+    assert "holdout/bm25/top5" in evaluation.data.metrics
     assert evaluation.data.params == {
-        "search.lexical_weight": "48.0",
-        "search.item_weight": "16.0",
+        "search.lexical_weight": "24.0",
+        "search.item_weight": "12.0",
         "search.backbone_dtype": "auto",
         "backbone_dtype": dtype_name(inference_dtype("auto", torch.device("cpu"))),
     }

@@ -3,7 +3,7 @@
 Each ranks the six-digit codes for each free-text query and is scored by ``score_retrieval``,
 which goes through the same ``metrics.ranking_metrics`` as the model, so the numbers compare:
 
-- TF-IDF (:class:`~naics_mlflow.evaluation.lexical.LexicalIndex` alone): lexical overlap with each
+- BM25 (:class:`~naics_mlflow.evaluation.lexical.LexicalIndex` alone): lexical overlap with each
   code's title, description and examples (training index items and cross-referenced
   activities), the bar any learned model must clear on queries that reuse the taxonomy's words.
 - :class:`UntrainedBackbone`, two ways. ``embedding_distances``: the model as built before any

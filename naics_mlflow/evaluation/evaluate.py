@@ -23,7 +23,7 @@ SYSTEM_NAMES = {
     "embedding": "trained model, embedding alone",
     "untrained": "untrained model (backbone, same channels)",
     "knn": "untrained backbone, nearest example",
-    "tfidf": "TF-IDF (title + description + examples)",
+    "bm25": "BM25 (title + description + examples)",
 }
 # Metric -> table column; prefixN: share of queries whose top code has the right first N digits.
 TABLE_COLUMNS = {
@@ -169,7 +169,7 @@ def evaluate(
         if untrained is not None:
             scores["untrained"] = -untrained.embedding_distances(texts, rows)
             scores["knn"] = untrained.nearest_item_scores(texts, rows)
-            scores["tfidf"] = torch.from_numpy(engine.lexical.scores(texts))
+            scores["bm25"] = torch.from_numpy(engine.lexical.scores(texts))
         report.retrieval[query_set.name] = {
             name: score_retrieval(value, codes, candidates) for name, value in scores.items()
         }

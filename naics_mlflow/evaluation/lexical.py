@@ -1,7 +1,7 @@
-"""The lexical signal: TF-IDF over each national industry's own words.
+"""The lexical signal: BM25 over each national industry's own words.
 
 Search adds it to the embedding's score (``SearchEngine``), and ``evaluate`` reports it alone as
-the TF-IDF baseline, so both use this one index. A six-digit code's document is its title, its
+the BM25 baseline, so both use this one index. A six-digit code's document is its title, its
 description and its examples: its training index items and the activities cross-references
 classify in it (dev and held-out items are never among them). Words carry
 what an embedding of a short text can blur: a product name, a material, a regulated activity.
@@ -51,18 +51,25 @@ def terms(text: str) -> list[str]:
     return [*words, *(" ".join(pair) for pair in itertools.pairwise(words))]
 
 
-class LexicalIndex:
-    """TF-IDF vectors of code documents; :meth:`scores` gives the cosine of queries with each.
+# BM25's term-frequency saturation and document-length normalisation, chosen on dev with the
+# search weights (docs/results.md): a plateau over k1 1.2-2.0 and b 0.1-0.3. A code's document is
+# long because its index items are many, not because it is vague, hence the little weight on length.
+K1 = 1.6
+B = 0.2
 
-    The weights are scikit-learn's ``TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)``:
-    a term's weight is ``(1 + ln tf) * (1 + ln((1 + n) / (1 + df)))`` over ``n`` documents, each
-    vector L2-normalised so that the dot product is the cosine (``tests/test_baselines.py`` holds
-    the two equal). Computed here because importing scikit-learn costs a ``search`` about a
-    second, more than its index takes to build.
+
+class LexicalIndex:
+    """BM25 scores of queries against code documents, scaled to [0, 1] by :meth:`scores`.
+
+    A term (a word or a pair of neighbouring words, :func:`terms`) weighs
+    ``idf * tf * (K1 + 1) / (tf + K1 * (1 - B + B * length / mean length))`` in a document where it
+    occurs ``tf`` times, with Lucene's ``idf = ln(1 + (n - df + 0.5) / (df + 0.5))`` over ``n``
+    documents (never negative). The TF-IDF cosine it replaced divided by each document's norm,
+    so a word a query shares with a code of many index items weighed less than with a code of
+    few; BM25 barely does (``B``), and ranked dev's queries better (docs/results.md).
 
     The vocabulary and IDF come from the documents only, so a query's scores do not depend on
-    the other queries and a word no code uses contributes nothing. Sublinear TF keeps a word
-    repeated across many index items from dominating; bigrams reward phrases such as "oil seed".
+    the other queries and a word no code uses contributes nothing.
     """
 
     def __init__(self, documents: Sequence[str]) -> None:
@@ -73,32 +80,41 @@ class LexicalIndex:
             np.fromiter((self._vocabulary[t] for t in c), dtype=np.int64, count=len(c))
             for c in counts
         ]
-        frequency = np.bincount(np.concatenate(term_ids), minlength=len(self._vocabulary))
-        self._idf = np.log((1.0 + len(counts)) / (1.0 + frequency)) + 1.0
-        weights = [self._weigh(ids, c.values()) for ids, c in zip(term_ids, counts, strict=True)]
-        # By term: a query's few terms then read only the documents that hold them.
         term_of = np.concatenate(term_ids)
+        frequency = np.bincount(term_of, minlength=len(self._vocabulary))
+        self._idf = np.log1p((len(counts) - frequency + 0.5) / (frequency + 0.5))
+        lengths = np.array([c.total() for c in counts], dtype=np.float64)
+        saturations = K1 * (1.0 - B + B * lengths / max(lengths.mean(), 1.0))
+        weights = [
+            self._weigh(ids, c.values(), saturation)
+            for ids, c, saturation in zip(term_ids, counts, saturations, strict=True)
+        ]
+        # By term: a query's few terms then read only the documents that hold them.
         document_of = np.repeat(np.arange(len(counts)), [len(ids) for ids in term_ids])
         order = np.argsort(term_of, kind="stable")
         self._starts = np.searchsorted(term_of[order], np.arange(len(self._vocabulary) + 1))
         self._documents = document_of[order]
         self._weights = np.concatenate(weights)[order]
 
-    def _weigh(self, term_ids: np.ndarray, frequencies) -> np.ndarray:
-        """The unit TF-IDF weights of one text's terms (``term_ids``, counted ``frequencies``)."""
-        counts = np.fromiter(frequencies, dtype=np.float64, count=len(term_ids))
-        weights = (1.0 + np.log(counts)) * self._idf[term_ids]
-        norm = np.linalg.norm(weights)
-        return weights / norm if norm > 0 else weights
+    def _weigh(self, term_ids: np.ndarray, frequencies, saturation: float) -> np.ndarray:
+        """One document's BM25 weights of its terms (``term_ids``, counted ``frequencies``)."""
+        tf = np.fromiter(frequencies, dtype=np.float64, count=len(term_ids))
+        return self._idf[term_ids] * tf * (K1 + 1.0) / (tf + saturation)
 
     def scores(self, queries: Sequence[str]) -> np.ndarray:
-        """``(Q, C)`` float32 cosine of each query with each document, in [0, 1]."""
+        """``(Q, C)`` float32 BM25 score of each query's distinct terms in each document, over
+        the most they could score (each term's ``idf * (K1 + 1)``): in [0, 1], 0 where no term
+        matches."""
         scores = np.zeros((len(queries), len(self.texts)), dtype=np.float64)
         for row, text in enumerate(queries):
-            counts = Counter(t for t in terms(text) if t in self._vocabulary)
-            term_ids = np.fromiter((self._vocabulary[t] for t in counts), dtype=np.int64)
-            for term, weight in zip(term_ids, self._weigh(term_ids, counts.values()), strict=True):
+            term_ids = np.array(
+                sorted({self._vocabulary[t] for t in terms(text) if t in self._vocabulary}),
+                dtype=np.int64,
+            )
+            for term in term_ids:
                 start, end = self._starts[term], self._starts[term + 1]
                 # A term occurs once in each document's vector: no document repeats in a slice.
-                scores[row, self._documents[start:end]] += weight * self._weights[start:end]
+                scores[row, self._documents[start:end]] += self._weights[start:end]
+            if len(term_ids):
+                scores[row] /= (K1 + 1.0) * self._idf[term_ids].sum()
         return scores.astype(np.float32)

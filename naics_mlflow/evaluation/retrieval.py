@@ -4,14 +4,15 @@ the served MLflow model.
 
 A query's score for a six-digit code is
 
-    -d_H(query, code) / temperature + lexical_weight * tfidf(query, code)
+    -d_H(query, code) / temperature + lexical_weight * bm25(query, code)
                                     + item_weight * nearest_item(query, code)
 
 the model's own logit (its training turns distances into probabilities at ``loss.temperature``),
-plus the TF-IDF cosine of :mod:`naics_mlflow.evaluation.lexical`, plus the cosine of the query with
-the nearest of the code's examples (its training index items and the activities cross-references
-classify there, see ``data build``), both read by the examples channel (:class:`IndexItems`): a
-business described the way the Census already words one of the code's activities. The weights are
+plus the BM25 score (0 to 1) of :mod:`naics_mlflow.evaluation.lexical`, plus the cosine of the
+query with the nearest of the code's examples (its training index items and the activities
+cross-references classify there, see ``data build``), both read by the examples channel
+(:class:`IndexItems`): a business described the way the Census already words one of the code's
+activities. The weights are
 ``search.lexical_weight`` and ``search.item_weight``, chosen on the dev split; 0 and 0 rank by the
 embedding alone. Codes of levels 2-5 have no examples of their own, so they are ranked by the
 embedding alone.
