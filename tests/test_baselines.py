@@ -104,7 +104,7 @@ def test_lexical_scores_are_bm25_by_the_formula(request, real_documents):
 
 
 def test_lexical_scores_reach_one_only_at_saturation():
-    # Every query term many times in a short document approaches the most a query can score.
+    # A term repeated many times saturates: a query of that term alone nears the most it can score.
     index = LexicalIndex(["soybean " * 200, "freight trucking", "software"])
     scores = index.scores(["soybean", "freight trucking", "soybean freight"])
     assert 0.98 < scores[0, 0] < 1.0
