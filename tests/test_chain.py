@@ -332,7 +332,7 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
         assert process.poll() is None, "the chain ended before it could be stopped"
         os.killpg(process.pid, stop)  # Ctrl-C reaches the whole foreground process group
         stopped = time.monotonic()
-        process.wait(timeout=60)
+        process.wait(timeout=90)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -340,7 +340,8 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
     assert process.returncode != 0
     (killed,) = _stage_runs(workdir, "02_stage")
     if stop == signal.SIGINT:
-        assert time.monotonic() - stopped < 30
+        # Alone it stops in about 3 s; once, beside the other test worker on 2 cores, in 43 s.
+        assert time.monotonic() - stopped < 60
         assert killed.info.status == "KILLED"
         (parent,) = _runs(workdir, "tags.role = 'chain'")
         assert parent.info.status == "KILLED"
