@@ -448,6 +448,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_args()
+    if any(size < 1 for size in args.larger_batches):
+        parser.error(f"--larger-batches takes numbers of anchors >= 1, got {args.larger_batches}")
     device = torch.device(args.device)
     torch.manual_seed(0)
 
