@@ -201,7 +201,6 @@ def _requirements() -> list[str]:
         "torch",
         "lightning",
         "transformers",
-        "peft",
         "geoopt",
         "pyarrow",
         "pandas",

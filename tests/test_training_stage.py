@@ -576,21 +576,29 @@ def test_val_loss_is_the_same_measure_whatever_the_batch_limit_weights_or_seed(
 
 
 def test_length_buckets_change_speed_not_embeddings(tiny_setup, tiny_overrides):
-    config, datamodule = tiny_setup
+    """Every channel's texts in one pass or in several of similar length: the same embeddings
+    (padding is masked), from as many backbone passes as asked."""
     torch.manual_seed(0)
-    one_group = NaicsEmbedder(config.to_dict())
-    bucketed = NaicsEmbedder(
-        load_config(CONFIG, [*tiny_overrides, "model.length_buckets=4"]).to_dict()
-    )
-    bucketed.load_state_dict(one_group.state_dict())
-    batch = _fixed_batch(datamodule)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            bucketed.eval()._encode(batch).embeddings,
-            one_group.eval()._encode(batch).embeddings,
-            atol=1e-5,
-            rtol=1e-5,
-        )
+    modules = {
+        buckets: NaicsEmbedder(
+            load_config(CONFIG, [*tiny_overrides, f"model.length_buckets={buckets}"]).to_dict()
+        ).eval()
+        for buckets in (1, 5)
+    }
+    modules[5].load_state_dict(modules[1].state_dict())
+    batch = _fixed_batch(tiny_setup[1])
+    embeddings, passes = {}, {}
+    for buckets, module in modules.items():
+        passes[buckets] = 0
+
+        def count(*_, buckets=buckets):
+            passes[buckets] += 1
+
+        module.encoder.backbone.register_forward_hook(count)
+        with torch.no_grad():
+            embeddings[buckets] = module._encode(batch).embeddings
+    assert passes == {1: 1, 5: 5}
+    torch.testing.assert_close(embeddings[5], embeddings[1], atol=1e-5, rtol=1e-5)
 
 
 def test_hierarchy_rows_sample_the_pairwise_terms_in_training_only(tiny_setup):

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from naics_mlflow.config import TokenizationConfig
@@ -63,6 +64,74 @@ class ChannelTokens:
             self.size,
             {c: TextBatch(*(t.to(device) for t in batch)) for c, batch in self.texts.items()},
         )
+
+
+class TextRows(NamedTuple):
+    """Every channel's texts of a :class:`ChannelTokens` as one batch, channel after channel in
+    ``CHANNELS`` order, padded to the longest of all: what one backbone pass with one adapter per
+    channel reads."""
+
+    input_ids: torch.Tensor  # (N, L) long
+    attention_mask: torch.Tensor  # (N, L) long
+    channel: torch.Tensor  # (N,) long: each text's channel, an index into CHANNELS
+    counts: list[int]  # texts per channel, in CHANNELS order
+
+    @classmethod
+    def of(cls, tokens: ChannelTokens) -> TextRows:
+        batches = [tokens.texts[c] for c in CHANNELS]
+        width = max(batch.input_ids.shape[1] for batch in batches)
+        counts = [len(batch.owner) for batch in batches]
+        device = batches[0].owner.device
+
+        def widened(matrix: torch.Tensor) -> torch.Tensor:
+            # Any token id will do where the attention mask is zero: it is never attended to.
+            return F.pad(matrix, (0, width - matrix.shape[1]))
+
+        return cls(
+            input_ids=torch.cat([widened(b.input_ids) for b in batches]),
+            attention_mask=torch.cat([widened(b.attention_mask) for b in batches]),
+            channel=torch.repeat_interleave(
+                torch.arange(len(CHANNELS), device=device), torch.tensor(counts, device=device)
+            ),
+            counts=counts,
+        )
+
+
+def padding_groups(lengths: np.ndarray, count: int) -> list[tuple[np.ndarray, int]]:
+    """Texts of ``lengths`` as at most ``count`` groups of similar length that, each padded to
+    its own longest text, hold the fewest tokens: ``[(indices, longest), ...]``, shortest first.
+
+    The groups are runs of the texts sorted by length, split by dynamic programming over the
+    distinct lengths (at most a channel's token limit, so a few hundred thousand additions).
+    Splitting into equal counts instead pads twice as much: a step's texts are mostly short
+    index items and titles, with a long tail of descriptions (docs/results.md).
+    """
+    if len(lengths) == 0:
+        return []
+    order = np.argsort(lengths, kind="stable")
+    values, first = np.unique(lengths[order], return_index=True)
+    ends = np.append(first[1:], len(lengths))  # rows up to each distinct length's last
+    groups = min(count, len(values))
+    # cost[i, j]: the rows of distinct lengths i..j as one group, padded to length j.
+    starts = np.append(0, ends[:-1])
+    cost = (ends[None, :] - starts[:, None]) * values[None, :].astype(np.float64)
+    cost[np.tril_indices(len(values), -1)] = np.inf
+    best = cost[0].copy()  # best[j]: distinct lengths 0..j in the groups so far
+    splits = []
+    for _ in range(groups - 1):
+        total = np.append(0.0, best[:-1])[:, None] + cost  # the last group starts at i
+        splits.append(total.argmin(axis=0))
+        best = total.min(axis=0)
+    bounds = [len(values)]
+    for split in reversed(splits):
+        if bounds[-1] == 0:  # fewer groups padded as little
+            break
+        bounds.append(int(split[bounds[-1] - 1]))
+    bounds = sorted({0, *bounds})
+    return [
+        (order[starts[i] : ends[j - 1]], int(values[j - 1]))
+        for i, j in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
 
 
 def pad(sequences: list[np.ndarray], owners: list[int], pad_token_id: int) -> TextBatch:

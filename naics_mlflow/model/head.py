@@ -3,10 +3,10 @@ features into points on the hyperboloid, and the passes without gradients that c
 features from the backbone with every adapter merged.
 
 Two encoders share it and differ only in where the backbone's weights and the adapters' LoRA
-tensors come from: :class:`~naics_mlflow.model.encoder.MultiChannelEncoder` (training: peft's
+tensors come from: :class:`~naics_mlflow.model.encoder.MultiChannelEncoder` (training: LoRA
 adapters on the transformers model) and :class:`~naics_mlflow.model.trained.TrainedEncoder`
 (``embed``, ``search``, ``evaluate``, the served model: read from a checkpoint and the backbone's
-files, without importing peft or transformers' model classes).
+files, without importing transformers' model classes).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class EncoderHead(nn.Module):
         nn.init.zeros_(self.projection.linear.bias)
         self.hidden_size = hidden_size
         self.base_model_name = config.base_model_name
-        # peft's LoRA adds scaling * B @ A to the weight it adapts.
+        # LoRA adds scaling * B @ A to the weight it adapts.
         self.lora_scaling = config.lora.alpha / config.lora.r
 
     def backbone_weights(self) -> BertWeights:
@@ -90,7 +90,7 @@ class EncoderHead(nn.Module):
         raise NotImplementedError
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
-        """Every channel's LoRA tensors, named as peft names them in the backbone."""
+        """Every channel's LoRA tensors, named as in the backbone (``lora_A.<channel>.weight``)."""
         raise NotImplementedError
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -2,8 +2,9 @@
 channel's LoRA adapter merged into its own copy of the weights it adapts.
 
 What runs it: a head-only stage's features, ``embed``, ``search``, ``evaluate`` and the served
-model. Training keeps peft's adapters on the transformers module, and the two agree to float
-rounding in eval mode (``tests/test_inference.py``).
+model. Training keeps the adapters apart from the weights, on the transformers module
+(:mod:`naics_mlflow.model.lora`), and the two agree to float rounding in eval mode
+(``tests/test_inference.py``).
 
 Why not the transformers module: a query is a few short texts, and a pass over them is dozens of
 small matrix products with the module's bookkeeping around each. Here query, key and value are
@@ -17,7 +18,7 @@ before anything trains.
 It is built from plain tensors: the backbone's weights (:class:`BertWeights`, from the training
 model in memory or read from its files) and each channel's adapter as the weights it adds
 (:func:`adapter_deltas`, from the LoRA tensors of the training model or of a checkpoint). So a
-command that only uses a trained model never imports peft or transformers' model classes.
+command that only uses a trained model never imports transformers' model classes.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ LAYER_LINEARS = (
     "intermediate.dense",
     "output.dense",
 )
-# How peft names a LoRA tensor in the model it adapts: ``<layer path>.lora_A.<channel>.weight``.
+# How a LoRA tensor is named in the model it adapts: ``<layer path>.lora_A.<channel>.weight``.
 LORA_TENSOR = re.compile(r"(?P<path>.+)\.lora_(?P<matrix>[AB])\.(?P<channel>[^.]+)\.weight")
 
 
@@ -101,8 +102,8 @@ def _is_layer_linear(path: str) -> bool:
 def adapter_deltas(
     lora: dict[str, torch.Tensor], scaling: float, channels: tuple[str, ...]
 ) -> AdapterDeltas:
-    """Each channel's adapter as the weights it adds, ``scaling * B @ A`` (peft's LoRA), from the
-    LoRA tensors named as peft names them in the backbone (``LORA_TENSOR``).
+    """Each channel's adapter as the weights it adds, ``scaling * B @ A`` (LoRA), from the
+    LoRA tensors named as in the backbone (``LORA_TENSOR``).
 
     Raises :class:`BackboneError` for an adapter on a layer :class:`MergedBackbone` would not
     merge, and so would silently drop: anything but the ``LAYER_LINEARS`` of the encoder's layers
@@ -164,7 +165,7 @@ class BertWeights:
 
     @classmethod
     def of_model(cls, model: nn.Module) -> BertWeights:
-        """The weights of a transformers BERT model in memory, with or without peft's adapters
+        """The weights of a transformers BERT model in memory, with or without its adapters
         (which name an adapted layer's own weight ``<path>.base_layer.weight``)."""
         tensors = {
             name.replace(".base_layer.", "."): tensor.detach()

@@ -2,7 +2,7 @@
 model: the head's weights and the adapters' LoRA tensors from the checkpoint, the backbone's
 weights from its own files.
 
-Nothing here imports Lightning, peft or transformers' model classes, which training needs and a
+Nothing here imports Lightning or transformers' model classes, which training needs and a
 search does not: on 2 cores they cost a command about 6 s of imports (docs/results.md).
 """
 
@@ -19,14 +19,15 @@ from naics_mlflow.model.checkpoint import check_fits, read_checkpoint
 from naics_mlflow.model.head import EncoderHead
 from naics_mlflow.model.merged import LAYER_LINEARS, BertWeights
 
-# Where the training encoder's state dict holds the backbone's own modules: peft's wrapper
-# (``backbone``) around the model it adapts (``base_model.model``).
+# Where the training encoder's state dict holds the backbone's own modules (named as peft's
+# wrapper named them, see naics_mlflow.model.lora).
 BACKBONE_PREFIX = "backbone.base_model.model."
 
 
 def _adapted_layers(config: ModelConfig, weights: BertWeights) -> dict[str, tuple[int, int]]:
     """``{path: (out, in)}`` of the backbone's linear layers that ``model.lora.target_modules``
-    names, as peft matches them (the path, or its end after a dot)."""
+    names, as :func:`~naics_mlflow.model.lora.adapted_paths` matches them (the path, or its end
+    after a dot)."""
     hidden = weights.config["hidden_size"]
     layers: dict[str, tuple[int, int]] = {"pooler.dense": (hidden, hidden)}
     for layer in range(weights.config["num_hidden_layers"]):
