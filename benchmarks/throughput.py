@@ -3,7 +3,8 @@
     python benchmarks/throughput.py                       # CPU, MiniLM, batch 8, 5 timed steps
     python benchmarks/throughput.py --device cuda --json
     python benchmarks/throughput.py --batch-size 1 --negatives 8          # a 24 GB, 2-core CPU
-    python benchmarks/throughput.py --skip-seed model.length_buckets=4    # KEY=VALUE overrides
+    python benchmarks/throughput.py --skip-seed --length-buckets 2 8      # other numbers of passes
+    python benchmarks/throughput.py --skip-seed model.lora.r=16           # KEY=VALUE overrides
     python benchmarks/throughput.py --skip-seed --skip-inference --profile 20   # op profile
 
 Two training set-ups run in this one process on the same backbone, curriculum, batch of anchors
@@ -16,12 +17,14 @@ and number of negatives per anchor:
   once before timing, and each triplet's items go through a copy as one batch, backpropagated
   triplet by triplet (the seed's peak memory would be higher, not its speed).
 - ``project``: this project's own step (``NaicsEmbedder`` on a ``NaicsDataModule`` batch): one
-  backbone with four adapters, texts padded per batch to their longest, each distinct code encoded
-  once per step, in-batch negatives and the free-text query loss. On a GPU it runs twice: first
-  as it ran before a mixed-precision fit cast the frozen backbone's weights once to bfloat16
-  (``project, frozen weights cast per call``: autocast casts them at every call), then as a fit
-  runs it now; the report gives the speed-up. ``--larger-batches`` times it again at more
-  anchors (``project, batch N``).
+  backbone with four adapters, every channel's texts in ``model.length_buckets`` passes of
+  similar length, each distinct code encoded once per step, in-batch negatives and the free-text
+  query loss. It also runs as it ran before each of two changes, and the report gives each
+  speed-up: ``project, one pass per channel`` (each channel's texts a pass of their own, padded
+  to the channel's longest) and, on a GPU, ``project, frozen weights cast per call`` (before a
+  mixed-precision fit cast the frozen backbone's weights once to bfloat16, autocast cast them at
+  every call). ``--length-buckets`` times it with other numbers of passes (``project,
+  length_buckets K``), ``--larger-batches`` at more anchors (``project, batch N``).
 
 On a CPU the seed's design needs more memory than most machines have: one triplet with 24
 negatives is 104 sequences of 512 tokens whose activations autograd keeps at once, about 35 GB.
@@ -45,6 +48,7 @@ codes and single-query ``search`` latency against precomputed code embeddings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -59,7 +63,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import peft
 import torch
 from inference import embed_seconds, latencies_ms  # benchmarks/inference.py, beside this file
 from torch.autograd import DeviceType
@@ -68,11 +71,12 @@ from naics_mlflow.config import load_config
 from naics_mlflow.data.census import load_release
 from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule
-from naics_mlflow.data.features import mean_pool
+from naics_mlflow.data.features import mean_pool, pool_by_owner
 from naics_mlflow.data.taxonomy import HOLDOUT_FILE
 from naics_mlflow.data.tokenization import CHANNELS, ChannelTokens, channel_texts
 from naics_mlflow.evaluation.retrieval import SearchEngine
-from naics_mlflow.model.encoder import load_frozen_backbone, lora_config
+from naics_mlflow.model.encoder import MultiChannelEncoder, load_frozen_backbone
+from naics_mlflow.model.lora import ChannelAdaptedBackbone
 from naics_mlflow.model.loss import pool_infonce
 from naics_mlflow.model.module import AUTOCAST_DTYPES, NaicsEmbedder
 
@@ -117,6 +121,8 @@ AUTOCAST_DTYPE = AUTOCAST_DTYPES["bf16-mixed"]
 # The project's step as it was before a fit cast the frozen weights once: autocast casts them at
 # every call.
 PER_CALL_CASTS = "project, frozen weights cast per call"
+# The project's step as it ran before 2026-12-03: each channel's texts in a pass of their own.
+PASS_PER_CHANNEL = "project, one pass per channel"
 
 
 def autocast(device: torch.device):
@@ -289,6 +295,30 @@ def project_step(module: NaicsEmbedder, batch: dict, pairs: int, device: torch.d
     return step, real_tokens / sequences
 
 
+@contextlib.contextmanager
+def one_pass_per_channel(encoder: MultiChannelEncoder):
+    """``encoder`` computes its channel features as it did before its passes mixed the channels:
+    one pass per channel that has texts, padded to that channel's longest."""
+
+    def channel_features(tokens: ChannelTokens) -> dict[str, torch.Tensor]:
+        features = {}
+        for index, channel in enumerate(CHANNELS):
+            texts = tokens.texts[channel]
+            channel_of_row = torch.full_like(texts.owner, index)
+            pooled = torch.zeros((0, encoder.hidden_size), device=texts.owner.device)
+            if len(texts.owner):
+                hidden = encoder.backbone(texts.input_ids, texts.attention_mask, channel_of_row)
+                pooled = mean_pool(hidden, texts.attention_mask)
+            features[channel] = pool_by_owner(pooled, texts.owner, tokens.size)
+        return features
+
+    encoder.channel_features = channel_features
+    try:
+        yield
+    finally:
+        del encoder.channel_features
+
+
 def profile(step: Callable[[], StepCounts], device: torch.device, rows: int) -> str:
     """The torch profiler's table of one step's costliest ops (by self time on the device)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -310,10 +340,11 @@ class SeedEncoder(torch.nn.Module):
     def __init__(self, project: NaicsEmbedder) -> None:
         super().__init__()
         backbone = load_frozen_backbone(project.config.model.base_model_name)
-        lora = lora_config(project.config.model)
         self.copies = torch.nn.ModuleDict(
             {
-                channel: peft.get_peft_model(copy.deepcopy(backbone), copy.deepcopy(lora))
+                channel: ChannelAdaptedBackbone(
+                    copy.deepcopy(backbone), project.config.model, (channel,)
+                )
                 for channel in CHANNELS
             }
         )
@@ -322,7 +353,7 @@ class SeedEncoder(torch.nn.Module):
 
     def forward(self, tokens: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         pooled = [
-            mean_pool(self.copies[c](input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+            mean_pool(self.copies[c](ids, mask, torch.zeros_like(ids[:, 0])), mask)
             for c, (ids, mask) in ((c, tokens[c]) for c in CHANNELS)
         ]
         return self.projection(self.fusion(torch.cat(pooled, dim=-1)).output)
@@ -436,6 +467,14 @@ def main() -> None:
         metavar="N",
         help="also time the project's step at these numbers of anchors (where they fit)",
     )
+    parser.add_argument(
+        "--length-buckets",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="K",
+        help="also time the project's step with its texts in K passes (model.length_buckets)",
+    )
     parser.add_argument("--negatives", type=int, default=24, help="sampled negatives per anchor")
     parser.add_argument("--curriculum", default="03_stage")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -450,6 +489,8 @@ def main() -> None:
     args = parser.parse_args()
     if any(size < 1 for size in args.larger_batches):
         parser.error(f"--larger-batches takes numbers of anchors >= 1, got {args.larger_batches}")
+    if any(count < 1 for count in args.length_buckets):
+        parser.error(f"--length-buckets takes numbers of passes >= 1, got {args.length_buckets}")
     device = torch.device(args.device)
     torch.manual_seed(0)
 
@@ -514,7 +555,16 @@ def main() -> None:
     if device.type == "cuda":
         results.append(measure(PER_CALL_CASTS, step, mean_tokens, args, device))
         module.encoder.cast_frozen_linears(AUTOCAST_DTYPE)  # what a mixed-precision fit does
+    with one_pass_per_channel(module.encoder):
+        results.append(measure(PASS_PER_CHANNEL, step, mean_tokens, args, device))
     results.append(measure("project", step, mean_tokens, args, device))
+    default_buckets = module.encoder.length_buckets
+    for buckets in args.length_buckets:
+        module.encoder.length_buckets = buckets
+        results.append(
+            measure(f"project, length_buckets {buckets}", step, mean_tokens, args, device)
+        )
+    module.encoder.length_buckets = default_buckets
     for size in args.larger_batches:
         if size > len(items):
             tell(f"throughput: batch {size} skipped: the curriculum has {len(items)} anchors")
@@ -555,6 +605,9 @@ def main() -> None:
         report["cast_once_speed_up"] = (
             pairs_per_second["project"] / pairs_per_second[PER_CALL_CASTS]
         )
+    report["mixed_passes_speed_up"] = (
+        pairs_per_second["project"] / pairs_per_second[PASS_PER_CHANNEL]
+    )
     if args.json:
         print(json.dumps(report))
         return
@@ -580,6 +633,10 @@ def main() -> None:
         print(f"pairs/s ratio project/seed: {report['ratio_pairs_per_second']:.1f}x")
     if "cast_once_speed_up" in report:
         print(f"frozen weights cast once, against per call: {report['cast_once_speed_up']:.2f}x")
+    print(
+        "all channels in length_buckets passes, against one pass per channel: "
+        f"{report['mixed_passes_speed_up']:.2f}x"
+    )
     if "search_p95_ms" in report:
         print(
             f"embed all {datamodule.taxonomy.size} codes: {report['embed_all_codes_seconds']:.1f} s"
