@@ -73,7 +73,13 @@ from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.features import mean_pool, pool_by_owner
 from naics_mlflow.data.taxonomy import HOLDOUT_FILE
-from naics_mlflow.data.tokenization import CHANNELS, ChannelTokens, channel_texts
+from naics_mlflow.data.tokenization import (
+    CHANNELS,
+    ChannelTokens,
+    TextRows,
+    channel_texts,
+    padding_groups,
+)
 from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.encoder import MultiChannelEncoder, load_frozen_backbone
 from naics_mlflow.model.lora import ChannelAdaptedBackbone
@@ -237,15 +243,36 @@ def seed_bytes(module: NaicsEmbedder, negatives: int) -> int:
     )
 
 
-def project_bytes(module: NaicsEmbedder, batch: dict) -> int:
-    """The project's step beyond the process: every text batch of the step, padded as it runs."""
+def project_bytes(
+    module: NaicsEmbedder, batch: dict, pass_counts: list[int], pass_per_channel: bool
+) -> int:
+    """The project's step beyond the process, padded as the most padded of the ways it is to
+    run: every channel's texts in each of ``pass_counts`` passes, and one pass per channel if
+    ``pass_per_channel``."""
     config = module.encoder.backbone.config
-    return sum(
-        text_batch.input_ids.shape[0] * activation_bytes(config, text_batch.input_ids.shape[1])
-        for tokens in (batch["tokens"], batch.get("query_tokens"))
-        if tokens is not None
-        for text_batch in tokens.texts.values()
-    )
+    token_sets = [t for t in (batch["tokens"], batch.get("query_tokens")) if t is not None]
+    ways = []
+    if pass_per_channel:
+        ways.append(
+            sum(
+                texts.input_ids.shape[0] * activation_bytes(config, texts.input_ids.shape[1])
+                for tokens in token_sets
+                for texts in tokens.texts.values()
+            )
+        )
+    for count in pass_counts:
+        passes = [
+            padding_groups(TextRows.of(tokens).attention_mask.sum(dim=1).numpy(), count)
+            for tokens in token_sets
+        ]
+        ways.append(
+            sum(
+                len(rows) * activation_bytes(config, longest)
+                for groups in passes
+                for rows, longest in groups
+            )
+        )
+    return max(ways)
 
 
 def seed_negatives_that_fit(module: NaicsEmbedder, negatives: int, budget: float) -> int:
@@ -532,7 +559,8 @@ def main() -> None:
     items = datamodule.training_items(epoch=0)
     batch_size = args.batch_size
     batch = datamodule.collate(items, np.arange(batch_size))
-    while batch_size > 1 and project_bytes(module, batch) > budget:
+    pass_counts = [module.encoder.length_buckets, *args.length_buckets]
+    while batch_size > 1 and project_bytes(module, batch, pass_counts, True) > budget:
         batch_size //= 2
         batch = datamodule.collate(items, np.arange(batch_size))
     if batch_size < args.batch_size:
@@ -542,7 +570,7 @@ def main() -> None:
         )
     tell(
         f"throughput: batch {batch_size} x {negatives} negatives; estimated peak beyond the "
-        f"process: project {project_bytes(module, batch) / GB:.1f} GB"
+        f"process: project {project_bytes(module, batch, pass_counts, True) / GB:.1f} GB"
         + ("" if args.skip_seed else f", seed {seed_bytes(module, negatives) / GB:.1f} GB")
         + f"; {budget / GB:.1f} GB usable"
         + "".join(f"\nthroughput: scaled down, {line}" for line in scaled)
@@ -570,7 +598,7 @@ def main() -> None:
             tell(f"throughput: batch {size} skipped: the curriculum has {len(items)} anchors")
             continue
         larger = datamodule.collate(items, np.arange(size))
-        if project_bytes(module, larger) > budget:
+        if project_bytes(module, larger, [module.encoder.length_buckets], False) > budget:
             tell(f"throughput: batch {size} skipped: its step needs more than {budget / GB:.1f} GB")
             continue
         larger_pairs = int((items.negatives[:size] >= 0).sum())
