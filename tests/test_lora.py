@@ -54,6 +54,14 @@ def test_each_row_takes_its_own_channels_adapter_forward_and_backward():
     assert torch.count_nonzero(second_a) == 0
 
 
+def test_rows_of_single_vectors_take_their_own_adapter_too():
+    """BERT's pooler adapts one vector per text, ``(N, in)``, not ``(N, L, in)``."""
+    layer = _adapted_layer()
+    x = torch.randn(3, 6)
+    layer.rows.set(torch.tensor([1, 2, 0]))
+    torch.testing.assert_close(layer(x), _by_hand(layer, x, [1, 2, 0]))
+
+
 def test_under_autocast_the_adapters_run_in_its_dtype():
     layer = _adapted_layer()
     x = torch.randn(3, 4, 6)

@@ -28,7 +28,7 @@ from naics_mlflow.data.pretrained import BackboneError
 
 class RowChannels:
     """Which channel each row of the current pass belongs to, as the mask the adapted layers
-    multiply ``A x`` by: ``(N, 1, C * r)``, ``scaling`` in the row's channel's ``r`` columns and
+    multiply ``A x`` by: ``(N, C * r)``, ``scaling`` in the row's channel's ``r`` columns and
     zeros elsewhere. Shared by every adapted layer of one backbone."""
 
     def __init__(self, channels: int, rank: int, scaling: float) -> None:
@@ -38,7 +38,7 @@ class RowChannels:
     def set(self, channel_of_row: torch.Tensor) -> None:
         """``(N,)`` long channel indices of the next pass's rows."""
         one_hot = F.one_hot(channel_of_row, self.channels).float() * self.scaling
-        self._masks = {torch.float32: one_hot.repeat_interleave(self.rank, dim=1).unsqueeze(1)}
+        self._masks = {torch.float32: one_hot.repeat_interleave(self.rank, dim=1)}
 
     def mask(self, dtype: torch.dtype) -> torch.Tensor:
         """The mask in ``dtype`` (autocast's, under mixed precision), cast once a pass."""
@@ -49,7 +49,8 @@ class RowChannels:
 
 class ChannelLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` (``base_layer``) with one LoRA adapter per channel; each row of
-    its input ``(N, L, in)`` takes the adapter that ``rows`` gives it."""
+    its input, ``(N, L, in)`` token states or ``(N, in)`` (BERT's pooler), takes the adapter
+    that ``rows`` gives it."""
 
     def __init__(self, base_layer: nn.Linear, rank: int, dropout: float, rows: RowChannels):
         super().__init__()
@@ -78,7 +79,8 @@ class ChannelLoRALinear(nn.Module):
         stacked_a = torch.cat([a.weight for a in self.lora_A.values()])  # (C*r, in)
         stacked_b = torch.cat([b.weight for b in self.lora_B.values()], dim=1)  # (out, C*r)
         low_rank = F.linear(self.lora_dropout(x), stacked_a)
-        low_rank = low_rank * self.rows.mask(low_rank.dtype)
+        mask = self.rows.mask(low_rank.dtype)
+        low_rank = low_rank * mask.view(len(mask), *[1] * (low_rank.dim() - 2), -1)
         return self.base_layer(x) + F.linear(low_rank, stacked_b)
 
 
