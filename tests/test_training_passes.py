@@ -1,5 +1,6 @@
-"""The training encoder's passes: every channel's texts in one pass, each text through its own
-channel's LoRA adapter, and the split of a step's texts into passes that pad least."""
+"""A training step's passes of the backbone: texts padded into batches, every channel's texts in
+one pass, each through its own channel's LoRA adapter, and the split of a step's texts into the
+passes that pad least."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from naics_mlflow.data.tokenization import padding_groups
+from naics_mlflow.data.tokenization import pad, padding_groups
 from naics_mlflow.model.lora import ChannelLoRALinear, RowChannels
 
 CHANNELS = ("first", "second", "third")
@@ -126,3 +127,22 @@ def test_a_typical_step_pads_half_as_much_as_equal_splits():
     assert [longest for _, longest in groups] == [9, 60, 120]
     equal_counts = sum(len(part) * part.max() for part in np.array_split(np.sort(lengths), 3))
     assert _padded_tokens(groups) * 2 < equal_counts
+
+
+@pytest.mark.parametrize("lengths", [[3, 1, 4, 1, 5], [2], [0, 2, 0], []], ids=str)
+def test_texts_are_padded_to_the_longest_with_their_tokens_first(lengths):
+    sequences = [np.arange(10, 10 + n, dtype=np.int32) * (i + 1) for i, n in enumerate(lengths)]
+    owners = list(range(len(lengths), 0, -1))
+    batch = pad(sequences, owners, pad_token_id=7)
+    longest = max(lengths, default=0)
+    assert batch.input_ids.shape == batch.attention_mask.shape == (len(lengths), longest)
+    assert batch.input_ids.dtype == batch.attention_mask.dtype == torch.long
+    for row, sequence in enumerate(sequences):
+        assert batch.input_ids[row].tolist() == [
+            *sequence.tolist(),
+            *[7] * (longest - len(sequence)),
+        ]
+        assert batch.attention_mask[row].tolist() == [1] * len(sequence) + [0] * (
+            longest - len(sequence)
+        )
+    assert batch.owner.tolist() == owners
