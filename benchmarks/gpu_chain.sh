@@ -114,9 +114,9 @@ cli data build --config "$config"
 
 if command -v nvidia-smi >/dev/null; then
   # The training step at the benchmark's largest batch as a fit runs it now, and as it ran
-  # before each lever (frozen weights cast per call; one pass per channel), with its texts in 2
-  # and 8 passes instead of model.length_buckets' 4, then at 256 and 1,024 anchors; pairs/s and
-  # the share of each step the GPU is busy. Capped so that it never eats the chain's time; each set-up's
+  # before each lever (frozen weights cast per call; one pass per channel), then at 256 and
+  # 1,024 anchors, then with its texts in 2 and 8 passes instead of model.length_buckets' 4;
+  # pairs/s and the share of each step the GPU is busy. Capped so that it never eats the chain's time; each set-up's
   # figures reach the log as it finishes.
   echo "== throughput $(date -u +%FT%TZ)"
   timeout --kill-after=10 "$THROUGHPUT_SECONDS" "$PYTHON" benchmarks/throughput.py --device cuda \
