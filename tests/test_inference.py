@@ -182,6 +182,12 @@ def test_an_adapter_that_merging_would_drop_is_refused_before_training(tiny_over
         NaicsEmbedder(config.to_dict())
 
 
+def test_adapters_that_match_no_layer_are_refused_in_one_line(tiny_overrides):
+    config = load_config(CONFIG, [*tiny_overrides, "model.lora.target_modules=[qurey]"])
+    with pytest.raises(BackboneError, match=r"target_modules \['qurey'\] do not match linear"):
+        NaicsEmbedder(config.to_dict())
+
+
 def test_item_features_read_through_each_query_channel(trained_adapters):
     module, tokenizer, tokens = trained_adapters
     items = [0, 5, 99]

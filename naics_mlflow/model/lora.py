@@ -24,6 +24,7 @@ from torch import nn
 
 from naics_mlflow.config import ModelConfig
 from naics_mlflow.data.pretrained import BackboneError
+from naics_mlflow.model.merged import is_lora_target
 
 
 class RowChannels:
@@ -85,13 +86,9 @@ class ChannelLoRALinear(nn.Module):
 
 
 def adapted_paths(model: nn.Module, target_modules: list[str]) -> list[str]:
-    """Paths of ``model``'s layers that ``target_modules`` names, as peft matches them (the whole
-    path, or its end after a dot); each must be a linear layer."""
-    paths = [
-        path
-        for path, _ in model.named_modules()
-        if any(path == t or path.endswith(f".{t}") for t in target_modules)
-    ]
+    """Paths of ``model``'s layers that ``target_modules`` names (:func:`is_lora_target`); each
+    must be a linear layer."""
+    paths = [path for path, _ in model.named_modules() if is_lora_target(path, target_modules)]
     for path in paths:
         if not isinstance(model.get_submodule(path), nn.Linear):
             raise BackboneError(

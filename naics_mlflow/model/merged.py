@@ -94,6 +94,12 @@ def check_mergeable(name: str, config: dict[str, Any]) -> None:
         )
 
 
+def is_lora_target(path: str, target_modules: list[str]) -> bool:
+    """Whether ``model.lora.target_modules`` names the layer at ``path``: the whole path, or its
+    end after a dot (``query`` names ``encoder.layer.0.attention.self.query``), as peft matched."""
+    return any(path == t or path.endswith(f".{t}") for t in target_modules)
+
+
 def _is_layer_linear(path: str) -> bool:
     layer, _, linear = path.partition(".layer.")[2].partition(".")
     return path.startswith("encoder.layer.") and layer.isdigit() and linear in LAYER_LINEARS

@@ -17,7 +17,7 @@ from naics_mlflow.config import Config, ModelConfig, merge
 from naics_mlflow.data.tokenization import CHANNELS
 from naics_mlflow.model.checkpoint import check_fits, read_checkpoint
 from naics_mlflow.model.head import EncoderHead
-from naics_mlflow.model.merged import LAYER_LINEARS, BertWeights
+from naics_mlflow.model.merged import LAYER_LINEARS, BertWeights, is_lora_target
 
 # Where the training encoder's state dict holds the backbone's own modules (named as peft's
 # wrapper named them, see naics_mlflow.model.lora).
@@ -26,8 +26,7 @@ BACKBONE_PREFIX = "backbone.base_model.model."
 
 def _adapted_layers(config: ModelConfig, weights: BertWeights) -> dict[str, tuple[int, int]]:
     """``{path: (out, in)}`` of the backbone's linear layers that ``model.lora.target_modules``
-    names, as :func:`~naics_mlflow.model.lora.adapted_paths` matches them (the path, or its end
-    after a dot)."""
+    names (:func:`is_lora_target`)."""
     hidden = weights.config["hidden_size"]
     layers: dict[str, tuple[int, int]] = {"pooler.dense": (hidden, hidden)}
     for layer in range(weights.config["num_hidden_layers"]):
@@ -37,7 +36,7 @@ def _adapted_layers(config: ModelConfig, weights: BertWeights) -> dict[str, tupl
     return {
         path: shape
         for path, shape in layers.items()
-        if any(path == t or path.endswith(f".{t}") for t in config.lora.target_modules)
+        if is_lora_target(path, config.lora.target_modules)
     }
 
 
