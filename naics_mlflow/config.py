@@ -107,6 +107,11 @@ class LoraConfig:
     dropout: float
     target_modules: list[str]
 
+    @property
+    def scaling(self) -> float:
+        """What LoRA multiplies ``B @ A`` by before adding it to the weight it adapts."""
+        return self.alpha / self.r
+
 
 @dataclass(frozen=True)
 class MoeConfig:

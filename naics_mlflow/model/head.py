@@ -82,8 +82,7 @@ class EncoderHead(nn.Module):
         nn.init.zeros_(self.projection.linear.bias)
         self.hidden_size = hidden_size
         self.base_model_name = config.base_model_name
-        # LoRA adds scaling * B @ A to the weight it adapts.
-        self.lora_scaling = config.lora.alpha / config.lora.r
+        self.lora_scaling = config.lora.scaling
 
     def backbone_weights(self) -> BertWeights:
         """The frozen backbone's own weights."""

@@ -111,7 +111,7 @@ class ChannelAdaptedBackbone(nn.Module):
                 f"model.lora.target_modules {config.lora.target_modules} do not match linear "
                 f"layers of backbone '{config.base_model_name}'"
             )
-        self.rows = RowChannels(len(channels), config.lora.r, config.lora.alpha / config.lora.r)
+        self.rows = RowChannels(len(channels), config.lora.r, config.lora.scaling)
         self.channels = channels
         adapted = {}
         for path in paths:
