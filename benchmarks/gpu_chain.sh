@@ -18,28 +18,31 @@
 # throughput run, less EVALUATE_SECONDS (default 120) kept for the evaluation, or TRAIN_SECONDS if
 # set; it stops there, and the last stage that finished is the one evaluated (the log says so).
 # The store and summary.json are written before the evaluation too, so that they come back even
-# if it runs out of time.
+# if it runs out of time. The MLflow commands run in $WORK, so that the store's artifacts
+# (checkpoints, the logged model) land in $WORK/mlartifacts, not in the working tree.
 # GPU_CHAIN_SMOKE=1 runs the same steps with one batch per stage, a small evaluation sample and
 # no baselines: to check the set-up, on any machine (PYTHON=... picks the interpreter).
 set -euo pipefail
 
-CARRY=${CARRY:-$PWD/.gpu_carry}
+REPO=$PWD
+CARRY=$(realpath "${CARRY:-.gpu_carry}")
 PYTHON=${PYTHON:-python3}
 BUDGET_SECONDS=${BUDGET_SECONDS:-570}
 EVALUATE_SECONDS=${EVALUATE_SECONDS:-120}
 THROUGHPUT_SECONDS=${THROUGHPUT_SECONDS:-90}
 OUT=${OUT:?set OUT to the folder that receives the store, evaluation.json and the log}
 WORK=${WORK:-/tmp/naics_gpu_chain}
-SITE=$WORK/site
 
 mkdir -p "$OUT" "$WORK"
+OUT=$(realpath "$OUT") WORK=$(realpath "$WORK")
+SITE=$WORK/site
 exec > >(tee "$OUT/chain.log") 2>&1
 
 echo "== set-up $(date -u +%FT%TZ)"
 "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target "$SITE" "$CARRY"/wheels/*.whl
 cp -r "$CARRY"/site/. "$SITE"/
-export PYTHONPATH="$SITE:$PWD"
+export PYTHONPATH="$SITE:$REPO"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow.db"
 export NAICS_RAW_DIR="$CARRY/naics2022"
@@ -92,7 +95,7 @@ if [[ ${GPU_CHAIN_SMOKE:-0} == 1 ]]; then
   evaluation+=(--no-baselines)
 fi
 mkdir -p "$WORK/conf"
-cp -r conf/. "$WORK/conf/"
+cp -r "$REPO/conf/." "$WORK/conf/"
 config="$WORK/conf/config.yaml"
 "$PYTHON" - "$config" "${overrides[@]}" <<'EOF'
 """A copy of conf/ whose config.yaml has the overrides baked in, so that every command reads the
@@ -109,6 +112,7 @@ config = load_config(Path("conf/config.yaml"), overrides).to_dict()  # the repos
 Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
 EOF
 
+cd "$WORK"
 echo "== data build $(date -u +%FT%TZ)"
 cli data build --config "$config"
 
@@ -119,7 +123,7 @@ if command -v nvidia-smi >/dev/null; then
   # pairs/s and the share of each step the GPU is busy. Capped so that it never eats the chain's time; each set-up's
   # figures reach the log as it finishes.
   echo "== throughput $(date -u +%FT%TZ)"
-  timeout --kill-after=10 "$THROUGHPUT_SECONDS" "$PYTHON" benchmarks/throughput.py --device cuda \
+  timeout --kill-after=10 "$THROUGHPUT_SECONDS" "$PYTHON" "$REPO/benchmarks/throughput.py" --device cuda \
     --skip-seed --skip-inference --batch-size 64 --length-buckets 2 8 --larger-batches 256 1024 \
     --data-dir "$WORK/data" --json >"$OUT/throughput.json" || echo "throughput exit status $?"
 fi
