@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --device cuda --json
     python benchmarks/throughput.py --batch-size 1 --negatives 8          # a 24 GB, 2-core CPU
     python benchmarks/throughput.py --skip-seed --length-buckets 2 8      # other numbers of passes
+    python benchmarks/throughput.py --skip-seed --compile        # and with the backbone compiled
     python benchmarks/throughput.py --skip-seed model.lora.r=16           # KEY=VALUE overrides
     python benchmarks/throughput.py --skip-seed --skip-inference --profile 20   # op profile
 
@@ -24,7 +25,9 @@ and number of negatives per anchor:
   to the channel's longest) and, on a GPU, ``project, frozen weights cast per call`` (before a
   mixed-precision fit cast the frozen backbone's weights once to bfloat16, autocast cast them at
   every call). ``--length-buckets`` times it with other numbers of passes (``project,
-  length_buckets K``), ``--larger-batches`` at more anchors (``project, batch N``).
+  length_buckets K``), ``--larger-batches`` at more anchors (``project, batch N``), and
+  ``--compile`` last with the backbone compiled (``project, compiled backbone``:
+  ``training.compile_backbone``; the time its first step spends compiling is reported apart).
 
 On a CPU the seed's design needs more memory than most machines have: one triplet with 24
 negatives is 104 sequences of 512 tokens whose activations autograd keeps at once, about 35 GB.
@@ -129,6 +132,8 @@ AUTOCAST_DTYPE = AUTOCAST_DTYPES["bf16-mixed"]
 PER_CALL_CASTS = "project, frozen weights cast per call"
 # The project's step as it ran before 2026-12-03: each channel's texts in a pass of their own.
 PASS_PER_CHANNEL = "project, one pass per channel"
+# The project's step with training.compile_backbone.
+COMPILED = "project, compiled backbone"
 
 
 def autocast(device: torch.device):
@@ -502,6 +507,12 @@ def main() -> None:
         metavar="K",
         help="also time the project's step with its texts in K passes (model.length_buckets)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="last, also time the project's step with its backbone compiled "
+        "(training.compile_backbone)",
+    )
     parser.add_argument("--negatives", type=int, default=24, help="sampled negatives per anchor")
     parser.add_argument("--curriculum", default="03_stage")
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -606,6 +617,16 @@ def main() -> None:
             measure(f"project, length_buckets {buckets}", step, mean_tokens, args, device)
         )
     module.encoder.length_buckets = default_buckets
+    compile_seconds = None
+    if args.compile:
+        module.encoder.compile_backbone()
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        compile_seconds = time.perf_counter() - start
+        tell(f"throughput: the compiled backbone's first step took {compile_seconds:.1f} s")
+        results.append(measure(COMPILED, step, mean_tokens, args, device))
     if args.profile:
         print(profile(step, device, args.profile))
     if not args.skip_seed:
@@ -638,6 +659,9 @@ def main() -> None:
     report["mixed_passes_speed_up"] = (
         pairs_per_second["project"] / pairs_per_second[PASS_PER_CHANNEL]
     )
+    if COMPILED in pairs_per_second:
+        report["compile_first_step_seconds"] = compile_seconds
+        report["compiled_speed_up"] = pairs_per_second[COMPILED] / pairs_per_second["project"]
     if args.json:
         print(json.dumps(report))
         return
@@ -667,6 +691,11 @@ def main() -> None:
         "all channels in length_buckets passes, against one pass per channel: "
         f"{report['mixed_passes_speed_up']:.2f}x"
     )
+    if "compiled_speed_up" in report:
+        print(
+            f"compiled backbone, against eager: {report['compiled_speed_up']:.2f}x (its first "
+            f"step, compiling, {report['compile_first_step_seconds']:.1f} s)"
+        )
     if "search_p95_ms" in report:
         print(
             f"embed all {datamodule.taxonomy.size} codes: {report['embed_all_codes_seconds']:.1f} s"

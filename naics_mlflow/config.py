@@ -169,6 +169,7 @@ class TrainerConfig:
 class TrainingConfig:
     seed: int
     head_only: bool
+    compile_backbone: bool
     optimizer: str
     learning_rate: float
     weight_decay: float
@@ -232,6 +233,7 @@ class Config:
 KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {
     "search": {"backbone_dtype": "float32", "item_weight": 0.0},
     "loss": {"hierarchy_rows": None},
+    "training": {"compile_backbone": False},
 }
 
 

@@ -601,6 +601,58 @@ def test_length_buckets_change_speed_not_embeddings(tiny_setup, tiny_overrides):
     torch.testing.assert_close(embeddings[5], embeddings[1], atol=1e-5, rtol=1e-5)
 
 
+def test_a_compiled_backbone_gives_the_eager_step_under_the_same_names(tiny_setup, tiny_overrides):
+    """training.compile_backbone compiles the adapted backbone in place: the trainable weights
+    keep their names (a checkpoint's), and a step's loss and gradients are the eager step's.
+    Eval mode, so that no dropout draws differ between the two."""
+    torch.manual_seed(0)
+    modules = {
+        compiled: NaicsEmbedder(
+            load_config(
+                CONFIG, [*tiny_overrides, f"training.compile_backbone={str(compiled).lower()}"]
+            ).to_dict()
+        ).eval()
+        for compiled in (False, True)
+    }
+    modules[True].load_state_dict(modules[False].state_dict())
+    datamodule = tiny_setup[1]
+    batch = _fixed_batch(datamodule)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    gradients = {}
+    for compiled, module in modules.items():
+        module.positive_pairs = torch.from_numpy(datamodule.sampler.positive_candidates)
+        module.training_step(batch, 0).backward()
+        gradients[compiled] = {
+            name: parameter.grad
+            for name, parameter in module.named_parameters()
+            if parameter.requires_grad
+        }
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert list(gradients[True]) == list(gradients[False])
+    assert all(gradients[True][name] is not None for name in gradients[True])
+    torch.testing.assert_close(gradients[True], gradients[False], atol=1e-4, rtol=1e-3)
+    assert modules[True].encoder.trainable_state_dict().keys() == (
+        modules[False].encoder.trainable_state_dict().keys()
+    )
+
+
+def test_a_head_only_stage_never_compiles_the_backbone(tiny_overrides):
+    """A head-only stage runs the backbone once, for its features: compiling it would only
+    cost time."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = load_config(
+        CONFIG, [*tiny_overrides, "training.head_only=true", "training.compile_backbone=true"]
+    )
+    module = NaicsEmbedder(config.to_dict()).eval()
+    with torch.no_grad():
+        module.encoder.backbone(
+            torch.tensor([[101, 102]]), torch.ones((1, 2), dtype=torch.long), torch.tensor([0])
+        )
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def test_hierarchy_rows_sample_the_pairwise_terms_in_training_only(tiny_setup):
     """With ``loss.hierarchy_rows``, a training step's distortion and neighbourhood terms take
     that many codes' rows of pairs, drawn afresh each step: their mean over steps is the terms of

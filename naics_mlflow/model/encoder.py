@@ -66,6 +66,12 @@ class MultiChannelEncoder(EncoderHead):
             if "lora_" in name:
                 parameter.requires_grad_(False)
 
+    def compile_backbone(self) -> None:
+        """``torch.compile`` the adapted backbone (``training.compile_backbone``): in place, so
+        that parameter names, and a checkpoint's, do not change; with dynamic shapes, because
+        every pass is cut to its own longest text and would otherwise compile again."""
+        self.backbone.compile(dynamic=True)
+
     def encode_texts(self, texts: TextRows) -> torch.Tensor:
         """Pooled backbone states of texts of any channels, each with its channel's adapter:
         ``(N, L)`` tokens -> ``(N, H)``.

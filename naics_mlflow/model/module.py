@@ -48,6 +48,8 @@ class NaicsEmbedder(L.LightningModule):
         self.encoder = MultiChannelEncoder(self.config.model, self.config.loss.curvature)
         if self.config.training.head_only:
             self.encoder.freeze_adapters()
+        elif self.config.training.compile_backbone:
+            self.encoder.compile_backbone()
         # Checkpoints hold only trainable weights; the frozen backbone comes from its name.
         self.strict_loading = False
         # What the contrastive loss masks, set by the CurriculumNegatives callback: (N, N) bool,
