@@ -588,6 +588,7 @@ def search(
 
     import pandas as pd
 
+    from naics_mlflow.config import is_override
     from naics_mlflow.evaluation.queries import (
         QueryError,
         check_matches_file,
@@ -596,6 +597,11 @@ def search(
         write_matches,
     )
 
+    if overrides := [text for text in texts if is_override(text)]:
+        raise QueryError(
+            f"{overrides[0]!r} sets a config key, and search takes no KEY=VALUE overrides (it "
+            "would search it as a business description); set it in the file --config names"
+        )
     if texts and input_path:
         raise QueryError("give business descriptions as TEXT arguments or --input, not both")
     if not texts and not input_path:

@@ -411,6 +411,13 @@ def parse_overrides(overrides: list[str] | tuple[str, ...], source: str) -> dict
     return nested
 
 
+def is_override(text: str) -> bool:
+    """Whether ``text`` sets a key of the configuration (``search.item_weight=0``), as no
+    business description does."""
+    key, sep, _ = text.partition("=")
+    return bool(sep) and key.strip() in _SCHEMA
+
+
 def merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
     """A new dict: ``layer``'s leaves replace ``base``'s, recursively."""
     merged = dict(base)

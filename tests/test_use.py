@@ -177,6 +177,10 @@ def test_search_returns_the_closest_codes(trained):
     [
         (["   "], "query 1 is empty"),
         (["bakery", "--top", "0"], "top_k must be between 1 and 100"),
+        (
+            ["bakery", "search.item_weight=0"],
+            "'search.item_weight=0' sets a config key, and search takes no KEY=VALUE overrides",
+        ),
     ],
 )
 def test_search_rejects_bad_requests(trained, arguments, expected):
