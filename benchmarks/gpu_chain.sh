@@ -32,6 +32,8 @@ EVALUATE_SECONDS=${EVALUATE_SECONDS:-120}
 THROUGHPUT_SECONDS=${THROUGHPUT_SECONDS:-140}
 OUT=${OUT:?set OUT to the folder that receives the store, evaluation.json and the log}
 WORK=${WORK:-/tmp/naics_gpu_chain}
+[[ -d $CARRY/wheels && -d $CARRY/site ]] ||
+  { echo "error: no carry at $CARRY (wheels/, site/); run make gpu-carry first, or set CARRY" >&2; exit 2; }
 
 mkdir -p "$OUT" "$WORK"
 OUT=$(realpath "$OUT") WORK=$(realpath "$WORK")
