@@ -475,6 +475,7 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
     from naics_mlflow.data.census import load_release, resolve_raw_dir
     from naics_mlflow.data.taxonomy import load_taxonomy
     from naics_mlflow.evaluation.retrieval import SearchEngine
+    from naics_mlflow.model.merged import inference_device
     from naics_mlflow.model.trained import load_embedder
 
     data_dir = Path(config.dirs.data)
@@ -488,7 +489,7 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
         warn_if_built_by_other_code(data_dir)
     taxonomy = load_taxonomy(data_dir)
     engine = SearchEngine.build(
-        load_embedder(resolved.path),
+        load_embedder(resolved.path, inference_device(config.search.device)),
         taxonomy,
         config.search,
         outputs_dir=Path(config.dirs.outputs),
@@ -696,11 +697,13 @@ def evaluate(
     tags = {"evaluation": "true", "checkpoint": reference}
     with tracking.run(experiment_id, "evaluation", tags, parent_run_id=resolved.run_id) as active:
         # The "as search ranks" figures follow from these, which come from --config, not the run,
-        # and from the dtype that search.backbone_dtype gave on this machine.
+        # and from the dtype and device that search.backbone_dtype and search.device gave on
+        # this machine.
         tracking.log_params(
             {
                 **{f"search.{k}": v for k, v in dataclasses.asdict(config.search).items()},
                 "backbone_dtype": dtype_name(engine.backbone.dtype),
+                "device": str(engine.backbone.device),
             }
         )
         tracking.log_metrics(report.metrics())

@@ -183,6 +183,7 @@ class SearchConfig:
     lexical_weight: float
     item_weight: float
     backbone_dtype: str
+    device: str
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,7 @@ class Config:
 # Keys added to the schema after checkpoints of the current format were saved without them, with
 # the value that reproduces how those checkpoints were trained (not necessarily today's default).
 KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {
-    "search": {"backbone_dtype": "float32", "item_weight": 0.0},
+    "search": {"backbone_dtype": "float32", "item_weight": 0.0, "device": "cpu"},
     "loss": {"hierarchy_rows": None},
     "training": {"compile_backbone": False},
 }
@@ -290,6 +291,7 @@ _CHOICES = {
     "training.optimizer": ("adamw", "riemannian_adam"),
     "training.trainer.precision": ("16-mixed", "bf16-mixed", "32-true", "32", "16", "bf16", "64"),
     "search.backbone_dtype": ("auto", "float32", "bfloat16"),
+    "search.device": ("auto", "cpu", "cuda"),
 }
 
 

@@ -33,6 +33,7 @@ from naics_mlflow.data.taxonomy import MAX_LEVEL
 from naics_mlflow.evaluation.lexical import LexicalIndex
 from naics_mlflow.evaluation.queries import QueryError, check_request, matches_table
 from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine
+from naics_mlflow.model.merged import inference_device
 from naics_mlflow.model.trained import load_embedder
 
 MODEL_NAME = "model"
@@ -73,11 +74,16 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         backbone = context.artifacts.get("backbone")
-        embedder = load_embedder(Path(context.artifacts["checkpoint"]), backbone)
+        settings = context.model_config
+        # Models logged before search.device existed run where auto puts them: the same
+        # rankings to float rounding as on the CPU they were logged to run on.
+        device = settings.get("device", "auto")
+        embedder = load_embedder(
+            Path(context.artifacts["checkpoint"]), inference_device(device), backbone
+        )
         table = pq.read_table(context.artifacts["codes"])
         columns = table.drop_columns(["items"] if "items" in table.column_names else []).to_pydict()
         levels = np.asarray(columns["level"])
-        settings = context.model_config
         self.engine = SearchEngine(
             embedder=embedder,
             tokenizer=load_tokenizer(embedder.config.model.base_model_name),
@@ -92,6 +98,7 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
                 lexical_weight=float(settings["lexical_weight"]),
                 item_weight=float(settings.get("item_weight", 0.0)),
                 backbone_dtype=settings.get("backbone_dtype", "float32"),
+                device=device,
             ),
         )
 

@@ -22,7 +22,7 @@ from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT, weights_digest
 from naics_mlflow.training.chain import read_chain_start, read_store_state
 from naics_mlflow.training.start import EarlierRun, How, StoreState
-from tests.commands import environment, ok, run_cli, run_cli_concurrently
+from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,6 +156,16 @@ def test_command_line_overrides_beat_chain_values_and_runs_lists_the_stage(workd
     assert f"runs:/{child.info.run_id}/ckpt" in rows[0]
     assert f"{child.data.metrics['best_val_loss']:.4f}" in rows[0]
     assert ok(run_cli(workdir, "runs", "--stage", "02_stage")).stdout.startswith("no stage runs")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_chain_whose_model_needs_a_missing_gpu_stops_before_training(workdir):
+    _write_chain(workdir, "chain_one", "  - name: 01_stage\n    max_epochs: 1\n")
+    line = error_line(
+        run_cli(workdir, "train-curriculum", "--chain", "chain_one", "search.device=cuda")
+    )
+    assert line.startswith("error: search.device is cuda, but torch sees no CUDA GPU here")
+    assert _runs(workdir) == []
 
 
 def test_runs_of_a_stage_in_one_group_keep_their_own_checkpoints(workdir):

@@ -70,6 +70,7 @@ def test_later_override_wins():
         ("loss.hierarchy_rows=0", ["'loss.hierarchy_rows'", "must be > 0"]),
         ("model.moe.top_k=5", ["top_k (5)", "num_experts (4)"]),
         ("training.optimizer=sgd", ["must be one of", "adamw"]),
+        ("search.device=gpu", ["'search.device'", "must be one of", "cuda"]),
         ("data_loader.val_split=1.5", ["val_split"]),
         ("model=3", ["'model' must be a mapping"]),
         ("no_equals_sign", ["not KEY=VALUE"]),
@@ -143,9 +144,10 @@ def test_parse_overrides_nests_keys():
 def test_a_configuration_saved_before_the_search_keys_searched_without_them():
     saved = load_config(BASE).to_dict()
     del saved["search"]["item_weight"], saved["search"]["backbone_dtype"]
+    del saved["search"]["device"]
     search = Config.from_dict(saved).search
-    # The nearest-item signal did not exist yet, and the backbone read in float32.
-    assert (search.item_weight, search.backbone_dtype) == (0.0, "float32")
+    # The nearest-item signal did not exist yet, and the backbone read in float32 on the CPU.
+    assert (search.item_weight, search.backbone_dtype, search.device) == (0.0, "float32", "cpu")
     assert search.lexical_weight == saved["search"]["lexical_weight"]
 
 

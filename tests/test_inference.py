@@ -32,6 +32,7 @@ from naics_mlflow.data.tokenization import (
     tokenize_queries,
 )
 from naics_mlflow.evaluation import retrieval
+from naics_mlflow.evaluation.evaluate import QuerySet, evaluate
 from naics_mlflow.evaluation.lexical import LexicalIndex
 from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine
 from naics_mlflow.model import merged
@@ -48,6 +49,7 @@ QUERIES = [
 ]
 # Float32 rounding of two summation orders (x W + (x A) B s against x (W + s B A)).
 TOLERANCE = {"atol": 2e-5, "rtol": 2e-5}
+CPU = torch.device("cpu")
 
 
 def _with_trained_adapters(overrides, taxonomy):
@@ -129,6 +131,18 @@ def test_auto_follows_the_gpu_not_the_host_cpu(monkeypatch, bf16_supported):
     ):
         assert merged.inference_dtype("auto", on_gpu, host) == expected
     assert merged.inference_dtype("float32", on_gpu) == torch.float32
+
+
+@pytest.mark.parametrize("gpu_seen", [True, False])
+def test_search_device_auto_takes_a_gpu_where_torch_sees_one(monkeypatch, gpu_seen):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu_seen)
+    assert merged.inference_device("auto") == torch.device("cuda" if gpu_seen else "cpu")
+    assert merged.inference_device("cpu") == CPU
+    if gpu_seen:
+        assert merged.inference_device("cuda") == torch.device("cuda")
+    else:
+        with pytest.raises(BackboneError, match=r"search\.device is cuda, but torch sees no CUDA"):
+            merged.inference_device("cuda")
 
 
 def test_this_cpu_is_read_from_linux():
@@ -296,7 +310,7 @@ def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, ta
         torch.zeros((taxonomy.size, module.config.model.embedding_dim + 1)),
         LexicalIndex(["soybean farming"]),
         IndexItems(torch.zeros((0, hidden)), torch.zeros(0, dtype=torch.long)),
-        SearchConfig(lexical_weight=0.0, item_weight=0.0, backbone_dtype="float32"),
+        SearchConfig(lexical_weight=0.0, item_weight=0.0, backbone_dtype="float32", device="cpu"),
     )
     config = module.config.data_loader.tokenization
     with torch.no_grad():
@@ -369,7 +383,9 @@ def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapte
         for item in taxonomy.examples[row]:
             owners.setdefault(item, []).append(int(row))
     item, (row,) = next((text, rows) for text, rows in owners.items() if len(rows) == 1)
-    alone = SearchConfig(lexical_weight=0.0, item_weight=0.0, backbone_dtype="float32")
+    alone = SearchConfig(
+        lexical_weight=0.0, item_weight=0.0, backbone_dtype="float32", device="cpu"
+    )
     engine = SearchEngine.build(module, taxonomy, alone)
     assert set(engine.items.rows.tolist()) == {r for r in national if taxonomy.examples[r]}
     assert len(engine.items.rows) == sum(len(taxonomy.examples[r]) for r in national)
@@ -380,7 +396,9 @@ def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapte
     for level in (MAX_LEVEL, MAX_LEVEL - 1):
         distances = engine.distances(queries.embeddings, engine.candidates(level))
         by_embedding[level] = engine.scores(texts, queries, distances, level)
-    engine.settings = SearchConfig(lexical_weight=0.0, item_weight=3.0, backbone_dtype="float32")
+    engine.settings = SearchConfig(
+        lexical_weight=0.0, item_weight=3.0, backbone_dtype="float32", device="cpu"
+    )
     nearest = engine.items.nearest_similarity(queries.examples, taxonomy.size)
     for level, alone_scores in by_embedding.items():
         rows = engine.candidates(level)
@@ -398,7 +416,9 @@ def test_search_ranks_many_texts_in_blocks_as_it_ranks_them_at_once(
     trained_adapters, taxonomy, monkeypatch
 ):
     module, *_ = trained_adapters
-    settings = SearchConfig(lexical_weight=32.0, item_weight=10.0, backbone_dtype="float32")
+    settings = SearchConfig(
+        lexical_weight=32.0, item_weight=10.0, backbone_dtype="float32", device="cpu"
+    )
     engine = SearchEngine.build(module, taxonomy, settings)
     texts = [*QUERIES, "dairy farm"]
     at_once = engine.search(texts, top_k=4)
@@ -412,7 +432,9 @@ def test_search_ranks_many_texts_in_blocks_as_it_ranks_them_at_once(
 
 def test_a_matchs_margin_is_its_score_above_the_next_codes(trained_adapters, taxonomy):
     module, *_ = trained_adapters
-    settings = SearchConfig(lexical_weight=32.0, item_weight=10.0, backbone_dtype="float32")
+    settings = SearchConfig(
+        lexical_weight=32.0, item_weight=10.0, backbone_dtype="float32", device="cpu"
+    )
     engine = SearchEngine.build(module, taxonomy, settings)
     for shown, longer in zip(
         engine.search(QUERIES, top_k=3), engine.search(QUERIES, top_k=4), strict=True
@@ -474,7 +496,7 @@ def test_a_checkpoint_read_without_the_training_stack_encodes_as_the_training_mo
     if targets == "every_linear":
         overrides.append("model.lora.target_modules=[query, key, value, dense]")
     module, tokenizer, tokens = _with_trained_adapters(overrides, taxonomy)
-    trained = load_embedder(_save_checkpoint(module, tmp_path / "adapted.ckpt")).encoder
+    trained = load_embedder(_save_checkpoint(module, tmp_path / "adapted.ckpt"), CPU).encoder
     assert not trained.training
     expected = module.encoder.code_features(tokens)
     features = trained.code_features(tokens)
@@ -495,6 +517,41 @@ def test_a_checkpoint_read_without_the_training_stack_encodes_as_the_training_mo
     )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_checkpoint_read_onto_a_gpu_searches_as_on_the_cpu(trained_adapters, taxonomy, tmp_path):
+    """``search.device: cuda``: every weight on the GPU, and the same embeddings and rankings
+    as the CPU's to float32 rounding (``benchmarks/gpu_chain.sh`` runs this on its GPU)."""
+    module, _, _ = trained_adapters
+    path = _save_checkpoint(module, tmp_path / "adapted.ckpt")
+    settings = SearchConfig(
+        lexical_weight=0.0, item_weight=3.0, backbone_dtype="float32", device="cuda"
+    )
+    engines = {
+        device.type: SearchEngine.build(load_embedder(path, device), taxonomy, settings)
+        for device in (CPU, torch.device("cuda"))
+    }
+    on_gpu = engines["cuda"]
+    tensors = [*on_gpu.backbone.buffers(), *on_gpu.embedder.encoder.parameters()]
+    assert {t.device.type for t in [*tensors, on_gpu.code_embeddings]} == {"cuda"}
+    torch.testing.assert_close(
+        on_gpu.code_embeddings.cpu(), engines["cpu"].code_embeddings, atol=1e-4, rtol=1e-4
+    )
+    queries = {device: engine.encode_queries(QUERIES) for device, engine in engines.items()}
+    torch.testing.assert_close(
+        queries["cuda"].embeddings.cpu(), queries["cpu"].embeddings, atol=1e-4, rtol=1e-4
+    )
+    ranked = {device: engine.search(QUERIES[:3], top_k=3) for device, engine in engines.items()}
+    assert [m.code for q in ranked["cuda"] for m in q] == [m.code for q in ranked["cpu"] for m in q]
+    query_set = QuerySet("queries", QUERIES[:3], ["111110", "311811", "513210"])
+    reports = {
+        device: evaluate(engine, taxonomy, [query_set], baselines=False).metrics()
+        for device, engine in engines.items()
+    }
+    assert reports["cuda"].keys() == reports["cpu"].keys()
+    for name, value in reports["cpu"].items():
+        assert reports["cuda"][name] == pytest.approx(value, abs=1e-3), name
+
+
 def test_a_checkpoint_that_does_not_fit_its_configuration_is_named(trained_adapters, tmp_path):
     module, _, _ = trained_adapters
     path = _save_checkpoint(module, tmp_path / "adapted.ckpt")
@@ -503,7 +560,7 @@ def test_a_checkpoint_that_does_not_fit_its_configuration_is_named(trained_adapt
     del checkpoint["state_dict"][name]
     torch.save(checkpoint, path)
     with pytest.raises(CheckpointError, match=rf"does not fit this model at '{name[8:]}'"):
-        load_embedder(path)
+        load_embedder(path, CPU)
 
 
 def test_a_backbone_named_by_its_hub_id_is_read_from_the_hugging_face_cache(

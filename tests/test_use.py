@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from naics_mlflow.cli import SEARCH_CHUNK
 from naics_mlflow.model.lorentz import distance, distance_to_origin, manifold_violation
-from naics_mlflow.model.merged import dtype_name, inference_dtype
+from naics_mlflow.model.merged import dtype_name, inference_device, inference_dtype
 from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
 
 
@@ -187,6 +187,26 @@ def test_search_rejects_bad_requests(trained, arguments, expected):
     workdir, _, _, checkpoint = trained
     line = error_line(run_cli(workdir, "search", *arguments, "--from-checkpoint", str(checkpoint)))
     assert line.startswith("error: ") and expected in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_search_on_a_gpu_that_is_not_there_is_one_line(trained):
+    workdir, _, _, checkpoint = trained
+    config = (workdir / "conf" / "config.yaml").read_text()
+    assert "device: auto" in config
+    (workdir / "conf" / "cuda.yaml").write_text(config.replace("device: auto", "device: cuda"))
+    result = run_cli(
+        workdir,
+        "search",
+        "bakery",
+        "--from-checkpoint",
+        str(checkpoint),
+        "--config",
+        "conf/cuda.yaml",
+    )
+    line = error_line(result)
+    assert line.startswith("error: search.device is cuda, but torch sees no CUDA GPU here")
+    assert "set search.device to auto or cpu" in line
 
 
 def _table_rows(lines: list[str]) -> list[list[str]]:
@@ -421,7 +441,9 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
         "search.lexical_weight": "24.0",
         "search.item_weight": "12.0",
         "search.backbone_dtype": "auto",
-        "backbone_dtype": dtype_name(inference_dtype("auto", torch.device("cpu"))),
+        "search.device": "auto",
+        "backbone_dtype": dtype_name(inference_dtype("auto", inference_device("auto"))),
+        "device": str(torch.device("cuda", 0) if torch.cuda.is_available() else "cpu"),
     }
 
     queries.write_text("code,text\n999999,Not a code\n")

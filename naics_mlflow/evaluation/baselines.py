@@ -90,5 +90,5 @@ def score_retrieval(
         true_codes: ``Q`` codes.
         candidate_codes: ``C`` distinct codes, the columns of ``scores``.
     """
-    distances = -torch.as_tensor(np.asarray(scores))
+    distances = -torch.as_tensor(scores)
     return ranking_metrics([distances], true_codes, candidate_codes)

@@ -201,15 +201,19 @@ class SearchEngine:
     codes: list[str]
     titles: list[str]
     levels: np.ndarray  # (N,)
-    code_embeddings: torch.Tensor  # (N, D+1)
+    code_embeddings: torch.Tensor  # (N, D+1), moved to the embedder's device
     lexical: LexicalIndex  # over the six-digit codes, in row order
-    items: IndexItems
+    items: IndexItems  # moved to the embedder's device
     settings: SearchConfig  # search.*: the signals' weights and the backbone's dtype
     backbone: MergedBackbone = field(init=False)  # the embedder's, adapters merged, for queries
 
     def __post_init__(self) -> None:
-        dtype = inference_dtype(self.settings.backbone_dtype, self.embedder.device)
-        self.backbone = self.embedder.encoder.merged_backbone(dtype)
+        device = self.embedder.device
+        self.code_embeddings = self.code_embeddings.to(device)
+        self.items = self.items.to(device)
+        self.backbone = self.embedder.encoder.merged_backbone(
+            inference_dtype(self.settings.backbone_dtype, device)
+        )
 
     @classmethod
     def build(
@@ -258,9 +262,9 @@ class SearchEngine:
             taxonomy.codes,
             taxonomy.titles,
             taxonomy.levels,
-            embeddings.to(embedder.device),
+            embeddings,
             lexical,
-            items.to(embedder.device),
+            items,
             settings,
         )
 

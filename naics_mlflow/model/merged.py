@@ -209,6 +209,10 @@ class BertWeights:
             )
         return cls({key: tensors[key].float() for key in needed}, config)
 
+    def to(self, device: torch.device) -> BertWeights:
+        """The same weights on ``device``."""
+        return BertWeights({k: t.to(device) for k, t in self.tensors.items()}, self.config)
+
 
 def _read_weights(name: str, folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of the backbone's weights file in ``folder``, or one line saying why not."""
@@ -290,6 +294,23 @@ def this_cpu() -> Cpu:
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``, as ``search.backbone_dtype`` names it."""
     return str(dtype).removeprefix("torch.")
+
+
+def inference_device(setting: str) -> torch.device:
+    """Where a trained model encodes without gradients: ``search.device`` as set, ``auto`` being
+    the first CUDA GPU when torch sees one, else the CPU.
+
+    Raises :class:`BackboneError` for ``cuda`` where torch sees no GPU, rather than falling back
+    to a CPU that could take a hundred times longer without saying so.
+    """
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(
+            "search.device is cuda, but torch sees no CUDA GPU here (a CPU-only torch, or "
+            "CUDA_VISIBLE_DEVICES empty); set search.device to auto or cpu"
+        )
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
 
 
 def inference_dtype(setting: str, device: torch.device, cpu: Cpu | None = None) -> torch.dtype:

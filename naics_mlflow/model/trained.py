@@ -95,8 +95,11 @@ class TrainedEmbedder:
         return self.encoder.device
 
 
-def load_embedder(path: Path, backbone_location: str | None = None) -> TrainedEmbedder:
-    """The trained model in a checkpoint, built from the configuration saved with it.
+def load_embedder(
+    path: Path, device: torch.device, backbone_location: str | None = None
+) -> TrainedEmbedder:
+    """The trained model in a checkpoint, built from the configuration saved with it, its weights
+    on ``device`` (see :func:`~naics_mlflow.model.merged.inference_device`).
 
     ``backbone_location`` loads the same backbone from another place (the copy a served model
     carries) instead of the name the checkpoint records.
@@ -106,7 +109,10 @@ def load_embedder(path: Path, backbone_location: str | None = None) -> TrainedEm
     if backbone_location is not None:
         tree = merge(tree, {"model": {"base_model_name": backbone_location}})
     config = Config.from_dict(tree, f"the config saved in {path}")
-    weights = BertWeights.read(config.model.base_model_name)
-    trained = {name.removeprefix("encoder."): t for name, t in checkpoint["state_dict"].items()}
+    weights = BertWeights.read(config.model.base_model_name).to(device)
+    trained = {
+        name.removeprefix("encoder."): tensor.to(device)
+        for name, tensor in checkpoint["state_dict"].items()
+    }
     encoder = TrainedEncoder(config.model, config.loss.curvature, weights, trained, path)
-    return TrainedEmbedder(config, encoder)
+    return TrainedEmbedder(config, encoder.to(device))

@@ -19,6 +19,7 @@ from naics_mlflow.data.taxonomy import load_taxonomy
 from naics_mlflow.distributed import is_global_zero, rank_zero_answer
 from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weights_digest
+from naics_mlflow.model.merged import inference_device
 from naics_mlflow.model.trained import load_embedder
 from naics_mlflow.serving import log_search_model
 from naics_mlflow.training.plan import ChainPlan
@@ -56,6 +57,9 @@ def run_chain(
     Ranks other than 0 of a data-parallel run train the same stages from the same starts, keep
     no record and return None.
     """
+    # The chain ends by building its model for search; a device that cannot fails here, not
+    # after hours of training.
+    inference_device(plan.stages[-1].config.search.device)
     starting_weights = (
         weights_digest(read_checkpoint(init_checkpoint)["state_dict"]) if init_checkpoint else None
     )
@@ -201,7 +205,7 @@ def _str_or_none(path: Path | None) -> str | None:
 def _log_final_model(checkpoint: Path, config: Config) -> None:
     """The chain's result as a servable MLflow model in the parent run."""
     engine = SearchEngine.build(
-        load_embedder(checkpoint),
+        load_embedder(checkpoint, inference_device(config.search.device)),
         load_taxonomy(config.dirs.data),
         config.search,
         outputs_dir=Path(config.dirs.outputs),
