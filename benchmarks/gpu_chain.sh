@@ -10,13 +10,15 @@
 # and the evaluation run), evaluation.json (`evaluate --json`), summary.json (wall time per
 # stage, from the store), gpu_memory.csv (nvidia-smi every second: the peak is its largest
 # value), throughput.json (`benchmarks/throughput.py --device cuda`, at most THROUGHPUT_SECONDS,
-# default 140) and chain.log (everything printed). Checkpoints stay on the machine: they are larger
-# than what comes back.
+# default 140) and chain.log (everything printed, with the tests that need a GPU, at most
+# GPU_TESTS_SECONDS, default 90). Checkpoints stay on the machine: they are larger than what
+# comes back.
 #
 # Everything must end inside the device call's 10 minutes (BUDGET_SECONDS, default 570, leaves
-# time to copy $OUT back). Training gets what is left after the set-up, the data build and the
-# throughput run, less EVALUATE_SECONDS (default 120) kept for the evaluation, or TRAIN_SECONDS if
-# set; it stops there, and the last stage that finished is the one evaluated (the log says so).
+# time to copy $OUT back). Training gets what is left after the set-up, the GPU tests, the data
+# build and the throughput run, less EVALUATE_SECONDS (default 120) kept for the evaluation, or
+# TRAIN_SECONDS if set; it stops there, and the last stage that finished is the one evaluated
+# (the log says so).
 # The store and summary.json are written before the evaluation too, so that they come back even
 # if it runs out of time. The MLflow commands run in $WORK, so that the store's artifacts
 # (checkpoints, the logged model) land in $WORK/mlartifacts, not in the working tree.
@@ -30,6 +32,7 @@ PYTHON=${PYTHON:-python3}
 BUDGET_SECONDS=${BUDGET_SECONDS:-570}
 EVALUATE_SECONDS=${EVALUATE_SECONDS:-120}
 THROUGHPUT_SECONDS=${THROUGHPUT_SECONDS:-140}
+GPU_TESTS_SECONDS=${GPU_TESTS_SECONDS:-90}
 OUT=${OUT:?set OUT to the folder that receives the store, evaluation.json and the log}
 WORK=${WORK:-/tmp/naics_gpu_chain}
 [[ -d $CARRY/wheels && -d $CARRY/site ]] ||
@@ -113,6 +116,11 @@ path, *overrides = sys.argv[1:]
 config = load_config(Path("conf/config.yaml"), overrides).to_dict()  # the repository's own
 Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
 EOF
+
+echo "== tests that need a GPU $(date -u +%FT%TZ)"
+# search, embed and evaluate on the GPU (search.device) against the CPU; skipped without one.
+timeout --kill-after=10 "$GPU_TESTS_SECONDS" "$PYTHON" -m pytest -q -p no:cacheprovider \
+  tests/test_inference.py -k gpu || echo "GPU tests exit status $?"
 
 cd "$WORK"
 echo "== data build $(date -u +%FT%TZ)"

@@ -4,12 +4,14 @@ where it goes, and the batched query path.
     python benchmarks/inference.py --from-checkpoint PATH.ckpt --data-dir data
     python benchmarks/inference.py --from-checkpoint PATH.ckpt --repeats 5 --threads 1 --json
     python benchmarks/inference.py --from-checkpoint PATH.ckpt --backbone-dtype float32
+    python benchmarks/inference.py --from-checkpoint PATH.ckpt --device cuda
 
 Each measure is repeated ``--repeats`` times; the minimum and the median of the repeats are
 reported, since a shared machine makes single timings noisy. Latencies are given twice: wall
 time, and the CPU time the process used. On a machine that other processes share, wall time
 grows with their number (each runnable process gets its share of the cores); CPU time does not,
-and with ``--threads 1`` it is the latency one idle core would give.
+and with ``--threads 1`` it is the latency one idle core would give. On a GPU every timing waits
+for the GPU's work to finish.
 
 - ``embed``: every code's channel features (each distinct text once, through the merged
   adapters) and the head, what ``naics-embedder embed`` spends after loading the checkpoint.
@@ -37,23 +39,29 @@ from naics_mlflow.config import load_config
 from naics_mlflow.data.taxonomy import HOLDOUT_FILE, MAX_LEVEL, load_taxonomy
 from naics_mlflow.data.tokenization import TextBatch, query_ids, tokenize_codes
 from naics_mlflow.evaluation.retrieval import SearchEngine
-from naics_mlflow.model.merged import dtype_name
-from naics_mlflow.model.module import NaicsEmbedder
-from naics_mlflow.model.trained import load_embedder
+from naics_mlflow.model.merged import dtype_name, inference_device
+from naics_mlflow.model.trained import TrainedEmbedder, load_embedder
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def finished(action: Callable[[], object]) -> None:
+    """Run ``action`` and wait for the GPU work it queued, if any."""
+    action()
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def seconds(action: Callable[[], object]) -> float:
     start = time.perf_counter()
-    action()
+    finished(action)
     return time.perf_counter() - start
 
 
 def timed_ms(action: Callable[[], object]) -> tuple[float, float]:
     """(wall, CPU) milliseconds of one call."""
     wall, cpu = time.perf_counter(), time.process_time()
-    action()
+    finished(action)
     return (time.perf_counter() - wall) * 1000, (time.process_time() - cpu) * 1000
 
 
@@ -61,7 +69,7 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values)}
 
 
-def embed_seconds(module: NaicsEmbedder, engine: SearchEngine, taxonomy) -> float:
+def embed_seconds(module: TrainedEmbedder, engine: SearchEngine, taxonomy) -> float:
     """Seconds to embed every code from its tokens (tokenizing is cached, as in one process)."""
     tokens = tokenize_codes(taxonomy, engine.tokenizer, module.config.data_loader.tokenization)
     rows = np.arange(taxonomy.size)
@@ -93,7 +101,8 @@ def query_parts(engine: SearchEngine) -> dict[str, Callable[[str], object]]:
 
     def batch(query: str) -> TextBatch:
         ids = torch.from_numpy(query_ids([query], engine.tokenizer, config)[0])[None]
-        return TextBatch(ids, torch.ones_like(ids), torch.zeros(1, dtype=torch.long))
+        texts = TextBatch(ids, torch.ones_like(ids), torch.zeros(1, dtype=torch.long))
+        return TextBatch(*(t.to(engine.backbone.device) for t in texts))
 
     features = encoder.query_features(engine.backbone, batch("soybean farming"))
     embedded = encoder.head(features).embeddings
@@ -130,16 +139,23 @@ def main() -> None:
         choices=("auto", "float32", "bfloat16"),
         help="search.backbone_dtype (default: the config's)",
     )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), help="search.device (default: the config's)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    module = load_embedder(args.from_checkpoint)
-    taxonomy = load_taxonomy(args.data_dir)
-    overrides = [f"search.backbone_dtype={args.backbone_dtype}"] if args.backbone_dtype else []
+    overrides = [
+        f"search.{key}={value}"
+        for key, value in (("backbone_dtype", args.backbone_dtype), ("device", args.device))
+        if value
+    ]
     settings = load_config(args.config, overrides).search
+    module = load_embedder(args.from_checkpoint, inference_device(settings.device))
+    taxonomy = load_taxonomy(args.data_dir)
     engine = SearchEngine.build(module, taxonomy, settings)
     queries = pd.read_parquet(args.data_dir / HOLDOUT_FILE)["text"].tolist()[: args.queries]
     engine.search(queries[:5])  # warm-up
@@ -147,6 +163,7 @@ def main() -> None:
     report: dict[str, object] = {
         "threads": torch.get_num_threads(),
         "backbone_dtype": dtype_name(engine.backbone.dtype),
+        "device": str(engine.backbone.device),
         "queries": len(queries),
     }
     report["embed_all_codes_s"] = summary(
@@ -165,8 +182,8 @@ def main() -> None:
         print(json.dumps(report))
         return
     print(
-        f"{report['threads']} threads, {report['backbone_dtype']} backbone "
-        f"(search.backbone_dtype {settings.backbone_dtype}); min / median of "
+        f"{report['threads']} threads, {report['backbone_dtype']} backbone on "
+        f"{report['device']} (search.backbone_dtype {settings.backbone_dtype}); min / median of "
         f"{args.repeats} repeats; wall | CPU time"
     )
     print(f"embed all {taxonomy.size} codes: {format_summary(report['embed_all_codes_s'], 's')}")
