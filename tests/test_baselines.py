@@ -180,7 +180,8 @@ def test_scores_and_lorentz_distances_of_the_same_ranking_score_the_same():
 def untrained(tiny_overrides, taxonomy) -> UntrainedBackbone:
     # An embedding as wide as the backbone's hidden size (32): the projection keeps angles.
     overrides = [*tiny_overrides, "model.embedding_dim=32"]
-    return UntrainedBackbone(load_config(REPO / "conf" / "config.yaml", overrides), taxonomy)
+    config = load_config(REPO / "conf" / "config.yaml", overrides)
+    return UntrainedBackbone(config, taxonomy, torch.device("cpu"))
 
 
 def test_nearest_item_scores_find_a_codes_own_item(untrained, taxonomy):

@@ -33,31 +33,38 @@ from naics_mlflow.model.module import NaicsEmbedder
 
 
 class UntrainedBackbone:
-    """The model of ``config`` before any training, every code and index item embedded once (or
-    its features read from ``outputs_dir``, where a head-only stage of the same backbone left
-    them)."""
+    """The model of ``config`` before any training, on ``device``, every code and index item
+    embedded once (or its features read from ``outputs_dir``, where a head-only stage of the same
+    backbone left them)."""
 
-    def __init__(self, config: Config, taxonomy: Taxonomy, outputs_dir: Path | None = None) -> None:
-        self.module = NaicsEmbedder(config.to_dict()).eval()
+    def __init__(
+        self,
+        config: Config,
+        taxonomy: Taxonomy,
+        device: torch.device,
+        outputs_dir: Path | None = None,
+    ) -> None:
+        self.module = NaicsEmbedder(config.to_dict()).eval().to(device)
         self.tokenizer = load_tokenizer(config.model.base_model_name)
         self.config = config
         tokens = tokenize_codes(taxonomy, self.tokenizer, config.data_loader.tokenization)
         cache_dir = None if outputs_dir is None else outputs_dir / CHANNEL_FEATURES_CACHE
         self.features = self.module.encoder.code_features(tokens, cache_dir=cache_dir)
         self.embeddings = self.module.encoder.embed_codes(self.features, np.arange(taxonomy.size))
-        self.items = IndexItems.of_national_industries(self.features, taxonomy)
+        self.items = IndexItems.of_national_industries(self.features, taxonomy).to(device)
         self.size = taxonomy.size
         self.backbone = self.module.encoder.merged_backbone()
 
     def _query_features(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        features = {c: torch.empty((len(texts), self.module.encoder.hidden_size)) for c in CHANNELS}
+        size = (len(texts), self.module.encoder.hidden_size)
+        features = {c: torch.empty(size, device=self.module.device) for c in CHANNELS}
         config = self.config.data_loader.tokenization
         encoder = self.module.encoder
         for rows, batch in query_batches(
             encoder, self.backbone, self.tokenizer, config, list(texts)
         ):
             for channel, values in batch.items():
-                features[channel][rows] = values.cpu()
+                features[channel][rows] = values
         return features
 
     @torch.no_grad()

@@ -157,7 +157,11 @@ def evaluate(
     )
     rows = six_digit_rows(taxonomy)
     candidates = [taxonomy.codes[row] for row in rows]
-    untrained = UntrainedBackbone(config, taxonomy, outputs_dir) if baselines else None
+    untrained = (
+        UntrainedBackbone(config, taxonomy, engine.embedder.device, outputs_dir)
+        if baselines
+        else None
+    )
     for query_set in query_sets:
         texts, codes = query_set.texts, query_set.codes
         queries = engine.encode_queries(texts)
