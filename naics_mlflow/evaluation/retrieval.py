@@ -204,7 +204,7 @@ class SearchEngine:
     code_embeddings: torch.Tensor  # (N, D+1), moved to the embedder's device
     lexical: LexicalIndex  # over the six-digit codes, in row order
     items: IndexItems  # moved to the embedder's device
-    settings: SearchConfig  # search.*: the signals' weights and the backbone's dtype
+    settings: SearchConfig  # search.*: the signals' weights, the backbone's dtype and device
     backbone: MergedBackbone = field(init=False)  # the embedder's, adapters merged, for queries
 
     def __post_init__(self) -> None:
