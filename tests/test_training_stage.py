@@ -42,7 +42,7 @@ from naics_mlflow.model.module import NaicsEmbedder
 from naics_mlflow.training.callbacks import TaxonomyEvaluation
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.stage import resolve_precision, train_stage
-from tests.commands import environment, error_line, run_cli
+from tests.commands import environment, error_line, ok, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "conf" / "config.yaml"
@@ -244,6 +244,31 @@ def _train_01_stage(workdir: Path, tiny_overrides: list[str], *overrides: str):
     return run_cli(
         workdir, "train", "-c", "01_stage", "--config", str(CONFIG), *tiny_overrides, *overrides
     )
+
+
+def test_loader_workers_change_nothing_but_where_batches_are_collated(tmp_path, tiny_overrides):
+    """``data_loader.num_workers``: the same batches in the same order, so the same losses, in
+    every epoch (the second is where the order once followed the worker count)."""
+    histories = {}
+    for workers in (0, 2):
+        workdir = tmp_path / f"workers_{workers}"
+        workdir.mkdir()
+        ok(
+            _train_01_stage(
+                workdir,
+                tiny_overrides,
+                f"data_loader.num_workers={workers}",
+                "training.trainer.log_every_n_steps=1",
+            )
+        )
+        client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        histories[workers] = {
+            key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            for key in ("train/total_loss", "val_loss")
+        }
+    assert len(histories[0]["val_loss"]) == 2
+    assert histories[2] == histories[0]
 
 
 def test_a_diverging_loss_stops_the_stage_with_one_line(tmp_path, tiny_overrides):

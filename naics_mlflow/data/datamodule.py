@@ -186,8 +186,11 @@ class NaicsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch
         items = self.training_items(epoch, self.trainer.global_rank, self.trainer.world_size)
+        # The epoch's order is drawn here, not by the loader: its iterator draws from the loader's
+        # generator each time it starts, Lightning starts a reloaded loader's twice, and with
+        # workers the first has already fetched ahead, so the order would follow num_workers.
         generator = torch.Generator().manual_seed(self.config.training.seed + epoch)
-        return self._loader(items, shuffle=True, generator=generator)
+        return self._loader(items, torch.randperm(len(items), generator=generator).tolist())
 
     def validation_items(self, rank: int = 0, world_size: int = 1) -> TripletItems:
         """The validation items, drawn once per stage; this rank's share when several train."""
@@ -196,14 +199,14 @@ class NaicsDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         items = self.validation_items(self.trainer.global_rank, self.trainer.world_size)
-        return self._loader(items, shuffle=False)
+        return self._loader(items, list(range(len(items))))
 
-    def _loader(self, items: TripletItems, shuffle: bool, generator=None) -> DataLoader:
+    def _loader(self, items: TripletItems, order: list[int]) -> DataLoader:
+        """Batches of ``items`` taken in ``order``."""
         return DataLoader(
             items,
             batch_size=self.config.data_loader.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=order,
             num_workers=self.config.data_loader.num_workers,
             collate_fn=lambda indices: self.collate(items, np.asarray(indices)),
         )
