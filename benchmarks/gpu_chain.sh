@@ -10,7 +10,8 @@
 # and the evaluation run), evaluation.json (`evaluate --json`), summary.json (wall time per
 # stage, from the store), gpu_memory.csv (nvidia-smi every second: the peak is its largest
 # value), throughput.json (`benchmarks/throughput.py --device cuda`, at most THROUGHPUT_SECONDS,
-# default 140) and chain.log (everything printed, with the tests that need a GPU, at most
+# default 140), inference.json (`benchmarks/inference.py` of the evaluated stage, when more than
+# 45 s are left) and chain.log (everything printed, with the tests that need a GPU, at most
 # GPU_TESTS_SECONDS, default 90). Checkpoints stay on the machine: they are larger than what
 # comes back.
 #
@@ -157,9 +158,20 @@ for stage in 03_stage 02_stage 01_stage; do
     >"$WORK/evaluation.out"; then
     tail -n 1 "$WORK/evaluation.out" >"$OUT/evaluation.json"
     echo "evaluated $stage"
+    evaluated=$stage
     break
   fi
   echo "no evaluation of $stage (not finished, or out of time)"
 done
 record
+left=$((BUDGET_SECONDS - SECONDS))
+if [[ -n ${evaluated:-} ]] && ((left > 45)); then
+  # The evaluated stage's best checkpoint (the lowest val_loss in its file names) on the GPU:
+  # embedding every code, single queries and a batch of them (search.device auto).
+  best=$(ls "$WORK"/checkpoints/*/"$evaluated"/*/"$evaluated"-epoch=*.ckpt | sort -t= -k3 -g | head -n 1)
+  echo "== inference $(date -u +%FT%TZ), at most $((left - 5)) s: $best"
+  timeout --kill-after=5 $((left - 5)) "$PYTHON" "$REPO/benchmarks/inference.py" \
+    --from-checkpoint "$best" --config "$config" --data-dir "$WORK/data" --queries 100 \
+    --repeats 2 --json >"$OUT/inference.json" || echo "inference exit status $?"
+fi
 echo "== done $(date -u +%FT%TZ)"
