@@ -109,6 +109,8 @@ def test_commands_reuse_the_code_embeddings_an_earlier_one_cached(trained):
     first = ok(run_cli(workdir, *command))
     (cached,) = cache.glob("*.pt")
     assert "embedded 2125 codes" in first.stderr
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert f" backbone on {device})" in first.stderr  # where search.device put the model
     second = ok(run_cli(workdir, *command))
     assert f"code embeddings read from {cached}" in second.stderr
     assert "embedded 2125 codes" not in second.stderr

@@ -244,10 +244,11 @@ class SearchEngine:
             embeddings = embedder.encoder.embed_codes(features, np.arange(taxonomy.size))
             items = IndexItems.of_national_industries(features, taxonomy)
             logger.info(
-                "embedded %d codes in %.1f s (%s backbone)",
+                "embedded %d codes in %.1f s (%s backbone on %s)",
                 taxonomy.size,
                 time.perf_counter() - started,
                 dtype_name(dtype),
+                embedder.device,
             )
             cached_tensors = {
                 "embeddings": embeddings,
