@@ -168,10 +168,15 @@ left=$((BUDGET_SECONDS - SECONDS))
 if [[ -n ${evaluated:-} ]] && ((left > 45)); then
   # The evaluated stage's best checkpoint (the lowest val_loss in its file names) on the GPU:
   # embedding every code, single queries and a batch of them (search.device auto).
-  best=$(ls "$WORK"/checkpoints/*/"$evaluated"/*/"$evaluated"-epoch=*.ckpt | sort -t= -k3 -g | head -n 1)
-  echo "== inference $(date -u +%FT%TZ), at most $((left - 5)) s: $best"
-  timeout --kill-after=5 $((left - 5)) "$PYTHON" "$REPO/benchmarks/inference.py" \
-    --from-checkpoint "$best" --config "$config" --data-dir "$WORK/data" --queries 100 \
-    --repeats 2 --json >"$OUT/inference.json" || echo "inference exit status $?"
+  best=$(ls "$WORK"/checkpoints/*/"$evaluated"/*/"$evaluated"-epoch=*.ckpt 2>/dev/null |
+    sort -t= -k3 -g | head -n 1) || true
+  if [[ -z $best ]]; then
+    echo "no inference timing: no checkpoint file of $evaluated under $WORK/checkpoints"
+  else
+    echo "== inference $(date -u +%FT%TZ), at most $((left - 5)) s: $best"
+    timeout --kill-after=5 $((left - 5)) "$PYTHON" "$REPO/benchmarks/inference.py" \
+      --from-checkpoint "$best" --config "$config" --data-dir "$WORK/data" --queries 100 \
+      --repeats 2 --json >"$OUT/inference.json" || echo "inference exit status $?"
+  fi
 fi
 echo "== done $(date -u +%FT%TZ)"
