@@ -131,13 +131,15 @@ if command -v nvidia-smi >/dev/null; then
   # The training step at the benchmark's largest batch as a fit runs it now, and as it ran
   # before each lever (frozen weights cast per call; one pass per channel), then at 256 and
   # 1,024 anchors, then with its texts in 2 and 8 passes instead of model.length_buckets' 4,
-  # then with the backbone compiled (its first step, compiling, timed apart); pairs/s and the
-  # share of each step the GPU is busy. Capped so that it never eats the chain's time; each
-  # set-up's figures reach the log as it finishes, so the cap cuts the last ones first.
+  # then with only the adapters' dropout (model.backbone_dropout false), then with the
+  # backbone compiled (its first step, compiling, timed apart); pairs/s and the share of each
+  # step the GPU is busy. Capped so that it never eats the chain's time; each set-up's figures
+  # reach the log as it finishes, so the cap cuts the last ones first.
   echo "== throughput $(date -u +%FT%TZ)"
   timeout --kill-after=10 "$THROUGHPUT_SECONDS" "$PYTHON" "$REPO/benchmarks/throughput.py" --device cuda \
     --skip-seed --skip-inference --batch-size 64 --length-buckets 2 8 --larger-batches 256 1024 \
-    --compile --data-dir "$WORK/data" --json >"$OUT/throughput.json" || echo "throughput exit status $?"
+    --without-backbone-dropout --compile --data-dir "$WORK/data" --json \
+    >"$OUT/throughput.json" || echo "throughput exit status $?"
 fi
 
 train_seconds=${TRAIN_SECONDS:-$((BUDGET_SECONDS - SECONDS - EVALUATE_SECONDS))}

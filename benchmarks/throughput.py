@@ -5,6 +5,7 @@
     python benchmarks/throughput.py --batch-size 1 --negatives 8          # a 24 GB, 2-core CPU
     python benchmarks/throughput.py --skip-seed --length-buckets 2 8      # other numbers of passes
     python benchmarks/throughput.py --skip-seed --compile        # and with the backbone compiled
+    python benchmarks/throughput.py --skip-seed --without-backbone-dropout  # adapters' dropout only
     python benchmarks/throughput.py --skip-seed model.lora.r=16           # KEY=VALUE overrides
     python benchmarks/throughput.py --skip-seed --skip-inference --profile 20   # op profile
 
@@ -25,9 +26,11 @@ and number of negatives per anchor:
   to the channel's longest) and, on a GPU, ``project, frozen weights cast per call`` (before a
   mixed-precision fit cast the frozen backbone's weights once to bfloat16, autocast cast them at
   every call). ``--length-buckets`` times it with other numbers of passes (``project,
-  length_buckets K``), ``--larger-batches`` at more anchors (``project, batch N``), and
-  ``--compile`` last with the backbone compiled (``project, compiled backbone``:
-  ``training.compile_backbone``; the time its first step spends compiling is reported apart).
+  length_buckets K``), ``--larger-batches`` at more anchors (``project, batch N``),
+  ``--without-backbone-dropout`` with only the adapters' dropout (``project, backbone dropout
+  off``: ``model.backbone_dropout`` false), and ``--compile`` last with the backbone compiled
+  (``project, compiled backbone``: ``training.compile_backbone``; the time its first step spends
+  compiling is reported apart).
 
 On a CPU the seed's design needs more memory than most machines have: one triplet with 24
 negatives is 104 sequences of 512 tokens whose activations autograd keeps at once, about 35 GB.
@@ -84,7 +87,11 @@ from naics_mlflow.data.tokenization import (
     padding_groups,
 )
 from naics_mlflow.evaluation.retrieval import SearchEngine
-from naics_mlflow.model.encoder import MultiChannelEncoder, load_frozen_backbone
+from naics_mlflow.model.encoder import (
+    MultiChannelEncoder,
+    load_frozen_backbone,
+    own_dropout_layers,
+)
 from naics_mlflow.model.lora import ChannelAdaptedBackbone
 from naics_mlflow.model.loss import pool_infonce
 from naics_mlflow.model.module import AUTOCAST_DTYPES, NaicsEmbedder
@@ -132,6 +139,8 @@ AUTOCAST_DTYPE = AUTOCAST_DTYPES["bf16-mixed"]
 PER_CALL_CASTS = "project, frozen weights cast per call"
 # The project's step as it ran before 2026-12-03: each channel's texts in a pass of their own.
 PASS_PER_CHANNEL = "project, one pass per channel"
+# The project's step with model.backbone_dropout false.
+NO_BACKBONE_DROPOUT = "project, backbone dropout off"
 # The project's step with training.compile_backbone.
 COMPILED = "project, compiled backbone"
 
@@ -351,6 +360,20 @@ def one_pass_per_channel(encoder: MultiChannelEncoder):
         del encoder.channel_features
 
 
+@contextlib.contextmanager
+def backbone_dropout_off(encoder: MultiChannelEncoder):
+    """``encoder`` trains as with ``model.backbone_dropout`` false: only the adapters drop out."""
+    layers = own_dropout_layers(encoder.backbone)
+    rates = [layer.p for layer in layers]
+    for layer in layers:
+        layer.p = 0.0
+    try:
+        yield
+    finally:
+        for layer, rate in zip(layers, rates, strict=True):
+            layer.p = rate
+
+
 def profile(step: Callable[[], StepCounts], device: torch.device, rows: int) -> str:
     """The torch profiler's table of one step's costliest ops (by self time on the device)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -371,7 +394,8 @@ class SeedEncoder(torch.nn.Module):
 
     def __init__(self, project: NaicsEmbedder) -> None:
         super().__init__()
-        backbone = load_frozen_backbone(project.config.model.base_model_name)
+        model_config = project.config.model
+        backbone = load_frozen_backbone(model_config.base_model_name, model_config.backbone_dropout)
         self.copies = torch.nn.ModuleDict(
             {
                 channel: ChannelAdaptedBackbone(
@@ -508,6 +532,12 @@ def main() -> None:
         help="also time the project's step with its texts in K passes (model.length_buckets)",
     )
     parser.add_argument(
+        "--without-backbone-dropout",
+        action="store_true",
+        help="also time the project's step with only the adapters' dropout "
+        "(model.backbone_dropout false)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="last, also time the project's step with its backbone compiled "
@@ -617,6 +647,9 @@ def main() -> None:
             measure(f"project, length_buckets {buckets}", step, mean_tokens, args, device)
         )
     module.encoder.length_buckets = default_buckets
+    if args.without_backbone_dropout:
+        with backbone_dropout_off(module.encoder):
+            results.append(measure(NO_BACKBONE_DROPOUT, step, mean_tokens, args, device))
     compile_seconds = None
     if args.compile:
         module.encoder.compile_backbone()
@@ -659,6 +692,10 @@ def main() -> None:
     report["mixed_passes_speed_up"] = (
         pairs_per_second["project"] / pairs_per_second[PASS_PER_CHANNEL]
     )
+    if NO_BACKBONE_DROPOUT in pairs_per_second:
+        report["backbone_dropout_off_speed_up"] = (
+            pairs_per_second[NO_BACKBONE_DROPOUT] / pairs_per_second["project"]
+        )
     if COMPILED in pairs_per_second:
         report["compile_first_step_seconds"] = compile_seconds
         report["compiled_speed_up"] = pairs_per_second[COMPILED] / pairs_per_second["project"]
@@ -691,6 +728,11 @@ def main() -> None:
         "all channels in length_buckets passes, against one pass per channel: "
         f"{report['mixed_passes_speed_up']:.2f}x"
     )
+    if "backbone_dropout_off_speed_up" in report:
+        print(
+            "only the adapters' dropout, against the backbone's too: "
+            f"{report['backbone_dropout_off_speed_up']:.2f}x"
+        )
     if "compiled_speed_up" in report:
         print(
             f"compiled backbone, against eager: {report['compiled_speed_up']:.2f}x (its first "

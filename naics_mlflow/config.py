@@ -127,6 +127,7 @@ class ModelConfig:
     embedding_dim: int
     eval_sample_size: int | None
     length_buckets: int
+    backbone_dropout: bool
     lora: LoraConfig
     moe: MoeConfig
 
@@ -233,6 +234,7 @@ class Config:
 # the value that reproduces how those checkpoints were trained (not necessarily today's default).
 KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {
     "search": {"backbone_dtype": "float32", "item_weight": 0.0, "device": "cpu"},
+    "model": {"backbone_dropout": True},
     "loss": {"hierarchy_rows": None},
     "training": {"compile_backbone": False},
 }

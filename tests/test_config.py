@@ -151,6 +151,12 @@ def test_a_configuration_saved_before_the_search_keys_searched_without_them():
     assert search.lexical_weight == saved["search"]["lexical_weight"]
 
 
+def test_a_configuration_saved_before_backbone_dropout_trained_with_it():
+    saved = load_config(BASE, ["model.backbone_dropout=false"]).to_dict()
+    del saved["model"]["backbone_dropout"]
+    assert Config.from_dict(saved).model.backbone_dropout is True
+
+
 def test_a_configuration_saved_before_hierarchy_rows_took_every_pair():
     saved = load_config(BASE, ["loss.hierarchy_rows=512"]).to_dict()
     del saved["loss"]["hierarchy_rows"]

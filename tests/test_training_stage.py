@@ -626,6 +626,44 @@ def test_length_buckets_change_speed_not_embeddings(tiny_setup, tiny_overrides):
     torch.testing.assert_close(embeddings[5], embeddings[1], atol=1e-5, rtol=1e-5)
 
 
+def test_backbone_dropout_false_leaves_only_the_adapters_dropout(tiny_setup, tiny_overrides):
+    """model.backbone_dropout false: a training pass, with the adapters' dropout at zero, gives
+    the eval-mode embeddings; true (the default) draws the backbone's own dropout (hidden states
+    and attention). The adapters' dropout keeps its rate either way."""
+    batch = _fixed_batch(tiny_setup[1])
+    for backbone_dropout in (True, False):
+        torch.manual_seed(0)
+        module = NaicsEmbedder(
+            load_config(
+                CONFIG,
+                [
+                    *tiny_overrides,
+                    "model.lora.dropout=0",
+                    f"model.backbone_dropout={str(backbone_dropout).lower()}",
+                ],
+            ).to_dict()
+        )
+        with torch.no_grad():
+            training = module.train()._encode(batch).embeddings
+            evaluation = module.eval()._encode(batch).embeddings
+        if backbone_dropout:
+            assert (training - evaluation).abs().max() > 1e-3
+        else:
+            torch.testing.assert_close(training, evaluation)
+
+    module = NaicsEmbedder(
+        load_config(
+            CONFIG, [*tiny_overrides, "model.lora.dropout=0.3", "model.backbone_dropout=false"]
+        ).to_dict()
+    )
+    rates = {
+        (name.rpartition(".")[2], layer.p)
+        for name, layer in module.encoder.backbone.named_modules()
+        if isinstance(layer, torch.nn.Dropout)
+    }
+    assert rates == {("dropout", 0.0), ("lora_dropout", 0.3)}
+
+
 def test_a_compiled_backbone_gives_the_eager_step_under_the_same_names(tiny_setup, tiny_overrides):
     """training.compile_backbone compiles the adapted backbone in place: the trainable weights
     keep their names (a checkpoint's), and a step's loss and gradients are the eager step's.

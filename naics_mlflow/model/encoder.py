@@ -23,8 +23,9 @@ def _is_trainable(name: str) -> bool:
     return not name.startswith("backbone.") or "lora_" in name
 
 
-def load_frozen_backbone(name: str) -> nn.Module:
-    """The pretrained backbone, frozen, in float32 and in training mode.
+def load_frozen_backbone(name: str, dropout: bool) -> nn.Module:
+    """The pretrained backbone, frozen, in float32 and in training mode; without its own dropout
+    unless ``dropout`` (``model.backbone_dropout``).
 
     float32 whatever the saved weights' precision: mixed precision comes from autocast, and
     adapters trained in a half-precision backbone would lose their small updates. Training mode
@@ -32,7 +33,25 @@ def load_frozen_backbone(name: str) -> nn.Module:
     """
     backbone = load_pretrained(AutoModel, name, dtype=torch.float32)
     backbone.requires_grad_(False)
+    if not dropout:
+        for layer in own_dropout_layers(backbone):
+            layer.p = 0.0
     return backbone.train()
+
+
+def own_dropout_layers(model: nn.Module) -> list[nn.Dropout]:
+    """The backbone's own dropout layers (on hidden states, and the rate its attention takes for
+    its probabilities), not its adapters' (``lora_dropout``).
+
+    Their masks, and the attention probabilities that dropout makes backward hold, were a quarter
+    of a LoRA step's time on a CPU (docs/results.md): ``model.backbone_dropout`` false sets them
+    to zero.
+    """
+    return [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Dropout) and not name.endswith("lora_dropout")
+    ]
 
 
 class MultiChannelEncoder(EncoderHead):
@@ -48,7 +67,7 @@ class MultiChannelEncoder(EncoderHead):
     """
 
     def __init__(self, config: ModelConfig, curvature: float) -> None:
-        model = load_frozen_backbone(config.base_model_name)
+        model = load_frozen_backbone(config.base_model_name, config.backbone_dropout)
         check_mergeable(config.base_model_name, model.config.to_dict())
         backbone = ChannelAdaptedBackbone(model, config, CHANNELS)
         # After the adapters: a seed draws the same initial weights for each as it always has.
