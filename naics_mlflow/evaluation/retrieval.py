@@ -343,12 +343,15 @@ class SearchEngine:
             encoded = EncodedQueries(queries.embeddings[block], queries.examples[block])
             distances = self.distances(encoded.embeddings, rows)
             scores = self.scores(texts[block], encoded, distances, level)
-            # One more than asked, for the last match's margin.
-            best = scores.topk(min(top_k + 1, len(rows)), dim=1)
+            # One more than asked, for the last match's margin. A stable sort, not topk, so that
+            # codes with equal scores come in taxonomy order on every device.
+            best = scores.sort(dim=1, descending=True, stable=True)
+            kept = min(top_k + 1, len(rows))
+            best_values, best_indices = best.values[:, :kept], best.indices[:, :kept]
             shown = min(top_k, len(rows))
-            best_distances = distances.gather(1, best.indices).tolist()
+            best_distances = distances.gather(1, best_indices).tolist()
             for values, indices, lengths in zip(
-                best.values.tolist(), best.indices.tolist(), best_distances, strict=True
+                best_values.tolist(), best_indices.tolist(), best_distances, strict=True
             ):
                 following = [*values[1:], math.nan]
                 matches.append(
