@@ -558,7 +558,10 @@ def test_a_checkpoint_read_onto_a_gpu_searches_as_on_the_cpu(trained_adapters, t
     torch.testing.assert_close(
         queries["cuda"].embeddings.cpu(), queries["cpu"].embeddings, atol=1e-4, rtol=1e-4
     )
-    ranked = {device: engine.search(QUERIES[:3], top_k=3) for device, engine in engines.items()}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        ranked = {device: engine.search(QUERIES[:3], top_k=3) for device, engine in engines.items()}
+    # cuDNN's attention builds a graph per shape (naics_mlflow.model.attention).
+    assert not [event.name for event in profile.events() if "cudnn_attention" in event.name]
     for on_gpu_matches, on_cpu_matches in zip(ranked["cuda"], ranked["cpu"], strict=True):
         # Scores are distances over loss.temperature (0.1): the embeddings' rounding, times 10.
         assert [m.score for m in on_gpu_matches] == pytest.approx(

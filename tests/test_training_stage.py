@@ -664,6 +664,23 @@ def test_backbone_dropout_false_leaves_only_the_adapters_dropout(tiny_setup, tin
     assert rates == {("dropout", 0.0), ("lora_dropout", 0.3)}
 
 
+def test_training_passes_never_run_cudnn_attention(tiny_setup, tiny_overrides):
+    """cuDNN's attention builds a graph for every new shape, and every pass has a new one
+    (naics_mlflow.model.attention): each attention layer of a training pass runs with that
+    kernel disabled, and the choice is restored after the pass."""
+    module = NaicsEmbedder(load_config(CONFIG, tiny_overrides).to_dict())
+    allowed = []
+    for layer in module.encoder.backbone.modules():
+        if type(layer).__name__ == "BertSelfAttention":
+            layer.register_forward_pre_hook(
+                lambda *_: allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
+            )
+    with torch.no_grad():
+        module.train()._encode(_fixed_batch(tiny_setup[1]))
+    assert allowed and not any(allowed)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_a_compiled_backbone_gives_the_eager_step_under_the_same_names(tiny_setup, tiny_overrides):
     """training.compile_backbone compiles the adapted backbone in place: the trainable weights
     keep their names (a checkpoint's), and a step's loss and gradients are the eager step's.

@@ -24,6 +24,7 @@ from torch import nn
 
 from naics_mlflow.config import ModelConfig
 from naics_mlflow.data.pretrained import BackboneError
+from naics_mlflow.model.attention import shape_agnostic_attention
 from naics_mlflow.model.merged import is_lora_target
 
 
@@ -144,4 +145,5 @@ class ChannelAdaptedBackbone(nn.Module):
         """Last hidden states ``(N, L, H)`` of ``N`` texts, each through the adapter of its
         channel (``channel_of_row``: ``(N,)`` indices into ``channels``)."""
         self.rows.set(channel_of_row)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with shape_agnostic_attention():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

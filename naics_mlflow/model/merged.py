@@ -40,6 +40,7 @@ from torch import nn
 from naics_mlflow.data.features import mean_pool
 from naics_mlflow.data.pretrained import BackboneError, resolve_backbone
 from naics_mlflow.data.tokenization import length_batches, pad
+from naics_mlflow.model.attention import shape_agnostic_attention
 
 # Each channel's {linear layer's path in the backbone: (out, in) weight its adapter adds}.
 AdapterDeltas = dict[str, dict[str, torch.Tensor]]
@@ -432,10 +433,13 @@ def attention(
     float32 and 19% less in bfloat16. Longer texts keep the fused kernel: in float32 it took half
     the products' time at 48-128 tokens, and in bfloat16 all descriptions took no less time as
     products (docs/results.md). Every text has a real token ([CLS]), so no row of scores is all
-    masked.
+    masked. On a GPU the fused kernel is never cuDNN's (:mod:`naics_mlflow.model.attention`).
     """
     texts, _, length, _ = query.shape
-    if query.device.type != "cpu" or texts < 8 or length > 32:
+    if query.device.type != "cpu":
+        with shape_agnostic_attention():
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attend)
+    if texts < 8 or length > 32:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attend)
     scores = torch.matmul(query, key.transpose(-1, -2)).mul_(query.shape[-1] ** -0.5)
     if attend is not None:
