@@ -57,6 +57,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -66,12 +67,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
 import torch
 from inference import embed_seconds, latencies_ms  # benchmarks/inference.py, beside this file
 from torch.autograd import DeviceType
+from torch.nn.attention import SDPBackend
 
 from naics_mlflow.config import load_config
 from naics_mlflow.data.census import load_release
@@ -87,6 +90,8 @@ from naics_mlflow.data.tokenization import (
     padding_groups,
 )
 from naics_mlflow.evaluation.retrieval import SearchEngine
+from naics_mlflow.model import attention
+from naics_mlflow.model.attention import SHAPE_AGNOSTIC_BACKENDS
 from naics_mlflow.model.encoder import (
     MultiChannelEncoder,
     load_frozen_backbone,
@@ -139,6 +144,9 @@ AUTOCAST_DTYPE = AUTOCAST_DTYPES["bf16-mixed"]
 PER_CALL_CASTS = "project, frozen weights cast per call"
 # The project's step as it ran before 2026-12-03: each channel's texts in a pass of their own.
 PASS_PER_CHANNEL = "project, one pass per channel"
+# The project's step as it ran before 2026-12-04: its attention free to take cuDNN's kernel, which
+# builds a graph for each new shape (naics_mlflow.model.attention).
+CUDNN_ATTENTION = "project, cuDNN attention allowed"
 # The project's step with model.backbone_dropout false.
 NO_BACKBONE_DROPOUT = "project, backbone dropout off"
 # The project's step with training.compile_backbone.
@@ -161,18 +169,18 @@ def to_device(value, device: torch.device):
 
 def time_steps(
     step: Callable[[], StepCounts], warmup: int, steps: int, device: torch.device
-) -> tuple[float, StepCounts]:
-    """Median seconds of ``steps`` timed optimizer steps after ``warmup`` untimed ones."""
+) -> tuple[list[float], list[StepCounts]]:
+    """Seconds and counts of ``steps`` timed optimizer steps after ``warmup`` untimed ones."""
     for _ in range(warmup):
         step()
-    seconds = []
+    seconds, counts = [], []
     for _ in range(steps):
         synchronize(device)
         start = time.perf_counter()
-        counts = step()
+        counts.append(step())
         synchronize(device)
         seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), counts
+    return seconds, counts
 
 
 def measure(
@@ -186,15 +194,16 @@ def measure(
         torch.cuda.reset_peak_memory_stats(device)
     seconds, counts = time_steps(step, args.warmup, args.steps, device)
     on_cuda = device.type == "cuda"
+    median = statistics.median(seconds)
     result = SetupResult(
         name=name,
-        step_seconds=seconds,
-        pairs_per_second=counts.pairs / seconds,
-        sequences_per_second=counts.sequences / seconds,
+        step_seconds=median,
+        pairs_per_second=sum(c.pairs for c in counts) / sum(seconds),
+        sequences_per_second=sum(c.sequences for c in counts) / sum(seconds),
         mean_tokens=mean_tokens,
         peak_rss_mb=peak_rss_mb(),
         peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else None,
-        gpu_busy_fraction=gpu_busy_fraction(step, seconds, device) if on_cuda else None,
+        gpu_busy_fraction=gpu_busy_fraction(step, median, device) if on_cuda else None,
     )
     tell(f"throughput: {json.dumps(dataclasses.asdict(result))}")
     return result
@@ -308,32 +317,64 @@ def adamw(module: torch.nn.Module, learning_rate: float) -> torch.optim.Optimize
     return torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=learning_rate)
 
 
-def project_step(module: NaicsEmbedder, batch: dict, pairs: int, device: torch.device):
-    """The project's training step on ``batch``; returns (step, mean real tokens per sequence).
+def first_batches(
+    datamodule: NaicsDataModule, items, order: np.ndarray, size: int, count: int
+) -> list[tuple[dict, int]]:
+    """Up to ``count`` consecutive batches of ``size`` anchors (at least one) as a fit's first
+    epoch takes them, each with its anchor-sampled-negative pairs: the seed's unit of work (the
+    project's loss scores each anchor against every code of the batch, which is more).
 
-    ``pairs`` counts the batch's anchor-sampled-negative pairs, the seed's unit of work; the
-    project's loss scores each anchor against every code of the batch, which is more.
+    Every step of a fit has other codes, so its passes have shapes of their own; a step timed
+    on one batch over and over would hide what a new shape costs (a GPU kernel's set-up, say).
     """
-    optimizer = adamw(module, module.config.training.learning_rate)
-    batch = to_device(batch, device)
-    texts = [
-        text_batch
-        for tokens in (batch["tokens"], batch.get("query_tokens"))
-        if tokens is not None
-        for text_batch in tokens.texts.values()
+    starts = range(0, max(len(order) - size, 0) + 1, size)[:count]
+    return [
+        (
+            datamodule.collate(items, order[start : start + size]),
+            int((items.negatives[order[start : start + size]] >= 0).sum()),
+        )
+        for start in starts
     ]
-    sequences = sum(len(text_batch.owner) for text_batch in texts)
-    real_tokens = sum(int(text_batch.attention_mask.sum()) for text_batch in texts)
+
+
+def project_step(module: NaicsEmbedder, batches: list[tuple[dict, int]], device: torch.device):
+    """The project's training step, on each of ``batches`` in turn; returns (step, mean real
+    tokens per sequence)."""
+    optimizer = adamw(module, module.config.training.learning_rate)
+    turns = []
+    real_tokens = 0
+    for batch, pairs in batches:
+        texts = [
+            text_batch
+            for tokens in (batch["tokens"], batch.get("query_tokens"))
+            if tokens is not None
+            for text_batch in tokens.texts.values()
+        ]
+        sequences = sum(len(text_batch.owner) for text_batch in texts)
+        real_tokens += sum(int(text_batch.attention_mask.sum()) for text_batch in texts)
+        turns.append((to_device(batch, device), StepCounts(pairs=pairs, sequences=sequences)))
+    cycle = itertools.cycle(turns)
 
     def step() -> StepCounts:
+        batch, counts = next(cycle)
         with autocast(device):
             loss = module.training_step(batch, 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return StepCounts(pairs=pairs, sequences=sequences)
+        return counts
 
-    return step, real_tokens / sequences
+    return step, real_tokens / sum(counts.sequences for _, counts in turns)
+
+
+@contextlib.contextmanager
+def cudnn_attention_allowed():
+    """The backbone's attention free to take cuDNN's kernel too, as before 2026-12-04: PyTorch's
+    first choice on Hopper GPUs."""
+    with mock.patch.object(
+        attention, "SHAPE_AGNOSTIC_BACKENDS", [*SHAPE_AGNOSTIC_BACKENDS, SDPBackend.CUDNN_ATTENTION]
+    ):
+        yield
 
 
 @contextlib.contextmanager
@@ -598,12 +639,15 @@ def main() -> None:
     # What the CurriculumNegatives callback hands the module when a stage trains.
     module.positive_pairs = torch.from_numpy(datamodule.sampler.positive_candidates).to(device)
     items = datamodule.training_items(epoch=0)
+    # Batches as the first of a fit's epoch draws them: consecutive items share their anchor, so
+    # the first items alone would hold a tenth of the codes (and texts) a real batch holds.
+    order = np.asarray(datamodule.epoch_order(items, epoch=0))
     batch_size = args.batch_size
-    batch = datamodule.collate(items, np.arange(batch_size))
+    batch = datamodule.collate(items, order[:batch_size])
     pass_counts = [module.encoder.length_buckets, *args.length_buckets]
     while batch_size > 1 and project_bytes(module, batch, pass_counts, True) > budget:
         batch_size //= 2
-        batch = datamodule.collate(items, np.arange(batch_size))
+        batch = datamodule.collate(items, order[:batch_size])
     if batch_size < args.batch_size:
         scaled.append(
             f"batch {args.batch_size} -> {batch_size}: the project's step needs more than "
@@ -618,25 +662,32 @@ def main() -> None:
     )
 
     results = []
-    sampled_negatives = items.negatives[:batch_size]
-    pairs = int((sampled_negatives >= 0).sum())
-    step, mean_tokens = project_step(module, batch, pairs, device)
+    sampled_negatives = items.negatives[order[:batch_size]]
+    # One batch for each step a set-up runs: the untimed, the timed and the profiled.
+    steps_per_setup = args.warmup + args.steps + 1
+    step, mean_tokens = project_step(
+        module, first_batches(datamodule, items, order, batch_size, steps_per_setup), device
+    )
     if device.type == "cuda":
         results.append(measure(PER_CALL_CASTS, step, mean_tokens, args, device))
         module.encoder.cast_frozen_linears(AUTOCAST_DTYPE)  # what a mixed-precision fit does
     with one_pass_per_channel(module.encoder):
         results.append(measure(PASS_PER_CHANNEL, step, mean_tokens, args, device))
     results.append(measure("project", step, mean_tokens, args, device))
+    if device.type == "cuda":
+        with cudnn_attention_allowed():
+            results.append(measure(CUDNN_ATTENTION, step, mean_tokens, args, device))
     for size in args.larger_batches:
         if size > len(items):
             tell(f"throughput: batch {size} skipped: the curriculum has {len(items)} anchors")
             continue
-        larger = datamodule.collate(items, np.arange(size))
+        larger = datamodule.collate(items, order[:size])
         if project_bytes(module, larger, [module.encoder.length_buckets], False) > budget:
             tell(f"throughput: batch {size} skipped: its step needs more than {budget / GB:.1f} GB")
             continue
-        larger_pairs = int((items.negatives[:size] >= 0).sum())
-        larger_step, larger_tokens = project_step(module, larger, larger_pairs, device)
+        larger_step, larger_tokens = project_step(
+            module, first_batches(datamodule, items, order, size, steps_per_setup), device
+        )
         results.append(measure(f"project, batch {size}", larger_step, larger_tokens, args, device))
     # After the larger batches, whose pairs/s are the goal's measure: a run stopped by a time
     # limit loses these first.
@@ -692,6 +743,10 @@ def main() -> None:
     report["mixed_passes_speed_up"] = (
         pairs_per_second["project"] / pairs_per_second[PASS_PER_CHANNEL]
     )
+    if CUDNN_ATTENTION in pairs_per_second:
+        report["shape_agnostic_attention_speed_up"] = (
+            pairs_per_second["project"] / pairs_per_second[CUDNN_ATTENTION]
+        )
     if NO_BACKBONE_DROPOUT in pairs_per_second:
         report["backbone_dropout_off_speed_up"] = (
             pairs_per_second[NO_BACKBONE_DROPOUT] / pairs_per_second["project"]
@@ -728,6 +783,11 @@ def main() -> None:
         "all channels in length_buckets passes, against one pass per channel: "
         f"{report['mixed_passes_speed_up']:.2f}x"
     )
+    if "shape_agnostic_attention_speed_up" in report:
+        print(
+            "attention without cuDNN's kernel, against with it: "
+            f"{report['shape_agnostic_attention_speed_up']:.2f}x"
+        )
     if "backbone_dropout_off_speed_up" in report:
         print(
             "only the adapters' dropout, against the backbone's too: "

@@ -186,11 +186,16 @@ class NaicsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch
         items = self.training_items(epoch, self.trainer.global_rank, self.trainer.world_size)
-        # The epoch's order is drawn here, not by the loader: its iterator draws from the loader's
-        # generator each time it starts, Lightning starts a reloaded loader's twice, and with
-        # workers the first has already fetched ahead, so the order would follow num_workers.
+        return self._loader(items, self.epoch_order(items, epoch))
+
+    def epoch_order(self, items: TripletItems, epoch: int) -> list[int]:
+        """The order in which ``epoch`` takes ``items``: its batches are consecutive runs of it.
+
+        Drawn here, not by the loader: its iterator draws from the loader's generator each time
+        it starts, Lightning starts a reloaded loader's twice, and with workers the first has
+        already fetched ahead, so the order would follow num_workers."""
         generator = torch.Generator().manual_seed(self.config.training.seed + epoch)
-        return self._loader(items, torch.randperm(len(items), generator=generator).tolist())
+        return torch.randperm(len(items), generator=generator).tolist()
 
     def validation_items(self, rank: int = 0, world_size: int = 1) -> TripletItems:
         """The validation items, drawn once per stage; this rank's share when several train."""
