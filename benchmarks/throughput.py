@@ -10,7 +10,10 @@
     python benchmarks/throughput.py --skip-seed --skip-inference --profile 20   # op profile
 
 Two training set-ups run in this one process on the same backbone, curriculum, batch of anchors
-and number of negatives per anchor:
+and number of negatives per anchor. The project's steps each take the next batch of a fit's
+first epoch, as a fit's steps do: every step has other codes, so its passes have new shapes, and
+a step repeated on one batch would hide what a new shape costs (on the H200, cuDNN's attention
+built a graph for each). The seed's step repeats the first of them.
 
 - ``seed``: the seed's design, re-created here. Four deep copies of the backbone, each with its
   own LoRA; every text padded to 512 tokens; every item of every triplet (anchor, positive,
@@ -21,16 +24,17 @@ and number of negatives per anchor:
 - ``project``: this project's own step (``NaicsEmbedder`` on a ``NaicsDataModule`` batch): one
   backbone with four adapters, every channel's texts in ``model.length_buckets`` passes of
   similar length, each distinct code encoded once per step, in-batch negatives and the free-text
-  query loss. It also runs as it ran before each of two changes, and the report gives each
+  query loss. It also runs as it ran before each of three changes, and the report gives each
   speed-up: ``project, one pass per channel`` (each channel's texts a pass of their own, padded
   to the channel's longest) and, on a GPU, ``project, frozen weights cast per call`` (before a
   mixed-precision fit cast the frozen backbone's weights once to bfloat16, autocast cast them at
-  every call). ``--length-buckets`` times it with other numbers of passes (``project,
-  length_buckets K``), ``--larger-batches`` at more anchors (``project, batch N``),
-  ``--without-backbone-dropout`` with only the adapters' dropout (``project, backbone dropout
-  off``: ``model.backbone_dropout`` false), and ``--compile`` last with the backbone compiled
-  (``project, compiled backbone``: ``training.compile_backbone``; the time its first step spends
-  compiling is reported apart).
+  every call) and ``project, cuDNN attention allowed`` (before attention was kept off cuDNN's
+  kernel, :mod:`naics_mlflow.model.attention`). ``--length-buckets`` times it with other
+  numbers of passes (``project, length_buckets K``), ``--larger-batches`` at more anchors
+  (``project, batch N``), ``--without-backbone-dropout`` with only the adapters' dropout
+  (``project, backbone dropout off``: ``model.backbone_dropout`` false), and ``--compile`` last
+  with the backbone compiled (``project, compiled backbone``: ``training.compile_backbone``; the
+  time its first step spends compiling is reported apart).
 
 On a CPU the seed's design needs more memory than most machines have: one triplet with 24
 negatives is 104 sequences of 512 tokens whose activations autograd keeps at once, about 35 GB.
