@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine (see README.md):
 #   make quickstart   install, build the data and train the quick-start chain (CPU, < 15 min)
 #   make test         install, lint and run the tests
-#   make gpu-carry    prepare .gpu_carry/ for benchmarks/gpu_chain.sh on a lent GPU machine
+#   make gpu-carry    prepare .gpu_carry/ for benchmarks/gpu_chain.sh and gpu_step.sh (a lent GPU)
 # Everything installs into .venv; torch comes first, pinned to the CPU wheel that lies on disk,
 # so that pip never resolves a multi-GB CUDA build for the bare `torch` requirement.
 

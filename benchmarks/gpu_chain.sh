@@ -5,21 +5,20 @@
 #   here, once:   make gpu-carry                       (.gpu_carry/, about 66 MB with the tree)
 #   the device:   run(command="bash benchmarks/gpu_chain.sh", carry=[".gpu_carry"],
 #                     timeout_s=600)
+#   then, while the machine is warm: benchmarks/gpu_step.sh (the GPU tests and the step's levers)
 #
 # $OUT receives: mlflow.db (the sqlite store: the parent run, one run per stage with its metrics,
 # and the evaluation run), evaluation.json (`evaluate --json`), summary.json (wall time per
 # stage, from the store), gpu_memory.csv (nvidia-smi every second: the peak is its largest
-# value), throughput.json (`benchmarks/throughput.py --device cuda`, at most THROUGHPUT_SECONDS,
-# default 140), inference.json (`benchmarks/inference.py` of the evaluated stage, when more than
-# 45 s are left) and chain.log (everything printed, with the tests that need a GPU, at most
-# GPU_TESTS_SECONDS, default 90). Checkpoints stay on the machine: they are larger than what
-# comes back.
+# value), inference.json (`benchmarks/inference.py` of the evaluated stage, when more than 45 s
+# are left) and chain.log (everything printed). Checkpoints stay on the machine: they are larger
+# than what comes back.
 #
-# Everything must end inside the device call's 10 minutes (BUDGET_SECONDS, default 570, leaves
-# time to copy $OUT back). Training gets what is left after the set-up, the GPU tests, the data
-# build and the throughput run, less EVALUATE_SECONDS (default 120) kept for the evaluation, or
-# TRAIN_SECONDS if set; it stops there, and the last stage that finished is the one evaluated
-# (the log says so).
+# Everything must end inside the device call's 10 minutes (BUDGET_SECONDS, default 540, leaves
+# time to copy $OUT back and for gpu_step.sh's call within the session's 15 minutes). Training
+# gets what is left after the set-up and the data build, less EVALUATE_SECONDS (default 120) kept
+# for the evaluation, or TRAIN_SECONDS if set; it stops there, and the last stage that finished
+# is the one evaluated (the log says so).
 # The store and summary.json are written before the evaluation too, so that they come back even
 # if it runs out of time. The MLflow commands run in $WORK, so that the store's artifacts
 # (checkpoints, the logged model) land in $WORK/mlartifacts, not in the working tree.
@@ -27,37 +26,16 @@
 # no baselines: to check the set-up, on any machine (PYTHON=... picks the interpreter).
 set -euo pipefail
 
-REPO=$PWD
-CARRY=$(realpath "${CARRY:-.gpu_carry}")
-PYTHON=${PYTHON:-python3}
-BUDGET_SECONDS=${BUDGET_SECONDS:-570}
+BUDGET_SECONDS=${BUDGET_SECONDS:-540}
 EVALUATE_SECONDS=${EVALUATE_SECONDS:-120}
-THROUGHPUT_SECONDS=${THROUGHPUT_SECONDS:-140}
-GPU_TESTS_SECONDS=${GPU_TESTS_SECONDS:-90}
-OUT=${OUT:?set OUT to the folder that receives the store, evaluation.json and the log}
-WORK=${WORK:-/tmp/naics_gpu_chain}
-[[ -d $CARRY/wheels && -d $CARRY/site ]] ||
-  { echo "error: no carry at $CARRY (wheels/, site/); run make gpu-carry first, or set CARRY" >&2; exit 2; }
+LOG_NAME=chain.log
+source benchmarks/gpu_setup.sh
 
-mkdir -p "$OUT" "$WORK"
-OUT=$(realpath "$OUT") WORK=$(realpath "$WORK")
-SITE=$WORK/site
-exec > >(tee "$OUT/chain.log") 2>&1
-
-echo "== set-up $(date -u +%FT%TZ)"
-"$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$SITE" "$CARRY"/wheels/*.whl
-cp -r "$CARRY"/site/. "$SITE"/
-export PYTHONPATH="$SITE:$REPO"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow.db"
-export NAICS_RAW_DIR="$CARRY/naics2022"
-cli() { "$PYTHON" -m naics_mlflow "$@"; }
 # The store and summary.json (wall time and status of every run, stage by stage) into $OUT.
 record() {
   [[ -f $WORK/mlflow.db ]] || return 0
   cp "$WORK/mlflow.db" "$OUT/"
-  "$PYTHON" - "$OUT/summary.json" <<'EOF' || echo "no summary.json"
+  "$PYTHON" - "$OUT/summary.json" <<'PYTHON' || echo "no summary.json"
 import json
 import sys
 
@@ -76,19 +54,9 @@ summary = [
 ]
 json.dump(summary, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(summary, indent=1))
-EOF
+PYTHON
 }
-"$PYTHON" -c "import torch, mlflow, geoopt, transformers, lightning; print('torch', \
-torch.__version__, 'cuda', torch.cuda.is_available(), '| mlflow', mlflow.__version__, \
-'| transformers', transformers.__version__)"
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=timestamp,memory.used --format=csv -l 1 >"$OUT/gpu_memory.csv" &
-  monitor=$!
-  # Stopped with the script, so that no process outlives it holding the log's pipe open.
-  trap 'kill "$monitor" 2>/dev/null' EXIT
-fi
 
-overrides=(dirs.data="$WORK/data" dirs.checkpoints="$WORK/checkpoints" dirs.outputs="$WORK/outputs")
 evaluation=(--unseen-queries "$CARRY/eval/naics2017_index_unseen.csv")
 training=()
 if [[ ${GPU_CHAIN_SMOKE:-0} == 1 ]]; then
@@ -100,49 +68,8 @@ if [[ ${GPU_CHAIN_SMOKE:-0} == 1 ]]; then
     data_loader.tokenization.excluded_max_length=32)
   evaluation+=(--no-baselines)
 fi
-mkdir -p "$WORK/conf"
-cp -r "$REPO/conf/." "$WORK/conf/"
-config="$WORK/conf/config.yaml"
-"$PYTHON" - "$config" "${overrides[@]}" <<'EOF'
-"""A copy of conf/ whose config.yaml has the overrides baked in, so that every command reads the
-same folders and settings; the curricula and data.yaml are found beside it."""
-import sys
-from pathlib import Path
-
-import yaml
-
-from naics_mlflow.config import load_config
-
-path, *overrides = sys.argv[1:]
-config = load_config(Path("conf/config.yaml"), overrides).to_dict()  # the repository's own
-Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
-EOF
-
-echo "== tests that need a GPU $(date -u +%FT%TZ)"
-# search, embed and evaluate on the GPU (search.device) against the CPU; skipped without one.
-timeout --kill-after=10 "$GPU_TESTS_SECONDS" "$PYTHON" -m pytest -q -p no:cacheprovider \
-  tests/test_inference.py -k gpu || echo "GPU tests exit status $?"
 
 cd "$WORK"
-echo "== data build $(date -u +%FT%TZ)"
-cli data build --config "$config"
-
-if command -v nvidia-smi >/dev/null; then
-  # The training step at the chain's batch (32 anchors), each step on a new batch of the
-  # curriculum as a fit's are, as a fit runs it now, and as it ran before each lever (frozen
-  # weights cast per call; one pass per channel; cuDNN's attention allowed), then at 64
-  # anchors, then with its texts in 2 and 8 passes instead of model.length_buckets' 4, then
-  # with only the adapters' dropout (model.backbone_dropout false), then with the backbone
-  # compiled (its first step, compiling, timed apart); pairs/s and the share of each step the
-  # GPU is busy. Capped so that it never eats the chain's time; each set-up's figures reach the
-  # log as it finishes, so the cap cuts the last ones first.
-  echo "== throughput $(date -u +%FT%TZ)"
-  timeout --kill-after=10 "$THROUGHPUT_SECONDS" "$PYTHON" "$REPO/benchmarks/throughput.py" --device cuda \
-    --skip-seed --skip-inference --batch-size 32 --length-buckets 2 8 --larger-batches 64 \
-    --without-backbone-dropout --compile --data-dir "$WORK/data" --json \
-    >"$OUT/throughput.json" || echo "throughput exit status $?"
-fi
-
 train_seconds=${TRAIN_SECONDS:-$((BUDGET_SECONDS - SECONDS - EVALUATE_SECONDS))}
 echo "== train-curriculum --chain chain_default $(date -u +%FT%TZ), at most $train_seconds s"
 trained=0

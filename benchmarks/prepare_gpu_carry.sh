@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Prepare .gpu_carry/, what benchmarks/gpu_chain.sh needs on the lent GPU machine, which reaches
-# no package registry and receives at most 64 MiB (working tree and carried folders together):
+# Prepare .gpu_carry/, what benchmarks/gpu_chain.sh and gpu_step.sh need on the lent GPU machine,
+# which reaches no package registry and receives at most 64 MiB (working tree and carried folders
+# together):
 #
 #   wheels/   the packages the project imports that the machine's image lacks (MLflow as
 #             mlflow-skinny: the same Python package without the web UI's 8 MB of JavaScript;
