@@ -26,14 +26,15 @@ if ! command -v nvidia-smi >/dev/null; then
 fi
 # The training step at the chain's batch (32 anchors), each step on a new batch of the
 # curriculum as a fit's are, as a fit runs it now, and as it ran before each lever (frozen
-# weights cast per call; one pass per channel; cuDNN's attention allowed), then at 64 anchors,
-# then with its texts in 2 and 8 passes instead of model.length_buckets' 4, then with only the
-# adapters' dropout (model.backbone_dropout false), then with the backbone compiled (its first
-# step, compiling, timed apart); pairs/s and the share of each step the GPU is busy. Each
-# set-up's figures reach the log as it finishes, so the cap cuts the last ones first.
+# weights cast per call; one pass per channel; cuDNN's attention allowed), then at 64, 128 and
+# 256 anchors (where they fit), then with its texts in 2 and 8 passes instead of
+# model.length_buckets' 4, then with only the adapters' dropout (model.backbone_dropout false),
+# then with the backbone compiled (its first step, compiling, timed apart); pairs/s and the share
+# of each step the GPU is busy. Each set-up's figures reach the log as it finishes, so the cap
+# cuts the last ones first.
 echo "== throughput $(date -u +%FT%TZ)"
 timeout --kill-after=10 "$THROUGHPUT_SECONDS" "$PYTHON" "$REPO/benchmarks/throughput.py" \
   --device cuda --skip-seed --skip-inference --batch-size 32 --length-buckets 2 8 \
-  --larger-batches 64 --without-backbone-dropout --compile --data-dir "$WORK/data" --json \
-  >"$OUT/throughput.json" || echo "throughput exit status $?"
+  --larger-batches 64 128 256 --without-backbone-dropout --compile --data-dir "$WORK/data" \
+  --json >"$OUT/throughput.json" || echo "throughput exit status $?"
 echo "== done $(date -u +%FT%TZ)"

@@ -240,20 +240,28 @@ def available_bytes(device: torch.device) -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def activation_bytes(backbone_config, length: int) -> int:
-    """float32 bytes autograd keeps for one sequence of ``length`` tokens through the backbone
-    until backward: per layer the attention scores, probabilities and dropout mask (3 x heads x
-    L^2) and about 12 hidden-size and 3 intermediate-size vectors per token.
+def activation_bytes(backbone_config, length: int, on_gpu: bool) -> int:
+    """Bytes autograd keeps for one sequence of ``length`` tokens through the backbone until
+    backward: per layer about 12 hidden-size and 3 intermediate-size vectors per token and, on a
+    CPU, the attention scores, probabilities and dropout mask (3 x heads x L^2), in float32.
 
-    For MiniLM at 512 tokens that is 0.34 GB; one seed triplet with 8 negatives (40 sequences)
-    then needs 13.5 GB, against 15.4 GB RSS measured for it with the process's own 2 GB
-    (2026-11-26, 2-core CPU).
+    For MiniLM at 512 tokens on a CPU that is 0.34 GB; one seed triplet with 8 negatives (40
+    sequences) then needs 13.5 GB, against 15.4 GB RSS measured for it with the process's own
+    2 GB (2026-11-26, 2-core CPU). On a GPU the step runs under bfloat16 autocast and the fused
+    attention kernels keep no score matrix: 2 bytes a value and no L^2 terms. The H200's peaks
+    were two thirds of that estimate at every set-up timed on 2026-12-04 (14.3 GB for 21.4 at
+    32 anchors in 4 passes), where the CPU's formula gave nearly four times them.
     """
     c = backbone_config
-    per_layer = 3 * c.num_attention_heads * length**2 + length * (
-        12 * c.hidden_size + 3 * c.intermediate_size
-    )
+    per_token = 12 * c.hidden_size + 3 * c.intermediate_size
+    if on_gpu:
+        return 2 * c.num_hidden_layers * length * per_token
+    per_layer = 3 * c.num_attention_heads * length**2 + length * per_token
     return 4 * c.num_hidden_layers * per_layer
+
+
+def on_gpu(module: torch.nn.Module) -> bool:
+    return next(module.parameters()).device.type == "cuda"
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -266,7 +274,7 @@ def seed_bytes(module: NaicsEmbedder, negatives: int) -> int:
     backbone = module.encoder.backbone
     sequences = (2 + negatives) * len(CHANNELS)
     return len(CHANNELS) * parameter_bytes(backbone) + sequences * activation_bytes(
-        backbone.config, SEED_MAX_LENGTH
+        backbone.config, SEED_MAX_LENGTH, on_gpu(module)
     )
 
 
@@ -277,12 +285,13 @@ def project_bytes(
     run: every channel's texts in each of ``pass_counts`` passes, and one pass per channel if
     ``pass_per_channel``."""
     config = module.encoder.backbone.config
+    gpu = on_gpu(module)
     token_sets = [t for t in (batch["tokens"], batch.get("query_tokens")) if t is not None]
     ways = []
     if pass_per_channel:
         ways.append(
             sum(
-                texts.input_ids.shape[0] * activation_bytes(config, texts.input_ids.shape[1])
+                texts.input_ids.shape[0] * activation_bytes(config, texts.input_ids.shape[1], gpu)
                 for tokens in token_sets
                 for texts in tokens.texts.values()
             )
@@ -294,7 +303,7 @@ def project_bytes(
         ]
         ways.append(
             sum(
-                len(rows) * activation_bytes(config, longest)
+                len(rows) * activation_bytes(config, longest, gpu)
                 for groups in passes
                 for rows, longest in groups
             )
