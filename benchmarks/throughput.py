@@ -11,9 +11,10 @@
 
 Two training set-ups run in this one process on the same backbone, curriculum, batch of anchors
 and number of negatives per anchor. The project's steps each take the next batch of a fit's
-first epoch, as a fit's steps do: every step has other codes, so its passes have new shapes, and
-a step repeated on one batch would hide what a new shape costs (on the H200, cuDNN's attention
-built a graph for each). The seed's step repeats the first of them.
+first epoch, as a fit's steps do, none repeating an earlier step's: every step has other codes,
+so its passes have new shapes, and a step repeated on one batch would hide what a new shape
+costs (on the H200, cuDNN's attention built a graph for each). The seed's step repeats the first
+batch.
 
 - ``seed``: the seed's design, re-created here. Four deep copies of the backbone, each with its
   own LoRA; every text padded to 512 tokens; every item of every triplet (anchor, positive,
@@ -108,6 +109,10 @@ from naics_mlflow.model.module import AUTOCAST_DTYPES, NaicsEmbedder
 REPO = Path(__file__).resolve().parents[1]
 SEED_MAX_LENGTH = 512
 SEARCH_QUERIES = 200
+# Batches a step takes in turn, the set-ups one after another: more than all their steps
+# together (57 with gpu_step.sh's flags), so that, as in a fit, no step repeats an earlier one's
+# batch and shapes.
+DISTINCT_BATCHES = 100
 # Share of the available memory a set-up may plan to use: the estimate is not exact, and the
 # allocator, the data and other processes need room too.
 MEMORY_SHARE = 0.8
@@ -351,8 +356,8 @@ def first_batches(
 
 
 def project_step(module: NaicsEmbedder, batches: list[tuple[dict, int]], device: torch.device):
-    """The project's training step, on each of ``batches`` in turn; returns (step, mean real
-    tokens per sequence)."""
+    """The project's training step, on each of ``batches`` in turn (the next call the next
+    batch, whichever set-up makes it); returns (step, mean real tokens per sequence)."""
     optimizer = adamw(module, module.config.training.learning_rate)
     turns = []
     real_tokens = 0
@@ -676,10 +681,8 @@ def main() -> None:
 
     results = []
     sampled_negatives = items.negatives[order[:batch_size]]
-    # One batch for each step a set-up runs: the untimed, the timed and the profiled.
-    steps_per_setup = args.warmup + args.steps + 1
     step, mean_tokens = project_step(
-        module, first_batches(datamodule, items, order, batch_size, steps_per_setup), device
+        module, first_batches(datamodule, items, order, batch_size, DISTINCT_BATCHES), device
     )
     if device.type == "cuda":
         results.append(measure(PER_CALL_CASTS, step, mean_tokens, args, device))
@@ -699,7 +702,7 @@ def main() -> None:
             tell(f"throughput: batch {size} skipped: its step needs more than {budget / GB:.1f} GB")
             continue
         larger_step, larger_tokens = project_step(
-            module, first_batches(datamodule, items, order, size, steps_per_setup), device
+            module, first_batches(datamodule, items, order, size, DISTINCT_BATCHES), device
         )
         results.append(measure(f"project, batch {size}", larger_step, larger_tokens, args, device))
     # After the larger batches, whose pairs/s are the goal's measure: a run stopped by a time
