@@ -163,6 +163,22 @@ def test_code_features_equal_the_training_path(trained_adapters, monkeypatch, am
         torch.testing.assert_close(features[channel], expected[channel], **TOLERANCE)
 
 
+def test_merged_passes_never_run_cudnn_attention(trained_adapters):
+    """cuDNN's attention builds a graph for every new shape (naics_mlflow.model.attention):
+    every layer of a merged pass runs with that kernel disabled, restored after the pass."""
+    module, tokenizer, _ = trained_adapters
+    backbone = module.encoder.merged_backbone()
+    allowed = []
+    for layer in backbone.layers:
+        layer.register_forward_pre_hook(
+            lambda *_: allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
+        )
+    queries = tokenize_queries(QUERIES, tokenizer, module.config.data_loader.tokenization)
+    module.encoder.query_features(backbone, queries.texts["title"])
+    assert allowed and not any(allowed)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
 def test_every_linear_layer_adapted_still_equals_the_training_path(tiny_overrides, taxonomy):
     """Adapters on key, the attention output and the feed-forward layers too, not only the
     default query and value: each of those layers then holds one weight per channel."""

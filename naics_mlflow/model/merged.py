@@ -433,13 +433,10 @@ def attention(
     float32 and 19% less in bfloat16. Longer texts keep the fused kernel: in float32 it took half
     the products' time at 48-128 tokens, and in bfloat16 all descriptions took no less time as
     products (docs/results.md). Every text has a real token ([CLS]), so no row of scores is all
-    masked. On a GPU the fused kernel is never cuDNN's (:mod:`naics_mlflow.model.attention`).
+    masked.
     """
     texts, _, length, _ = query.shape
-    if query.device.type != "cpu":
-        with shape_agnostic_attention():
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=attend)
-    if texts < 8 or length > 32:
+    if query.device.type != "cpu" or texts < 8 or length > 32:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attend)
     scores = torch.matmul(query, key.transpose(-1, -2)).mul_(query.shape[-1] ** -0.5)
     if attend is not None:
@@ -571,8 +568,10 @@ class MergedBackbone(nn.Module):
         x = self.word[input_ids] + self.position[:length] + self.token_type
         x = self.embedding_norm(x).view(texts * length, -1)
         attend = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, (texts, length), attend, token_groups)
+        # As in training's passes: a fused kernel that needs no set-up per shape.
+        with shape_agnostic_attention():
+            for layer in self.layers:
+                x = layer(x, (texts, length), attend, token_groups)
         # Pooled in float32: a bfloat16 sum over a long text's tokens would lose digits.
         return mean_pool(x.view(texts, length, -1).float(), attention_mask)
 
