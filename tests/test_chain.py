@@ -158,6 +158,22 @@ def test_command_line_overrides_beat_chain_values_and_runs_lists_the_stage(workd
     assert ok(run_cli(workdir, "runs", "--stage", "02_stage")).stdout.startswith("no stage runs")
 
 
+def test_a_chain_whose_stages_differ_in_layer_sizes_stops_before_training(workdir):
+    _write_chain(
+        workdir,
+        "chain_mismatch",
+        "  - name: 01_stage\n    max_epochs: 1\n"
+        "  - name: 02_stage\n    max_epochs: 1\n    overrides:\n"
+        "      model.moe.hidden_dim: 16\n",
+    )
+    line = error_line(run_cli(workdir, "train-curriculum", "--chain", "chain_mismatch"))
+    assert line == (
+        "error: stage 02_stage has model.moe.hidden_dim=16 but starts from 01_stage, which has "
+        "32; give both the same value (a chain file's overrides, per stage)"
+    )
+    assert _runs(workdir) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_a_chain_whose_model_needs_a_missing_gpu_stops_before_training(workdir):
     _write_chain(workdir, "chain_one", "  - name: 01_stage\n    max_epochs: 1\n")

@@ -111,19 +111,30 @@ def check_compatible(path: Path, config: Config) -> dict[str, Any]:
             f"{path} has channels {checkpoint['naics_embedder']['channels']}, "
             f"this model has {list(CHANNELS)}"
         )
-    saved_model = checkpoint["hyper_parameters"]["config"]["model"]
-    current_model = config.to_dict()["model"]
+    difference = shape_difference(
+        checkpoint["hyper_parameters"]["config"]["model"], config.to_dict()["model"]
+    )
+    if difference is not None:
+        dotted, saved, current = difference
+        raise CheckpointError(
+            f"{path} was trained with {dotted}={saved}, this run has {current}; "
+            f"set {dotted}={saved} or pick another checkpoint"
+        )
+    return checkpoint
+
+
+def shape_difference(
+    saved_model: dict[str, Any], current_model: dict[str, Any]
+) -> tuple[str, Any, Any] | None:
+    """The first setting (dotted, saved value, current value) in which two ``model`` sections
+    differ such that weights trained under one do not fit the other; None when they fit."""
     for keys in _SHAPE_KEYS:
         saved, current = saved_model, current_model
         for key in keys:
             saved, current = saved[key], current[key]
         if saved != current:
-            dotted = "model." + ".".join(keys)
-            raise CheckpointError(
-                f"{path} was trained with {dotted}={saved}, this run has {current}; "
-                f"set {dotted}={saved} or pick another checkpoint"
-            )
-    return checkpoint
+            return "model." + ".".join(keys), saved, current
+    return None
 
 
 def check_fits(path: Path, saved: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from naics_mlflow.config import Config, build_config, parse_overrides
+from naics_mlflow.config import Config, ConfigError, build_config, parse_overrides
 from naics_mlflow.data.curriculum import ChainSpec, CurriculumSpec, load_curriculum
+from naics_mlflow.model.checkpoint import shape_difference
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,24 @@ def plan_chain(
             layers.append((per_stage, source))
         config = build_config(config_path, [*layers, *command_line])
         planned.append(PlannedStage(curriculum, config))
+    _check_weights_carry_over(planned)
     sequence = "-".join(stage_id(name) for name in names)
     chain_name = chain.chain_name if chain else None
     return ChainPlan(chain_name or sequence, chain_name, sequence, planned)
+
+
+def _check_weights_carry_over(stages: list[PlannedStage]) -> None:
+    """Raise :class:`ConfigError` when a stage's layer sizes differ from the stage before it,
+    whose best checkpoint it starts from: checked before anything trains, not when the stage
+    fails to load its weights after the earlier ones have trained."""
+    for before, after in itertools.pairwise(stages):
+        difference = shape_difference(
+            before.config.to_dict()["model"], after.config.to_dict()["model"]
+        )
+        if difference is not None:
+            dotted, earlier, later = difference
+            raise ConfigError(
+                f"stage {after.curriculum.name} has {dotted}={later} but starts from "
+                f"{before.curriculum.name}, which has {earlier}; give both the same value "
+                "(a chain file's overrides, per stage)"
+            )
