@@ -158,6 +158,32 @@ def test_command_line_overrides_beat_chain_values_and_runs_lists_the_stage(workd
     assert ok(run_cli(workdir, "runs", "--stage", "02_stage")).stdout.startswith("no stage runs")
 
 
+def test_a_chain_fine_tunes_the_adapters_of_the_head_only_stage_before_it(workdir):
+    """chain_default's shape: a head-only stage, then a stage that trains the adapters from its
+    best checkpoint (their B still zero, so it starts where the head-only model ends)."""
+    _write_chain(
+        workdir,
+        "chain_probe_then_tune",
+        "  - name: quickstart\n    max_epochs: 1\n    overrides:\n"
+        "      training.head_only: true\n      data_loader.all_codes_in_batch: true\n"
+        "  - name: finetune\n    max_epochs: 1\n    overrides:\n"
+        "      training.trainer.limit_train_batches: 2\n",
+    )
+    ok(run_cli(workdir, "train-curriculum", "--chain", "chain_probe_then_tune"))
+    head_only, fine_tuned = _runs(workdir, "tags.stage != ''")
+    assert [r.data.tags["stage"] for r in (head_only, fine_tuned)] == ["quickstart", "finetune"]
+    assert fine_tuned.data.tags["init_weights_digest"] == _best_digest(workdir, head_only)
+    adapters = {}
+    for run in (head_only, fine_tuned):
+        path = _client(workdir).download_artifacts(
+            run.info.run_id, f"ckpt/{run.data.tags['best_checkpoint']}", str(workdir / "dl")
+        )
+        state = torch.load(path, weights_only=True)["state_dict"]
+        adapters[run.data.tags["stage"]] = [t for n, t in state.items() if "lora_B" in n]
+    assert adapters["quickstart"] and not any(t.any() for t in adapters["quickstart"])
+    assert all(t.any() for t in adapters["finetune"])
+
+
 def test_a_chain_whose_stages_differ_in_layer_sizes_stops_before_training(workdir):
     _write_chain(
         workdir,

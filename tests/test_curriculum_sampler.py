@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from naics_mlflow.data.curriculum import (
     load_chain,
     load_curriculum,
 )
+from naics_mlflow.training.plan import plan_chain
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "text_curriculum"
 
@@ -446,6 +448,7 @@ SHIPPED_STAGES = [
     "04_stage",
     "05_stage",
     "default",
+    "finetune",
     "quickstart",
 ]
 
@@ -463,7 +466,17 @@ def test_every_shipped_stage_loads_and_leaves_anchors_on_a_naics_like_tree() -> 
 
 def test_shipped_chain_names_shipped_stages() -> None:
     chain = load_chain(CONF_DIR / "chain_default.yaml")
-    assert [stage.name for stage in chain.stages] == ["01_stage", "02_stage", "03_stage"]
-    assert [stage.learning_rate for stage in chain.stages] == [2e-4, 1e-4, 5e-5]
+    assert [stage.name for stage in chain.stages] == ["quickstart", "finetune"]
+    assert [stage.learning_rate for stage in chain.stages] == [3e-3, 1e-4]
+    # Its head-only stage is the quick start's, whose settings were chosen on the dev split, and
+    # the adapters then train on the quick start's relations and samples, as chosen on dev.
+    assert chain.stages[0] == load_chain(CONF_DIR / "chain_quickstart.yaml").stages[0]
+    quick, tune = (
+        load_curriculum(CONF_DIR / f"{name}.yaml") for name in ("quickstart", "finetune")
+    )
+    assert dataclasses.replace(tune, name=quick.name, description=quick.description) == quick
+    # Each stage's weights fit the next one's model (checked when the chain is planned).
+    plan = plan_chain(CONF_DIR.parent / "config.yaml", CONF_DIR, chain, [], [])
+    assert [s.config.training.head_only for s in plan.stages] == [True, False]
     for stage in chain.stages:
         assert load_curriculum(CONF_DIR / f"{stage.name}.yaml").name == stage.name
