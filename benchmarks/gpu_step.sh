@@ -24,17 +24,17 @@ if ! command -v nvidia-smi >/dev/null; then
   echo "no GPU: the training step is not timed"
   exit 0
 fi
-# The training step at the chain's batch (32 anchors), each step on a new batch of the
-# curriculum as a fit's are, as a fit runs it now, and as it ran before each lever (frozen
-# weights cast per call; one pass per channel; cuDNN's attention allowed), then at 64, 128 and
-# 256 anchors (where they fit), then with its texts in 2 and 8 passes instead of
-# model.length_buckets' 4, then with only the adapters' dropout (model.backbone_dropout false),
-# then with the backbone compiled (its first step, compiling, timed apart); pairs/s and the share
-# of each step the GPU is busy. Each set-up's figures reach the log as it finishes, so the cap
-# cuts the last ones first.
+# The training step of chain_default's LoRA stage (finetune: 32 anchors, 8 negatives each,
+# without the backbone's own dropout), each step on a new batch of the curriculum as a fit's
+# are, as a fit runs it now, and as it ran before each lever (frozen weights cast per call; one
+# pass per channel; cuDNN's attention allowed), then at 64, 128 and 256 anchors (where they
+# fit), then with its texts in 2 and 8 passes instead of model.length_buckets' 4, then with the
+# backbone compiled (its first step, compiling, timed apart); pairs/s and the share of each step
+# the GPU is busy. Each set-up's figures reach the log as it finishes, so the cap cuts the last
+# ones first.
 echo "== throughput $(date -u +%FT%TZ)"
 timeout --kill-after=10 "$THROUGHPUT_SECONDS" "$PYTHON" "$REPO/benchmarks/throughput.py" \
-  --device cuda --skip-seed --skip-inference --batch-size 32 --length-buckets 2 8 \
-  --larger-batches 64 128 256 --without-backbone-dropout --compile --data-dir "$WORK/data" \
-  --json >"$OUT/throughput.json" || echo "throughput exit status $?"
+  --device cuda --skip-seed --skip-inference --curriculum finetune --negatives 8 \
+  --batch-size 32 --length-buckets 2 8 --larger-batches 64 128 256 --compile --data-dir "$WORK/data" \
+  --json model.backbone_dropout=false >"$OUT/throughput.json" || echo "throughput exit status $?"
 echo "== done $(date -u +%FT%TZ)"
