@@ -249,8 +249,6 @@ class NaicsEmbedder(L.LightningModule):
             if name in losses:
                 log(f"val/{name}", losses[name])
 
-    # --- the whole taxonomy, without gradients -------------------------------------------
-
     # --- optimisation --------------------------------------------------------------------
 
     def configure_optimizers(self):
