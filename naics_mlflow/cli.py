@@ -673,19 +673,19 @@ def evaluate(
     import tempfile
 
     from naics_mlflow import tracking
+    from naics_mlflow.config import load_config
     from naics_mlflow.evaluation.evaluate import evaluate as run_evaluation
-    from naics_mlflow.evaluation.evaluate import load_query_sets
+    from naics_mlflow.evaluation.evaluate import load_query_sets, read_unseen_queries
     from naics_mlflow.model.merged import dtype_name
 
+    unseen = read_unseen_queries(
+        unseen_queries or Path(load_config(config_path).evaluation.unseen_queries)
+    )
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         engine, taxonomy, resolved, config = _load_engine(
             reference, trust_checkpoint, config_path, Path(download_dir)
         )
-    query_sets = load_query_sets(
-        Path(config.dirs.data),
-        unseen_queries or Path(config.evaluation.unseen_queries),
-        set(taxonomy.codes),
-    )
+    query_sets = load_query_sets(Path(config.dirs.data), unseen, set(taxonomy.codes))
     report = run_evaluation(
         engine,
         taxonomy,

@@ -448,6 +448,17 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
         "device": str(torch.device("cuda", 0) if torch.cuda.is_available() else "cpu"),
     }
 
+    missing = workdir / "missing.csv"
+    result = run_cli(
+        workdir, "evaluate", "--from-checkpoint", "quickstart", "--unseen-queries", str(missing)
+    )
+    assert error_line(result) == (
+        f"error: evaluation queries {missing} not found; pass --unseen-queries PATH or set "
+        "evaluation.unseen_queries"
+    )
+    # It stopped before building the model's code embeddings, the command's long part.
+    assert "code embeddings" not in result.stderr and "embedded" not in result.stderr
+
     queries.write_text("code,text\n999999,Not a code\n")
     line = error_line(
         run_cli(

@@ -51,31 +51,44 @@ class QuerySet:
     codes: list[str]
 
 
-def load_query_sets(data_dir: Path, unseen_queries: Path, known_codes: set[str]) -> list[QuerySet]:
+@dataclass(frozen=True)
+class UnseenQueries:
+    path: Path
+    rows: list[dict[str, str]]  # each with "code" and "text"
+
+
+def read_unseen_queries(path: Path) -> UnseenQueries:
+    """The NAICS 2017 phrasings file (columns code,text), read before any model is loaded, so
+    that a wrong path ends ``evaluate`` at once."""
+    if not path.is_file():
+        raise UserError(
+            f"evaluation queries {path} not found; pass --unseen-queries PATH or set "
+            "evaluation.unseen_queries"
+        )
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if not {"code", "text"} <= set(reader.fieldnames or []):
+            raise UserError(f"{path} must have the columns code,text")
+        return UnseenQueries(path, list(reader))
+
+
+def load_query_sets(data_dir: Path, unseen: UnseenQueries, known_codes: set[str]) -> list[QuerySet]:
     """The dev index items (where every modelling choice is made), the held-out index items and
     the NAICS 2017 unseen phrasings (both reported only: never trained or tuned on)."""
     dev = pq.read_table(data_dir / DEV_FILE).to_pydict()
     holdout = pq.read_table(data_dir / HOLDOUT_FILE).to_pydict()
-    if not unseen_queries.is_file():
-        raise UserError(
-            f"evaluation queries {unseen_queries} not found; pass --unseen-queries PATH or set "
-            "evaluation.unseen_queries"
-        )
-    with unseen_queries.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not {"code", "text"} <= set(reader.fieldnames or []):
-            raise UserError(f"{unseen_queries} must have the columns code,text")
-        unseen = list(reader)
-    for line, row in enumerate(unseen, start=2):
+    for line, row in enumerate(unseen.rows, start=2):
         if row["code"].strip() not in known_codes:
             raise UserError(
-                f"{unseen_queries} line {line}: code {row['code']!r} is not a NAICS 2022 code"
+                f"{unseen.path} line {line}: code {row['code']!r} is not a NAICS 2022 code"
             )
     return [
         QuerySet("dev", dev["text"], dev["code"]),
         QuerySet("holdout", holdout["text"], holdout["code"]),
         QuerySet(
-            "unseen_2017", [row["text"] for row in unseen], [row["code"].strip() for row in unseen]
+            "unseen_2017",
+            [row["text"] for row in unseen.rows],
+            [row["code"].strip() for row in unseen.rows],
         ),
     ]
 
