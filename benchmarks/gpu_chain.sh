@@ -27,6 +27,7 @@
 set -euo pipefail
 
 BUDGET_SECONDS=${BUDGET_SECONDS:-540}
+CHAIN=chain_default
 EVALUATE_SECONDS=${EVALUATE_SECONDS:-120}
 LOG_NAME=chain.log
 source benchmarks/gpu_setup.sh
@@ -71,16 +72,22 @@ fi
 
 cd "$WORK"
 train_seconds=${TRAIN_SECONDS:-$((BUDGET_SECONDS - SECONDS - EVALUATE_SECONDS))}
-echo "== train-curriculum --chain chain_default $(date -u +%FT%TZ), at most $train_seconds s"
+echo "== train-curriculum --chain $CHAIN $(date -u +%FT%TZ), at most $train_seconds s"
 trained=0
 timeout --signal=INT --kill-after=30 "$train_seconds" \
-  "$PYTHON" -m naics_mlflow train-curriculum --chain chain_default --config "$config" \
+  "$PYTHON" -m naics_mlflow train-curriculum --chain "$CHAIN" --config "$config" \
   "${training[@]}" ||
   trained=$?
 echo "train-curriculum exit status $trained (124: stopped after $train_seconds s)"
 record
 echo "== evaluate $(date -u +%FT%TZ), at most $((BUDGET_SECONDS - SECONDS)) s"
-for stage in 03_stage 02_stage 01_stage; do
+# The chain's stages from its file, last first: the last one that finished is evaluated.
+mapfile -t stages < <("$PYTHON" -c '
+import sys
+from naics_mlflow.data.curriculum import load_chain
+print("\n".join(stage.name for stage in reversed(load_chain(sys.argv[1]).stages)))
+' "$WORK/conf/text_curriculum/$CHAIN.yaml")
+for stage in "${stages[@]}"; do
   left=$((BUDGET_SECONDS - SECONDS))
   ((left > 10)) || { echo "no time left to evaluate"; break; }
   if timeout --kill-after=10 "$left" "$PYTHON" -m naics_mlflow evaluate \
@@ -110,3 +117,5 @@ if [[ -n ${evaluated:-} ]] && ((left > 45)); then
   fi
 fi
 echo "== done $(date -u +%FT%TZ)"
+# The store and the log come back either way; the status says whether the chain was evaluated.
+[[ -n ${evaluated:-} ]] || { echo "no stage of $CHAIN was evaluated"; exit 1; }
