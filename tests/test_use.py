@@ -458,6 +458,20 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     )
     # It stopped before building the model's code embeddings, the command's long part.
     assert "code embeddings" not in result.stderr and "embedded" not in result.stderr
+    queries.write_bytes(b"code,text\n111110,Soybean caf\xe9\n")
+    line = error_line(
+        run_cli(
+            workdir, "evaluate", "--from-checkpoint", "quickstart", "--unseen-queries", str(queries)
+        )
+    )
+    assert line.startswith(f"error: {queries} is not UTF-8 text (")
+    queries.write_text("code,text\n111110,Soybean farming\n111120,\n")
+    line = error_line(
+        run_cli(
+            workdir, "evaluate", "--from-checkpoint", "quickstart", "--unseen-queries", str(queries)
+        )
+    )
+    assert line == f"error: {queries} line 3 has an empty text; give each code a phrasing"
 
     queries.write_text("code,text\n999999,Not a code\n")
     line = error_line(

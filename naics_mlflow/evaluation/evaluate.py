@@ -4,7 +4,6 @@ alone) and the baselines, all computed on the same queries."""
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.baselines import UntrainedBackbone, score_retrieval
 from naics_mlflow.evaluation.lexical import six_digit_rows
 from naics_mlflow.evaluation.metrics import hierarchy_metrics
+from naics_mlflow.evaluation.queries import read_text_csv
 from naics_mlflow.evaluation.retrieval import SearchEngine
 
 SYSTEM_NAMES = {
@@ -53,23 +53,28 @@ class QuerySet:
 
 @dataclass(frozen=True)
 class UnseenQueries:
+    """The NAICS 2017 phrasings: one code and one text per row of ``path``."""
+
     path: Path
-    rows: list[dict[str, str]]  # each with "code" and "text"
+    codes: list[str]
+    texts: list[str]
 
 
 def read_unseen_queries(path: Path) -> UnseenQueries:
     """The NAICS 2017 phrasings file (columns code,text), read before any model is loaded, so
-    that a wrong path ends ``evaluate`` at once."""
+    that a wrong file ends ``evaluate`` at once, in one line."""
     if not path.is_file():
         raise UserError(
             f"evaluation queries {path} not found; pass --unseen-queries PATH or set "
             "evaluation.unseen_queries"
         )
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not {"code", "text"} <= set(reader.fieldnames or []):
-            raise UserError(f"{path} must have the columns code,text")
-        return UnseenQueries(path, list(reader))
+    table = read_text_csv(path)
+    if not {"code", "text"} <= set(table.columns):
+        raise UserError(f"{path} must have the columns code,text")
+    for line, text in enumerate(table["text"], start=2):
+        if not text.strip():
+            raise UserError(f"{path} line {line} has an empty text; give each code a phrasing")
+    return UnseenQueries(path, [code.strip() for code in table["code"]], list(table["text"]))
 
 
 def load_query_sets(data_dir: Path, unseen: UnseenQueries, known_codes: set[str]) -> list[QuerySet]:
@@ -77,19 +82,13 @@ def load_query_sets(data_dir: Path, unseen: UnseenQueries, known_codes: set[str]
     the NAICS 2017 unseen phrasings (both reported only: never trained or tuned on)."""
     dev = pq.read_table(data_dir / DEV_FILE).to_pydict()
     holdout = pq.read_table(data_dir / HOLDOUT_FILE).to_pydict()
-    for line, row in enumerate(unseen.rows, start=2):
-        if row["code"].strip() not in known_codes:
-            raise UserError(
-                f"{unseen.path} line {line}: code {row['code']!r} is not a NAICS 2022 code"
-            )
+    for line, code in enumerate(unseen.codes, start=2):
+        if code not in known_codes:
+            raise UserError(f"{unseen.path} line {line}: code {code!r} is not a NAICS 2022 code")
     return [
         QuerySet("dev", dev["text"], dev["code"]),
         QuerySet("holdout", holdout["text"], holdout["code"]),
-        QuerySet(
-            "unseen_2017",
-            [row["text"] for row in unseen.rows],
-            [row["code"].strip() for row in unseen.rows],
-        ),
+        QuerySet("unseen_2017", unseen.texts, unseen.codes),
     ]
 
 

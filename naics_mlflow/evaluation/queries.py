@@ -99,14 +99,11 @@ def write_matches(out: Path, queries: pd.DataFrame, found: list[list[Match]]) ->
     return len(table)
 
 
-def read_query_csv(path: Path) -> pd.DataFrame:
-    """The rows of a CSV with a ``text`` column of business descriptions, every column as
-    strings (an id such as ``007`` keeps its zeros); its other columns will lead each match row,
-    so none may share a name with :data:`MATCH_COLUMNS`."""
-    if not path.is_file():
-        raise QueryError(f"{path} not found; give the path of a CSV with a `text` column")
+def read_text_csv(path: Path) -> pd.DataFrame:
+    """An existing CSV file's rows, every column as strings (an id such as ``007`` keeps its
+    zeros, an empty cell is ``""``); a file that is not UTF-8 or not a CSV ends in one line."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise QueryError(
             f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
@@ -117,6 +114,15 @@ def read_query_csv(path: Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         reason = str(exc).strip().splitlines()[0]
         raise QueryError(f"{path} is not a CSV that can be read: {reason}") from exc
+
+
+def read_query_csv(path: Path) -> pd.DataFrame:
+    """The rows of a CSV with a ``text`` column of business descriptions, every column as
+    strings (an id such as ``007`` keeps its zeros); its other columns will lead each match row,
+    so none may share a name with :data:`MATCH_COLUMNS`."""
+    if not path.is_file():
+        raise QueryError(f"{path} not found; give the path of a CSV with a `text` column")
+    table = read_text_csv(path)
     if "text" not in table.columns:
         raise QueryError(
             f"{path} has no `text` column (its columns: {', '.join(table.columns)}); "
