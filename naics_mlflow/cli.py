@@ -453,9 +453,10 @@ def _checkpoint_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
-def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, download_dir: Path):
-    """The checkpoint's model with every code embedded, the taxonomy, and the resolved reference
-    (whose run, if any, receives what the command logs)."""
+def _resolve_model(reference: str, trust_checkpoint: bool, config_path: str, download_dir: Path):
+    """The resolved checkpoint (whose run, if any, receives what the command logs), the taxonomy
+    (its data built if need be) and the config: everything short of loading the model, so that a
+    command can check its inputs against the taxonomy before the long part."""
     import dataclasses
 
     from naics_mlflow import tracking
@@ -474,9 +475,6 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
     from naics_mlflow.data.build import build_data, is_built, warn_if_built_by_other_code
     from naics_mlflow.data.census import load_release, resolve_raw_dir
     from naics_mlflow.data.taxonomy import load_taxonomy
-    from naics_mlflow.evaluation.retrieval import SearchEngine
-    from naics_mlflow.model.merged import inference_device
-    from naics_mlflow.model.trained import load_embedder
 
     data_dir = Path(config.dirs.data)
     if not is_built(data_dir):
@@ -487,14 +485,30 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
         )
     else:
         warn_if_built_by_other_code(data_dir)
-    taxonomy = load_taxonomy(data_dir)
-    engine = SearchEngine.build(
+    return resolved, load_taxonomy(data_dir), config
+
+
+def _build_engine(resolved, taxonomy, config):
+    """The checkpoint's model with every code embedded: the command's long part."""
+    from naics_mlflow.evaluation.retrieval import SearchEngine
+    from naics_mlflow.model.merged import inference_device
+    from naics_mlflow.model.trained import load_embedder
+
+    return SearchEngine.build(
         load_embedder(resolved.path, inference_device(config.search.device)),
         taxonomy,
         config.search,
         outputs_dir=Path(config.dirs.outputs),
     )
-    return engine, taxonomy, resolved, config
+
+
+def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, download_dir: Path):
+    """The checkpoint's model with every code embedded, the taxonomy, the resolved reference
+    and the config (see :func:`_resolve_model`)."""
+    resolved, taxonomy, config = _resolve_model(
+        reference, trust_checkpoint, config_path, download_dir
+    )
+    return _build_engine(resolved, taxonomy, config), taxonomy, resolved, config
 
 
 @main.command()
@@ -673,19 +687,18 @@ def evaluate(
     import tempfile
 
     from naics_mlflow import tracking
-    from naics_mlflow.config import load_config
     from naics_mlflow.evaluation.evaluate import evaluate as run_evaluation
     from naics_mlflow.evaluation.evaluate import load_query_sets, read_unseen_queries
     from naics_mlflow.model.merged import dtype_name
 
-    unseen = read_unseen_queries(
-        unseen_queries or Path(load_config(config_path).evaluation.unseen_queries)
-    )
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
-        engine, taxonomy, resolved, config = _load_engine(
+        resolved, taxonomy, config = _resolve_model(
             reference, trust_checkpoint, config_path, Path(download_dir)
         )
-    query_sets = load_query_sets(Path(config.dirs.data), unseen, set(taxonomy.codes))
+        # Every query file is checked, its codes too, before the model embeds the codes.
+        unseen = read_unseen_queries(unseen_queries or Path(config.evaluation.unseen_queries))
+        query_sets = load_query_sets(Path(config.dirs.data), unseen, set(taxonomy.codes))
+        engine = _build_engine(resolved, taxonomy, config)
     report = run_evaluation(
         engine,
         taxonomy,

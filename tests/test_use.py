@@ -474,12 +474,12 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     assert line == f"error: {queries} line 3 has an empty text; give each code a phrasing"
 
     queries.write_text("code,text\n999999,Not a code\n")
-    line = error_line(
-        run_cli(
-            workdir, "evaluate", "--from-checkpoint", "quickstart", "--unseen-queries", str(queries)
-        )
+    result = run_cli(
+        workdir, "evaluate", "--from-checkpoint", "quickstart", "--unseen-queries", str(queries)
     )
-    assert "line 2: code '999999' is not a NAICS 2022 code" in line
+    assert "line 2: code '999999' is not a NAICS 2022 code" in error_line(result)
+    # The codes are checked against the taxonomy before the model embeds every code.
+    assert "code embeddings" not in result.stderr and "embedded" not in result.stderr
 
 
 def _free_port() -> int:
