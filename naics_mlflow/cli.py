@@ -61,17 +61,23 @@ def main(debug: bool) -> None:
     )
 
 
+_config_option = click.option(
+    "--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="The config YAML."
+)
+_raw_dir_option = click.option(
+    "--raw-dir",
+    type=click.Path(file_okay=False),
+    help="Folder with the four Census xlsx files (default: $NAICS_RAW_DIR, else dirs.raw).",
+)
+
+
 @main.group()
 def data() -> None:
     """Build the NAICS tables and tree matrices from the Census workbooks."""
 
 
 @data.command("build")
-@click.option(
-    "--raw-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder with the four Census xlsx files (default: $NAICS_RAW_DIR, else dirs.raw).",
-)
+@_raw_dir_option
 @click.option(
     "--out",
     "out_dir",
@@ -79,9 +85,9 @@ def data() -> None:
     help="Output folder (default: dirs.data from the config, 'data').",
 )
 @click.option("--force", is_flag=True, help="Rebuild even when the inputs are unchanged.")
-@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@_config_option
 @_reports_user_errors
-def data_build(raw_dir: Path | None, out_dir: Path | None, force: bool, config_path: str) -> None:
+def data_build(raw_dir: str | None, out_dir: Path | None, force: bool, config_path: str) -> None:
     """Read the Census workbooks and write codes, held-out items and tree matrices."""
     from naics_mlflow.config import load_config
     from naics_mlflow.data.build import build_data
@@ -89,7 +95,7 @@ def data_build(raw_dir: Path | None, out_dir: Path | None, force: bool, config_p
 
     config = load_config(config_path)
     result = build_data(
-        resolve_raw_dir(str(raw_dir) if raw_dir else None, config.dirs.raw),
+        resolve_raw_dir(raw_dir, config.dirs.raw),
         out_dir or Path(config.dirs.data),
         load_release(_census_sources(config_path)),
         force=force,
@@ -149,7 +155,7 @@ def _readable_copy(path: Path, trust_checkpoint: bool, download_dir: Path) -> Pa
 
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.option("--curriculum", "-c", "curriculum_name", help="Curriculum name, e.g. 01_stage.")
-@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@_config_option
 @click.option("--list-curricula", is_flag=True, help="List the curricula and exit.")
 @click.option(
     "--from-checkpoint",
@@ -158,7 +164,7 @@ def _readable_copy(path: Path, trust_checkpoint: bool, download_dir: Path) -> Pa
     help="Initialise from a stage name (its best run), a runs:/<run_id>/ckpt URI or a .ckpt file.",
 )
 @_trust_option
-@click.option("--raw-dir", default=None, help="Census files (default: $NAICS_RAW_DIR, dirs.raw).")
+@_raw_dir_option
 @_overrides_option
 @click.argument("overrides", nargs=-1)
 @_reports_user_errors
@@ -287,7 +293,7 @@ _BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": Fa
 @click.option(
     "--chain", "chain_name", default="", help="A chain file name (overrides --curricula)."
 )
-@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@_config_option
 @click.option(
     "--resume",
     "resume_word",
@@ -305,7 +311,7 @@ _BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": Fa
     help="Start stage 1 from a stage name, a runs:/<run_id>/ckpt URI or a .ckpt file.",
 )
 @_trust_option
-@click.option("--raw-dir", default=None, help="Census files (default: $NAICS_RAW_DIR, dirs.raw).")
+@_raw_dir_option
 @_overrides_option
 @click.argument("overrides", nargs=-1)
 @_reports_user_errors
@@ -519,7 +525,7 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
     default=Path("outputs/naics_embeddings.parquet"),
     show_default=True,
 )
-@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@_config_option
 @_reports_user_errors
 def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -> None:
     """Lorentz embeddings of all 2,125 codes to parquet (code, level, title, embedding); logged
@@ -584,7 +590,7 @@ SEARCH_CHUNK = 4096
     show_default=True,
     help="Code level to search (6: national industries).",
 )
-@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@_config_option
 @_reports_user_errors
 def search(
     reference: str,
@@ -670,7 +676,7 @@ def _print_matches(matches: list[Any]) -> None:
     "--no-baselines", is_flag=True, help="Skip the untrained-backbone, kNN and BM25 rows."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@_config_option
 @_reports_user_errors
 def evaluate(
     reference: str,
@@ -731,7 +737,7 @@ def evaluate(
 @main.command()
 @_checkpoint_option
 @click.option("--register", "registered_name", default=None, help="Also register it under NAME.")
-@click.option("--config", "config_path", default=DEFAULT_CONFIG, show_default=True)
+@_config_option
 @_reports_user_errors
 def export(
     reference: str, trust_checkpoint: bool, registered_name: str | None, config_path: str
