@@ -11,7 +11,8 @@
 # and the evaluation run), evaluation.json (`evaluate --json`), summary.json (wall time per
 # stage, from the store), gpu_memory.csv (nvidia-smi every second: the peak is its largest
 # value), inference.json (`benchmarks/inference.py` of the evaluated stage, when more than 45 s
-# are left) and chain.log (everything printed). Checkpoints stay on the machine: they are larger
+# are left), evaluation_<stage>.json for each earlier stage (without baselines, while more than
+# 40 s are left: the stages compared on dev) and chain.log (everything printed). Checkpoints stay on the machine: they are larger
 # than what comes back.
 #
 # Everything must end inside the device call's 10 minutes (BUDGET_SECONDS, default 540, leaves
@@ -116,6 +117,24 @@ if [[ -n ${evaluated:-} ]] && ((left > 45)); then
       --repeats 2 --json >"$OUT/inference.json" || echo "inference exit status $?"
   fi
 fi
+# The chain's earlier stages on the same queries, while time is left, so that the stages can be
+# compared on dev from one call (without the baselines, which the first evaluation has).
+earlier=0
+for stage in "${stages[@]}"; do
+  [[ $stage == "${evaluated:-}" ]] && { earlier=1; continue; }
+  ((earlier)) || continue
+  left=$((BUDGET_SECONDS - SECONDS))
+  ((left > 40)) || { echo "no time left to evaluate $stage"; break; }
+  if timeout --kill-after=10 "$left" "$PYTHON" -m naics_mlflow evaluate \
+    --from-checkpoint "$stage" --config "$config" --json "${evaluation[@]}" --no-baselines \
+    >"$WORK/evaluation.out"; then
+    tail -n 1 "$WORK/evaluation.out" >"$OUT/evaluation_$stage.json"
+    echo "evaluated $stage too"
+  else
+    echo "no evaluation of $stage (not finished, or out of time)"
+  fi
+done
+record
 echo "== done $(date -u +%FT%TZ)"
 # The store and the log come back either way; the status says whether the chain was evaluated.
 [[ -n ${evaluated:-} ]] || { echo "no stage of $CHAIN was evaluated"; exit 1; }
