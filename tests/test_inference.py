@@ -554,7 +554,7 @@ def test_codes_with_equal_scores_come_in_taxonomy_order(trained_adapters, taxono
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_checkpoint_read_onto_a_gpu_searches_as_on_the_cpu(trained_adapters, taxonomy, tmp_path):
     """``search.device: cuda``: every weight on the GPU, and the same embeddings and rankings
-    as the CPU's to float32 rounding (``benchmarks/gpu_chain.sh`` runs this on its GPU)."""
+    as the CPU's to float32 rounding (``benchmarks/gpu_step.sh`` runs this on its GPU)."""
     module, _, _ = trained_adapters
     path = _save_checkpoint(module, tmp_path / "adapted.ckpt")
     settings = SearchConfig(
