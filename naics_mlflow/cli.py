@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -188,11 +187,11 @@ def train(
         return
     if not curriculum_name:
         raise click.UsageError("give --curriculum NAME (see --list-curricula)")
-    from naics_mlflow.config import load_config
+    from naics_mlflow.config import load_config, split_overrides
     from naics_mlflow.data.census import load_release
 
     # Bad settings fail here, before the seconds-long import of the training stack.
-    config = load_config(config_path, [*shlex.split(overrides_string), *overrides])
+    config = load_config(config_path, [*split_overrides(overrides_string), *overrides])
     curriculum = _load_stage_curriculum(config_path, curriculum_name)
     release = load_release(_census_sources(config_path))
 
@@ -330,6 +329,7 @@ def train_curriculum(
     """Train curriculum stages in sequence, each from the previous stage's best checkpoint, as
     one parent MLflow run with a nested run per stage. Overrides (KEY=VALUE) apply to every
     stage."""
+    from naics_mlflow.config import split_overrides
     from naics_mlflow.data.census import load_release
     from naics_mlflow.data.curriculum import CurriculumError, load_chain
 
@@ -339,6 +339,7 @@ def train_curriculum(
             param_hint="--resume",
         )
     resume = _BOOLEAN_WORDS[resume_word.lower()] and not no_resume
+    override_items = [*split_overrides(overrides_string), *overrides]
     directory = _curricula_dir(config_path)
     chain = None
     if chain_name:
@@ -361,9 +362,7 @@ def train_curriculum(
     from naics_mlflow import tracking
     from naics_mlflow.training.plan import plan_chain
 
-    plan = plan_chain(
-        config_path, directory, chain, names, [*shlex.split(overrides_string), *overrides]
-    )
+    plan = plan_chain(config_path, directory, chain, names, override_items)
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         init = _checked_checkpoint(
             from_checkpoint, trust_checkpoint, plan.stages[0].config, Path(download_dir), directory

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import re
+import shlex
 import types
 import typing
 from dataclasses import dataclass
@@ -413,6 +414,18 @@ def parse_overrides(overrides: list[str] | tuple[str, ...], source: str) -> dict
                 raise ConfigError(f"override {item!r} in {source} conflicts with another override")
         node[leaf] = parse_yaml(raw_value, f"override {item!r}") if raw_value != "" else ""
     return nested
+
+
+def split_overrides(text: str) -> list[str]:
+    """The ``KEY=VALUE`` items of one space-separated string (the MLproject's ``overrides``
+    parameter), split as a shell splits words, so that a quoted value may hold spaces."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"--overrides {text!r} cannot be split into KEY=VALUE items ({exc}); "
+            "close the quote, or quote a value with spaces as KEY='a value'"
+        ) from exc
 
 
 def is_override(text: str) -> bool:
