@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from naics_mlflow.config import SearchConfig, load_config
-from naics_mlflow.data.disk_cache import source_digest
+from naics_mlflow.data.disk_cache import read_cached, source_digest, write_cached
 from naics_mlflow.data.pretrained import BackboneError, load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL
 from naics_mlflow.data.tokenization import (
@@ -301,6 +301,17 @@ def test_channel_features_are_cached_by_what_the_adapters_compute(
     assert torch.equal(again.channels["description"], computed.channels["description"])
     assert set(torch.load(cached, weights_only=True)) >= {"channels.title", "items.examples"}
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"cut short", b"", b"\x80\x04K\x01."], ids=repr)
+def test_a_cached_file_of_any_other_bytes_is_ignored_with_one_warning(tmp_path, caplog, content):
+    path = tmp_path / "cached.pt"
+    write_cached(path, {"vectors": torch.ones(2, 3)}, "vectors")
+    assert torch.equal(read_cached(path, "vectors")["vectors"], torch.ones(2, 3))
+    path.write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        assert read_cached(path, "vectors") is None
+    assert f"ignoring unreadable cached vectors {path}" in caplog.text
 
 
 def test_a_cache_key_follows_the_source_of_the_code_that_computed_it(tmp_path, monkeypatch):

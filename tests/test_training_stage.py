@@ -30,7 +30,7 @@ from naics_mlflow.data.tokenization import (
     tokenize_queries,
     truncated_queries,
 )
-from naics_mlflow.model.checkpoint import CheckpointError
+from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weights_only_copy
 from naics_mlflow.model.loading import load_trainable_weights
 from naics_mlflow.model.lorentz import (
     distance_to_origin,
@@ -42,7 +42,7 @@ from naics_mlflow.model.module import NaicsEmbedder
 from naics_mlflow.training.callbacks import TaxonomyEvaluation
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.stage import resolve_precision, train_stage
-from tests.commands import environment, error_line, ok, run_cli
+from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "conf" / "config.yaml"
@@ -373,6 +373,23 @@ def test_an_unknown_backbone_offline_fails_in_one_line(tmp_path, tiny_overrides)
         "use a local model folder or 'sentence-transformers/all-MiniLM-L6-v2', "
         "which ships with the project"
     )
+
+
+def test_an_overrides_string_with_an_open_quote_fails_in_one_line(tmp_path):
+    broken = "training.learning_rate='1e-3"
+    options = ["--config", str(CONFIG), "--overrides", broken]
+    results = run_cli_concurrently(
+        tmp_path,
+        [
+            ["train", "-c", "01_stage", *options],
+            ["train-curriculum", "--chain", "chain_quickstart", *options],
+        ],
+    )
+    for result in results:
+        assert error_line(result) == (
+            f"error: --overrides {broken!r} cannot be split into KEY=VALUE items (No closing "
+            "quotation); close the quote, or quote a value with spaces as KEY='a value'"
+        )
 
 
 def test_an_unwritable_checkpoint_folder_fails_before_training(tmp_path, tiny_overrides):
@@ -984,6 +1001,22 @@ def test_checkpoint_of_another_shape_is_rejected(tiny_setup, tmp_path, cli_run, 
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_trainable_weights(NaicsEmbedder(config.to_dict()), garbage)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"hello\n", b"not a checkpoint", b"", b"\x80\x04K\x01.", b"PK\x03\x04 cut short"],
+    ids=["text", "words", "empty", "a pickled int", "a zip cut short"],
+)
+@pytest.mark.parametrize("reader", [read_checkpoint, weights_only_copy], ids=["safe", "trusted"])
+def test_any_file_that_is_not_a_checkpoint_is_refused_in_one_line(tmp_path, content, reader):
+    path = tmp_path / "not.ckpt"
+    path.write_bytes(content)
+    arguments = (path,) if reader is read_checkpoint else (path, tmp_path)
+    with pytest.raises(CheckpointError) as caught:
+        reader(*arguments)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not a readable checkpoint (") and "\n" not in message
 
 
 def test_a_resumed_stage_forgets_a_best_checkpoint_that_is_not_on_disk(tmp_path, caplog):

@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -34,6 +35,11 @@ def source_digest(*defined: object) -> str:
 def read_cached(path: Path | None, what: str) -> dict[str, torch.Tensor] | None:
     """The tensors saved at ``path``, or None when there is no such file or it cannot be read."""
     if path is None or not path.is_file():
+        return None
+    # torch reads a file that is not its zip archive as a bare pickle stream, whose errors on
+    # arbitrary bytes are arbitrary exceptions.
+    if not zipfile.is_zipfile(path):
+        logger.warning("ignoring unreadable cached %s %s (not a PyTorch archive)", what, path)
         return None
     try:
         cached = torch.load(path, weights_only=True)

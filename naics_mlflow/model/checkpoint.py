@@ -33,23 +33,30 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def _require_archive(path: Path) -> None:
+    """Refuse a file that is not a zip archive, as ``torch.save`` has written since PyTorch 1.6:
+    torch would read it as a bare pickle stream, whose errors on arbitrary bytes are arbitrary
+    exceptions (a ``KeyError`` for a text file). A missing file is left to ``torch.load``."""
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint (not a PyTorch checkpoint archive)"
+        )
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint file without executing code from it (``weights_only``)."""
+    _require_archive(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's weights-only reader refuses anything it cannot read; only a checkpoint archive
         # that it refuses holds more than weights.
-        if not zipfile.is_zipfile(path):
-            reason = "not a PyTorch checkpoint archive"
-        elif "Weights only load failed" in str(exc):
+        if "Weights only load failed" in str(exc):
             raise CheckpointError(
                 f"{path} holds Python objects besides weights, and loading them could run code; "
                 "pass --trust-checkpoint only if you trust where it came from"
             ) from exc
-        else:
-            reason = _first_line(exc)
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from exc
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
     if not isinstance(checkpoint, dict) or "naics_embedder" not in checkpoint:
@@ -70,6 +77,7 @@ def weights_only_copy(path: Path, folder: Path) -> Path:
     ``--trust-checkpoint``. The copy keeps the tensors of the state dict, the saved settings as
     plain data and the format record, so everything after this reads it safely.
     """
+    _require_archive(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
