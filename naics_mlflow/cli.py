@@ -535,7 +535,9 @@ def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -
     import pyarrow.parquet as pq
 
     from naics_mlflow import tracking
+    from naics_mlflow.files import check_output, write_output
 
+    check_output(out)
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         engine, taxonomy, resolved, _ = _load_engine(
             reference, trust_checkpoint, config_path, Path(download_dir)
@@ -550,10 +552,7 @@ def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -
             ),
         }
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    pq.write_table(table, partial)
-    partial.replace(out)
+    write_output(out, functools.partial(pq.write_table, table))
     if resolved.run_id:
         tracking.log_file_to_run(resolved.run_id, out, "embeddings")
     click.echo(

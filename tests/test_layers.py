@@ -9,7 +9,13 @@ import naics_mlflow
 PACKAGE = Path(naics_mlflow.__file__).parent
 # Lowest first. Within a layer, modules may import each other.
 LAYERS = (
-    ("naics_mlflow", "naics_mlflow.errors", "naics_mlflow.config", "naics_mlflow.distributed"),
+    (
+        "naics_mlflow",
+        "naics_mlflow.errors",
+        "naics_mlflow.files",
+        "naics_mlflow.config",
+        "naics_mlflow.distributed",
+    ),
     ("naics_mlflow.data",),
     ("naics_mlflow.model",),
     ("naics_mlflow.evaluation",),

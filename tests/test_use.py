@@ -69,6 +69,15 @@ def test_embed_writes_every_code_on_the_manifold(trained):
     assert manifold_violation(embeddings, 1.0).max() < 1e-4
     logged = [a.path for a in client.list_artifacts(run.info.run_id, "embeddings")]
     assert logged == ["embeddings/emb.parquet"]
+    (workdir / "embed-blocker").write_text("")
+    refused = run_cli(
+        workdir, "embed", "--from-checkpoint", "quickstart", "--out", "embed-blocker/e.parquet"
+    )
+    assert error_line(refused) == (
+        "error: cannot write embed-blocker/e.parquet (Not a directory); give --out a path in a "
+        "folder you can write"
+    )
+    assert refused.stderr.strip() == error_line(refused)  # before the model was loaded
 
     config = (workdir / "conf" / "config.yaml").read_text()
     assert "backbone_dtype: auto" in config
@@ -300,8 +309,13 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
 
     blocked = workdir / "not-a-folder"
     blocked.write_text("")
-    line = error_line(search_file(f"{blocked.name}/matches.csv"))
-    assert line.startswith(f"error: cannot write {blocked.name}/matches.csv (")
+    refused = search_file(f"{blocked.name}/matches.csv")
+    line = error_line(refused)
+    assert line == (
+        f"error: cannot write {blocked.name}/matches.csv (Not a directory); give --out a path in "
+        "a folder you can write"
+    )
+    assert refused.stderr.strip() == line  # before the model was loaded
     assert blocked.read_text() == ""
 
 

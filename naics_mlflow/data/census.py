@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import urllib.parse
 import zipfile
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from urllib3.util import Retry
 
 from naics_mlflow.config import read_yaml
 from naics_mlflow.errors import UserError
+from naics_mlflow.files import written_whole
 
 RAW_DIR_ENV = "NAICS_RAW_DIR"
 
@@ -139,19 +139,16 @@ def _retrying_session(retries: int, backoff_factor: float) -> requests.Session:
 
 def _download(session: requests.Session, url: str, target: Path, timeout_seconds: float) -> None:
     """Fetch ``url`` to ``target`` through a temporary file, so a broken transfer leaves nothing."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial: Path | None = None
     try:
-        with session.get(url, timeout=timeout_seconds, stream=True) as response:
+        with (
+            written_whole(target) as partial,
+            session.get(url, timeout=timeout_seconds, stream=True) as response,
+        ):
             response.raise_for_status()
-            with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-                partial = Path(tmp.name)
+            with partial.open("wb") as file:
                 for chunk in response.iter_content(DOWNLOAD_CHUNK_BYTES):
-                    tmp.write(chunk)
-        os.replace(partial, target)
+                    file.write(chunk)
     except (requests.RequestException, OSError) as exc:
-        if partial is not None:
-            partial.unlink(missing_ok=True)
         raise DataError(
             f"{target.name} is missing from {target.parent} and could not be downloaded from "
             f"{url} ({exc}); copy it there, or point --raw-dir (or {RAW_DIR_ENV}) at a folder "

@@ -8,16 +8,16 @@ command the computation again. Each says so in one warning that names the file a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import logging
-import os
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
+
+from naics_mlflow.files import written_whole
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +55,14 @@ def read_cached(path: Path | None, what: str) -> dict[str, torch.Tensor] | None:
 
 
 def write_cached(path: Path | None, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Save ``tensors`` at ``path`` through a temporary file of this process's own, so that a
-    write stopped half-way leaves nothing and processes writing the same file (the ranks of a
-    data-parallel run) do not interleave."""
+    """Save ``tensors`` at ``path`` whole or not at all (:func:`written_whole`); a file system that
+    refuses it costs one warning, not the command."""
     if path is None:
         return
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({name: tensor.cpu() for name, tensor in tensors.items()}, partial)
-        partial.replace(path)
+        with written_whole(path) as partial:
+            torch.save({name: tensor.cpu() for name, tensor in tensors.items()}, partial)
     except OSError as exc:
-        with contextlib.suppress(OSError):  # nothing may have been written
-            partial.unlink(missing_ok=True)
         logger.warning(
             "could not cache the %s in %s (%s); set dirs.outputs to a writable folder to skip "
             "computing them next time",

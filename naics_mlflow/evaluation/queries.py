@@ -4,6 +4,7 @@ a bad request is refused in a moment."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pandas as pd
 
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL
 from naics_mlflow.errors import UserError
+from naics_mlflow.files import check_output, write_output
 
 MAX_TOP_K = 100
 # One row per match, as `search --out` writes and the served model answers.
@@ -77,6 +79,7 @@ def check_matches_file(out: Path, input_path: Path | None) -> None:
         raise QueryError(f"--out must end in .csv or .parquet, got {out.name}")
     if input_path is not None and out.resolve() == input_path.resolve():
         raise QueryError(f"--out {out} is the --input file; write the matches to another file")
+    check_output(out)
 
 
 def write_matches(out: Path, queries: pd.DataFrame, found: list[list[Match]]) -> int:
@@ -85,17 +88,7 @@ def write_matches(out: Path, queries: pd.DataFrame, found: list[list[Match]]) ->
     owners = np.repeat(np.arange(len(queries)), [len(matches) for matches in found])
     leading = queries.drop(columns="text").iloc[owners].reset_index(drop=True)
     table = pd.concat([leading, matches_table(queries["text"].tolist(), found)], axis=1)
-    partial = out.with_name(out.name + ".partial")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        MATCH_FILE_WRITERS[out.suffix.lower()](table, partial)
-        partial.replace(out)
-    except OSError as exc:
-        if partial.exists():  # False, not an error, where the folder is a file
-            partial.unlink()
-        raise QueryError(
-            f"cannot write {out} ({exc.strerror}); give --out a path in a folder you can write"
-        ) from exc
+    write_output(out, functools.partial(MATCH_FILE_WRITERS[out.suffix.lower()], table))
     return len(table)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from naics_mlflow.errors import UserError
+from naics_mlflow.files import written_whole
 
 
 class CheckpointWriteError(UserError):
@@ -17,9 +17,9 @@ class CheckpointWriteError(UserError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint to ``<name>.partial`` beside it, then rename it into place.
+    """Write each checkpoint beside its target, then rename it into place (:func:`written_whole`).
 
-    A process killed mid-write leaves only the ``.partial`` file, and the checkpoint of the same
+    A process killed mid-write leaves only a ``.partial`` file, and the checkpoint of the same
     name from before stays whole. Lightning's own writer renames from the system's temporary
     folder, which is a copy, not an atomic rename, when that folder is on another file system.
     """
@@ -28,13 +28,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
         target = Path(path)
-        partial = target.with_name(f"{target.name}.partial")
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(checkpoint, partial)
-            os.replace(partial, target)
+            with written_whole(target) as partial:
+                torch.save(checkpoint, partial)
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             raise CheckpointWriteError(
                 f"cannot write checkpoint {target} ({exc.strerror or type(exc).__name__}); the "
                 "checkpoints written before it are whole: free space or set dirs.checkpoints to a "

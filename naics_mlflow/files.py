@@ -1,0 +1,65 @@
+"""Files written whole or not at all, and the one error for an ``--out`` that cannot be written."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from naics_mlflow.errors import UserError
+
+
+@contextlib.contextmanager
+def written_whole(target: Path) -> Iterator[Path]:
+    """A path beside ``target`` to write to, renamed onto ``target`` when the block ends and
+    removed if the block raises, which leaves ``target`` as it was.
+
+    A rename within one folder is atomic, so a process killed mid-write leaves at most a
+    ``<name>.<pid>.partial`` file, never a ``target`` cut short; the process id keeps apart the
+    processes that write one file (the ranks of a data-parallel run). Creates the folder first;
+    raises ``OSError`` as the file system does.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, target)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the folder may be gone or read-only
+            partial.unlink(missing_ok=True)
+        raise
+
+
+class OutputError(UserError):
+    """A command's ``--out`` that cannot be written."""
+
+
+def _output_error(target: Path, exc: OSError) -> OutputError:
+    return OutputError(
+        f"cannot write {target} ({exc.strerror or exc}); give --out a path in a folder you can "
+        "write"
+    )
+
+
+def check_output(target: Path) -> None:
+    """Raise :class:`OutputError` now, before a command's long part, where ``target`` could not
+    be written: the nearest folder on its path that exists is a file or is not writable. Creates
+    nothing, so that a command refused later for another reason leaves no trace."""
+    folder = target.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise _output_error(target, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+    if not os.access(folder, os.W_OK):
+        raise _output_error(target, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+
+
+def write_output(target: Path, write: Callable[[Path], None]) -> None:
+    """``write(path)`` through :func:`written_whole`; a failure ends in :class:`OutputError`."""
+    try:
+        with written_whole(target) as partial:
+            write(partial)
+    except OSError as exc:
+        raise _output_error(target, exc) from exc
