@@ -321,6 +321,7 @@ def test_from_checkpoint_references(workdir):
         ("runs:/0123456789abcdef0123456789abcdef/ckpt", "cannot download"),
         (f"runs:/{empty_run}/ckpt", "cannot download"),
         ("missing/file.ckpt", "does not exist"),
+        (str(workdir), "is a folder; give a checkpoint file in it"),
         (str(garbage), "not a readable checkpoint"),
         (str(other_backbone), "model.base_model_name=bert-base-uncased"),
     ]

@@ -362,6 +362,18 @@ def test_failed_rebuild_keeps_previous_outputs(raw_copy, tmp_path, release):
     assert not list(out.glob(".build-*"))
 
 
+def test_an_output_folder_that_cannot_be_made_fails_in_one_line(raw_dir, tmp_path, release):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    with pytest.raises(DataError) as caught:
+        build_data(raw_dir, blocker / "data", release)
+    assert str(caught.value) == (
+        f"cannot write the data build to {blocker / 'data'} (Not a directory); give --out (or "
+        "dirs.data) a folder you can write"
+    )
+    assert blocker.read_text() == "kept"
+
+
 # --- missing files: download ------------------------------------------------------------------
 
 

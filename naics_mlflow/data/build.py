@@ -401,10 +401,13 @@ def build_data(
 def _write_atomically(out_dir: Path, writers: dict, manifest: dict) -> None:
     """Write every output into a temporary folder, then move each into ``out_dir``, the
     manifest last: a build killed midway leaves no manifest that vouches for partial files."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".build-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".build-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
+    except OSError as exc:
+        raise _unwritable(out_dir, exc) from exc
     try:
         for name, write in writers.items():
             write(staging / name)
@@ -413,5 +416,14 @@ def _write_atomically(out_dir: Path, writers: dict, manifest: dict) -> None:
         (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
         for name in [*writers, MANIFEST_FILE]:
             os.replace(staging / name, out_dir / name)
+    except OSError as exc:
+        raise _unwritable(out_dir, exc) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unwritable(out_dir: Path, exc: OSError) -> DataError:
+    return DataError(
+        f"cannot write the data build to {out_dir} ({exc.strerror or exc}); give --out "
+        "(or dirs.data) a folder you can write"
+    )
