@@ -392,19 +392,32 @@ def test_an_overrides_string_with_an_open_quote_fails_in_one_line(tmp_path):
         )
 
 
-def test_an_unwritable_checkpoint_folder_fails_before_training(tmp_path, tiny_overrides):
+def test_an_unwritable_folder_fails_before_any_run_is_opened(tmp_path, tiny_overrides):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    result = _train_01_stage(
-        tmp_path,
-        tiny_overrides,
-        f"dirs.checkpoints={blocker}/checkpoints",
-    )
-    line = error_line(result)
-    assert line.startswith(f"error: cannot write checkpoints to {blocker}/checkpoints/single_")
-    assert line.endswith("(Not a directory); set dirs.checkpoints to a writable folder")
+    train = ["train", "-c", "01_stage"]
+    chain = ["train-curriculum", "--curricula", "01_stage"]
+    cases = [
+        (train, "checkpoints", f"checkpoints to {blocker}/checkpoints/single_"),
+        (train, "outputs", f"TensorBoard logs to {blocker}/outputs ("),
+        (chain, "checkpoints", f"checkpoints to {blocker}/checkpoints ("),
+        (chain, "outputs", f"TensorBoard logs to {blocker}/outputs ("),
+    ]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client.search_experiments()  # the store made once, not by four processes at a time
+    results = run_cli_concurrently(
+        tmp_path,
+        [
+            [*command, "--config", str(CONFIG), *tiny_overrides, f"dirs.{key}={blocker}/{key}"]
+            for command, key, _ in cases
+        ],
+    )
+    for (_, key, written), result in zip(cases, results, strict=True):
+        line = error_line(result)
+        assert line.startswith(f"error: cannot write {written}"), line
+        assert line.endswith(f"(Not a directory); set dirs.{key} to a writable folder"), line
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert blocker.read_text() == "not a folder"
 
 
 def test_a_checkpoint_write_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypatch):

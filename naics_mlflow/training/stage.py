@@ -23,6 +23,7 @@ from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.validation import validation_protocol
 from naics_mlflow.distributed import is_global_zero
+from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.loading import load_trainable_weights
 from naics_mlflow.model.module import NaicsEmbedder
@@ -34,7 +35,7 @@ from naics_mlflow.training.callbacks import (
     StagePictures,
     TaxonomyEvaluation,
 )
-from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
 from naics_mlflow.training.mlflow_logging import (
     LastCheckpointUpload,
     MetricsLogger,
@@ -94,7 +95,7 @@ def train_stage(
     # The store and the folder first: either failing should cost seconds, not a trained epoch.
     experiment_id = tracking.use_experiment(config.mlflow.experiment_name) if rank_zero else None
     if rank_zero:
-        _check_writable(stage_dir)
+        check_stage_folders(config, stage_dir)
     L.seed_everything(config.training.seed, workers=True)
     datamodule = NaicsDataModule(config, curriculum, release, raw_dir)
     module = NaicsEmbedder(config.to_dict())
@@ -156,15 +157,28 @@ def train_stage(
     )
 
 
-def _check_writable(folder: Path) -> None:
+class UnwritableFolderError(UserError):
+    """A folder a stage writes to (checkpoints, logs) that cannot be made or written."""
+
+
+def check_stage_folders(config: Config, checkpoint_dir: Path) -> None:
+    """Raise :class:`UnwritableFolderError` unless ``checkpoint_dir`` and ``dirs.outputs`` (the
+    TensorBoard logs) can be made and written."""
+    _check_writable(checkpoint_dir, "checkpoints", "dirs.checkpoints")
+    _check_writable(Path(config.dirs.outputs), "TensorBoard logs", "dirs.outputs")
+
+
+def _check_writable(folder: Path, what: str, setting: str) -> None:
+    """Make ``folder`` and write a file in it: a folder the stage cannot use should cost seconds,
+    not a trained epoch and a FAILED run."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise CheckpointWriteError(
-            f"cannot write checkpoints to {folder} ({exc.strerror or type(exc).__name__}); set "
-            "dirs.checkpoints to a writable folder"
+        raise UnwritableFolderError(
+            f"cannot write {what} to {folder} ({exc.strerror or type(exc).__name__}); set "
+            f"{setting} to a writable folder"
         ) from exc
 
 
