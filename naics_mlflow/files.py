@@ -36,24 +36,31 @@ class OutputError(UserError):
     """A command's ``--out`` that cannot be written."""
 
 
-def _output_error(target: Path, exc: OSError) -> OutputError:
+def _output_error(target: Path, reason: str) -> OutputError:
     return OutputError(
-        f"cannot write {target} ({exc.strerror or exc}); give --out a path in a folder you can "
-        "write"
+        f"cannot write {target} ({reason}); give --out a path in a folder you can write"
     )
 
 
-def check_output(target: Path) -> None:
-    """Raise :class:`OutputError` now, before a command's long part, where ``target`` could not
-    be written: the nearest folder on its path that exists is a file or is not writable. Creates
-    nothing, so that a command refused later for another reason leaves no trace."""
+def why_unwritable(target: Path) -> str | None:
+    """Why ``target`` could not be written, or None: the nearest folder on its path that exists
+    is a file or is not writable. Creates nothing."""
     folder = target.absolute().parent
     while not folder.exists():
         folder = folder.parent
     if not folder.is_dir():
-        raise _output_error(target, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+        return os.strerror(errno.ENOTDIR)
     if not os.access(folder, os.W_OK):
-        raise _output_error(target, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+        return os.strerror(errno.EACCES)
+    return None
+
+
+def check_output(target: Path) -> None:
+    """Raise :class:`OutputError` now, before a command's long part, where ``target`` could not
+    be written (:func:`why_unwritable`). Creates nothing, so that a command refused later for
+    another reason leaves no trace."""
+    if reason := why_unwritable(target):
+        raise _output_error(target, reason)
 
 
 def write_output(target: Path, write: Callable[[Path], None]) -> None:
@@ -62,4 +69,4 @@ def write_output(target: Path, write: Callable[[Path], None]) -> None:
         with written_whole(target) as partial:
             write(partial)
     except OSError as exc:
-        raise _output_error(target, exc) from exc
+        raise _output_error(target, exc.strerror or str(exc)) from exc

@@ -27,6 +27,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow.errors import UserError
+from naics_mlflow.files import why_unwritable
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +83,36 @@ def _check_server(uri: str) -> None:
         )
 
 
+@functools.cache
+def _check_store(uri: str) -> None:
+    """Fail in one line where MLflow cannot use the store at ``uri``: a sqlite file in a folder
+    that cannot be written (MLflow would retry it for minutes), a scheme it does not know, a
+    file store (which MLflow now refuses unless told otherwise) or a database without its
+    driver."""
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        if str(database) != ":memory:" and (reason := why_unwritable(database)):
+            raise TrackingStoreError(
+                f"cannot write the tracking store {uri} ({reason}); point MLFLOW_TRACKING_URI at "
+                "a folder you can write, or unset it for sqlite:///mlflow.db here"
+            )
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except (MlflowException, ImportError) as exc:
+        raise TrackingStoreError(
+            f"cannot use the MLflow tracking store {uri} ({str(exc).strip().splitlines()[0]}); "
+            "point MLFLOW_TRACKING_URI at a server (http://...) or a database "
+            "(sqlite:///path/mlflow.db), or unset it for the local sqlite store"
+        ) from exc
+
+
 def connect() -> str:
-    """Point MLflow at the tracking store and return its URI; a server is checked once."""
+    """Point MLflow at the tracking store and return its URI; the store is checked once."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
+    else:
+        _check_store(uri)
     mlflow.set_tracking_uri(uri)
     return uri
 

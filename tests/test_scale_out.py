@@ -304,3 +304,19 @@ def test_a_tracking_server_that_is_down_or_refuses_fails_in_one_line(tiny_workdi
     line = error_line(run_cli(tiny_workdir, "runs", tracking_uri=refusing_server))
     assert line.startswith(f"error: the MLflow tracking server at {refusing_server} refused")
     assert "HTTP 503" in line
+
+
+def test_a_tracking_store_mlflow_cannot_use_fails_in_one_line(tiny_workdir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    cases = [
+        (f"sqlite:///{blocker}/mlflow.db", "cannot write the tracking store", "(Not a directory)"),
+        ("nosuchscheme://store", "cannot use the MLflow tracking store", "unsupported URI"),
+        (str(tmp_path / "mlruns"), "cannot use the MLflow tracking store", "filesystem tracking"),
+    ]
+    for uri, start, reason in cases:
+        for command in (["runs"], ["train", "-c", "01_stage"]):
+            line = error_line(run_cli(tiny_workdir, *command, tracking_uri=uri))
+            assert line.startswith(f"error: {start} {uri} ") and reason in line, line
+    assert blocker.read_text() == "kept"
+    assert not (tmp_path / "mlruns").exists()
