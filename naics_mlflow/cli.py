@@ -12,11 +12,14 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from naics_mlflow.errors import UserError
+
+if TYPE_CHECKING:
+    from naics_mlflow.config import Config
 
 DEFAULT_CONFIG = "conf/config.yaml"
 
@@ -458,17 +461,17 @@ def _checkpoint_option(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
-def _resolve_model(reference: str, trust_checkpoint: bool, config_path: str, download_dir: Path):
-    """The resolved checkpoint (whose run, if any, receives what the command logs), the taxonomy
-    (its data built if need be) and the config: everything short of loading the model, so that a
+def _resolve_model(
+    reference: str, trust_checkpoint: bool, config: Config, config_path: str, download_dir: Path
+):
+    """The resolved checkpoint (whose run, if any, receives what the command logs) and the
+    taxonomy (its data built if need be): everything short of loading the model, so that a
     command can check its inputs against the taxonomy before the long part."""
     import dataclasses
 
     from naics_mlflow import tracking
-    from naics_mlflow.config import load_config
     from naics_mlflow.model.checkpoint import read_checkpoint
 
-    config = load_config(config_path)
     resolved = tracking.resolve_checkpoint(
         reference, download_dir, _comparable_tags(config, _curricula_dir(config_path))
     )
@@ -490,7 +493,7 @@ def _resolve_model(reference: str, trust_checkpoint: bool, config_path: str, dow
         )
     else:
         warn_if_built_by_other_code(data_dir)
-    return resolved, load_taxonomy(data_dir), config
+    return resolved, load_taxonomy(data_dir)
 
 
 def _build_engine(resolved, taxonomy, config):
@@ -510,8 +513,11 @@ def _build_engine(resolved, taxonomy, config):
 def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, download_dir: Path):
     """The checkpoint's model with every code embedded, the taxonomy, the resolved reference
     and the config (see :func:`_resolve_model`)."""
-    resolved, taxonomy, config = _resolve_model(
-        reference, trust_checkpoint, config_path, download_dir
+    from naics_mlflow.config import load_config
+
+    config = load_config(config_path)
+    resolved, taxonomy = _resolve_model(
+        reference, trust_checkpoint, config, config_path, download_dir
     )
     return _build_engine(resolved, taxonomy, config), taxonomy, resolved, config
 
@@ -690,17 +696,24 @@ def evaluate(
     import json
     import tempfile
 
+    from naics_mlflow.config import load_config
+    from naics_mlflow.evaluation.queries import read_unseen_queries
+
+    config = load_config(config_path)
+    # The query file first, before the heavy imports: a missing or malformed one should cost a
+    # moment, not a download or a data build. Its codes are checked against the taxonomy before
+    # the model embeds the codes.
+    unseen = read_unseen_queries(unseen_queries or Path(config.evaluation.unseen_queries))
+
     from naics_mlflow import tracking
     from naics_mlflow.evaluation.evaluate import evaluate as run_evaluation
-    from naics_mlflow.evaluation.evaluate import load_query_sets, read_unseen_queries
+    from naics_mlflow.evaluation.evaluate import load_query_sets
     from naics_mlflow.model.merged import dtype_name
 
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
-        resolved, taxonomy, config = _resolve_model(
-            reference, trust_checkpoint, config_path, Path(download_dir)
+        resolved, taxonomy = _resolve_model(
+            reference, trust_checkpoint, config, config_path, Path(download_dir)
         )
-        # Every query file is checked, its codes too, before the model embeds the codes.
-        unseen = read_unseen_queries(unseen_queries or Path(config.evaluation.unseen_queries))
         query_sets = load_query_sets(Path(config.dirs.data), unseen, set(taxonomy.codes))
         engine = _build_engine(resolved, taxonomy, config)
     report = run_evaluation(

@@ -15,7 +15,7 @@ from naics_mlflow.errors import UserError
 from naics_mlflow.evaluation.baselines import UntrainedBackbone, score_retrieval
 from naics_mlflow.evaluation.lexical import six_digit_rows
 from naics_mlflow.evaluation.metrics import hierarchy_metrics
-from naics_mlflow.evaluation.queries import read_text_csv
+from naics_mlflow.evaluation.queries import UnseenQueries
 from naics_mlflow.evaluation.retrieval import SearchEngine
 
 SYSTEM_NAMES = {
@@ -49,32 +49,6 @@ class QuerySet:
     name: str
     texts: list[str]
     codes: list[str]
-
-
-@dataclass(frozen=True)
-class UnseenQueries:
-    """The NAICS 2017 phrasings: one code and one text per row of ``path``."""
-
-    path: Path
-    codes: list[str]
-    texts: list[str]
-
-
-def read_unseen_queries(path: Path) -> UnseenQueries:
-    """The NAICS 2017 phrasings file (columns code,text), read before any model is loaded, so
-    that a wrong file ends ``evaluate`` at once, in one line."""
-    if not path.is_file():
-        raise UserError(
-            f"evaluation queries {path} not found; pass --unseen-queries PATH or set "
-            "evaluation.unseen_queries"
-        )
-    table = read_text_csv(path)
-    if not {"code", "text"} <= set(table.columns):
-        raise UserError(f"{path} must have the columns code,text")
-    for line, text in enumerate(table["text"], start=2):
-        if not text.strip():
-            raise UserError(f"{path} line {line} has an empty text; give each code a phrasing")
-    return UnseenQueries(path, [code.strip() for code in table["code"]], list(table["text"]))
 
 
 def load_query_sets(data_dir: Path, unseen: UnseenQueries, known_codes: set[str]) -> list[QuerySet]:

@@ -1,6 +1,6 @@
 """A search request and its answer, apart from the model: what ``search`` and the served model
-check before any model work, and the table of matches they give back. Light to import, so that
-a bad request is refused in a moment."""
+check before any model work, the table of matches they give back, and ``evaluate``'s file of
+unseen queries. Light to import, so that a bad request is refused in a moment."""
 
 from __future__ import annotations
 
@@ -133,3 +133,29 @@ def read_query_csv(path: Path) -> pd.DataFrame:
         if not text.strip():
             raise QueryError(f"{path} row {row} has an empty text; give a business description")
     return table
+
+
+@dataclass(frozen=True)
+class UnseenQueries:
+    """The NAICS 2017 phrasings: one code and one text per row of ``path``."""
+
+    path: Path
+    codes: list[str]
+    texts: list[str]
+
+
+def read_unseen_queries(path: Path) -> UnseenQueries:
+    """The NAICS 2017 phrasings file (columns code,text) that ``evaluate`` reads first, so that a
+    wrong file ends it at once, in one line (its codes are checked against the taxonomy later)."""
+    if not path.is_file():
+        raise UserError(
+            f"evaluation queries {path} not found; pass --unseen-queries PATH or set "
+            "evaluation.unseen_queries"
+        )
+    table = read_text_csv(path)
+    if not {"code", "text"} <= set(table.columns):
+        raise UserError(f"{path} must have the columns code,text")
+    for line, text in enumerate(table["text"], start=2):
+        if not text.strip():
+            raise UserError(f"{path} line {line} has an empty text; give each code a phrasing")
+    return UnseenQueries(path, [code.strip() for code in table["code"]], list(table["text"]))
