@@ -60,6 +60,21 @@ class TrackingStoreError(UserError):
     """The tracking store cannot be reached."""
 
 
+class ModelNameError(UserError):
+    """A registered-model name the model registry would refuse."""
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, before any work, a registered-model name the registry would refuse only after the
+    model is logged: empty, a path step (``.``, ``..``), or holding ``/`` or ``:`` (MLflow's
+    rule)."""
+    if not name.strip() or name.strip() in (".", "..") or any(c in name for c in "/:"):
+        raise ModelNameError(
+            f"--register {name!r} is not a name the model registry accepts; give a non-empty "
+            "name without '/' or ':'"
+        )
+
+
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 

@@ -514,7 +514,15 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 
 
 def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
-    workdir, _, run, _ = trained
+    workdir, client, run, _ = trained
+    logged = len(client.search_logged_models([run.info.experiment_id]))
+    refused = run_cli(workdir, "export", "--from-checkpoint", "quickstart", "--register", "a/b")
+    assert error_line(refused) == (
+        "error: --register 'a/b' is not a name the model registry accepts; give a non-empty name "
+        "without '/' or ':'"
+    )
+    assert refused.stderr.strip() == error_line(refused)  # before any model was built or logged
+    assert len(client.search_logged_models([run.info.experiment_id])) == logged
     result = ok(
         run_cli(workdir, "export", "--from-checkpoint", "quickstart", "--register", "naics")
     )
