@@ -347,12 +347,12 @@ def resolve_checkpoint(
     path = Path(reference)
     if path.is_file():
         return ResolvedCheckpoint(path, None)
-    if path.is_dir():
-        raise CheckpointReferenceError(
-            f"{reference} is a folder; give a checkpoint file in it, a stage name or a "
-            "runs:/<run_id>/ckpt URI"
-        )
     if path.suffix == ".ckpt" or len(path.parts) > 1:
+        if path.is_dir():
+            raise CheckpointReferenceError(
+                f"{reference} is a folder; give a checkpoint file in it, a stage name or a "
+                "runs:/<run_id>/ckpt URI"
+            )
         raise CheckpointReferenceError(f"checkpoint file {reference} does not exist")
     run = best_run_of_stage(reference, comparable(reference) if comparable else None)
     best = download_checkpoint(run, run.data.tags["best_checkpoint"], download_dir)

@@ -148,14 +148,14 @@ def read_unseen_queries(path: Path) -> UnseenQueries:
     """The NAICS 2017 phrasings file (columns code,text) that ``evaluate`` reads first, so that a
     wrong file ends it at once, in one line (its codes are checked against the taxonomy later)."""
     if not path.is_file():
-        raise UserError(
+        raise QueryError(
             f"evaluation queries {path} not found; pass --unseen-queries PATH or set "
             "evaluation.unseen_queries"
         )
     table = read_text_csv(path)
     if not {"code", "text"} <= set(table.columns):
-        raise UserError(f"{path} must have the columns code,text")
+        raise QueryError(f"{path} must have the columns code,text")
     for line, text in enumerate(table["text"], start=2):
         if not text.strip():
-            raise UserError(f"{path} line {line} has an empty text; give each code a phrasing")
+            raise QueryError(f"{path} line {line} has an empty text; give each code a phrasing")
     return UnseenQueries(path, [code.strip() for code in table["code"]], list(table["text"]))
