@@ -40,7 +40,55 @@ def _reports_user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageError(click.ClickException):
+    """A click usage error (an unknown option or command, a missing or bad value) shown as the
+    project's own user errors are: one ``error:`` line and exit 2, not click's usage block."""
+
+    exit_code = 2
+
+    def __init__(self, usage_error: click.UsageError, command_path: str) -> None:
+        super().__init__(usage_error.format_message().removesuffix("."))
+        self.command_path = command_path
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message} (see '{self.command_path} --help')", err=True)
+
+
+class _CommandLine(click.Group):
+    """The root group and its subgroups. A command's arguments are parsed in its group's
+    ``invoke`` (the root's own in ``make_context``), so that is where click's usage errors are
+    made one line; click then shows and exits as for its other exceptions. A group named with no
+    subcommand still shows its help."""
+
+    group_class = type  # subgroups (`data`) are of this class too
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            path = " ".join(filter(None, [parent.command_path if parent else None, info_name]))
+            raise _OneLineUsageError(exc, exc.ctx.command_path if exc.ctx else path) from exc
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            # Errors from the option parser carry no context; the subcommand is known by now.
+            fallback = " ".join(filter(None, [ctx.command_path, ctx.invoked_subcommand]))
+            raise _OneLineUsageError(exc, exc.ctx.command_path if exc.ctx else fallback) from exc
+
+
+@click.group(cls=_CommandLine, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @click.version_option(package_name="naics-embedder")
 def main(debug: bool) -> None:
@@ -189,7 +237,7 @@ def train(
             click.echo(f"{spec.name:<14} {spec.description}")
         return
     if not curriculum_name:
-        raise click.UsageError("give --curriculum NAME (see --list-curricula)")
+        raise UserError("give --curriculum NAME (see --list-curricula)")
     from naics_mlflow.config import load_config, split_overrides
     from naics_mlflow.data.census import load_release
 
@@ -337,9 +385,9 @@ def train_curriculum(
     from naics_mlflow.data.curriculum import CurriculumError, load_chain
 
     if resume_word.lower() not in _BOOLEAN_WORDS:
-        raise click.BadParameter(
-            f"takes true or false, got {resume_word!r} (put KEY=VALUE overrides after the options)",
-            param_hint="--resume",
+        raise UserError(
+            f"--resume takes true or false, got {resume_word!r} "
+            "(put KEY=VALUE overrides after the options)"
         )
     resume = _BOOLEAN_WORDS[resume_word.lower()] and not no_resume
     override_items = [*split_overrides(overrides_string), *overrides]

@@ -1,0 +1,52 @@
+"""The command line's own parsing: a mistyped command, option or value ends in one line, as the
+project's other user errors do, and names the help that lists what is accepted."""
+
+from __future__ import annotations
+
+from tests.commands import run_cli_concurrently
+
+USAGE_ERRORS = [
+    (
+        ["trian"],
+        "error: No such command 'trian'. Did you mean 'train'? (see 'naics-embedder --help')",
+    ),
+    (["--foo"], "error: No such option '--foo' (see 'naics-embedder --help')"),
+    (
+        ["--debug=1"],
+        "error: Option '--debug' does not take a value (see 'naics-embedder --help')",
+    ),
+    (["data", "--foo"], "error: No such option '--foo' (see 'naics-embedder data --help')"),
+    (["train", "--foo"], "error: No such option '--foo' (see 'naics-embedder train --help')"),
+    (
+        ["train", "-c"],
+        "error: Option '-c' requires an argument (see 'naics-embedder train --help')",
+    ),
+    (
+        ["search", "a bakery"],
+        "error: Missing option '--from-checkpoint' (see 'naics-embedder search --help')",
+    ),
+    (
+        ["data", "buidl"],
+        "error: No such command 'buidl'. Did you mean 'build'? (see 'naics-embedder data --help')",
+    ),
+    (
+        ["data", "build", "--raw-dir", "README.md"],
+        "error: Invalid value for '--raw-dir': Directory 'README.md' is a file "
+        "(see 'naics-embedder data build --help')",
+    ),
+]
+
+
+def test_usage_errors_end_in_one_line_naming_the_help(tmp_path):
+    (tmp_path / "README.md").write_text("a file, not a folder\n")
+    results = run_cli_concurrently(tmp_path, [arguments for arguments, _ in USAGE_ERRORS])
+    for (arguments, expected), result in zip(USAGE_ERRORS, results, strict=True):
+        assert result.returncode == 2, (arguments, result.stderr)
+        assert result.stderr == expected + "\n", arguments
+        assert result.stdout == ""
+
+
+def test_a_group_named_without_its_command_still_shows_its_help(tmp_path):
+    [result] = run_cli_concurrently(tmp_path, [["data"]])
+    assert result.stderr.startswith("Usage: naics-embedder data [OPTIONS] COMMAND")
+    assert "build" in result.stderr
