@@ -98,19 +98,33 @@ def _check_server(uri: str) -> None:
         )
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store (relative to the working folder unless the
+    path after the three slashes is absolute); None for any other store."""
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return None
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+def _store_is_missing() -> bool:
+    """Whether the store is a sqlite file not yet made in a folder that is there: MLflow would
+    create it on a read. (A folder that is not there is the store check's error to report.)"""
+    database = _sqlite_file(tracking_uri())
+    return database is not None and database.parent.is_dir() and not database.exists()
+
+
 @functools.cache
 def _check_store(uri: str) -> None:
     """Fail in one line where MLflow cannot use the store at ``uri``: a sqlite file in a folder
     that cannot be written (MLflow would retry it for minutes), a scheme it does not know, a
     file store (which MLflow now refuses unless told otherwise) or a database without its
     driver."""
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
-        if str(database) != ":memory:" and (reason := why_unwritable(database)):
-            raise TrackingStoreError(
-                f"cannot write the tracking store {uri} ({reason}); point MLFLOW_TRACKING_URI at "
-                "a folder you can write, or unset it for sqlite:///mlflow.db here"
-            )
+    database = _sqlite_file(uri)
+    if database is not None and (reason := why_unwritable(database)):
+        raise TrackingStoreError(
+            f"cannot write the tracking store {uri} ({reason}); point MLFLOW_TRACKING_URI at "
+            "a folder you can write, or unset it for sqlite:///mlflow.db here"
+        )
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except (MlflowException, ImportError) as exc:
@@ -388,8 +402,11 @@ def tag_equals(tag: str, value: str) -> str:
 def search_runs(filter_string: str, order_by: list[str] | None = None) -> list[Run]:
     """Runs of every experiment in the store matching an MLflow filter, in ``order_by`` order.
 
-    All experiments, because ``mlflow run`` puts runs in the experiment its caller chose.
+    All experiments, because ``mlflow run`` puts runs in the experiment its caller chose. A
+    sqlite store whose file is not there holds no runs, and a search must not create it.
     """
+    if _store_is_missing():
+        return []
     connect()
     return mlflow.search_runs(
         search_all_experiments=True,
@@ -475,6 +492,12 @@ def best_run_of_stage(stage: str, comparable: Mapping[str, str] | None = None) -
         raise CheckpointReferenceError(
             f"no finished run of stage '{stage}' in {tracking_uri()} is comparable with this one "
             f"({reasons}); train that stage here, or pass a runs:/<run_id>/ckpt URI"
+        )
+    if _store_is_missing():
+        raise CheckpointReferenceError(
+            f"cannot look up stage '{stage}': the tracking store {tracking_uri()} does not exist "
+            f"({_sqlite_file(tracking_uri()).resolve()}); run from the folder you trained in, "
+            "point MLFLOW_TRACKING_URI at your store, or pass a checkpoint file"
         )
     raise CheckpointReferenceError(
         f"no finished run of stage '{stage}' with a logged checkpoint in {tracking_uri()}; "

@@ -20,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow.model.checkpoint import read_checkpoint, weights_digest
-from tests.commands import environment, error_line, ok, run_cli
+from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
 
 TWO_PROCESSES = [
     "training.trainer.devices=2",
@@ -320,3 +320,26 @@ def test_a_tracking_store_mlflow_cannot_use_fails_in_one_line(tiny_workdir, tmp_
             assert line.startswith(f"error: {start} {uri} ") and reason in line, line
     assert blocker.read_text() == "kept"
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_lookup_where_there_is_no_store_says_so_and_creates_none(tiny_workdir):
+    """A stage named in a folder without the default sqlite store (the wrong working folder, most
+    often) is refused with the store's path, and no empty store is left behind by the look."""
+    results = run_cli_concurrently(
+        tiny_workdir,
+        [
+            ["search", "a bakery", "--from-checkpoint", "quickstart"],
+            ["train-curriculum", "--chain", "chain_default", "--from-checkpoint", "quickstart"],
+            ["runs"],
+        ],
+        tracking_uri=None,
+    )
+    store = tiny_workdir / "mlflow.db"
+    for result in results[:2]:
+        assert error_line(result) == (
+            "error: cannot look up stage 'quickstart': the tracking store sqlite:///mlflow.db "
+            f"does not exist ({store}); run from the folder you trained in, point "
+            "MLFLOW_TRACKING_URI at your store, or pass a checkpoint file"
+        )
+    assert ok(results[2]).stdout == "no stage runs in sqlite:///mlflow.db\n"
+    assert not store.exists()
