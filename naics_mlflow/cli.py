@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -109,6 +110,15 @@ def main(debug: bool) -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()
     )
+    # SIGTERM (`kill`, `timeout`, `docker stop`, a cloud's preemption notice) stops a command as
+    # Ctrl-C does: runs end KILLED with their last checkpoint kept, half-written files are removed,
+    # the exit status is 1. Left alone, Python would die at once outside a fit, and inside one
+    # Lightning's own handler would end the run KILLED and the process with status 0.
+    signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
+
+
+def _stop_as_on_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 _config_option = click.option(
