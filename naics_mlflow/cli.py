@@ -416,14 +416,15 @@ def train_curriculum(
     names = [name.strip() for name in curricula.split(",") if name.strip()]
     for name in [stage.name for stage in chain.stages] if chain else names:
         _load_stage_curriculum(config_path, name)
+    from naics_mlflow.training.plan import plan_chain
+
+    plan = plan_chain(config_path, directory, chain, names, override_items)
     release = load_release(_census_sources(config_path))
 
     import tempfile
 
     from naics_mlflow import tracking
-    from naics_mlflow.training.plan import plan_chain
 
-    plan = plan_chain(config_path, directory, chain, names, override_items)
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         init = _checked_checkpoint(
             from_checkpoint, trust_checkpoint, plan.stages[0].config, Path(download_dir), directory

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from naics_mlflow.data.curriculum import (
+    ChainSpec,
     ChainStage,
     CurriculumError,
     CurriculumSampler,
@@ -480,3 +481,20 @@ def test_shipped_chain_names_shipped_stages() -> None:
     assert [s.config.training.head_only for s in plan.stages] == [True, False]
     for stage in chain.stages:
         assert load_curriculum(CONF_DIR / f"{stage.name}.yaml").name == stage.name
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        ([], "no stages to train"),
+        (["quickstart", "finetune", "quickstart"], "stage 'quickstart' is named more than once"),
+    ],
+)
+def test_a_chain_of_no_stages_or_of_a_stage_twice_is_refused(names, message) -> None:
+    # Twice, a resumed chain would find the first one's finished run for the second.
+    with pytest.raises(CurriculumError, match=message):
+        plan_chain(CONF_DIR.parent / "config.yaml", CONF_DIR, None, names, [])
+    if names:
+        chain = ChainSpec("twice", [ChainStage(name=name) for name in names])
+        with pytest.raises(CurriculumError, match=message):
+            plan_chain(CONF_DIR.parent / "config.yaml", CONF_DIR, chain, [], [])

@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from naics_mlflow.config import Config, ConfigError, build_config, parse_overrides
-from naics_mlflow.data.curriculum import ChainSpec, CurriculumSpec, load_curriculum
+from naics_mlflow.data.curriculum import (
+    ChainSpec,
+    CurriculumError,
+    CurriculumSpec,
+    load_curriculum,
+)
 from naics_mlflow.model.checkpoint import shape_difference
 
 
@@ -62,6 +67,7 @@ def plan_chain(
     ``overrides``, its ``max_epochs`` and ``learning_rate``, the command-line overrides."""
     stages = chain.stages if chain else None
     names = [stage.name for stage in stages] if stages else curricula
+    _check_stage_names(names)
     command_line = [
         (parse_overrides([item], "the command line"), f"override '{item}'") for item in overrides
     ]
@@ -87,6 +93,21 @@ def plan_chain(
     sequence = "-".join(stage_id(name) for name in names)
     chain_name = chain.chain_name if chain else None
     return ChainPlan(chain_name or sequence, chain_name, sequence, planned)
+
+
+def _check_stage_names(names: list[str]) -> None:
+    """Raise :class:`CurriculumError` for a chain of no stages, or one that names a stage twice:
+    the store finds a stage's runs by its name, so a resumed chain would take the second for
+    the first, finished already."""
+    if not names:
+        raise CurriculumError("no stages to train; give --curricula NAME[,NAME...] or --chain NAME")
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated:
+        raise CurriculumError(
+            f"stage '{repeated}' is named more than once in {','.join(names)}; a chain trains "
+            "each stage once (its runs are found by name): to train it again, copy its "
+            "curriculum file under another name"
+        )
 
 
 def _check_weights_carry_over(stages: list[PlannedStage]) -> None:
