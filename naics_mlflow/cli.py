@@ -588,6 +588,7 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
     type=click.Path(dir_okay=False, path_type=Path),
     default=Path("outputs/naics_embeddings.parquet"),
     show_default=True,
+    help="The .parquet file to write.",
 )
 @_config_option
 @_reports_user_errors
@@ -602,6 +603,8 @@ def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -
     from naics_mlflow import tracking
     from naics_mlflow.files import check_output, write_output
 
+    if out.suffix.lower() != ".parquet":
+        raise UserError(f"--out must end in .parquet (embed writes Parquet), got {out.name}")
     check_output(out)
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         engine, taxonomy, resolved, _ = _load_engine(

@@ -78,6 +78,11 @@ def test_embed_writes_every_code_on_the_manifold(trained):
         "folder you can write"
     )
     assert refused.stderr.strip() == error_line(refused)  # before the model was loaded
+    refused = run_cli(workdir, "embed", "--from-checkpoint", "quickstart", "--out", "emb.csv")
+    assert (
+        refused.stderr == "error: --out must end in .parquet (embed writes Parquet), got emb.csv\n"
+    )
+    assert not (workdir / "emb.csv").exists()
 
     config = (workdir / "conf" / "config.yaml").read_text()
     assert "backbone_dtype: auto" in config
@@ -187,7 +192,7 @@ def test_search_returns_the_closest_codes(trained):
     ("arguments", "expected"),
     [
         (["   "], "query 1 is empty"),
-        (["bakery", "--top", "0"], "top_k must be between 1 and 100"),
+        (["bakery", "--top", "0"], "--top (top_k of a served request) must be between 1 and 100"),
         (
             ["bakery", "search.item_weight=0"],
             "'search.item_weight=0' sets a config key, and search takes no KEY=VALUE overrides",
@@ -609,7 +614,7 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
             f"http://127.0.0.1:{port}/invocations",
             {"dataframe_records": [{"text": "bakery"}], "params": {"top_k": 1000}},
         )
-        assert status == 400 and "top_k must be between 1 and 100" in body["message"]
+        assert status == 400 and "top_k of a served request) must be between 1" in body["message"]
         status, body = _post(
             f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"query": "bakery"}]}
         )

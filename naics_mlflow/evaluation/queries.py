@@ -47,7 +47,9 @@ def check_request(texts: list[str], top_k: int, level: int | None) -> None:
         if not isinstance(text, str) or not text.strip():
             raise QueryError(f"query {position + 1} is empty; give a business description")
     if not 1 <= top_k <= MAX_TOP_K:
-        raise QueryError(f"top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
+        raise QueryError(
+            f"--top (top_k of a served request) must be between 1 and {MAX_TOP_K}, got {top_k}"
+        )
     if level is not None and not MIN_LEVEL <= level <= MAX_LEVEL:
         raise QueryError(f"level must be between {MIN_LEVEL} and {MAX_LEVEL}, got {level}")
 
