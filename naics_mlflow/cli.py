@@ -776,7 +776,7 @@ def evaluate(
         resolved, taxonomy = _resolve_model(
             reference, trust_checkpoint, config, config_path, Path(download_dir)
         )
-        query_sets = load_query_sets(Path(config.dirs.data), unseen, set(taxonomy.codes))
+        query_sets = load_query_sets(Path(config.dirs.data), unseen, taxonomy)
         engine = _build_engine(resolved, taxonomy, config)
     report = run_evaluation(
         engine,

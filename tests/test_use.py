@@ -491,14 +491,26 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
         )
     )
     assert line == f"error: {queries} line 3 has an empty text; give each code a phrasing"
-
-    queries.write_text("code,text\n999999,Not a code\n")
-    result = run_cli(
-        workdir, "evaluate", "--from-checkpoint", "quickstart", "--unseen-queries", str(queries)
+    queries.write_text("code,text\n")
+    line = error_line(
+        run_cli(
+            workdir, "evaluate", "--from-checkpoint", "quickstart", "--unseen-queries", str(queries)
+        )
     )
-    assert "line 2: code '999999' is not a NAICS 2022 code" in error_line(result)
-    # The codes are checked against the taxonomy before the model embeds every code.
-    assert "code embeddings" not in result.stderr and "embedded" not in result.stderr
+    assert line == f"error: {queries} holds no rows; give one code,text row per query"
+
+    # Retrieval ranks national industries only: a sector's query could never be found.
+    for code in ("999999", "11"):
+        queries.write_text(f"code,text\n{code},Not a national industry\n")
+        result = run_cli(
+            workdir, "evaluate", "--from-checkpoint", "quickstart", "--unseen-queries", str(queries)
+        )
+        assert error_line(result) == (
+            f"error: {queries} line 2: code '{code}' is not a six-digit NAICS 2022 code; give "
+            "each query the national industry it belongs to"
+        )
+        # The codes are checked against the taxonomy before the model embeds every code.
+        assert "code embeddings" not in result.stderr and "embedded" not in result.stderr
 
 
 def _free_port() -> int:

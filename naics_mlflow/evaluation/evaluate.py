@@ -51,14 +51,19 @@ class QuerySet:
     codes: list[str]
 
 
-def load_query_sets(data_dir: Path, unseen: UnseenQueries, known_codes: set[str]) -> list[QuerySet]:
+def load_query_sets(data_dir: Path, unseen: UnseenQueries, taxonomy: Taxonomy) -> list[QuerySet]:
     """The dev index items (where every modelling choice is made), the held-out index items and
-    the NAICS 2017 unseen phrasings (both reported only: never trained or tuned on)."""
+    the NAICS 2017 unseen phrasings (both reported only: never trained or tuned on). Every query
+    names a national industry, the only codes retrieval ranks."""
     dev = pq.read_table(data_dir / DEV_FILE).to_pydict()
     holdout = pq.read_table(data_dir / HOLDOUT_FILE).to_pydict()
+    national_industries = {taxonomy.codes[row] for row in six_digit_rows(taxonomy)}
     for line, code in enumerate(unseen.codes, start=2):
-        if code not in known_codes:
-            raise UserError(f"{unseen.path} line {line}: code {code!r} is not a NAICS 2022 code")
+        if code not in national_industries:
+            raise UserError(
+                f"{unseen.path} line {line}: code {code!r} is not a six-digit NAICS 2022 code; "
+                "give each query the national industry it belongs to"
+            )
     return [
         QuerySet("dev", dev["text"], dev["code"]),
         QuerySet("holdout", holdout["text"], holdout["code"]),

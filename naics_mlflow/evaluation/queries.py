@@ -157,6 +157,8 @@ def read_unseen_queries(path: Path) -> UnseenQueries:
     table = read_text_csv(path)
     if not {"code", "text"} <= set(table.columns):
         raise QueryError(f"{path} must have the columns code,text")
+    if table.empty:
+        raise QueryError(f"{path} holds no rows; give one code,text row per query")
     for line, text in enumerate(table["text"], start=2):
         if not text.strip():
             raise QueryError(f"{path} line {line} has an empty text; give each code a phrasing")
