@@ -292,7 +292,11 @@ _NON_NEGATIVE_KEYS = {
 }
 _CHOICES = {
     "training.optimizer": ("adamw", "riemannian_adam"),
-    "training.trainer.precision": ("16-mixed", "bf16-mixed", "32-true", "32", "16", "bf16", "64"),
+    # Float64 is left out: Lightning's double precision cannot convert the project's batches.
+    "training.trainer.precision": ("16-mixed", "bf16-mixed", "32-true", "32", "16", "bf16"),
+    "training.trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
+    # Data parallel is the one way the project scales out (docs/training.md), and tested.
+    "training.trainer.strategy": ("auto", "ddp"),
     "search.backbone_dtype": ("auto", "float32", "bfloat16"),
     "search.device": ("auto", "cpu", "cuda"),
 }

@@ -420,6 +420,26 @@ def test_an_unwritable_folder_fails_before_any_run_is_opened(tmp_path, tiny_over
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for GPUs where there are none")
+def test_gpus_the_machine_lacks_fail_before_any_run_is_opened(tmp_path, tiny_overrides):
+    # Lightning would fail inside the run, leaving a FAILED run and a traceback.
+    gpu = "training.trainer.accelerator=gpu"
+    results = run_cli_concurrently(
+        tmp_path,
+        [
+            [*command, "--config", str(CONFIG), *tiny_overrides, gpu]
+            for command in (["train", "-c", "01_stage"], ["train-curriculum", "-c", "01_stage"])
+        ],
+    )
+    for result in results:
+        assert error_line(result) == (
+            "error: training.trainer.accelerator is gpu, but torch sees no CUDA GPU on this "
+            "machine; set it to auto (a GPU where there is one, else the CPU) or cpu"
+        )
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 def test_a_checkpoint_write_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     writer = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"

@@ -23,7 +23,7 @@ from naics_mlflow.model.merged import inference_device
 from naics_mlflow.model.trained import load_embedder
 from naics_mlflow.serving import log_search_model
 from naics_mlflow.training.plan import ChainPlan
-from naics_mlflow.training.stage import StageResult, check_stage_folders, train_stage
+from naics_mlflow.training.stage import StageResult, check_stage_can_start, train_stage
 from naics_mlflow.training.start import (
     INTERRUPTED_STATUSES,
     ChainStart,
@@ -62,7 +62,7 @@ def run_chain(
     inference_device(plan.stages[-1].config.search.device)
     if is_global_zero():  # nor a folder it cannot write, before the parent run is opened
         for stage in plan.stages:
-            check_stage_folders(stage.config, Path(stage.config.dirs.checkpoints))
+            check_stage_can_start(stage.config, Path(stage.config.dirs.checkpoints))
     starting_weights = (
         weights_digest(read_checkpoint(init_checkpoint)["state_dict"]) if init_checkpoint else None
     )

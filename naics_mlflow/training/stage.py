@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from naics_mlflow import tracking
-from naics_mlflow.config import Config
+from naics_mlflow.config import Config, TrainerConfig
 from naics_mlflow.data.build import data_digest
 from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.curriculum import CurriculumSpec
@@ -95,7 +95,7 @@ def train_stage(
     # The store and the folder first: either failing should cost seconds, not a trained epoch.
     experiment_id = tracking.use_experiment(config.mlflow.experiment_name) if rank_zero else None
     if rank_zero:
-        check_stage_folders(config, stage_dir)
+        check_stage_can_start(config, stage_dir)
     L.seed_everything(config.training.seed, workers=True)
     datamodule = NaicsDataModule(config, curriculum, release, raw_dir)
     module = NaicsEmbedder(config.to_dict())
@@ -161,11 +161,30 @@ class UnwritableFolderError(UserError):
     """A folder a stage writes to (checkpoints, logs) that cannot be made or written."""
 
 
-def check_stage_folders(config: Config, checkpoint_dir: Path) -> None:
-    """Raise :class:`UnwritableFolderError` unless ``checkpoint_dir`` and ``dirs.outputs`` (the
-    TensorBoard logs) can be made and written."""
+def check_stage_can_start(config: Config, checkpoint_dir: Path) -> None:
+    """Raise a :class:`UserError` for what would stop the stage as it starts, before any run
+    opens: GPUs the machine does not have, or ``checkpoint_dir`` or ``dirs.outputs`` (the
+    TensorBoard logs) that cannot be made and written."""
+    _check_gpus(config.training.trainer)
     _check_writable(checkpoint_dir, "checkpoints", "dirs.checkpoints")
     _check_writable(Path(config.dirs.outputs), "TensorBoard logs", "dirs.outputs")
+
+
+def _check_gpus(trainer: TrainerConfig) -> None:
+    """Lightning would fail inside the run, with a traceback, on GPUs that are not there."""
+    asks_for_gpus = trainer.accelerator in ("gpu", "cuda")
+    available = torch.cuda.device_count()
+    if asks_for_gpus and available == 0:
+        raise UserError(
+            f"training.trainer.accelerator is {trainer.accelerator}, but torch sees no CUDA GPU "
+            "on this machine; set it to auto (a GPU where there is one, else the CPU) or cpu"
+        )
+    on_gpus = asks_for_gpus or (trainer.accelerator == "auto" and available > 0)
+    if on_gpus and isinstance(trainer.devices, int) and trainer.devices > available:
+        raise UserError(
+            f"training.trainer.devices is {trainer.devices}, but this machine has {available} "
+            f"CUDA GPU(s); set it to {available} or fewer"
+        )
 
 
 def _check_writable(folder: Path, what: str, setting: str) -> None:
