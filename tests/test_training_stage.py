@@ -225,9 +225,13 @@ def test_mlflow_run_stage_entry_point(tmp_path, tiny_overrides):
 def test_failed_training_marks_the_run_failed(tmp_path, monkeypatch, tiny_overrides, release):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    config = load_config(CONFIG, [*tiny_overrides, "training.trainer.accelerator=tpu"])
-    # Lightning's TPU accelerator needs torch_xla, which this environment lacks.
-    with pytest.raises(ModuleNotFoundError, match="torch_xla"):
+    config = load_config(CONFIG, tiny_overrides)
+
+    def broken_step(self, batch, batch_index):
+        raise RuntimeError("a step that breaks")
+
+    monkeypatch.setattr(NaicsEmbedder, "training_step", broken_step)
+    with pytest.raises(RuntimeError, match="a step that breaks"):
         train_stage(
             config,
             load_curriculum(REPO / "conf/text_curriculum/01_stage.yaml"),
@@ -236,7 +240,7 @@ def test_failed_training_marks_the_run_failed(tmp_path, monkeypatch, tiny_overri
         )
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "FAILED"
-    assert run.data.tags["error"]
+    assert run.data.tags["error"] == "RuntimeError: a step that breaks"
 
 
 def _train_01_stage(workdir: Path, tiny_overrides: list[str], *overrides: str):
