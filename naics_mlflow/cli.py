@@ -47,9 +47,11 @@ class _OneLineUsageError(click.ClickException):
 
     exit_code = 2
 
-    def __init__(self, usage_error: click.UsageError, command_path: str) -> None:
+    def __init__(self, usage_error: click.UsageError, fallback_path: str) -> None:
+        """``fallback_path``: the command's path where the error carries no context, as the
+        option parser's errors do not."""
         super().__init__(usage_error.format_message().removesuffix("."))
-        self.command_path = command_path
+        self.command_path = usage_error.ctx.command_path if usage_error.ctx else fallback_path
 
     def show(self, file: Any = None) -> None:
         click.echo(f"error: {self.message} (see '{self.command_path} --help')", err=True)
@@ -76,7 +78,7 @@ class _CommandLine(click.Group):
             raise
         except click.UsageError as exc:
             path = " ".join(filter(None, [parent.command_path if parent else None, info_name]))
-            raise _OneLineUsageError(exc, exc.ctx.command_path if exc.ctx else path) from exc
+            raise _OneLineUsageError(exc, path) from exc
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -84,9 +86,8 @@ class _CommandLine(click.Group):
         except click.exceptions.NoArgsIsHelpError:
             raise
         except click.UsageError as exc:
-            # Errors from the option parser carry no context; the subcommand is known by now.
-            fallback = " ".join(filter(None, [ctx.command_path, ctx.invoked_subcommand]))
-            raise _OneLineUsageError(exc, exc.ctx.command_path if exc.ctx else fallback) from exc
+            path = " ".join(filter(None, [ctx.command_path, ctx.invoked_subcommand]))
+            raise _OneLineUsageError(exc, path) from exc
 
 
 @click.group(cls=_CommandLine, context_settings={"help_option_names": ["-h", "--help"]})
