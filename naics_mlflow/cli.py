@@ -187,13 +187,27 @@ def _curricula_dir(config_path: str) -> Path:
     return Path(config_path).parent / "text_curriculum"
 
 
+def _curricula(config_path: str) -> list:
+    """The curriculum stages beside ``--config``; none there is a user error."""
+    from naics_mlflow.data.curriculum import CurriculumError, list_curricula
+
+    directory = _curricula_dir(config_path)
+    specs = list_curricula(directory)
+    if not specs:
+        raise CurriculumError(
+            f"no curricula in {directory}: stages are read from text_curriculum/ beside the "
+            "--config file"
+        )
+    return specs
+
+
 def _load_stage_curriculum(config_path: str, name: str):
-    from naics_mlflow.data.curriculum import CurriculumError, list_curricula, load_curriculum
+    from naics_mlflow.data.curriculum import CurriculumError, load_curriculum
 
     directory = _curricula_dir(config_path)
     path = directory / f"{name}.yaml"
     if not path.is_file():
-        available = ", ".join(spec.name for spec in list_curricula(directory))
+        available = ", ".join(spec.name for spec in _curricula(config_path))
         raise CurriculumError(f"unknown curriculum '{name}' in {directory}; available: {available}")
     return load_curriculum(path)
 
@@ -242,9 +256,7 @@ def train(
     """Train one curriculum stage as one MLflow run. Overrides: KEY=VALUE, e.g.
     training.learning_rate=1e-4 data_loader.batch_size=8."""
     if list_curricula:
-        from naics_mlflow.data.curriculum import list_curricula as read_curricula
-
-        for spec in read_curricula(_curricula_dir(config_path)):
+        for spec in _curricula(config_path):
             click.echo(f"{spec.name:<14} {spec.description}")
         return
     if not curriculum_name:

@@ -68,11 +68,22 @@ def parse_yaml(text: str, source: str) -> Any:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file with :func:`parse_yaml`; a missing file is a :class:`ConfigError`."""
+    """Read a YAML file with :func:`parse_yaml`; a file that is missing, a folder or not UTF-8
+    text is a :class:`ConfigError`."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the path of a YAML file")
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
-    return parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror})") from exc
+    return parse_yaml(text, str(path))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from naics_mlflow.config import Config, ConfigError, build_config, load_config, parse_overrides
+from tests.commands import error_line, run_cli
 
 BASE = Path(__file__).resolve().parents[1] / "conf" / "config.yaml"
 
@@ -113,6 +114,26 @@ def test_invalid_yaml_reports_line(tmp_path):
     path.write_text("training:\n  learning_rate: [1e-4\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path} is a folder; give the path of a YAML"):
+        load_config(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"training:\n  learning_rate: 1e-4 # caf\xe9\n")
+    with pytest.raises(
+        ConfigError, match=r"config.yaml is not UTF-8 text \(invalid continuation byte at byte"
+    ):
+        load_config(path)
+
+
+def test_a_config_with_no_curricula_beside_it_says_where_they_are_read_from(tmp_path):
+    (tmp_path / "config.yaml").write_text(BASE.read_text())
+    result = run_cli(tmp_path, "train", "--list-curricula", "--config", "config.yaml")
+    assert error_line(result) == (
+        "error: no curricula in text_curriculum: stages are read from text_curriculum/ beside "
+        "the --config file"
+    )
 
 
 def test_yaml_is_loaded_safely(tmp_path):
