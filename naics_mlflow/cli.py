@@ -236,7 +236,8 @@ def _readable_copy(path: Path, trust_checkpoint: bool, download_dir: Path) -> Pa
     "--from-checkpoint",
     "from_checkpoint",
     default="",
-    help="Initialise from a stage name (its best run), a runs:/<run_id>/ckpt URI or a .ckpt file.",
+    help="Initialise from a stage name (its best run), a runs:/<run_id>/ckpt or "
+    "models:/<name>/<version> URI, or a .ckpt file.",
 )
 @_trust_option
 @_raw_dir_option
@@ -381,7 +382,8 @@ _BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": Fa
     "--from-checkpoint",
     "from_checkpoint",
     default="",
-    help="Start stage 1 from a stage name, a runs:/<run_id>/ckpt URI or a .ckpt file.",
+    help="Start stage 1 from a stage name, a runs:/<run_id>/ckpt or models:/<name>/<version> "
+    "URI, or a .ckpt file.",
 )
 @_trust_option
 @_raw_dir_option
@@ -529,7 +531,8 @@ def _checkpoint_option(command: Callable[..., Any]) -> Callable[..., Any]:
         "--from-checkpoint",
         "reference",
         required=True,
-        help="A stage name (its best run), a runs:/<run_id>/ckpt URI or a .ckpt file.",
+        help="A stage name (its best run), a runs:/<run_id>/ckpt or models:/<name>/<version> "
+        "URI (a registered model), or a .ckpt file.",
     )(command)
 
 

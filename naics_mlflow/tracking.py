@@ -352,8 +352,9 @@ def resolve_checkpoint(
 ) -> ResolvedCheckpoint:
     """The checkpoint a ``--from-checkpoint`` reference names: a stage name (its best run in the
     store among those whose tags equal ``comparable(stage)``), a ``runs:/<id>/ckpt`` or other
-    artifact URI, or a path to a ``.ckpt`` file."""
-    if "://" in reference or reference.startswith("runs:/"):
+    artifact URI (``models:/<name>/<version>``, a registered model, holds its checkpoint), or a
+    path to a ``.ckpt`` file."""
+    if "://" in reference or reference.startswith(("runs:/", "models:/")):
         run_id = re.match(r"runs:/([^/]+)", reference)
         return ResolvedCheckpoint(
             _download_reference(reference, download_dir), run_id.group(1) if run_id else None

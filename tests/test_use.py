@@ -618,6 +618,19 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
         assert [(p["code"], f"{p['score']:.3f}") for p in body["predictions"]] == [
             (row[1], row[2]) for row in rows
         ]
+        # The registered model names the same checkpoint for the commands.
+        by_registry = ok(
+            run_cli(
+                workdir,
+                "search",
+                "grow soybeans",
+                "--top",
+                "2",
+                "--from-checkpoint",
+                "models:/naics/1",
+            )
+        )
+        assert by_registry.stdout == searched.stdout
         status, body = _post(
             f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"text": " "}]}
         )
