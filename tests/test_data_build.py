@@ -374,6 +374,20 @@ def test_an_output_folder_that_cannot_be_made_fails_in_one_line(raw_dir, tmp_pat
     assert blocker.read_text() == "kept"
 
 
+def test_a_census_folder_that_is_a_file_fails_in_one_line(tmp_path, release):
+    # Otherwise the download of the first workbook fails on the file, naming the Census site.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("kept")
+    with pytest.raises(DataError) as caught:
+        build_data(blocker, tmp_path / "data", release)
+    assert str(caught.value) == (
+        f"the Census folder {blocker} is a file; point --raw-dir (or NAICS_RAW_DIR) at the "
+        "folder that holds the four NAICS 2022 workbooks, or is to hold them"
+    )
+    assert blocker.read_text() == "kept"
+    assert not (tmp_path / "data").exists()
+
+
 # --- missing files: download ------------------------------------------------------------------
 
 

@@ -107,6 +107,11 @@ def resolve_raw_dir(cli_value: str | None, config_default: str) -> Path:
 
 def ensure_raw_files(raw_dir: Path, release: CensusRelease) -> dict[str, Path]:
     """Paths of the four workbooks by role, downloading any that is missing from ``raw_dir``."""
+    if raw_dir.exists() and not raw_dir.is_dir():
+        raise DataError(
+            f"the Census folder {raw_dir} is a file; point --raw-dir (or NAICS_RAW_DIR) at the "
+            "folder that holds the four NAICS 2022 workbooks, or is to hold them"
+        )
     paths = {}
     with _retrying_session(release.retries, release.backoff_factor) as session:
         for role, census_file in release.files.items():
