@@ -100,10 +100,12 @@ def _check_server(uri: str) -> None:
 
 def _sqlite_file(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` store (relative to the working folder unless the
-    path after the three slashes is absolute); None for any other store."""
-    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+    path after the three slashes is absolute; SQLAlchemy's ``?option=value`` left out); None for
+    any other store."""
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not uri.startswith("sqlite:///") or path == ":memory:":
         return None
-    return Path(uri.removeprefix("sqlite:///"))
+    return Path(path)
 
 
 def _store_is_missing() -> bool:

@@ -343,3 +343,12 @@ def test_a_lookup_where_there_is_no_store_says_so_and_creates_none(tiny_workdir)
         )
     assert ok(results[2]).stdout == "no stage runs in sqlite:///mlflow.db\n"
     assert not store.exists()
+
+
+def test_a_sqlite_store_named_with_options_is_read(tiny_workdir):
+    """SQLAlchemy's ``?option=value`` is no part of the file's name: the store is there."""
+    uri = f"sqlite:///{tiny_workdir}/options.db?timeout=30"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("options"), tags={"stage": "01_stage"})
+    listed = ok(run_cli(tiny_workdir, "runs", tracking_uri=uri)).stdout
+    assert run.info.run_id[:12] in listed
