@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import re
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -226,6 +227,33 @@ def git_commit() -> str:
     return result.stdout.strip()
 
 
+# The tag naming the process that writes a run: ``host:pid:start``.
+PROCESS_TAG = "process"
+
+
+def _process_identity(pid: int) -> str | None:
+    """``host:pid:start`` of process ``pid`` on this machine, ``start`` being its start time in
+    clock ticks since boot (Linux's /proc), so that a pid since given to another process reads
+    differently; None where there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; fields are counted after the command name, which may hold spaces and ')'.
+    start = stat.rsplit(")", 1)[1].split()[19]
+    return f"{socket.gethostname()}:{pid}:{start}"
+
+
+def live_writer(run: Run) -> int | None:
+    """The pid of the process on this machine that is writing ``run`` now, else None: a RUNNING
+    run whose process died, or that runs on another machine (which cannot be asked), is None."""
+    tag = run.data.tags.get(PROCESS_TAG, "")
+    pid = tag.split(":")[1] if tag.count(":") == 2 else ""
+    if run.info.status != "RUNNING" or not pid.isdigit():
+        return None
+    return int(pid) if _process_identity(int(pid)) == tag else None
+
+
 @contextlib.contextmanager
 def run(
     experiment_id: str,
@@ -243,7 +271,7 @@ def run(
         run_id=reopen_run_id,
         experiment_id=None if reopen_run_id else experiment_id,
         run_name=None if reopen_run_id else run_name,
-        tags=dict(tags),
+        tags={**tags, PROCESS_TAG: _process_identity(os.getpid()) or socket.gethostname()},
         nested=parent_run_id is not None,
         parent_run_id=parent_run_id,
     )

@@ -426,6 +426,42 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
         assert len(_runs(workdir, "tags.role = 'chain'")) == 2
 
 
+def test_a_chain_being_trained_is_not_taken_over_by_a_second_command(workdir):
+    """The same command started again while the first runs (a second terminal, a retried job)
+    is refused; otherwise it would mark the live runs KILLED and train them a second time."""
+    _write_chain(
+        workdir,
+        "chain_twice",
+        "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 200\n",
+    )
+    command = ["train-curriculum", "--chain", "chain_twice"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "naics_mlflow", *command],
+        cwd=workdir,
+        env=environment(workdir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not _stage_runs(workdir, "02_stage") and first.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        runs_before = len(_runs(workdir))
+        second = run_cli(workdir, *command)
+        assert first.poll() is None, "the chain ended before the second command was refused"
+        assert error_line(second).startswith(
+            f"error: this chain is being trained now by process {first.pid} on this machine (run "
+        )
+        (stage_run,) = _stage_runs(workdir, "02_stage")
+        assert stage_run.info.status == "RUNNING"  # not marked KILLED, not taken over
+        assert len(_runs(workdir)) == runs_before
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
 @pytest.fixture()
 def store(tmp_path, monkeypatch) -> MlflowClient:
     """A sqlite store in ``tmp_path`` that this process's tracking functions use."""

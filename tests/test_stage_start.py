@@ -8,6 +8,7 @@ import json
 import pytest
 
 from naics_mlflow.training.start import (
+    ChainInUseError,
     ChainStart,
     EarlierRun,
     How,
@@ -184,3 +185,16 @@ def test_parent_run(earlier_parent, resume, under_mlflow_run, stage_runs, parent
 def test_the_decision_reaches_other_ranks_unchanged_as_json():
     chain_start = ChainStart("p1", (REUSE_F1, RESUME_K1, AFTER_PREVIOUS))
     assert ChainStart.from_json(json.loads(json.dumps(chain_start.to_json()))) == chain_start
+
+
+def test_a_chain_another_live_process_is_writing_is_not_resumed():
+    """Resuming would take over that process's runs; --resume false trains a separate copy."""
+    state = StoreState("p1", {"01_stage": [stopped("k1", "RUNNING")]}, written_now=("k1", 4321))
+    with pytest.raises(ChainInUseError, match=r"process 4321 on this machine \(run k1\)"):
+        decide_chain_start(
+            ["01_stage"], state, resume=True, init_checkpoint=None, under_mlflow_run=False
+        )
+    separate = decide_chain_start(
+        ["01_stage"], state, resume=False, init_checkpoint=None, under_mlflow_run=False
+    )
+    assert separate == ChainStart(None, (FROM_SCRATCH,))

@@ -223,16 +223,25 @@ def read_store_state(chain_hash: str, stages: list[str], download_dir: Path) -> 
     to ``download_dir`` and read back."""
     this_chain = tracking.tag_equals("chain_hash", chain_hash)
     parents = tracking.search_runs(f"{this_chain} AND tags.role = 'chain'")
-    stage_runs = {
-        name: [
-            _earlier_run(run, download_dir)
-            for run in tracking.search_runs(
-                f"{this_chain} AND {tracking.tag_equals('stage', name)}"
-            )
-        ]
+    found = {
+        name: tracking.search_runs(f"{this_chain} AND {tracking.tag_equals('stage', name)}")
         for name in stages
     }
-    return StoreState(parents[0].info.run_id if parents else None, stage_runs)
+    written_now = _written_now([*parents, *(run for runs in found.values() for run in runs)])
+    # A chain in use is not resumed: its runs' last.ckpt, perhaps mid-upload, is not needed.
+    stage_runs = {
+        name: [] if written_now else [_earlier_run(run, download_dir) for run in runs]
+        for name, runs in found.items()
+    }
+    return StoreState(parents[0].info.run_id if parents else None, stage_runs, written_now)
+
+
+def _written_now(runs: list[Run]) -> tuple[str, int] | None:
+    """(run id, pid) of the first of ``runs`` a live process on this machine is writing."""
+    for run in runs:
+        if (pid := tracking.live_writer(run)) is not None:
+            return run.info.run_id, pid
+    return None
 
 
 def _earlier_run(run: Run, download_dir: Path) -> EarlierRun:

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
+from naics_mlflow.errors import UserError
+
 # What a run that stopped before its end reads: RUNNING when its process died, KILLED after
 # Ctrl-C, FAILED after an error.
 INTERRUPTED_STATUSES = ("RUNNING", "FAILED", "KILLED")
@@ -34,6 +36,12 @@ class StoreState:
 
     parent_run_id: str | None  # the latest parent run of the chain
     stage_runs: Mapping[str, Sequence[EarlierRun]]  # a stage's earlier runs, newest first
+    # (run id, pid) of a run of the chain that a live process on this machine is writing now
+    written_now: tuple[str, int] | None = None
+
+
+class ChainInUseError(UserError):
+    """The chain is being trained now by another process, whose runs a resume would take over."""
 
 
 class How(StrEnum):
@@ -87,8 +95,16 @@ def decide_chain_start(
     With ``resume``, a stage reuses its newest finished run that logged its best checkpoint, else
     continues its newest interrupted run whose ``last.ckpt`` is whole, else trains afresh; the
     chain continues in its latest parent run, unless ``mlflow run`` opened the run this process
-    must use. Without ``resume`` every stage trains afresh in a new parent run.
+    must use. Without ``resume`` every stage trains afresh in a new parent run. A resume is
+    refused while a live process on this machine is writing one of the chain's runs.
     """
+    if resume and state.written_now:
+        run_id, pid = state.written_now
+        raise ChainInUseError(
+            f"this chain is being trained now by process {pid} on this machine (run {run_id}); "
+            f"wait for it to finish, stop it (Ctrl-C there, or kill {pid}) and run this again "
+            "to resume, or pass --resume false to train another copy"
+        )
     parent_run_id = state.parent_run_id if resume and not under_mlflow_run else None
     starts = []
     for position, name in enumerate(stages):
