@@ -245,11 +245,12 @@ def _process_identity(pid: int) -> str | None:
 
 
 def live_writer(run: Run) -> int | None:
-    """The pid of the process on this machine that is writing ``run`` now, else None: a RUNNING
-    run whose process died, or that runs on another machine (which cannot be asked), is None."""
+    """The pid of another process on this machine that is writing ``run`` now, else None: a
+    RUNNING run whose process died, or that runs on another machine (which cannot be asked), is
+    None."""
     tag = run.data.tags.get(PROCESS_TAG, "")
     pid = tag.split(":")[1] if tag.count(":") == 2 else ""
-    if run.info.status != "RUNNING" or not pid.isdigit():
+    if run.info.status != "RUNNING" or not pid.isdigit() or int(pid) == os.getpid():
         return None
     return int(pid) if _process_identity(int(pid)) == tag else None
 
