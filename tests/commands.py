@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from mlflow.tracking import MlflowClient
 
 OWN_STORE = "own"
 
@@ -34,6 +37,26 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=600,
+    )
+
+
+def start_cli(workdir: Path, *args: str) -> subprocess.Popen:
+    """The command line started in the background in a process group of its own, as a terminal
+    starts a job (so a test can signal the group), its output discarded, with its sqlite store
+    made first: MLflow fails to set up a store that two processes make at once, here the command
+    and the test's own client watching it."""
+    env = environment(workdir)
+    MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
+    return subprocess.Popen(
+        [sys.executable, "-m", "naics_mlflow", *args],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        # Ctrl-C as in a terminal, even when these tests run where SIGINT is ignored (a job
+        # started with & by a script), which a child would inherit.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

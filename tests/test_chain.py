@@ -22,7 +22,7 @@ from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT, weights_digest
 from naics_mlflow.training.chain import read_chain_start, read_store_state
 from naics_mlflow.training.start import EarlierRun, How, StoreState
-from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
+from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently, start_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -357,18 +357,7 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
         "chain_kill",
         "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 4\n",
     )
-    command = [sys.executable, "-m", "naics_mlflow", "train-curriculum", "--chain", "chain_kill"]
-    process = subprocess.Popen(
-        command,
-        cwd=workdir,
-        env=environment(workdir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        # Ctrl-C as in a terminal, even when these tests run where SIGINT is ignored (a job
-        # started with & by a script), which a child would inherit.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    process = start_cli(workdir, "train-curriculum", "--chain", "chain_kill")
     client = _client(workdir)
     # Stop it once stage 02 has logged a last.ckpt. The store is only asked once that stage has
     # written its first local one (the upload follows), not all through stage 01.
@@ -435,14 +424,7 @@ def test_a_chain_being_trained_is_not_taken_over_by_a_second_command(workdir):
         "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 200\n",
     )
     command = ["train-curriculum", "--chain", "chain_twice"]
-    first = subprocess.Popen(
-        [sys.executable, "-m", "naics_mlflow", *command],
-        cwd=workdir,
-        env=environment(workdir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    first = start_cli(workdir, *command)
     try:
         deadline = time.monotonic() + 300
         while not _stage_runs(workdir, "02_stage") and first.poll() is None:
