@@ -128,6 +128,8 @@ def _check_store(uri: str) -> None:
             f"cannot write the tracking store {uri} ({reason}); point MLFLOW_TRACKING_URI at "
             "a folder you can write, or unset it for sqlite:///mlflow.db here"
         )
+    if database is not None and not database.exists():
+        _create_sqlite_store(database)
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except (MlflowException, ImportError) as exc:
@@ -136,6 +138,32 @@ def _check_store(uri: str) -> None:
             "point MLFLOW_TRACKING_URI at a server (http://...) or a database "
             "(sqlite:///path/mlflow.db), or unset it for the local sqlite store"
         ) from exc
+
+
+def _create_sqlite_store(database: Path) -> None:
+    """Create the sqlite store ``database`` whole: its tables are made under a name of this
+    process's own, then linked to ``database`` only if no other process has made it meanwhile.
+
+    MLflow makes and migrates a new store's tables when it first opens the file. Two commands
+    doing that at once (a sweep started in a fresh folder) interleave their migrations, and two
+    stores in five were then left half-migrated for good, refused by every later command. A link,
+    unlike a rename, never replaces a store that another command has already begun to log to.
+    """
+    database.parent.mkdir(parents=True, exist_ok=True)
+    partial = database.with_name(f"{database.name}.{os.getpid()}.partial")
+    try:
+        MlflowClient(f"sqlite:///{partial}").search_experiments(max_results=1)
+        try:
+            os.link(partial, database)
+        except FileExistsError:
+            pass  # another command made the store first; it is as complete as this one
+        except OSError:
+            # A file system without hard links (FAT, some network shares): a rename still
+            # publishes the tables whole, without the guard against a store made meanwhile.
+            if not database.exists():
+                os.rename(partial, database)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def connect() -> str:

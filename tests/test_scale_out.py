@@ -352,3 +352,34 @@ def test_a_sqlite_store_named_with_options_is_read(tiny_workdir):
     run = client.create_run(client.create_experiment("options"), tags={"stage": "01_stage"})
     listed = ok(run_cli(tiny_workdir, "runs", tracking_uri=uri)).stdout
     assert run.info.run_id[:12] in listed
+
+
+def test_commands_that_make_a_new_store_at_once_all_use_it(tmp_path):
+    """Four processes opening a sqlite store that is not there yet, as a sweep started in a fresh
+    folder does: every one goes on with one complete store (MLflow's own set-up interleaved
+    their migrations and left the store half-migrated for good)."""
+    opening = "from naics_mlflow import tracking; print(tracking.use_experiment('naics'))"
+    for attempt in range(2):
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", opening],
+                cwd=folder,
+                env=environment(folder, tracking_uri=None),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        outputs = [process.communicate(timeout=120) for process in processes]
+        for process, (_, stderr) in zip(processes, outputs, strict=True):
+            assert process.returncode == 0, stderr[-2000:]
+        assert len({stdout for stdout, _ in outputs}) == 1
+        assert sorted(path.name for path in folder.iterdir()) == ["mlflow.db"]
+        client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+        assert [experiment.name for experiment in client.search_experiments()] == [
+            "naics",
+            "Default",
+        ]
