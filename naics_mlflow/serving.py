@@ -122,16 +122,22 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
             )
         if params["output"] == "embedding":
             check_request(texts, DEFAULT_TOP_K, None)
-            embeddings = self.engine.encode_queries(texts).embeddings.cpu().numpy()
-            return pd.DataFrame({"text": texts, "embedding": [row.tolist() for row in embeddings]})
+            embeddings = (
+                self.engine.encode_queries(texts).embeddings.cpu().numpy().tolist() if texts else []
+            )
+            return pd.DataFrame({"text": texts, "embedding": embeddings})
         per_row = (
             model_input["top_k"].fillna(params["top_k"]).astype(int).tolist()
             if "top_k" in model_input
             else [int(params["top_k"])] * len(texts)
         )
         level = int(params["level"])
-        for top_k in set(per_row):  # each row's own top_k is checked, not only the largest
+        # Each row's own top_k is checked, not only the largest, and the request's too, so that
+        # a request with no rows is refused where the same request with rows would be.
+        for top_k in {int(params["top_k"]), *per_row}:
             check_request(texts, top_k, level)
+        if not texts:  # a batch job's empty partition: no matches, not an error
+            return matches_table([], [])
         # One batched search at the largest top_k; each row keeps its own first top_k matches.
         found = self.engine.search(texts, max(per_row), level)
         return matches_table(

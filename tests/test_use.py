@@ -554,7 +554,10 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
             "out = model.predict(pd.DataFrame({'text': ['grow soybeans'], 'top_k': [3]}))\n"
             "emb = model.predict(pd.DataFrame({'text': ['grow soybeans']}),"
             " params={'output': 'embedding'})\n"
-            "print(len(out), list(out.columns), len(emb.iloc[0]['embedding']))\n",
+            "none = pd.DataFrame({'text': pd.Series([], dtype=str)})\n"
+            "print(len(out), list(out.columns), len(emb.iloc[0]['embedding']))\n"
+            "print(model.predict(none).shape,"
+            " model.predict(none, params={'output': 'embedding'}).shape)\n",
         ],
         cwd=workdir,
         env={**environment(workdir), "HF_HUB_OFFLINE": "1"},
@@ -563,9 +566,10 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
         timeout=300,
     )
     assert load.returncode == 0, load.stderr[-3000:]
-    assert load.stdout.strip().splitlines()[-1] == (
-        "3 ['text', 'rank', 'code', 'title', 'level', 'distance', 'score', 'margin'] 17"
-    )
+    assert load.stdout.strip().splitlines()[-2:] == [
+        "3 ['text', 'rank', 'code', 'title', 'level', 'distance', 'score', 'margin'] 17",
+        "(0, 8) (0, 2)",  # an empty batch is answered with no rows
+    ]
     registered = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_registered_model("naics")
     assert registered.name == "naics"
 
@@ -631,6 +635,16 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
             )
         )
         assert by_registry.stdout == searched.stdout
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_split": {"columns": ["text"], "data": []}},
+        )
+        assert (status, body) == (200, {"predictions": []})
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_split": {"columns": ["text"], "data": []}, "params": {"top_k": 0}},
+        )
+        assert status == 400 and "must be between 1" in body["message"]
         status, body = _post(
             f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"text": " "}]}
         )
