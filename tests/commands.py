@@ -40,24 +40,25 @@ def run_cli(
     )
 
 
-def start_cli(workdir: Path, *args: str) -> subprocess.Popen:
+def start_cli(workdir: Path, *args: str, output: Path | None = None) -> subprocess.Popen:
     """The command line started in the background in a process group of its own, as a terminal
-    starts a job (so a test can signal the group), its output discarded, with its sqlite store
-    made first: MLflow fails to set up a store that two processes make at once, here the command
-    and the test's own client watching it."""
+    starts a job (so a test can signal the group), its output written to ``output`` or
+    discarded, with its sqlite store made first: MLflow fails to set up a store that two
+    processes make at once, here the command and the test's own client watching it."""
     env = environment(workdir)
     MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
-    return subprocess.Popen(
-        [sys.executable, "-m", "naics_mlflow", *args],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        # Ctrl-C as in a terminal, even when these tests run where SIGINT is ignored (a job
-        # started with & by a script), which a child would inherit.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    with open(output or os.devnull, "w") as written:
+        return subprocess.Popen(
+            [sys.executable, "-m", "naics_mlflow", *args],
+            cwd=workdir,
+            env=env,
+            stdout=written,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            # Ctrl-C as in a terminal, even when these tests run where SIGINT is ignored (a job
+            # started with & by a script), which a child would inherit.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
 
 
 def run_cli_concurrently(

@@ -20,7 +20,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow.model.checkpoint import read_checkpoint, weights_digest
-from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
+from tests.commands import (
+    environment,
+    error_line,
+    ok,
+    run_cli,
+    run_cli_concurrently,
+    start_cli,
+)
 
 TWO_PROCESSES = [
     "training.trainer.devices=2",
@@ -103,6 +110,40 @@ def test_two_process_chain_keeps_one_record_and_its_checkpoints_load_anywhere(ti
     # ... and a two-process checkpoint serves in one process.
     found = ok(run_cli(workdir, "search", "grow soybeans", "--from-checkpoint", "03_stage"))
     assert len(found.stdout.strip().splitlines()) == 1 + 5
+
+
+def test_sigterm_to_the_leading_process_stops_a_two_process_chain(tiny_workdir, tmp_path):
+    """``kill PID``, ``timeout``, ``docker stop``: SIGTERM to rank 0 alone. Lightning's own
+    handler broadcast from inside the signal handler while rank 1 waited in the step's
+    all-reduce, and the chain hung until gloo's 30-minute timeout; rank 1, once stopped, also
+    printed a traceback as if it had crashed."""
+    _write_chain(
+        tiny_workdir,
+        "chain_term",
+        "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 200\n",
+    )
+    log = tmp_path / "chain.log"
+    process = start_cli(
+        tiny_workdir, "train-curriculum", "--chain", "chain_term", *TWO_PROCESSES, output=log
+    )
+    stage_dir = tiny_workdir / "checkpoints" / "sequential_01-02_chain_term" / "02_stage"
+    try:
+        deadline = time.monotonic() + 300
+        while not any(stage_dir.glob("*/last.ckpt")):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 1
+    output = log.read_text()
+    assert "Traceback" not in output, output[-3000:]
+    runs = _all_runs(MlflowClient(f"sqlite:///{tiny_workdir}/mlflow.db"))
+    statuses = [(r.data.tags.get("stage", r.data.tags.get("role")), r.info.status) for r in runs]
+    assert statuses == [("chain", "KILLED"), ("01_stage", "FINISHED"), ("02_stage", "KILLED")]
 
 
 # --- a shared tracking server ---------------------------------------------------------------

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import signal
+import socket
 import sys
 import tempfile
 import time
@@ -244,3 +248,60 @@ class ForgetUnreachableBest(L.Callback):
         checkpoint.best_k_models = {}
         checkpoint.kth_best_model_path = ""
         checkpoint.kth_value = torch.tensor(math.inf)
+
+
+class CommandSigtermHandler(L.Callback):
+    """Keep the command's own SIGTERM handler through the fit, in place of Lightning's.
+
+    Lightning installs its handler at each fit, after ``on_fit_start``. Under DDP that handler
+    broadcasts from inside the signal handler: rank 0 then waits there for the other ranks while
+    they wait for it in the step's all-reduce, and a ``kill`` of the leading process hung the
+    chain until gloo's 30-minute timeout. The command's handler stops a fit as Ctrl-C does, which
+    Lightning ends on every rank with the runs KILLED. Put back at the first hook after
+    Lightning's (the sanity check, or training when there is none); Lightning itself restores the
+    command's handler when the fit ends.
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._handler = signal.getsignal(signal.SIGTERM)
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        signal.signal(signal.SIGTERM, self._handler)
+
+
+class StopLaunchedRanksFirst(L.Callback):
+    """When a fit stops on an exception (Ctrl-C or SIGTERM included), kill the ranks this process
+    launched, so that they do not go on to die in their next collective on its closed
+    connections, each with a gloo traceback ('Connection closed by peer ... a remote worker
+    crashing') printed after this process's own message, as if they had crashed.
+
+    They own no run and write no checkpoint. Lightning's launcher knows them only in the chain's
+    first stage (later stages find the ranks already running), so each fit asks the ranks for
+    their parents instead; ranks that ``torchrun`` or a cluster started are not this process's
+    children and are left to their launcher.
+    """
+
+    def __init__(self) -> None:
+        self._launched: list[int] = []  # process ids
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:
+            ranks: list[tuple[str, int, int] | None] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(
+                ranks, (socket.gethostname(), os.getpid(), os.getppid())
+            )
+            self._launched = [
+                pid
+                for host, pid, parent in ranks
+                if host == socket.gethostname() and parent == os.getpid()
+            ]
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        for pid in self._launched:
+            with contextlib.suppress(ProcessLookupError):  # it ended on its own
+                os.kill(pid, signal.SIGKILL)

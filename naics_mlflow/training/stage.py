@@ -28,11 +28,13 @@ from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.loading import load_trainable_weights
 from naics_mlflow.model.module import NaicsEmbedder
 from naics_mlflow.training.callbacks import (
+    CommandSigtermHandler,
     CurriculumNegatives,
     EpochSummary,
     ForgetUnreachableBest,
     PrecomputedFeatures,
     StagePictures,
+    StopLaunchedRanksFirst,
     TaxonomyEvaluation,
 )
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
@@ -230,6 +232,8 @@ def _fit(
         LearningRateMonitor(logging_interval="step"),
         EpochSummary(name),
         ForgetUnreachableBest(),
+        CommandSigtermHandler(),
+        StopLaunchedRanksFirst(),
     ]
     loggers = [TensorBoardLogger(config.dirs.outputs, name=run_group, version=name)]
     if run_id is not None:
