@@ -480,7 +480,9 @@ def runs(chain_name: str | None, stage: str | None) -> None:
         conditions.append(tracking.tag_equals("stage", stage))
     found = tracking.search_runs(" AND ".join(conditions), ["attributes.start_time ASC"])
     if not found:
-        click.echo(f"no stage runs in {tracking.tracking_uri()}")
+        asked = f"runs of stage '{stage}'" if stage else "stage runs"
+        asked += f" of chain '{chain_name}'" if chain_name else ""
+        click.echo(f"no {asked} in {tracking.tracking_uri()}")
         return
     columns = [
         "run_id",

@@ -155,7 +155,8 @@ def test_command_line_overrides_beat_chain_values_and_runs_lists_the_stage(workd
     assert len(rows) == 1 and "01_stage" in rows[0] and "FINISHED" in rows[0]
     assert f"runs:/{child.info.run_id}/ckpt" in rows[0]
     assert f"{child.data.metrics['best_val_loss']:.4f}" in rows[0]
-    assert ok(run_cli(workdir, "runs", "--stage", "02_stage")).stdout.startswith("no stage runs")
+    nothing = ok(run_cli(workdir, "runs", "--stage", "02_stage", "--chain", "chain_one")).stdout
+    assert nothing.startswith("no runs of stage '02_stage' of chain 'chain_one' in sqlite")
 
 
 def test_a_chain_fine_tunes_the_adapters_of_the_head_only_stage_before_it(workdir):
