@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from naics_mlflow.errors import UserError
 
@@ -30,6 +32,22 @@ def written_whole(target: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):  # the folder may be gone or read-only
             partial.unlink(missing_ok=True)
         raise
+
+
+def save_torch_whole(value: Any, target: Path) -> None:
+    """``torch.save(value)`` at ``target`` through :func:`written_whole`.
+
+    Serialised in memory first: torch's own file writer reports a write the system refuses (a
+    full disk) as ``RuntimeError: unexpected pos ...``, where a Python write raises the
+    ``OSError`` it is, which callers turn into their one line. Costs one copy of the file in
+    memory (a checkpoint is tens of MB).
+    """
+    import torch  # here, not at the top: commands that never load a model import this module
+
+    serialised = io.BytesIO()
+    torch.save(value, serialised)
+    with written_whole(target) as partial:
+        partial.write_bytes(serialised.getbuffer())
 
 
 class OutputError(UserError):

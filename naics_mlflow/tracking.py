@@ -8,6 +8,7 @@ never land in whatever folder a command happens to run from.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -51,6 +52,12 @@ SKIPPED_BECAUSE = {
 FILTER_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
+# What a disk that refuses a write says: full, over quota, a file too large, read-only or not
+# permitted.
+REFUSED_WRITES = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+)
+
 # A tracking server must answer its health check within this many seconds. MLflow's own
 # requests retry with backoff for minutes, which suits a blip in a long run, not a server that is
 # down when a command starts.
@@ -59,6 +66,10 @@ SERVER_CHECK_TIMEOUT_S = 10
 
 class TrackingStoreError(UserError):
     """The tracking store cannot be reached."""
+
+
+class ArtifactWriteError(UserError):
+    """A run's artifacts that the disk of a local artifact store refuses."""
 
 
 class ModelNameError(UserError):
@@ -337,7 +348,8 @@ def set_tags(tags: Mapping[str, str]) -> None:
 
 
 def log_dict(values: Mapping[str, Any], artifact_file: str) -> None:
-    mlflow.log_dict(dict(values), artifact_file)
+    with _artifacts_written(mlflow.active_run().info.run_id):
+        mlflow.log_dict(dict(values), artifact_file)
 
 
 def metric_history(run_id: str, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
@@ -350,7 +362,25 @@ def metric_history(run_id: str, keys: list[str]) -> dict[str, list[tuple[int, fl
 
 
 def log_artifact(path: Path, artifact_path: str) -> None:
-    mlflow.log_artifact(str(path), artifact_path)
+    with _artifacts_written(mlflow.active_run().info.run_id):
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+@contextlib.contextmanager
+def _artifacts_written(run_id: str) -> Iterator[None]:
+    """Turn a write that a local artifact store's disk refuses (full, over quota, read-only)
+    into one line naming where the run's artifacts go; MLflow lets the bare OSError through."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in REFUSED_WRITES:
+            raise
+        location = MlflowClient().get_run(run_id).info.artifact_uri
+        raise ArtifactWriteError(
+            f"cannot write the artifacts of run {run_id} to {location} ({exc.strerror}); free "
+            "space there, then run the command again (a chain resumes from its last checkpoint, "
+            "which is kept on local disk)"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -370,7 +400,7 @@ def _store_in_use(run_id: str) -> Iterator[None]:
 
 def log_file_to_run(run_id: str, path: Path, artifact_path: str) -> None:
     """Upload a file into a run that need not be active (a finished stage run, say)."""
-    with _store_in_use(run_id):
+    with _store_in_use(run_id), _artifacts_written(run_id):
         MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 

@@ -1,10 +1,12 @@
-"""Scaling out on real engines: Lightning's DDP over two gloo processes, and a real
-``mlflow server`` subprocess on loopback that concurrent chains share."""
+"""Scaling out on real engines: Lightning's DDP over two gloo processes, a real ``mlflow server``
+subprocess on loopback that concurrent chains share, and the tracking store's failures: missing,
+unusable, made by several commands at once, or on a disk that refuses artifacts."""
 
 from __future__ import annotations
 
 import http.server
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -19,7 +21,9 @@ import requests
 import torch
 from mlflow.tracking import MlflowClient
 
+from naics_mlflow import tracking
 from naics_mlflow.model.checkpoint import read_checkpoint, weights_digest
+from naics_mlflow.tracking import ArtifactWriteError
 from tests.commands import (
     environment,
     error_line,
@@ -424,3 +428,29 @@ def test_commands_that_make_a_new_store_at_once_all_use_it(tmp_path):
             "naics",
             "Default",
         ]
+
+
+def test_an_artifact_write_the_disk_refuses_is_one_line_naming_where(tmp_path, monkeypatch):
+    """A full disk under a local artifact store (here a file size limit, which the kernel
+    enforces the same way): MLflow let the bare OSError through as a traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    experiment_id = tracking.use_experiment("naics")
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(bytes(200_000))
+    with tracking.run(experiment_id, "01_stage", {"stage": "01_stage"}) as active:
+        run_id = active.info.run_id
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        on_limit = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+        try:
+            with pytest.raises(ArtifactWriteError) as refused:
+                tracking.log_checkpoint(run_id, checkpoint)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, on_limit)
+    assert str(refused.value).startswith(
+        f"cannot write the artifacts of run {run_id} to "
+        f"{(tmp_path / 'mlartifacts').as_uri()}/{run_id}/artifacts (File too large); free space "
+        "there, then run the command again"
+    )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import logging
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -444,22 +445,25 @@ def test_gpus_the_machine_lacks_fail_before_any_run_is_opened(tmp_path, tiny_ove
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-def test_a_checkpoint_write_cut_short_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+def test_a_checkpoint_write_cut_short_leaves_the_previous_one_whole(tmp_path):
+    """A write the system refuses part-way (a full disk; here the process's file size limit,
+    which the kernel enforces the same way) ends in the one-line error, not in torch's
+    'unexpected pos' RuntimeError, and leaves the earlier checkpoint as it was."""
     writer = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
     writer.save_checkpoint({"epoch": 1}, target)
-
-    def disk_fills_up(checkpoint, path):
-        Path(path).write_bytes(b"PK\x03\x04 the first bytes of a zip")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", disk_fills_up)
-    with pytest.raises(CheckpointWriteError) as failure:
-        writer.save_checkpoint({"epoch": 2}, target)
-    monkeypatch.undo()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    on_limit = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+    try:
+        with pytest.raises(CheckpointWriteError) as failure:
+            writer.save_checkpoint({"epoch": 2, "weights": torch.zeros(100_000)}, target)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, on_limit)
     assert str(failure.value).startswith(
-        f"cannot write checkpoint {target} (No space left on device); the checkpoints written "
-        "before it are whole"
+        f"cannot write checkpoint {target} (File too large); the checkpoints written before it "
+        "are whole"
     )
     assert torch.load(target, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no .partial left behind

@@ -6,7 +6,9 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -122,6 +124,7 @@ def test_commands_reuse_the_code_embeddings_an_earlier_one_cached(trained):
     command = ("search", "grow soybeans", "--from-checkpoint", "quickstart")
     first = ok(run_cli(workdir, *command))
     (cached,) = cache.glob("*.pt")
+    cache_bytes = cached.stat().st_size
     assert "embedded 2125 codes" in first.stderr
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert f" backbone on {device})" in first.stderr  # where search.device put the model
@@ -141,6 +144,37 @@ def test_commands_reuse_the_code_embeddings_an_earlier_one_cached(trained):
     assert "could not cache the code embeddings" in fourth.stderr
     assert fourth.stdout == first.stdout
     cache.unlink()
+    # A write the system refuses part-way, as a full disk does (here a file size limit the
+    # kernel enforces, above the downloaded checkpoint's size, below the cache's): torch's own
+    # writer raised 'unexpected pos' and the command failed.
+    assert cache_bytes > 1_000_000 and not cache.exists()
+    fifth = ok(
+        subprocess.run(
+            [sys.executable, "-m", "naics_mlflow", *command],
+            cwd=workdir,
+            env=environment(workdir),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=_limit_file_size(1_000_000),
+        )
+    )
+    assert (
+        "could not cache the code embeddings" in fifth.stderr and "(File too large)" in fifth.stderr
+    )
+    assert fifth.stdout == first.stdout
+    assert not list(cache.iterdir())  # nothing half-written
+
+
+def _limit_file_size(most_bytes: int):
+    """For ``preexec_fn``: writes beyond ``most_bytes`` a file are refused (EFBIG), not killed."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (most_bytes, hard))
+
+    return limit
 
 
 def test_commands_read_the_channel_features_the_head_only_stage_cached(trained):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from naics_mlflow.files import written_whole
+from naics_mlflow.files import save_torch_whole
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +55,17 @@ def read_cached(path: Path | None, what: str) -> dict[str, torch.Tensor] | None:
 
 
 def write_cached(path: Path | None, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Save ``tensors`` at ``path`` whole or not at all (:func:`written_whole`); a file system that
+    """Save ``tensors`` at ``path`` whole or not at all (:func:`save_torch_whole`); a file system that
     refuses it costs one warning, not the command."""
     if path is None:
         return
     try:
-        with written_whole(path) as partial:
-            torch.save({name: tensor.cpu() for name, tensor in tensors.items()}, partial)
+        save_torch_whole({name: tensor.cpu() for name, tensor in tensors.items()}, path)
     except OSError as exc:
         logger.warning(
-            "could not cache the %s in %s (%s); set dirs.outputs to a writable folder to skip "
-            "computing them next time",
+            "could not cache the %s in %s (%s); free space there or set dirs.outputs to a "
+            "writable folder to skip computing them next time",
             what,
             path.parent,
-            exc,
+            exc.strerror or exc,
         )

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from naics_mlflow.errors import UserError
-from naics_mlflow.files import written_whole
+from naics_mlflow.files import save_torch_whole
 
 
 class CheckpointWriteError(UserError):
@@ -17,7 +16,8 @@ class CheckpointWriteError(UserError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write each checkpoint beside its target, then rename it into place (:func:`written_whole`).
+    """Write each checkpoint beside its target, then rename it into place
+    (:func:`save_torch_whole`).
 
     A process killed mid-write leaves only a ``.partial`` file, and the checkpoint of the same
     name from before stays whole. Lightning's own writer renames from the system's temporary
@@ -29,8 +29,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         target = Path(path)
         try:
-            with written_whole(target) as partial:
-                torch.save(checkpoint, partial)
+            save_torch_whole(checkpoint, target)
         except OSError as exc:
             raise CheckpointWriteError(
                 f"cannot write checkpoint {target} ({exc.strerror or type(exc).__name__}); the "
