@@ -107,6 +107,10 @@ def main(debug: bool) -> None:
     # The `lightning` package prints through a console handler of its own when imported; without
     # this its messages would also reach the root handler and show twice.
     logging.getLogger("lightning").propagate = False
+    # MLflow logs the traceback of each database error before raising it; the command reports
+    # the error it raises (in one line, or with its traceback under --debug).
+    if not debug:
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # Lightning advertises its cloud logger at every fit; this project logs to MLflow.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()

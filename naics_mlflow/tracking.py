@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -66,6 +67,38 @@ SERVER_CHECK_TIMEOUT_S = 10
 
 class TrackingStoreError(UserError):
     """The tracking store cannot be reached."""
+
+
+# sqlite's primary result codes for a write its file refused: the disk is full, or the
+# operating system failed the write (a file size limit, a failing or vanished disk).
+_SQLITE_WRITE_REFUSED = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
+
+
+def _sqlite_write_refused(exc: BaseException | None) -> str | None:
+    """sqlite's own reason where ``exc`` comes from a write the store's file refused, else None.
+    MLflow wraps SQLAlchemy's error, which wraps sqlite's, whose result code says so."""
+    while exc is not None:
+        if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode & 0xFF in _SQLITE_WRITE_REFUSED:
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _refused_store_writes_in_one_line() -> Iterator[None]:
+    """Turn a write that the file of a sqlite store refuses (a full disk, mostly) into one line
+    naming the file."""
+    try:
+        yield
+    except MlflowException as exc:
+        if (reason := _sqlite_write_refused(exc)) is None:
+            raise
+        uri = tracking_uri()
+        raise TrackingStoreError(
+            f"the tracking store {uri} cannot write {_sqlite_file(uri).resolve()} ({reason}); "
+            "free space on its disk, then run the command again (a chain resumes from its last "
+            "checkpoint)"
+        ) from exc
 
 
 class ArtifactWriteError(UserError):
@@ -307,32 +340,46 @@ def run(
     ``reopen_run_id`` continues an existing run (a resumed chain's parent, the run a model is
     exported into) under its own name instead of starting a new one.
     """
-    active = mlflow.start_run(
-        run_id=reopen_run_id,
-        experiment_id=None if reopen_run_id else experiment_id,
-        run_name=None if reopen_run_id else run_name,
-        tags={**tags, PROCESS_TAG: _process_identity(os.getpid()) or socket.gethostname()},
-        nested=parent_run_id is not None,
-        parent_run_id=parent_run_id,
-    )
-    try:
-        yield active
-    # Lightning answers Ctrl-C with a graceful shutdown and then SystemExit(1).
-    except (KeyboardInterrupt, SystemExit):
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
-    except TrackingStoreError:
-        # The store is gone: recording the failure would retry for minutes, here and again in the
-        # exit hook with which MLflow ends active runs, so that hook gets one quick try only. The
-        # run reads RUNNING, and the next run of the same chain marks it KILLED and resumes it.
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(SERVER_CHECK_TIMEOUT_S)
-        raise
-    except BaseException as exc:
-        mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    with _refused_store_writes_in_one_line():
+        active = mlflow.start_run(
+            run_id=reopen_run_id,
+            experiment_id=None if reopen_run_id else experiment_id,
+            run_name=None if reopen_run_id else run_name,
+            tags={**tags, PROCESS_TAG: _process_identity(os.getpid()) or socket.gethostname()},
+            nested=parent_run_id is not None,
+            parent_run_id=parent_run_id,
+        )
+    # Recording how the run ended writes to the store too; where its file refuses writes that
+    # fails as well, and the run reads RUNNING, which the next run of the same chain resumes.
+    with _refused_store_writes_in_one_line():
+        try:
+            yield active
+        # Lightning answers Ctrl-C with a graceful shutdown and then SystemExit(1).
+        except (KeyboardInterrupt, SystemExit):
+            mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            raise
+        except TrackingStoreError:
+            # The store is gone: recording the failure would retry for minutes, here and again
+            # in the exit hook with which MLflow ends active runs, so that hook gets one quick
+            # try only. The run reads RUNNING, and the next run of the same chain marks it
+            # KILLED and resumes it.
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(SERVER_CHECK_TIMEOUT_S)
+            raise
+        except MlflowException as exc:
+            if _sqlite_write_refused(exc):
+                raise  # as one line, by the block around
+            _end_failed(exc)
+            raise
+        except BaseException as exc:
+            _end_failed(exc)
+            raise
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _end_failed(exc: BaseException) -> None:
+    mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+    mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
 
 
 def log_params(params: Mapping[str, Any]) -> None:
@@ -388,7 +435,8 @@ def _store_in_use(run_id: str) -> Iterator[None]:
     """Turn a failure to reach the store while training logs into one line naming it. MLflow has
     already retried by then (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, minutes with its defaults)."""
     try:
-        yield
+        with _refused_store_writes_in_one_line():
+            yield
     except MlflowException as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise TrackingStoreError(

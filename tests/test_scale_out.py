@@ -454,3 +454,41 @@ def test_an_artifact_write_the_disk_refuses_is_one_line_naming_where(tmp_path, m
         f"{(tmp_path / 'mlartifacts').as_uri()}/{run_id}/artifacts (File too large); free space "
         "there, then run the command again"
     )
+
+
+def test_a_sqlite_store_whose_file_refuses_writes_is_one_line_naming_it(tiny_workdir):
+    """The store's own writes refused, as on a full disk (here by a file size limit set just past
+    its size): MLflow raised 'database or disk is full' or 'disk I/O error' with its tracebacks,
+    from wherever the command first wrote."""
+    store = tiny_workdir / "mlflow.db"
+    MlflowClient(f"sqlite:///{store}").search_experiments()
+    limit = store.stat().st_size + 1000  # not a whole page: the next page is written short
+    refused = subprocess.run(
+        [sys.executable, "-m", "naics_mlflow", "train", "-c", "01_stage"],
+        cwd=tiny_workdir,
+        env=environment(tiny_workdir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size(limit),
+    )
+    line = error_line(refused)
+    # sqlite's reason is 'database or disk is full' for a write cut short, 'disk I/O error' for
+    # one refused whole; which comes first depends on its pages.
+    assert line.startswith(f"error: the tracking store sqlite:///{store} cannot write {store} (")
+    assert line.endswith(
+        "); free space on its disk, then run the command again (a chain resumes from its last "
+        "checkpoint)"
+    )
+    assert "Traceback" not in refused.stderr
+
+
+def _limit_file_size(most_bytes: int):
+    """For ``preexec_fn``: writes past ``most_bytes`` into a file are refused, not killed."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (most_bytes, hard))
+
+    return limit
