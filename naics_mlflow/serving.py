@@ -194,7 +194,7 @@ def log_search_model(
             artifacts["backbone"] = backbone
         mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            python_model=NaicsSearchModel(),
+            python_model=str(Path(naics_mlflow.__file__).parent / "served_model.py"),
             artifacts=artifacts,
             signature=SIGNATURE,
             input_example=INPUT_EXAMPLE,

@@ -579,6 +579,12 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
     )
     uri = f"runs:/{run.info.run_id}/model"
     assert uri in result.stdout
+    # Logged as MLflow's models from code: loading it runs the project's file, unpickles nothing.
+    (model,) = client.search_logged_models(
+        [run.info.experiment_id], order_by=[{"field_name": "creation_time", "ascending": False}]
+    )[:1]
+    files = {path.name for path in Path(model.artifact_location.removeprefix("file://")).iterdir()}
+    assert "served_model.py" in files and "python_model.pkl" not in files
     load = subprocess.run(
         [
             sys.executable,
