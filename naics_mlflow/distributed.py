@@ -12,8 +12,11 @@ anything heavy is imported.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,6 +25,9 @@ if TYPE_CHECKING:
     import torch
 
 _RANK_ZERO_ANSWER = "NAICS_EMBEDDER_RANK_ZERO_{}"
+# Process ids of the ranks this process started, as :func:`note_launched_ranks` found them:
+# Lightning's launcher starts them at a chain's first fit, and its later fits find them running.
+_launched_ranks: list[int] = []
 
 
 def is_global_zero() -> bool:
@@ -114,3 +120,32 @@ def mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.detach().clone()
     dist.all_reduce(total)
     return total / world_size()
+
+
+def note_launched_ranks() -> None:
+    """Record the ranks of the process group that this process started: those on this machine
+    whose parent it is (none where ``torchrun`` or a cluster started them). A collective: every
+    rank calls it, at each fit's start."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return
+    ranks: list[tuple[str, int, int] | None] = [None] * world_size()
+    dist.all_gather_object(ranks, (socket.gethostname(), os.getpid(), os.getppid()))
+    _launched_ranks[:] = [
+        pid for host, pid, parent in ranks if host == socket.gethostname() and parent == os.getpid()
+    ]
+
+
+def stop_launched_ranks() -> None:
+    """Kill the ranks this process started, when it stops on an error or a signal.
+
+    They would otherwise wait for it in their next collective and then die on its closed
+    connections, each with a gloo traceback ('Connection closed by peer ... a remote worker
+    crashing') printed after this process's own message, as if they had crashed. They own no run
+    and write no checkpoint.
+    """
+    for pid in _launched_ranks:
+        with contextlib.suppress(ProcessLookupError):  # it has ended on its own
+            os.kill(pid, signal.SIGKILL)
+    _launched_ranks.clear()

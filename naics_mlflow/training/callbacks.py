@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -22,6 +19,7 @@ from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE
 from naics_mlflow.data.taxonomy import MIN_LEVEL
 from naics_mlflow.data.validation import VALIDATION_TEMPERATURE
+from naics_mlflow.distributed import note_launched_ranks, stop_launched_ranks
 from naics_mlflow.evaluation.metrics import hierarchy_metrics, sample_codes
 from naics_mlflow.evaluation.plots import (
     curve_panels,
@@ -274,34 +272,13 @@ class CommandSigtermHandler(L.Callback):
 
 class StopLaunchedRanksFirst(L.Callback):
     """When a fit stops on an exception (Ctrl-C or SIGTERM included), kill the ranks this process
-    launched, so that they do not go on to die in their next collective on its closed
-    connections, each with a gloo traceback ('Connection closed by peer ... a remote worker
-    crashing') printed after this process's own message, as if they had crashed.
-
-    They own no run and write no checkpoint. Lightning's launcher knows them only in the chain's
-    first stage (later stages find the ranks already running), so each fit asks the ranks for
-    their parents instead; ranks that ``torchrun`` or a cluster started are not this process's
-    children and are left to their launcher.
-    """
-
-    def __init__(self) -> None:
-        self._launched: list[int] = []  # process ids
+    launched before Lightning's clean-up closes its connections
+    (:func:`~naics_mlflow.distributed.stop_launched_ranks`)."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size > 1:
-            ranks: list[tuple[str, int, int] | None] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(
-                ranks, (socket.gethostname(), os.getpid(), os.getppid())
-            )
-            self._launched = [
-                pid
-                for host, pid, parent in ranks
-                if host == socket.gethostname() and parent == os.getpid()
-            ]
+        note_launched_ranks()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        for pid in self._launched:
-            with contextlib.suppress(ProcessLookupError):  # it ended on its own
-                os.kill(pid, signal.SIGKILL)
+        stop_launched_ranks()

@@ -16,7 +16,7 @@ from naics_mlflow import tracking
 from naics_mlflow.config import Config
 from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.taxonomy import load_taxonomy
-from naics_mlflow.distributed import is_global_zero, rank_zero_answer
+from naics_mlflow.distributed import is_global_zero, rank_zero_answer, stop_launched_ranks
 from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weights_digest
 from naics_mlflow.model.merged import inference_device
@@ -83,7 +83,12 @@ def run_chain(
         if not is_global_zero():
             _train_without_record(plan, start, release, raw_dir)
             return None
-        return _record_chain(plan, chain_hash, start, release, raw_dir, Path(download_dir))
+        try:
+            return _record_chain(plan, chain_hash, start, release, raw_dir, Path(download_dir))
+        except BaseException:
+            # Between two stages the ranks this process started wait for it in the next fit.
+            stop_launched_ranks()
+            raise
 
 
 def read_chain_start(
