@@ -55,7 +55,7 @@ FILTER_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 
 # What a disk that refuses a write says: full, over quota, a file too large, read-only or not
 # permitted.
-REFUSED_WRITES = frozenset(
+_REFUSED_WRITES = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 )
 
@@ -420,7 +420,7 @@ def _artifacts_written(run_id: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno not in REFUSED_WRITES:
+        if exc.errno not in _REFUSED_WRITES:
             raise
         location = MlflowClient().get_run(run_id).info.artifact_uri
         raise ArtifactWriteError(
