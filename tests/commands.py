@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,8 +30,13 @@ def environment(workdir: Path, tracking_uri: str | None = OWN_STORE) -> dict[str
 
 
 def run_cli(
-    workdir: Path, *args: str, tracking_uri: str | None = OWN_STORE
+    workdir: Path,
+    *args: str,
+    tracking_uri: str | None = OWN_STORE,
+    file_size_limit: int | None = None,
 ) -> subprocess.CompletedProcess:
+    """The command line run to its end. ``file_size_limit``: writes past that many bytes into
+    any one file are refused, as the kernel refuses them on a full disk (cut short, or EFBIG)."""
     return subprocess.run(
         [sys.executable, "-m", "naics_mlflow", *args],
         cwd=workdir,
@@ -37,7 +44,19 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=600,
+        preexec_fn=None if file_size_limit is None else _limit_file_size(file_size_limit),
     )
+
+
+def _limit_file_size(most_bytes: int) -> Callable[[], None]:
+    """For ``preexec_fn``: writes past ``most_bytes`` into a file are refused, not killed."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (most_bytes, hard))
+
+    return limit
 
 
 def start_cli(workdir: Path, *args: str, output: Path | None = None) -> subprocess.Popen:

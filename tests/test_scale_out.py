@@ -463,15 +463,7 @@ def test_a_sqlite_store_whose_file_refuses_writes_is_one_line_naming_it(tiny_wor
     store = tiny_workdir / "mlflow.db"
     MlflowClient(f"sqlite:///{store}").search_experiments()
     limit = store.stat().st_size + 1000  # not a whole page: the next page is written short
-    refused = subprocess.run(
-        [sys.executable, "-m", "naics_mlflow", "train", "-c", "01_stage"],
-        cwd=tiny_workdir,
-        env=environment(tiny_workdir),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        preexec_fn=_limit_file_size(limit),
-    )
+    refused = run_cli(tiny_workdir, "train", "-c", "01_stage", file_size_limit=limit)
     line = error_line(refused)
     # sqlite's reason is 'database or disk is full' for a write cut short, 'disk I/O error' for
     # one refused whole; which comes first depends on its pages.
@@ -481,14 +473,3 @@ def test_a_sqlite_store_whose_file_refuses_writes_is_one_line_naming_it(tiny_wor
         "checkpoint)"
     )
     assert "Traceback" not in refused.stderr
-
-
-def _limit_file_size(most_bytes: int):
-    """For ``preexec_fn``: writes past ``most_bytes`` into a file are refused, not killed."""
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (most_bytes, hard))
-
-    return limit

@@ -6,9 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -148,33 +146,12 @@ def test_commands_reuse_the_code_embeddings_an_earlier_one_cached(trained):
     # kernel enforces, above the downloaded checkpoint's size, below the cache's): torch's own
     # writer raised 'unexpected pos' and the command failed.
     assert cache_bytes > 1_000_000 and not cache.exists()
-    fifth = ok(
-        subprocess.run(
-            [sys.executable, "-m", "naics_mlflow", *command],
-            cwd=workdir,
-            env=environment(workdir),
-            capture_output=True,
-            text=True,
-            timeout=300,
-            preexec_fn=_limit_file_size(1_000_000),
-        )
-    )
+    fifth = ok(run_cli(workdir, *command, file_size_limit=1_000_000))
     assert (
         "could not cache the code embeddings" in fifth.stderr and "(File too large)" in fifth.stderr
     )
     assert fifth.stdout == first.stdout
     assert not list(cache.iterdir())  # nothing half-written
-
-
-def _limit_file_size(most_bytes: int):
-    """For ``preexec_fn``: writes beyond ``most_bytes`` a file are refused (EFBIG), not killed."""
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (most_bytes, hard))
-
-    return limit
 
 
 def test_commands_read_the_channel_features_the_head_only_stage_cached(trained):
@@ -450,6 +427,15 @@ def test_a_checkpoint_holding_python_objects_needs_trust_checkpoint(trained):
     assert marker.exists()  # trusted, it was unpickled in full
     plain = ok(run_cli(workdir, "search", "bakery", "--from-checkpoint", str(checkpoint)))
     assert trusted.stdout == plain.stdout  # the same weights
+    # Its copy refused part-way, as by a full temporary disk (a file size limit far below the
+    # weights' size; the copy is the command's first write).
+    refused = run_cli(
+        workdir,
+        *("search", "bakery", "--from-checkpoint", str(unsafe), "--trust-checkpoint"),
+        file_size_limit=10_000,
+    )
+    assert error_line(refused).startswith(f"error: cannot write the weights-only copy of {unsafe} ")
+    assert "(File too large); free space there" in error_line(refused)
 
 
 def test_search_with_a_checkpoint_of_another_model(trained):

@@ -18,6 +18,7 @@ import torch
 from naics_mlflow.config import Config
 from naics_mlflow.data.tokenization import CHANNELS
 from naics_mlflow.errors import UserError
+from naics_mlflow.files import save_torch_whole
 
 # 2: the fusion has a semantic skip path, so format-1 weights mean something else.
 # 3: the fusion reads unit channel features (zeros for a channel without text) and the examples
@@ -94,7 +95,13 @@ def weights_only_copy(path: Path, folder: Path) -> Path:
         "naics_embedder": json.loads(json.dumps(checkpoint["naics_embedder"], default=str)),
     }
     copy = folder / f"weights-only-{path.name}"
-    torch.save(plain, copy)
+    try:
+        save_torch_whole(plain, copy)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot write the weights-only copy of {path} to {folder} ({exc.strerror}); free "
+            "space there (the system's temporary folder, or TMPDIR)"
+        ) from exc
     read_checkpoint(copy)
     return copy
 
