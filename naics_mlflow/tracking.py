@@ -366,20 +366,12 @@ def run(
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
             os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(SERVER_CHECK_TIMEOUT_S)
             raise
-        except MlflowException as exc:
-            if _sqlite_write_refused(exc):
-                raise  # as one line, by the block around
-            _end_failed(exc)
-            raise
         except BaseException as exc:
-            _end_failed(exc)
+            if not _sqlite_write_refused(exc):  # else the store would refuse the record too
+                mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
+                mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
             raise
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
-
-
-def _end_failed(exc: BaseException) -> None:
-    mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-    mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
 
 
 def log_params(params: Mapping[str, Any]) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,6 +58,20 @@ def _limit_file_size(most_bytes: int) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (most_bytes, hard))
 
     return limit
+
+
+@contextlib.contextmanager
+def file_size_limited(most_bytes: int) -> Iterator[None]:
+    """In this process, for the block: writes past ``most_bytes`` into a file are refused, as
+    the kernel refuses them on a full disk; the limit and the signal's handler are restored."""
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    on_limit = signal.getsignal(signal.SIGXFSZ)
+    _limit_file_size(most_bytes)()
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, on_limit)
 
 
 def start_cli(workdir: Path, *args: str, output: Path | None = None) -> subprocess.Popen:

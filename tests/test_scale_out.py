@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from naics_mlflow.tracking import ArtifactWriteError
 from tests.commands import (
     environment,
     error_line,
+    file_size_limited,
     ok,
     run_cli,
     run_cli_concurrently,
@@ -440,15 +440,8 @@ def test_an_artifact_write_the_disk_refuses_is_one_line_naming_where(tmp_path, m
     checkpoint.write_bytes(bytes(200_000))
     with tracking.run(experiment_id, "01_stage", {"stage": "01_stage"}) as active:
         run_id = active.info.run_id
-        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-        on_limit = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not a kill
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
-        try:
-            with pytest.raises(ArtifactWriteError) as refused:
-                tracking.log_checkpoint(run_id, checkpoint)
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-            signal.signal(signal.SIGXFSZ, on_limit)
+        with file_size_limited(100_000), pytest.raises(ArtifactWriteError) as refused:
+            tracking.log_checkpoint(run_id, checkpoint)
     assert str(refused.value).startswith(
         f"cannot write the artifacts of run {run_id} to "
         f"{(tmp_path / 'mlartifacts').as_uri()}/{run_id}/artifacts (File too large); free space "

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import resource
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +41,14 @@ from naics_mlflow.model.module import NaicsEmbedder
 from naics_mlflow.training.callbacks import TaxonomyEvaluation
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.stage import resolve_precision, train_stage
-from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
+from tests.commands import (
+    environment,
+    error_line,
+    file_size_limited,
+    ok,
+    run_cli,
+    run_cli_concurrently,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "conf" / "config.yaml"
@@ -452,15 +457,8 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_one_whole(tmp_path):
     writer = AtomicCheckpointIO()
     target = tmp_path / "last.ckpt"
     writer.save_checkpoint({"epoch": 1}, target)
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    on_limit = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write, not a kill
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
-    try:
-        with pytest.raises(CheckpointWriteError) as failure:
-            writer.save_checkpoint({"epoch": 2, "weights": torch.zeros(100_000)}, target)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, on_limit)
+    with file_size_limited(100_000), pytest.raises(CheckpointWriteError) as failure:
+        writer.save_checkpoint({"epoch": 2, "weights": torch.zeros(100_000)}, target)
     assert str(failure.value).startswith(
         f"cannot write checkpoint {target} (File too large); the checkpoints written before it "
         "are whole"
