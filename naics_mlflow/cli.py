@@ -107,6 +107,9 @@ def main(debug: bool) -> None:
     # The `lightning` package prints through a console handler of its own when imported; without
     # this its messages would also reach the root handler and show twice.
     logging.getLogger("lightning").propagate = False
+    # torch quiets its loggers at the end of its import; interrupted before that, it would print
+    # its FakeTensor cache statistics at exit, under the root handler.
+    logging.getLogger("torch").setLevel(logging.WARNING)
     # MLflow logs the traceback of each database error before raising it; the command reports
     # the error it raises (in one line, or with its traceback under --debug).
     if not debug:

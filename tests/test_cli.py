@@ -1,9 +1,14 @@
 """The command line's own parsing: a mistyped command, option or value ends in one line, as the
-project's other user errors do, and names the help that lists what is accepted."""
+project's other user errors do, and names the help that lists what is accepted. Ctrl-C while a
+command starts ends in click's one line too."""
 
 from __future__ import annotations
 
-from tests.commands import run_cli_concurrently
+import signal
+import subprocess
+import sys
+
+from tests.commands import environment, run_cli_concurrently
 
 USAGE_ERRORS = [
     (
@@ -50,3 +55,29 @@ def test_a_group_named_without_its_command_still_shows_its_help(tmp_path):
     [result] = run_cli_concurrently(tmp_path, [["data"]])
     assert result.stderr.startswith("Usage: naics-embedder data [OPTIONS] COMMAND")
     assert "build" in result.stderr
+
+
+def test_ctrl_c_while_torch_imports_ends_in_one_line(tiny_workdir):
+    """Interrupted between torch's first modules and the end of its import, which quiets its
+    loggers, a command printed torch's FakeTensor cache statistics after click's line."""
+    env = environment(tiny_workdir)
+    env["PYTHONPROFILEIMPORTTIME"] = "1"  # a line on stderr as each module's import ends
+    command = subprocess.Popen(
+        [sys.executable, "-m", "naics_mlflow", "train", "--curriculum", "01_stage"],
+        cwd=tiny_workdir,
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    for line in command.stderr:
+        if line.rsplit("|", 1)[-1].strip() == "torch._subclasses.fake_tensor":
+            command.send_signal(signal.SIGINT)
+            break
+    else:
+        raise AssertionError("the command ended before importing torch._subclasses.fake_tensor")
+    rest = command.stderr.read()
+    assert command.wait(timeout=60) == 1
+    printed = [line for line in rest.splitlines() if line and not line.startswith("import time:")]
+    assert printed == ["Aborted!"]

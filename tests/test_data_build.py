@@ -39,6 +39,7 @@ from naics_mlflow.data.taxonomy import (
     cross_referenced_activities,
     index_split,
 )
+from tests.commands import run_cli
 from tests.conftest import REPO_ROOT
 
 
@@ -398,6 +399,31 @@ def test_missing_file_without_network_names_it(raw_copy, tmp_path, release):
         raw_copy, tmp_path / "out", offline, "2022_NAICS_Index_File.xlsx", "--raw-dir"
     )
     assert not (raw_copy / "2022_NAICS_Index_File.xlsx").exists()
+
+
+def test_the_command_without_network_ends_in_one_line_saying_why(tmp_path):
+    """Retries are not announced one traceback-like warning each; the error names the cause."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    shutil.copy(REPO_ROOT / "conf" / "config.yaml", conf)
+    sources = yaml.safe_load((REPO_ROOT / "conf" / "data.yaml").read_text())
+    sources["base_url"] = f"http://127.0.0.1:{_free_port()}/"
+    sources["download"].update(retries=2, backoff_factor=0.001)
+    (conf / "data.yaml").write_text(yaml.safe_dump(sources))
+    (tmp_path / "raw").mkdir()
+
+    result = run_cli(tmp_path, "data", "build", "--raw-dir", "raw", "--out", "out")
+
+    assert result.returncode == 2
+    url = f"{sources['base_url']}2-6%20digit_2022_Codes.xlsx"
+    assert result.stderr.splitlines() == [
+        f"downloading 2-6 digit_2022_Codes.xlsx from {url}",
+        f"error: 2-6 digit_2022_Codes.xlsx is missing from raw and could not be downloaded from "
+        f"{url} (Failed to establish a new connection: [Errno 111] Connection refused); copy it "
+        "there, or point --raw-dir (or NAICS_RAW_DIR) at a folder that has the four NAICS 2022 "
+        "workbooks",
+    ]
+    assert not list((tmp_path / "raw").iterdir()) and not (tmp_path / "out").exists()
 
 
 class _FlakyFileHandler(http.server.SimpleHTTPRequestHandler):

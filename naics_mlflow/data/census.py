@@ -7,6 +7,8 @@ the row and the reason, before anything is written.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import urllib.parse
@@ -20,11 +22,14 @@ import openpyxl
 import requests
 from openpyxl.utils.exceptions import InvalidFileException
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError
 from urllib3.util import Retry
 
 from naics_mlflow.config import read_yaml
 from naics_mlflow.errors import UserError
 from naics_mlflow.files import written_whole
+
+logger = logging.getLogger(__name__)
 
 RAW_DIR_ENV = "NAICS_RAW_DIR"
 
@@ -113,14 +118,31 @@ def ensure_raw_files(raw_dir: Path, release: CensusRelease) -> dict[str, Path]:
             "folder that holds the four NAICS 2022 workbooks, or is to hold them"
         )
     paths = {}
-    with _retrying_session(release.retries, release.backoff_factor) as session:
+    with (
+        _retrying_session(release.retries, release.backoff_factor) as session,
+        _retries_unannounced(),
+    ):
         for role, census_file in release.files.items():
             path = raw_dir / census_file.name
             if not path.is_file():
                 url = release.base_url + urllib.parse.quote(census_file.name)
+                logger.info("downloading %s from %s", census_file.name, url)
                 _download(session, url, path, release.timeout_seconds)
             paths[role] = path
     return paths
+
+
+@contextlib.contextmanager
+def _retries_unannounced() -> Iterator[None]:
+    """Without urllib3's warning at each retry, which repeats the whole connection error: a
+    download that fails for good ends in one line saying why (:func:`_download`)."""
+    pool_logger = logging.getLogger("urllib3.connectionpool")
+    level = pool_logger.level
+    pool_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        pool_logger.setLevel(level)
 
 
 def _retrying_session(retries: int, backoff_factor: float) -> requests.Session:
@@ -156,9 +178,18 @@ def _download(session: requests.Session, url: str, target: Path, timeout_seconds
     except (requests.RequestException, OSError) as exc:
         raise DataError(
             f"{target.name} is missing from {target.parent} and could not be downloaded from "
-            f"{url} ({exc}); copy it there, or point --raw-dir (or {RAW_DIR_ENV}) at a folder "
-            "that has the four NAICS 2022 workbooks"
+            f"{url} ({_why_not_downloaded(exc)}); copy it there, or point --raw-dir (or "
+            f"{RAW_DIR_ENV}) at a folder that has the four NAICS 2022 workbooks"
         ) from exc
+
+
+def _why_not_downloaded(error: BaseException) -> str:
+    """The cause of a failed download, without the wrapping that repeats the URL: requests holds
+    urllib3's "Max retries exceeded with url ..." whose reason names the connection first."""
+    if error.args and isinstance(error.args[0], MaxRetryError):
+        error = error.args[0].reason or error
+    connection = getattr(error, "conn", None)
+    return str(error).removeprefix(f"{connection}: ") if connection is not None else str(error)
 
 
 def _open_sheet(path: Path, census_file: CensusFile) -> Iterator[tuple[Any, ...]]:
