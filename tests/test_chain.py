@@ -3,6 +3,7 @@ resumption, all against real sqlite stores and real subprocesses."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -349,6 +350,26 @@ def _stage_runs(workdir: Path, stage: str) -> list:
     return _runs(workdir, f"tags.stage = '{stage}'")
 
 
+def _wait_for_logged_last_checkpoint(
+    workdir: Path, process: subprocess.Popen, stage_dir: Path
+) -> None:
+    """Until the newest run of the stage whose checkpoints go to ``stage_dir`` has logged a
+    last.ckpt. The store is only asked once the stage has written its first local one (the
+    upload follows), not all through the stages before it."""
+    client = _client(workdir)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        written = any(stage_dir.glob(f"*/{tracking.LAST_CHECKPOINT}"))
+        runs = _stage_runs(workdir, stage_dir.name) if written else []
+        if runs and any(
+            a.path == "ckpt/last.ckpt" for a in client.list_artifacts(runs[0].info.run_id, "ckpt")
+        ):
+            return
+        time.sleep(0.2)
+    assert process.poll() is None, "the chain ended before it could be stopped"
+    raise AssertionError(f"no last.ckpt logged from {stage_dir} in 300 s")
+
+
 @pytest.mark.parametrize(
     "stop", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"]
 )
@@ -360,21 +381,9 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
     )
     process = start_cli(workdir, "train-curriculum", "--chain", "chain_kill")
     client = _client(workdir)
-    # Stop it once stage 02 has logged a last.ckpt. The store is only asked once that stage has
-    # written its first local one (the upload follows), not all through stage 01.
     stage_dir = workdir / "checkpoints" / "sequential_01-02_chain_kill" / "02_stage"
-    deadline = time.monotonic() + 300
     try:
-        while time.monotonic() < deadline and process.poll() is None:
-            written = any(stage_dir.glob(f"*/{tracking.LAST_CHECKPOINT}"))
-            runs = _stage_runs(workdir, "02_stage") if written else []
-            if runs and any(
-                a.path == "ckpt/last.ckpt"
-                for a in client.list_artifacts(runs[0].info.run_id, "ckpt")
-            ):
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "the chain ended before it could be stopped"
+        _wait_for_logged_last_checkpoint(workdir, process, stage_dir)
         os.killpg(process.pid, stop)  # Ctrl-C reaches the whole foreground process group
         stopped = time.monotonic()
         process.wait(timeout=90)
@@ -443,6 +452,77 @@ def test_a_chain_being_trained_is_not_taken_over_by_a_second_command(workdir):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+
+
+def test_a_second_command_resuming_the_chain_while_the_first_reads_the_store_is_refused(workdir):
+    """Reading the store, which downloads every interrupted run's last.ckpt, takes a while; a
+    command that started the same resume meanwhile is found when this one is about to open its
+    runs. Otherwise both would continue the interrupted run, in one checkpoint folder."""
+    _write_chain(
+        workdir,
+        "chain_race",
+        "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 200\n",
+    )
+    command = [sys.executable, "-m", "naics_mlflow", "train-curriculum", "--chain", "chain_race"]
+    stage_dir = workdir / "checkpoints" / "sequential_01-02_chain_race" / "02_stage"
+    interrupted = start_cli(workdir, *command[3:])
+    try:
+        _wait_for_logged_last_checkpoint(workdir, interrupted, stage_dir)
+    finally:
+        os.killpg(interrupted.pid, signal.SIGKILL)
+        interrupted.wait()
+    (stopped_run,) = _stage_runs(workdir, "02_stage")
+
+    # The first command's output goes to a pipe the test has filled: its first line, announcing
+    # the download of the interrupted run's last.ckpt, holds it still (the kernel reports it
+    # waiting in the pipe's write) until the pipe is read.
+    output, output_end = os.pipe()
+    os.set_blocking(output_end, False)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filler += os.write(output_end, b"." * (4096 if filler % 4096 == 0 else 1))
+    os.set_blocking(output_end, True)
+    first = subprocess.Popen(
+        command,
+        cwd=workdir,
+        env=environment(workdir),
+        stdout=subprocess.DEVNULL,
+        stderr=output_end,
+        start_new_session=True,
+    )
+    os.close(output_end)
+    second = None
+    try:
+        deadline = time.monotonic() + 300
+        while "pipe_write" not in Path(f"/proc/{first.pid}/wchan").read_text():
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        second = start_cli(workdir, *command[3:], output=workdir / "second.log")
+        while not [r for r in _stage_runs(workdir, "02_stage") if "resumed_from" in r.data.tags]:
+            assert second.poll() is None and time.monotonic() < deadline, (
+                workdir / "second.log"
+            ).read_text()[-3000:]
+            time.sleep(0.2)
+        assert first.poll() is None
+        with os.fdopen(output, "rb") as pipe:
+            assert pipe.read(filler) == b"." * filler
+            assert first.wait(timeout=60) == 2
+            lines = pipe.read().decode().splitlines()
+        assert lines[0].startswith("reading the last.ckpt of run "), lines
+        assert lines[-1].startswith(
+            f"error: this chain is being trained now by process {second.pid} on this machine"
+        )
+        assert second.poll() is None, (workdir / "second.log").read_text()[-3000:]
+        old, resumed = _stage_runs(workdir, "02_stage")
+        assert old.info.run_id == stopped_run.info.run_id
+        assert resumed.data.tags["resumed_from"] == old.info.run_id
+        assert resumed.info.status == "RUNNING"  # the second command's, not taken over
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 @pytest.fixture()

@@ -32,6 +32,7 @@ from naics_mlflow.training.start import (
     StageStart,
     StoreState,
     decide_chain_start,
+    refuse_if_written_now,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,10 +68,10 @@ def run_chain(
         weights_digest(read_checkpoint(init_checkpoint)["state_dict"]) if init_checkpoint else None
     )
     chain_hash = plan.hash(starting_weights)
+    names = [stage.curriculum.name for stage in plan.stages]
     with tempfile.TemporaryDirectory(prefix="naics-chain-") as download_dir:
 
         def decide() -> dict[str, Any]:
-            names = [stage.curriculum.name for stage in plan.stages]
             return read_chain_start(
                 names,
                 chain_hash,
@@ -84,6 +85,11 @@ def run_chain(
             _train_without_record(plan, start, release, raw_dir)
             return None
         try:
+            if resume:
+                # Asked again just before this command opens its runs: another one may have
+                # started the chain while this one read the store, which takes as long as
+                # downloading the interrupted runs' last.ckpt.
+                refuse_if_written_now(_written_now(*_chain_runs(chain_hash, names)))
             return _record_chain(plan, chain_hash, start, release, raw_dir, Path(download_dir))
         except BaseException:
             # Between two stages the ranks this process started wait for it in the next fit.
@@ -226,13 +232,8 @@ def read_store_state(chain_hash: str, stages: list[str], download_dir: Path) -> 
     """What the tracking store holds about the chain with ``chain_hash``: its latest parent run,
     and each stage's runs, newest first, with every interrupted run's ``last.ckpt`` downloaded
     to ``download_dir`` and read back."""
-    this_chain = tracking.tag_equals("chain_hash", chain_hash)
-    parents = tracking.search_runs(f"{this_chain} AND tags.role = 'chain'")
-    found = {
-        name: tracking.search_runs(f"{this_chain} AND {tracking.tag_equals('stage', name)}")
-        for name in stages
-    }
-    written_now = _written_now([*parents, *(run for runs in found.values() for run in runs)])
+    parents, found = _chain_runs(chain_hash, stages)
+    written_now = _written_now(parents, found)
     # A chain in use is not resumed: its runs' last.ckpt, perhaps mid-upload, is not needed.
     stage_runs = {
         name: [] if written_now else [_earlier_run(run, download_dir) for run in runs]
@@ -241,9 +242,20 @@ def read_store_state(chain_hash: str, stages: list[str], download_dir: Path) -> 
     return StoreState(parents[0].info.run_id if parents else None, stage_runs, written_now)
 
 
-def _written_now(runs: list[Run]) -> tuple[str, int] | None:
-    """(run id, pid) of the first of ``runs`` a live process on this machine is writing."""
-    for run in runs:
+def _chain_runs(chain_hash: str, stages: list[str]) -> tuple[list[Run], dict[str, list[Run]]]:
+    """The parent runs of the chain with ``chain_hash``, and each stage's runs, newest first."""
+    this_chain = tracking.tag_equals("chain_hash", chain_hash)
+    parents = tracking.search_runs(f"{this_chain} AND tags.role = 'chain'")
+    found = {
+        name: tracking.search_runs(f"{this_chain} AND {tracking.tag_equals('stage', name)}")
+        for name in stages
+    }
+    return parents, found
+
+
+def _written_now(parents: list[Run], found: dict[str, list[Run]]) -> tuple[str, int] | None:
+    """(run id, pid) of the first of a chain's runs that a live process on this machine writes."""
+    for run in [*parents, *(run for runs in found.values() for run in runs)]:
         if (pid := tracking.live_writer(run)) is not None:
             return run.info.run_id, pid
     return None
@@ -266,6 +278,11 @@ def _whole_last_checkpoint(run: Run, download_dir: Path) -> str | None:
     (a process killed while uploading leaves a partial file)."""
     if not tracking.has_checkpoint(run, tracking.LAST_CHECKPOINT):
         return None
+    logger.info(
+        "reading the last.ckpt of run %s, where stage %s stopped",
+        run.info.run_id,
+        run.data.tags.get("stage"),
+    )
     last = tracking.download_checkpoint(run, tracking.LAST_CHECKPOINT, download_dir)
     try:
         read_checkpoint(last)

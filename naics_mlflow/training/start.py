@@ -98,19 +98,27 @@ def decide_chain_start(
     must use. Without ``resume`` every stage trains afresh in a new parent run. A resume is
     refused while a live process on this machine is writing one of the chain's runs.
     """
-    if resume and state.written_now:
-        run_id, pid = state.written_now
-        raise ChainInUseError(
-            f"this chain is being trained now by process {pid} on this machine (run {run_id}); "
-            f"wait for it to finish, stop it (Ctrl-C there, or kill {pid}) and run this again "
-            "to resume, or pass --resume false to train another copy"
-        )
+    if resume:
+        refuse_if_written_now(state.written_now)
     parent_run_id = state.parent_run_id if resume and not under_mlflow_run else None
     starts = []
     for position, name in enumerate(stages):
         earlier = state.stage_runs.get(name, ()) if resume else ()
         starts.append(_earlier_run_start(earlier) or _fresh_start(position, init_checkpoint))
     return ChainStart(parent_run_id, tuple(starts))
+
+
+def refuse_if_written_now(written_now: tuple[str, int] | None) -> None:
+    """Raise :class:`ChainInUseError` when a live process is writing a run of the chain:
+    ``written_now`` is its (run id, pid), or None."""
+    if written_now is None:
+        return
+    run_id, pid = written_now
+    raise ChainInUseError(
+        f"this chain is being trained now by process {pid} on this machine (run {run_id}); "
+        f"wait for it to finish, stop it (Ctrl-C there, or kill {pid}) and run this again "
+        "to resume, or pass --resume false to train another copy"
+    )
 
 
 def _earlier_run_start(earlier: Sequence[EarlierRun]) -> StageStart | None:
