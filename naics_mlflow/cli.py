@@ -54,6 +54,13 @@ class _OneLineUsageError(click.ClickException):
         self.command_path = usage_error.ctx.command_path if usage_error.ctx else fallback_path
 
     def show(self, file: Any = None) -> None:
+        root, _, command = self.command_path.partition(" ")
+        if command and self.message == "No such option '--debug'":
+            # The root's option, typed where most tools take it: after the command.
+            click.echo(
+                f"error: --debug goes before the command: {root} --debug {command} ...", err=True
+            )
+            return
         click.echo(f"error: {self.message} (see '{self.command_path} --help')", err=True)
 
 

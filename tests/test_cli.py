@@ -21,6 +21,10 @@ USAGE_ERRORS = [
         "error: Option '--debug' does not take a value (see 'naics-embedder --help')",
     ),
     (["data", "--foo"], "error: No such option '--foo' (see 'naics-embedder data --help')"),
+    (
+        ["data", "build", "--debug"],
+        "error: --debug goes before the command: naics-embedder --debug data build ...",
+    ),
     (["train", "--foo"], "error: No such option '--foo' (see 'naics-embedder train --help')"),
     (
         ["train", "-c"],
