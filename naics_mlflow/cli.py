@@ -136,8 +136,23 @@ def _stop_as_on_ctrl_c(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _project_config(ctx: click.Context, param: click.Parameter, path: str) -> str:
+    """The default ``conf/config.yaml`` is the project folder's; elsewhere it is missing."""
+    if path == DEFAULT_CONFIG and not Path(path).exists():
+        raise click.BadParameter(
+            f"{DEFAULT_CONFIG} is not in this folder: run naics-embedder from the project's "
+            "folder (the one holding conf/), or give --config PATH"
+        )
+    return path
+
+
 _config_option = click.option(
-    "--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="The config YAML."
+    "--config",
+    "config_path",
+    default=DEFAULT_CONFIG,
+    show_default=True,
+    callback=_project_config,
+    help="The config YAML.",
 )
 _raw_dir_option = click.option(
     "--raw-dir",

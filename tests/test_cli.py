@@ -35,6 +35,12 @@ USAGE_ERRORS = [
         "error: Missing option '--from-checkpoint' (see 'naics-embedder search --help')",
     ),
     (
+        ["embed", "--from-checkpoint", "finetune"],
+        "error: Invalid value for '--config': conf/config.yaml is not in this folder: run "
+        "naics-embedder from the project's folder (the one holding conf/), or give --config PATH "
+        "(see 'naics-embedder embed --help')",
+    ),
+    (
         ["data", "buidl"],
         "error: No such command 'buidl'. Did you mean 'build'? (see 'naics-embedder data --help')",
     ),
