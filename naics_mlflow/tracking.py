@@ -504,6 +504,8 @@ def resolve_checkpoint(
 
 
 def _download_reference(reference: str, download_dir: Path) -> Path:
+    if reference.startswith(("runs:/", "models:/")) and _store_is_missing():
+        raise _missing_store_error(f"cannot download {reference}")
     connect()
     try:
         local = Path(
@@ -624,14 +626,20 @@ def best_run_of_stage(stage: str, comparable: Mapping[str, str] | None = None) -
             f"({reasons}); train that stage here, or pass a runs:/<run_id>/ckpt URI"
         )
     if _store_is_missing():
-        raise CheckpointReferenceError(
-            f"cannot look up stage '{stage}': the tracking store {tracking_uri()} does not exist "
-            f"({_sqlite_file(tracking_uri()).resolve()}); run from the folder you trained in, "
-            "point MLFLOW_TRACKING_URI at your store, or pass a checkpoint file"
-        )
+        raise _missing_store_error(f"cannot look up stage '{stage}'")
     raise CheckpointReferenceError(
         f"no finished run of stage '{stage}' with a logged checkpoint in {tracking_uri()}; "
         "train that stage first, or pass a checkpoint file or a runs:/<run_id>/ckpt URI"
+    )
+
+
+def _missing_store_error(what_failed: str) -> CheckpointReferenceError:
+    """A reference looked up in a sqlite store whose file is not there (the wrong folder, most
+    often), which a lookup must not create."""
+    return CheckpointReferenceError(
+        f"{what_failed}: the tracking store {tracking_uri()} does not exist "
+        f"({_sqlite_file(tracking_uri()).resolve()}); run from the folder you trained in, "
+        "point MLFLOW_TRACKING_URI at your store, or pass a checkpoint file"
     )
 
 

@@ -368,25 +368,32 @@ def test_a_tracking_store_mlflow_cannot_use_fails_in_one_line(tiny_workdir, tmp_
 
 
 def test_a_lookup_where_there_is_no_store_says_so_and_creates_none(tiny_workdir):
-    """A stage named in a folder without the default sqlite store (the wrong working folder, most
-    often) is refused with the store's path, and no empty store is left behind by the look."""
+    """A stage, run or registered model named in a folder without the default sqlite store (the
+    wrong working folder, most often) is refused with the store's path, and no empty store is
+    left behind by the look."""
     results = run_cli_concurrently(
         tiny_workdir,
         [
             ["search", "a bakery", "--from-checkpoint", "quickstart"],
             ["train-curriculum", "--chain", "chain_default", "--from-checkpoint", "quickstart"],
+            ["embed", "--from-checkpoint", "runs:/0123abcd/ckpt"],
+            ["search", "a bakery", "--from-checkpoint", "models:/naics/1"],
             ["runs"],
         ],
         tracking_uri=None,
     )
     store = tiny_workdir / "mlflow.db"
-    for result in results[:2]:
+    failures = ["look up stage 'quickstart'"] * 2 + [
+        "download runs:/0123abcd/ckpt",
+        "download models:/naics/1",
+    ]
+    for failure, result in zip(failures, results, strict=False):
         assert error_line(result) == (
-            "error: cannot look up stage 'quickstart': the tracking store sqlite:///mlflow.db "
-            f"does not exist ({store}); run from the folder you trained in, point "
-            "MLFLOW_TRACKING_URI at your store, or pass a checkpoint file"
+            f"error: cannot {failure}: the tracking store sqlite:///mlflow.db does not exist "
+            f"({store}); run from the folder you trained in, point MLFLOW_TRACKING_URI at your "
+            "store, or pass a checkpoint file"
         )
-    assert ok(results[2]).stdout == "no stage runs in sqlite:///mlflow.db\n"
+    assert ok(results[-1]).stdout == "no stage runs in sqlite:///mlflow.db\n"
     assert not store.exists()
 
 
