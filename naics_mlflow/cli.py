@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -125,6 +126,10 @@ def main(debug: bool) -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage()
     )
+    # MLflow draws a tqdm bar for each artifact download; in a log (nohup, CI, `mlflow run`)
+    # each would stay behind as a line of all its states.
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # SIGTERM (`kill`, `timeout`, `docker stop`, a cloud's preemption notice) stops a command as
     # Ctrl-C does: runs end KILLED with their last checkpoint kept, half-written files are removed,
     # the exit status is 1. Left alone, Python would die at once outside a fit, and inside one

@@ -67,7 +67,7 @@ def test_mlflow_run_chain_nests_three_stages(workdir):
     )
     client = _client(workdir)
     client.create_experiment("naics-embedder", artifact_location=(workdir / "art").as_uri())
-    ok(
+    launched = ok(
         subprocess.run(
             [
                 sys.executable,
@@ -93,6 +93,9 @@ def test_mlflow_run_chain_nests_three_stages(workdir):
             timeout=600,
         )
     )
+    # A log holds lines: neither Lightning's bar nor MLflow's download bars.
+    assert "it/s" not in launched.stdout + launched.stderr
+    assert "stage 02_stage epoch 1/1: train_loss " in launched.stderr
     runs = _runs(workdir)
     parents = [r for r in runs if r.data.tags.get("role") == "chain"]
     assert len(parents) == 1 and len(runs) == 4
