@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
+import os
+import pty
+import select
+import shutil
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from naics_mlflow import tracking
 from naics_mlflow.config import Config, load_config, merge
+from naics_mlflow.data.build import MANIFEST_FILE
 from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.features import pool_by_owner
@@ -127,6 +136,85 @@ def test_a_log_without_a_terminal_gets_one_line_per_epoch(cli_run):
     ):
         assert f"stage 01_stage epoch {epoch + 1}/2: train_loss " in line
         assert f"val_loss {logged.value:.4f}, spearman " in line and line.endswith(" s")
+    # Lightning's lines confirming settings left at every batch would greet every fit.
+    assert "was configured so" not in result.stderr
+    # No bar, nor a bar's last state, in a log; stdout holds the results alone.
+    assert "it/s" not in result.stdout + result.stderr and "━" not in result.stdout
+    assert result.stdout.lstrip().startswith("stage            01_stage")
+    assert f"stage 01_stage: MLflow run {run.info.run_id}" in result.stderr
+
+
+def _train_on_a_terminal(workdir: Path, overrides: list[str], results: str) -> tuple[str, str]:
+    """A one-epoch stage with stderr on a pseudo-terminal and stdout there too
+    (``results="terminal"``) or on a pipe (``"piped"``, as ``> results.txt`` does): what the
+    terminal showed, and what the pipe got."""
+    controller, terminal = pty.openpty()
+    # 24 rows of 120 columns: a new pseudo-terminal has none, where tqdm draws nothing.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    command = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "naics_mlflow", "train", "-c", "01_stage"),
+            *("--config", str(CONFIG), *overrides, "training.trainer.max_epochs=1"),
+        ],
+        cwd=workdir,
+        env=environment(workdir),
+        stdout=terminal if results == "terminal" else subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    screen = b""
+    while select.select([controller], [], [], 600)[0]:
+        try:
+            drawn = os.read(controller, 65536)
+        except OSError:  # Linux: the command closed the terminal's other end
+            break
+        if not drawn:
+            break
+        screen += drawn
+    os.close(controller)
+    piped = command.stdout.read().decode() if command.stdout else ""
+    assert command.wait(timeout=60) == 0, screen.decode(errors="replace")[-3000:]
+    return screen.decode(errors="replace"), piped
+
+
+def test_a_terminal_gets_a_progress_bar_without_a_version_number(tmp_path, tiny_overrides):
+    screen, _ = _train_on_a_terminal(tmp_path, tiny_overrides, results="terminal")
+    assert "it/s" in screen and "val_loss=" in screen  # the bar
+    assert "v_num" not in screen
+    assert "stage 01_stage epoch 1/1" not in screen  # the bar says it: no log line besides
+    assert "best checkpoint" in screen
+
+
+def test_results_piped_from_a_terminal_get_no_bar_and_the_terminal_a_line_an_epoch(
+    tmp_path, tiny_overrides
+):
+    screen, piped = _train_on_a_terminal(tmp_path, tiny_overrides, results="piped")
+    assert piped.lstrip().startswith("stage            01_stage")
+    assert "best checkpoint" in piped and "it/s" not in piped and "━" not in piped
+    assert "stage 01_stage epoch 1/1: train_loss " in screen and "it/s" not in screen
+
+
+def test_data_built_by_other_code_is_named_once_a_command(tmp_path, data_dir, tiny_overrides):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    manifest = json.loads((data / MANIFEST_FILE).read_text())
+    manifest["code_digest"] = "an earlier version's"
+    (data / MANIFEST_FILE).write_text(json.dumps(manifest))
+    result = ok(
+        run_cli(
+            tmp_path,
+            "train",
+            "-c",
+            "01_stage",
+            "--config",
+            str(CONFIG),
+            *tiny_overrides,
+            f"dirs.data={data}",
+            "training.trainer.max_epochs=1",
+        )
+    )
+    said = f"{data} was built by another version of naics-embedder"
+    assert (result.stdout + result.stderr).count(said) == 1
 
 
 def test_cli_run_logs_checkpoints_config_and_tensorboard(cli_run):

@@ -9,6 +9,7 @@ when other code made it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -91,11 +92,18 @@ def warn_if_built_by_other_code(out_dir: Path) -> None:
     writes, such as the cross-referenced activities among the examples."""
     manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
     if manifest.get("code_digest") != _code_digest():
-        logger.warning(
-            "%s was built by another version of naics-embedder; run `naics-embedder data build` "
-            "to rebuild it from the Census files",
-            out_dir,
-        )
+        _say_built_by_other_code(out_dir)
+
+
+@functools.cache
+def _say_built_by_other_code(out_dir: Path) -> None:
+    """Once a process for each folder: a stage checks its data before it opens a run and
+    Lightning's fit checks it again, as does every stage of a chain."""
+    logger.warning(
+        "%s was built by another version of naics-embedder; run `naics-embedder data build` "
+        "to rebuild it from the Census files",
+        out_dir,
+    )
 
 
 def _digest_of(folder: Path, names: list[str]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from naics_mlflow import tracking
 from naics_mlflow.data.datamodule import NaicsDataModule
@@ -177,24 +177,35 @@ class StagePictures(L.Callback):
                 tracking.log_artifact(save_png(figure, Path(folder) / name), "plots")
 
 
-class EpochSummary(L.Callback):
-    """One log line per epoch where no progress bar is seen (a ``mlflow run`` log, a CI job,
-    ``nohup``): stage, epoch, the last training loss, ``val_loss``, Spearman and seconds.
+class StageProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, drawn on stdout, without Lightning's ``v_num``: for two loggers,
+    the last four characters of their versions joined, which name nothing."""
 
-    A progress bar redraws one line with carriage returns, so such a log keeps only its final
-    state; rank 0 alone writes, once per epoch, after validation.
+    def get_metrics(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> dict[str, int | str | float | dict[str, float]]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class EpochSummary(L.Callback):
+    """Where stdout is not a terminal (a ``mlflow run`` log, a CI job, ``nohup``, results sent
+    to a file): one log line per epoch with stage, epoch, the last training loss, ``val_loss``,
+    Spearman and seconds. A bar redraws one line with carriage returns, so such a file would
+    keep its every state, or its last, among the results. Rank 0 alone writes, once per epoch,
+    after validation.
     """
 
-    def __init__(self, stage: str, enabled: bool | None = None) -> None:
+    def __init__(self, stage: str) -> None:
         self.stage = stage
-        self.enabled = not sys.stderr.isatty() if enabled is None else enabled
         self._started = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not (self.enabled and trainer.is_global_zero):
+        if not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -34,6 +35,7 @@ from naics_mlflow.training.callbacks import (
     ForgetUnreachableBest,
     PrecomputedFeatures,
     StagePictures,
+    StageProgressBar,
     StopLaunchedRanksFirst,
     TaxonomyEvaluation,
 )
@@ -126,6 +128,7 @@ def train_stage(
         tags["init_weights_digest"] = weights_digest(module.encoder.trainable_state_dict())
     with tracking.run(experiment_id, curriculum.name, tags, parent_run_id) as active:
         run_id = active.info.run_id
+        logger.info("stage %s: MLflow run %s", curriculum.name, run_id)
         # A folder of the run's own: runs of a stage in one group (a rerun with other settings,
         # a sweep's parallel jobs) would otherwise overwrite each other's last.ckpt and best file,
         # and upload the other run's as their own. A resumed run continues in the interrupted
@@ -203,6 +206,12 @@ def _check_writable(folder: Path, what: str, setting: str) -> None:
         ) from exc
 
 
+def _unless_every_batch(batches: int | float) -> int | float | None:
+    """None where the setting is 1.0, every batch: Lightning's default, which it then takes
+    without printing, at every fit, a line that says the setting was given."""
+    return None if isinstance(batches, float) and batches == 1.0 else batches
+
+
 def _fit(
     config: Config,
     module: NaicsEmbedder,
@@ -223,6 +232,9 @@ def _fit(
         save_last=True,
     )
     evaluation = TaxonomyEvaluation()
+    # Lightning draws its bar on stdout: where that is a file (nohup, CI, `mlflow run`, results
+    # sent to a file), log lines on stderr instead, one an epoch.
+    on_terminal = sys.stdout.isatty()
     # Features first: the other callbacks embed codes from them in a head-only stage.
     callbacks = [PrecomputedFeatures()] if config.training.head_only else []
     callbacks += [
@@ -230,7 +242,7 @@ def _fit(
         evaluation,
         checkpoint,
         LearningRateMonitor(logging_interval="step"),
-        EpochSummary(name),
+        StageProgressBar() if on_terminal else EpochSummary(name),
         ForgetUnreachableBest(),
         CommandSigtermHandler(),
         StopLaunchedRanksFirst(),
@@ -239,7 +251,7 @@ def _fit(
     if run_id is not None:
         callbacks.append(LastCheckpointUpload(run_id, checkpoint_dir))
         callbacks.append(StagePictures(run_id, evaluation))
-        loggers.insert(0, MetricsLogger(run_id))  # the first logger names the run on screen
+        loggers.append(MetricsLogger(run_id))
     trainer_config = config.training.trainer
     trainer = L.Trainer(
         max_epochs=trainer_config.max_epochs,
@@ -251,9 +263,9 @@ def _fit(
         gradient_clip_val=trainer_config.gradient_clip_val,
         accumulate_grad_batches=trainer_config.accumulate_grad_batches,
         log_every_n_steps=trainer_config.log_every_n_steps,
-        val_check_interval=trainer_config.val_check_interval,
-        limit_train_batches=trainer_config.limit_train_batches,
-        limit_val_batches=trainer_config.limit_val_batches,
+        val_check_interval=_unless_every_batch(trainer_config.val_check_interval),
+        limit_train_batches=_unless_every_batch(trainer_config.limit_train_batches),
+        limit_val_batches=_unless_every_batch(trainer_config.limit_val_batches),
         reload_dataloaders_every_n_epochs=1,
         # The data module deals each rank its own anchors (TripletItems.shard).
         use_distributed_sampler=False,
@@ -261,6 +273,7 @@ def _fit(
         callbacks=callbacks,
         logger=loggers,
         enable_model_summary=False,
+        enable_progress_bar=on_terminal,
     )
     with warnings.catch_warnings():
         # Lightning 2.6 builds torch's LeafSpec, which torch 2.13 marks deprecated: theirs to
