@@ -677,6 +677,11 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
         assert status == 400 and "query 1 is empty" in body["message"]
         status, body = _post(
             f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_records": [{"text": 123}]},
+        )
+        assert status == 400 and "query 1 is 123, not text" in body["message"]
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations",
             {"dataframe_records": [{"text": "bakery"}], "params": {"top_k": 1000}},
         )
         assert status == 400 and "top_k of a served request) must be between 1" in body["message"]

@@ -44,7 +44,14 @@ class Match:
 def check_request(texts: list[str], top_k: int, level: int | None) -> None:
     """Reject empty texts and out-of-range ``top_k`` / ``level`` before any model work."""
     for position, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
+        missing = text is None or (isinstance(text, float) and np.isnan(text))
+        if not (isinstance(text, str) or missing):
+            # A served request's JSON can hold a number or a list where a text belongs.
+            raise QueryError(
+                f"query {position + 1} is {text!r}, not text; give a business description as a "
+                "string"
+            )
+        if missing or not text.strip():
             raise QueryError(f"query {position + 1} is empty; give a business description")
     if not 1 <= top_k <= MAX_TOP_K:
         raise QueryError(
