@@ -357,6 +357,9 @@ def run(
         # Lightning answers Ctrl-C with a graceful shutdown and then SystemExit(1).
         except (KeyboardInterrupt, SystemExit):
             mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            logger.warning(
+                "stopped: MLflow run %s (%s) is KILLED", active.info.run_id, active.info.run_name
+            )
             raise
         except TrackingStoreError:
             # The store is gone: recording the failure would retry for minutes, here and again

@@ -382,7 +382,8 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
         "chain_kill",
         "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 4\n",
     )
-    process = start_cli(workdir, "train-curriculum", "--chain", "chain_kill")
+    log = workdir / "chain.log"
+    process = start_cli(workdir, "train-curriculum", "--chain", "chain_kill", output=log)
     client = _client(workdir)
     stage_dir = workdir / "checkpoints" / "sequential_01-02_chain_kill" / "02_stage"
     try:
@@ -402,6 +403,12 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
         assert killed.info.status == "KILLED"
         (parent,) = _runs(workdir, "tags.role = 'chain'")
         assert parent.info.status == "KILLED"
+        # The last lines say what was stopped and how to go on.
+        assert log.read_text().splitlines()[-3:] == [
+            f"stopped: MLflow run {killed.info.run_id} (02_stage) is KILLED",
+            f"stopped: MLflow run {parent.info.run_id} ({parent.info.run_name}) is KILLED",
+            "the same command resumes the chain from the last epoch it finished",
+        ]
     else:
         assert killed.info.status == "RUNNING"  # what a dead process leaves behind
     (stage_one,) = _stage_runs(workdir, "01_stage")

@@ -91,9 +91,14 @@ def run_chain(
                 # downloading the interrupted runs' last.ckpt.
                 refuse_if_written_now(_written_now(*_chain_runs(chain_hash, names)))
             return _record_chain(plan, chain_hash, start, release, raw_dir, Path(download_dir))
-        except BaseException:
+        except BaseException as stop:
             # Between two stages the ranks this process started wait for it in the next fit.
             stop_launched_ranks()
+            if isinstance(stop, KeyboardInterrupt | SystemExit):  # Ctrl-C, SIGTERM
+                logger.warning(
+                    "the same command%s resumes the chain from the last epoch it finished",
+                    "" if resume else " with --resume true",
+                )
             raise
 
 
