@@ -23,6 +23,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow.cli import SEARCH_CHUNK
+from naics_mlflow.evaluation.queries import QueryError, check_request
 from naics_mlflow.model.lorentz import distance, distance_to_origin, manifold_violation
 from naics_mlflow.model.merged import dtype_name, inference_device, inference_dtype
 from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
@@ -214,6 +215,22 @@ def test_search_rejects_bad_requests(trained, arguments, expected):
     workdir, _, _, checkpoint = trained
     line = error_line(run_cli(workdir, "search", *arguments, "--from-checkpoint", str(checkpoint)))
     assert line.startswith("error: ") and expected in line
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, "query 1 is empty"),
+        (float("nan"), "query 1 is empty"),
+        (pd.NA, "query 1 is empty"),  # a missing value of pandas' string dtype
+        (123, "query 1 is 123, not text"),
+        (["bakery"], "query 1 is ['bakery'], not text"),
+    ],
+)
+def test_a_missing_text_is_empty_and_any_other_value_not_text(text, expected):
+    with pytest.raises(QueryError) as refused:
+        check_request([text], 5, 6)
+    assert str(refused.value).startswith(expected)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

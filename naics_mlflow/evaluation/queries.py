@@ -44,7 +44,7 @@ class Match:
 def check_request(texts: list[str], top_k: int, level: int | None) -> None:
     """Reject empty texts and out-of-range ``top_k`` / ``level`` before any model work."""
     for position, text in enumerate(texts):
-        missing = text is None or (isinstance(text, float) and np.isnan(text))
+        missing = pd.api.types.is_scalar(text) and bool(pd.isna(text))  # None, NaN, pd.NA
         if not (isinstance(text, str) or missing):
             # A served request's JSON can hold a number or a list where a text belongs.
             raise QueryError(
