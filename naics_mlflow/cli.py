@@ -6,6 +6,7 @@ Lightning and MLflow take seconds to import.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import math
@@ -131,14 +132,42 @@ def main(debug: bool) -> None:
     if not sys.stderr.isatty():
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # SIGTERM (`kill`, `timeout`, `docker stop`, a cloud's preemption notice) stops a command as
-    # Ctrl-C does: runs end KILLED with their last checkpoint kept, half-written files are removed,
-    # the exit status is 1. Left alone, Python would die at once outside a fit, and inside one
-    # Lightning's own handler would end the run KILLED and the process with status 0.
+    # Ctrl-C does: runs end KILLED with their last checkpoint kept, half-written files are removed.
+    # Left alone, Python would die at once outside a fit, and inside one Lightning's own handler
+    # would end the run KILLED and the process with status 0.
     signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
+    if (
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):  # not ignored (a job run by &)
+        signal.signal(signal.SIGINT, _stop_as_on_ctrl_c)
+    # Registered before torch, Lightning and MLflow are imported, so it runs after their handlers.
+    atexit.register(_end_by_the_stopping_signal)
+
+
+_stopping_signal: int | None = None
 
 
 def _stop_as_on_ctrl_c(signum: int, frame: object) -> None:
+    global _stopping_signal
+    _stopping_signal = signum
     raise KeyboardInterrupt
+
+
+def _end_by_the_stopping_signal() -> None:
+    """End a stopped command by its signal, as Python ends on a Ctrl-C that nothing caught.
+
+    A shell tells a command that stopped on a signal from one that exited: bash stops a loop of
+    commands on Ctrl-C only when the command ended by the signal, and after an exit status of 1
+    it starts the next one. Click exits with status 1, and under ``python -m`` (as ``mlflow run``
+    runs the project) CPython ended some stopped commands by SIGINT anyway, depending on where
+    the interrupt landed.
+    """
+    if _stopping_signal is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(_stopping_signal, signal.SIG_DFL)
+    os.kill(os.getpid(), _stopping_signal)
 
 
 def _project_config(ctx: click.Context, param: click.Parameter, path: str) -> str:

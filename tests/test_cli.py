@@ -1,12 +1,14 @@
 """The command line's own parsing: a mistyped command, option or value ends in one line, as the
 project's other user errors do, and names the help that lists what is accepted. Ctrl-C while a
-command starts ends in click's one line too."""
+command starts ends in click's one line too, and the command ends by the signal."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.commands import environment, run_cli_concurrently
 
@@ -70,24 +72,44 @@ def test_a_group_named_without_its_command_still_shows_its_help(tmp_path):
 def test_ctrl_c_while_torch_imports_ends_in_one_line(tiny_workdir):
     """Interrupted between torch's first modules and the end of its import, which quiets its
     loggers, a command printed torch's FakeTensor cache statistics after click's line."""
-    env = environment(tiny_workdir)
+    command = _interrupted_while_torch_imports(
+        [sys.executable, "-m", "naics_mlflow", "train", "--curriculum", "01_stage"], tiny_workdir
+    )
+    rest = command.stderr.read()
+    assert command.wait(timeout=60) == -signal.SIGINT
+    printed = [line for line in rest.splitlines() if line and not line.startswith("import time:")]
+    assert printed == ["Aborted!"]
+
+
+def test_ctrl_c_stops_a_shell_loop_of_commands(tiny_workdir):
+    """bash starts a loop's next command after one that exits, whatever its status, and stops
+    the loop only when the command ended by the signal, as Python does on an uncaught Ctrl-C."""
+    command = f"{Path(sys.executable).parent / 'naics-embedder'} train --curriculum 01_stage"
+    loop = _interrupted_while_torch_imports(
+        ["bash", "-c", f"for stage in 1 2; do {command}; echo next; done"], tiny_workdir
+    )
+    loop.stderr.read()
+    assert loop.wait(timeout=120) == -signal.SIGINT
+    assert loop.stdout.read() == ""
+
+
+def _interrupted_while_torch_imports(args: list[str], workdir: Path) -> subprocess.Popen:
+    """``args`` started in a session of their own, sent Ctrl-C (SIGINT to the session, as a
+    terminal sends it) once torch's import has begun, its stderr left to read."""
+    env = environment(workdir)
     env["PYTHONPROFILEIMPORTTIME"] = "1"  # a line on stderr as each module's import ends
     command = subprocess.Popen(
-        [sys.executable, "-m", "naics_mlflow", "train", "--curriculum", "01_stage"],
-        cwd=tiny_workdir,
+        args,
+        cwd=workdir,
         env=env,
         stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         text=True,
+        start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in command.stderr:
         if line.rsplit("|", 1)[-1].strip() == "torch._subclasses.fake_tensor":
-            command.send_signal(signal.SIGINT)
-            break
-    else:
-        raise AssertionError("the command ended before importing torch._subclasses.fake_tensor")
-    rest = command.stderr.read()
-    assert command.wait(timeout=60) == 1
-    printed = [line for line in rest.splitlines() if line and not line.startswith("import time:")]
-    assert printed == ["Aborted!"]
+            os.killpg(command.pid, signal.SIGINT)
+            return command
+    raise AssertionError("the command ended before importing torch._subclasses.fake_tensor")
