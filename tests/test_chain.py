@@ -561,11 +561,53 @@ def test_a_partially_uploaded_last_checkpoint_is_never_resumed(store, tmp_path):
     _interrupted_run(store, tmp_path, buffer.getvalue()[:200])  # later, and cut short
 
     chain_start = read_chain_start(
-        ["02_stage"], "abc", tmp_path / "downloads", resume=True, init_checkpoint=None
+        {"02_stage": tmp_path / "checkpoints"},
+        "abc",
+        tmp_path / "downloads",
+        resume=True,
+        init_checkpoint=None,
     )
     (start,) = chain_start.stages
     assert start.how is How.RESUME and start.run_id == whole
     assert torch.load(start.checkpoint, weights_only=True)["naics_embedder"]
+
+
+def _checkpoint_at(step: int) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"naics_embedder": {"format": CHECKPOINT_FORMAT}, "global_step": step}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("logged", ["behind", "cut short", "missing", "as far"])
+def test_an_interrupted_run_continues_from_the_last_checkpoint_on_this_disk_where_it_is_further(
+    store, tmp_path, logged
+):
+    """Each epoch's last.ckpt is written on the training machine's disk and then uploaded: a
+    stop during the upload left the logged one an epoch behind (or, with no earlier one, none),
+    a kill could leave it cut short, and the stage lost an epoch, or all of them."""
+    logged_files = {
+        "behind": [("last.ckpt", _checkpoint_at(4))],
+        "cut short": [("last.ckpt", _checkpoint_at(8)[:200])],
+        "missing": [],
+        "as far": [("last.ckpt", _checkpoint_at(8))],
+    }[logged]
+    tags = {"chain_hash": "abc", "stage": "02_stage"}
+    run_id = _chain_run(store, tmp_path, 1, "KILLED", tags, logged_files)
+    on_this_disk = tmp_path / "checkpoints" / run_id / "last.ckpt"
+    on_this_disk.parent.mkdir(parents=True)
+    on_this_disk.write_bytes(_checkpoint_at(8))
+
+    (start,) = read_chain_start(
+        {"02_stage": tmp_path / "checkpoints"},
+        "abc",
+        tmp_path / "downloads",
+        resume=True,
+        init_checkpoint=None,
+    ).stages
+    assert start.how is How.RESUME and start.run_id == run_id
+    chosen = on_this_disk if logged != "as far" else tmp_path / "downloads"
+    assert Path(start.checkpoint).is_relative_to(chosen)
+    assert torch.load(start.checkpoint, weights_only=True)["global_step"] == 8
 
 
 def _chain_run(
@@ -601,7 +643,8 @@ def test_the_store_state_holds_this_chains_runs_newest_first(store, tmp_path):
     cut = _chain_run(store, tmp_path, 8, "FAILED", two, [("last.ckpt", whole[:200])])
     running = _chain_run(store, tmp_path, 9, "RUNNING", two)
 
-    state = read_store_state("abc", ["01_stage", "02_stage", "03_stage"], tmp_path / "downloads")
+    folders = {name: tmp_path / "checkpoints" for name in ("01_stage", "02_stage", "03_stage")}
+    state = read_store_state("abc", folders, tmp_path / "downloads")
     assert state.parent_run_id == parent
     assert state.stage_runs["01_stage"] == [
         EarlierRun(not_logged, "FINISHED", best_checkpoint_logged=False),
@@ -613,8 +656,8 @@ def test_the_store_state_holds_this_chains_runs_newest_first(store, tmp_path):
     assert (killed_run.run_id, killed_run.status) == (killed, "KILLED")
     assert torch.load(killed_run.last_checkpoint, weights_only=True)["naics_embedder"]
     assert state.stage_runs["03_stage"] == []
-    assert read_store_state("new", ["01_stage"], tmp_path / "downloads") == StoreState(
-        None, {"01_stage": []}
+    assert read_store_state("new", folders, tmp_path / "downloads") == StoreState(
+        None, {"01_stage": [], "02_stage": [], "03_stage": []}
     )
 
 

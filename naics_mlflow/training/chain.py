@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,12 @@ from naics_mlflow.model.merged import inference_device
 from naics_mlflow.model.trained import load_embedder
 from naics_mlflow.serving import log_search_model
 from naics_mlflow.training.plan import ChainPlan
-from naics_mlflow.training.stage import StageResult, check_stage_can_start, train_stage
+from naics_mlflow.training.stage import (
+    StageResult,
+    check_stage_can_start,
+    stage_checkpoint_dir,
+    train_stage,
+)
 from naics_mlflow.training.start import (
     INTERRUPTED_STATUSES,
     ChainStart,
@@ -69,11 +75,17 @@ def run_chain(
     )
     chain_hash = plan.hash(starting_weights)
     names = [stage.curriculum.name for stage in plan.stages]
+    checkpoint_dirs = {
+        stage.curriculum.name: stage_checkpoint_dir(
+            stage.config, plan.run_group, stage.curriculum.name
+        )
+        for stage in plan.stages
+    }
     with tempfile.TemporaryDirectory(prefix="naics-chain-") as download_dir:
 
         def decide() -> dict[str, Any]:
             return read_chain_start(
-                names,
+                checkpoint_dirs,
                 chain_hash,
                 Path(download_dir),
                 resume=resume,
@@ -103,17 +115,18 @@ def run_chain(
 
 
 def read_chain_start(
-    stages: list[str],
+    checkpoint_dirs: Mapping[str, Path],
     chain_hash: str,
     download_dir: Path,
     *,
     resume: bool,
     init_checkpoint: str | None,
 ) -> ChainStart:
-    """How the chain of ``stages`` with ``chain_hash`` starts, from the tracking store's state."""
+    """How the chain with ``chain_hash`` starts, from the tracking store's state.
+    ``checkpoint_dirs``: each stage's name, in order, and its checkpoint folder on this disk."""
     return decide_chain_start(
-        stages,
-        read_store_state(chain_hash, stages, download_dir),
+        list(checkpoint_dirs),
+        read_store_state(chain_hash, checkpoint_dirs, download_dir),
         resume=resume,
         init_checkpoint=init_checkpoint,
         under_mlflow_run=bool(os.environ.get("MLFLOW_RUN_ID")),
@@ -233,15 +246,19 @@ def _log_final_model(checkpoint: Path, config: Config) -> None:
     logger.info("chain model logged as %s", uri)
 
 
-def read_store_state(chain_hash: str, stages: list[str], download_dir: Path) -> StoreState:
+def read_store_state(
+    chain_hash: str, checkpoint_dirs: Mapping[str, Path], download_dir: Path
+) -> StoreState:
     """What the tracking store holds about the chain with ``chain_hash``: its latest parent run,
-    and each stage's runs, newest first, with every interrupted run's ``last.ckpt`` downloaded
-    to ``download_dir`` and read back."""
-    parents, found = _chain_runs(chain_hash, stages)
+    and each stage's runs, newest first, with the ``last.ckpt`` each interrupted one continues
+    from (see :func:`_last_checkpoint_to_resume`); ``checkpoint_dirs`` names the stages."""
+    parents, found = _chain_runs(chain_hash, list(checkpoint_dirs))
     written_now = _written_now(parents, found)
     # A chain in use is not resumed: its runs' last.ckpt, perhaps mid-upload, is not needed.
     stage_runs = {
-        name: [] if written_now else [_earlier_run(run, download_dir) for run in runs]
+        name: []
+        if written_now
+        else [_earlier_run(run, download_dir, checkpoint_dirs[name]) for run in runs]
         for name, runs in found.items()
     }
     return StoreState(parents[0].info.run_id if parents else None, stage_runs, written_now)
@@ -266,7 +283,7 @@ def _written_now(parents: list[Run], found: dict[str, list[Run]]) -> tuple[str, 
     return None
 
 
-def _earlier_run(run: Run, download_dir: Path) -> EarlierRun:
+def _earlier_run(run: Run, download_dir: Path, checkpoint_dir: Path) -> EarlierRun:
     best = run.data.tags.get("best_checkpoint")
     # Only an interrupted run continues from its last.ckpt: a finished run's is never downloaded.
     interrupted = run.info.status in INTERRUPTED_STATUSES
@@ -274,24 +291,45 @@ def _earlier_run(run: Run, download_dir: Path) -> EarlierRun:
         run_id=run.info.run_id,
         status=run.info.status,
         best_checkpoint_logged=bool(best) and tracking.has_checkpoint(run, best),
-        last_checkpoint=_whole_last_checkpoint(run, download_dir) if interrupted else None,
+        last_checkpoint=_last_checkpoint_to_resume(
+            run, download_dir, checkpoint_dir / run.info.run_id / tracking.LAST_CHECKPOINT
+        )
+        if interrupted
+        else None,
     )
 
 
-def _whole_last_checkpoint(run: Run, download_dir: Path) -> str | None:
-    """``run``'s logged ``last.ckpt``, downloaded, unless it is missing or does not read back
-    (a process killed while uploading leaves a partial file)."""
-    if not tracking.has_checkpoint(run, tracking.LAST_CHECKPOINT):
+def _last_checkpoint_to_resume(run: Run, download_dir: Path, on_this_disk: Path) -> str | None:
+    """The whole ``last.ckpt`` furthest along of the one ``run`` logged, downloaded, and the one
+    in its checkpoint folder ``on_this_disk``; None when neither reads back.
+
+    Each epoch's ``last.ckpt`` is written on the training machine's disk first and uploaded
+    after: a stop during the upload (Ctrl-C, SIGTERM) leaves the logged one an epoch behind, and
+    a kill can leave it cut short, while that disk still holds the whole, later one.
+    """
+    logged = None
+    if tracking.has_checkpoint(run, tracking.LAST_CHECKPOINT):
+        logger.info(
+            "reading the last.ckpt of run %s, where stage %s stopped",
+            run.info.run_id,
+            run.data.tags.get("stage"),
+        )
+        logged = tracking.download_checkpoint(run, tracking.LAST_CHECKPOINT, download_dir)
+    candidates = [path for path in (logged, on_this_disk) if path is not None and path.is_file()]
+    readable: dict[Path, int] = {}
+    for path in candidates:
+        try:
+            readable[path] = read_checkpoint(path).get("global_step", 0)
+        except CheckpointError as exc:
+            logger.warning("run %s cannot be resumed from %s", run.info.run_id, exc)
+    if not readable:
         return None
-    logger.info(
-        "reading the last.ckpt of run %s, where stage %s stopped",
-        run.info.run_id,
-        run.data.tags.get("stage"),
-    )
-    last = tracking.download_checkpoint(run, tracking.LAST_CHECKPOINT, download_dir)
-    try:
-        read_checkpoint(last)
-    except CheckpointError as exc:
-        logger.warning("run %s cannot be resumed: %s", run.info.run_id, exc)
-        return None
-    return str(last)
+    chosen = max(readable, key=readable.__getitem__)  # on a tie the logged one, listed first
+    if chosen == on_this_disk:
+        logger.info(
+            "continuing run %s from its last.ckpt on this disk, at step %d%s",
+            run.info.run_id,
+            readable[chosen],
+            f"; the one it logged is at step {readable[logged]}" if logged in readable else "",
+        )
+    return str(chosen)

@@ -95,7 +95,7 @@ def train_stage(
     data-parallel run only train, and return None.
     """
     rank_zero = is_global_zero()
-    stage_dir = Path(config.dirs.checkpoints) / run_group / curriculum.name
+    stage_dir = stage_checkpoint_dir(config, run_group, curriculum.name)
     # The store and the folder first: either failing should cost seconds, not a trained epoch.
     experiment_id = tracking.use_experiment(config.mlflow.experiment_name) if rank_zero else None
     if rank_zero:
@@ -160,6 +160,11 @@ def train_stage(
         best_checkpoint=best,
         metrics=metrics,
     )
+
+
+def stage_checkpoint_dir(config: Config, run_group: str, stage: str) -> Path:
+    """The folder on this disk where a stage's runs keep their checkpoints, one folder a run."""
+    return Path(config.dirs.checkpoints) / run_group / stage
 
 
 class UnwritableFolderError(UserError):
