@@ -646,6 +646,10 @@ def _missing_store_error(what_failed: str) -> CheckpointReferenceError:
     )
 
 
+def get_run(run_id: str) -> Run:
+    return MlflowClient().get_run(run_id)
+
+
 def mark_killed_if_running(run_id: str) -> None:
     """A run left RUNNING by a process that died is over: record it as KILLED."""
     client = MlflowClient()

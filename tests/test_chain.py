@@ -464,6 +464,43 @@ def test_a_chain_being_trained_is_not_taken_over_by_a_second_command(workdir):
         first.wait()
 
 
+def test_a_stage_stopped_twice_keeps_its_best_epoch_from_before_the_second_stop(workdir):
+    """A resumed run continues in the checkpoint folder the interrupted run wrote to, where
+    Lightning restores the record of the best epoch. A run resumed from a resumed run used to
+    open a new folder, and the best epoch before its stop was dropped."""
+    _write_chain(
+        workdir,
+        "chain_twice",
+        "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 6\n",
+    )
+    logs = [workdir / f"command{n}.log" for n in range(2)]
+    for log in logs:  # stopped after two epochs of 02_stage, twice
+        process = start_cli(workdir, "train-curriculum", "--chain", "chain_twice", output=log)
+        try:
+            deadline = time.monotonic() + 300
+            while log.read_text().count("stage 02_stage epoch") < 2:
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            os.killpg(process.pid, signal.SIGINT)
+            assert process.wait(timeout=90) == -signal.SIGINT
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    finished = ok(run_cli(workdir, "train-curriculum", "--chain", "chain_twice"))
+
+    first, second, last = _stage_runs(workdir, "02_stage")
+    assert [r.data.tags.get("resumed_from") for r in (first, second, last)] == [
+        None,
+        first.info.run_id,
+        second.info.run_id,
+    ]
+    assert {r.data.tags["checkpoint_folder"] for r in (first, second, last)} == {first.info.run_id}
+    assert last.info.status == "FINISHED"
+    for output in (logs[1].read_text(), finished.stdout + finished.stderr):
+        assert "the best checkpoint before the interruption" not in output
+
+
 def test_a_second_command_resuming_the_chain_while_the_first_reads_the_store_is_refused(workdir):
     """Reading the store, which downloads every interrupted run's last.ckpt, takes a while; a
     command that started the same resume meanwhile is found when this one is about to open its
@@ -578,22 +615,32 @@ def _checkpoint_at(step: int) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("logged", ["behind", "cut short", "missing", "as far"])
+@pytest.mark.parametrize(
+    "logged", ["behind", "cut short", "missing", "as far", "resumed run", "resumed, older code"]
+)
 def test_an_interrupted_run_continues_from_the_last_checkpoint_on_this_disk_where_it_is_further(
     store, tmp_path, logged
 ):
     """Each epoch's last.ckpt is written on the training machine's disk and then uploaded: a
     stop during the upload left the logged one an epoch behind (or, with no earlier one, none),
-    a kill could leave it cut short, and the stage lost an epoch, or all of them."""
+    a kill could leave it cut short, and the stage lost an epoch, or all of them. A run that
+    itself resumed another writes in that run's folder."""
     logged_files = {
         "behind": [("last.ckpt", _checkpoint_at(4))],
         "cut short": [("last.ckpt", _checkpoint_at(8)[:200])],
         "missing": [],
         "as far": [("last.ckpt", _checkpoint_at(8))],
+        "resumed run": [("last.ckpt", _checkpoint_at(4))],
+        "resumed, older code": [("last.ckpt", _checkpoint_at(4))],
     }[logged]
     tags = {"chain_hash": "abc", "stage": "02_stage"}
+    if logged.startswith("resumed"):
+        tags["resumed_from"] = "b" * 32
+    if logged == "resumed run":  # a run resumed from one that had resumed another
+        tags["checkpoint_folder"] = "a" * 32
     run_id = _chain_run(store, tmp_path, 1, "KILLED", tags, logged_files)
-    on_this_disk = tmp_path / "checkpoints" / run_id / "last.ckpt"
+    folder = tags.get("checkpoint_folder", tags.get("resumed_from", run_id))
+    on_this_disk = tmp_path / "checkpoints" / folder / "last.ckpt"
     on_this_disk.parent.mkdir(parents=True)
     on_this_disk.write_bytes(_checkpoint_at(8))
 

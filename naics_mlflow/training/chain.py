@@ -27,6 +27,7 @@ from naics_mlflow.training.plan import ChainPlan
 from naics_mlflow.training.stage import (
     StageResult,
     check_stage_can_start,
+    run_checkpoint_dir,
     stage_checkpoint_dir,
     train_stage,
 )
@@ -283,7 +284,7 @@ def _written_now(parents: list[Run], found: dict[str, list[Run]]) -> tuple[str, 
     return None
 
 
-def _earlier_run(run: Run, download_dir: Path, checkpoint_dir: Path) -> EarlierRun:
+def _earlier_run(run: Run, download_dir: Path, stage_dir: Path) -> EarlierRun:
     best = run.data.tags.get("best_checkpoint")
     # Only an interrupted run continues from its last.ckpt: a finished run's is never downloaded.
     interrupted = run.info.status in INTERRUPTED_STATUSES
@@ -292,7 +293,9 @@ def _earlier_run(run: Run, download_dir: Path, checkpoint_dir: Path) -> EarlierR
         status=run.info.status,
         best_checkpoint_logged=bool(best) and tracking.has_checkpoint(run, best),
         last_checkpoint=_last_checkpoint_to_resume(
-            run, download_dir, checkpoint_dir / run.info.run_id / tracking.LAST_CHECKPOINT
+            run,
+            download_dir,
+            run_checkpoint_dir(stage_dir, run) / tracking.LAST_CHECKPOINT,
         )
         if interrupted
         else None,

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
+from mlflow.entities import Run
 
 from naics_mlflow import tracking
 from naics_mlflow.config import Config, TrainerConfig
@@ -49,6 +50,7 @@ from naics_mlflow.training.mlflow_logging import (
 logger = logging.getLogger(__name__)
 
 _HALF_PRECISIONS = {"16-mixed", "16", "16-true", "bf16-mixed", "bf16", "bf16-true"}
+CHECKPOINT_FOLDER_TAG = "checkpoint_folder"
 SUMMARY_METRICS = ("val_loss", "val/spearman", "val/ndcg_at_10", "val/mean_distortion")
 
 
@@ -131,9 +133,14 @@ def train_stage(
         logger.info("stage %s: MLflow run %s", curriculum.name, run_id)
         # A folder of the run's own: runs of a stage in one group (a rerun with other settings,
         # a sweep's parallel jobs) would otherwise overwrite each other's last.ckpt and best file,
-        # and upload the other run's as their own. A resumed run continues in the interrupted
-        # run's, where Lightning restores its whole record of the best epoch.
-        checkpoint_dir = stage_dir / (resumed_run_id or run_id)
+        # and upload the other run's as their own. A resumed run continues in the folder the
+        # interrupted run wrote to, where Lightning restores its whole record of the best epoch.
+        checkpoint_dir = (
+            run_checkpoint_dir(stage_dir, tracking.get_run(resumed_run_id))
+            if resumed_run_id
+            else stage_dir / run_id
+        )
+        tracking.set_tags({CHECKPOINT_FOLDER_TAG: checkpoint_dir.name})
         tracking.log_params(config.flat())
         tracking.log_params({f"curriculum.{k}": v for k, v in asdict(curriculum).items()})
         tracking.log_dict(config.to_dict(), "config.yaml")
@@ -165,6 +172,18 @@ def train_stage(
 def stage_checkpoint_dir(config: Config, run_group: str, stage: str) -> Path:
     """The folder on this disk where a stage's runs keep their checkpoints, one folder a run."""
     return Path(config.dirs.checkpoints) / run_group / stage
+
+
+def run_checkpoint_dir(stage_dir: Path, run: Run) -> Path:
+    """The folder in ``stage_dir`` that ``run`` writes its checkpoints to: its
+    ``checkpoint_folder`` tag (runs from before that tag: the run they resumed's, else their
+    own)."""
+    tags = run.data.tags
+    folder = tags.get(CHECKPOINT_FOLDER_TAG) or tags.get("resumed_from") or run.info.run_id
+    # Anyone with access to the store can edit a tag: a folder name, never a path out of here.
+    if Path(folder).name != folder or folder in (".", ".."):
+        folder = run.info.run_id
+    return stage_dir / folder
 
 
 class UnwritableFolderError(UserError):
