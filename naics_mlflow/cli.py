@@ -136,9 +136,9 @@ def main(debug: bool) -> None:
     # Left alone, Python would die at once outside a fit, and inside one Lightning's own handler
     # would end the run KILLED and the process with status 0.
     signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
-    if (
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    ):  # not ignored (a job run by &)
+    # Ctrl-C too, so that the command ends by whichever signal stopped it; not where Ctrl-C is
+    # ignored, as in a job a script started with &.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _stop_as_on_ctrl_c)
     # Registered before torch, Lightning and MLflow are imported, so it runs after their handlers.
     atexit.register(_end_by_the_stopping_signal)
