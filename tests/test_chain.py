@@ -497,8 +497,11 @@ def test_a_stage_stopped_twice_keeps_its_best_epoch_from_before_the_second_stop(
     ]
     assert {r.data.tags["checkpoint_folder"] for r in (first, second, last)} == {first.info.run_id}
     assert last.info.status == "FINISHED"
+    # Lightning restores the record's val_loss only in the folder it was written in. (A stop
+    # between saving a better epoch and last.ckpt may still leave the record naming a file since
+    # replaced: "is not on this disk", an epoch that the resumed run trains again.)
     for output in (logs[1].read_text(), finished.stdout + finished.stderr):
-        assert "the best checkpoint before the interruption" not in output
+        assert "came without its val_loss" not in output
 
 
 def test_a_second_command_resuming_the_chain_while_the_first_reads_the_store_is_refused(workdir):
