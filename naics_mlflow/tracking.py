@@ -652,6 +652,5 @@ def get_run(run_id: str) -> Run:
 
 def mark_killed_if_running(run_id: str) -> None:
     """A run left RUNNING by a process that died is over: record it as KILLED."""
-    client = MlflowClient()
-    if client.get_run(run_id).info.status == "RUNNING":
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    if get_run(run_id).info.status == "RUNNING":
+        MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))

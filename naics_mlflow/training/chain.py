@@ -75,13 +75,13 @@ def run_chain(
         weights_digest(read_checkpoint(init_checkpoint)["state_dict"]) if init_checkpoint else None
     )
     chain_hash = plan.hash(starting_weights)
-    names = [stage.curriculum.name for stage in plan.stages]
     checkpoint_dirs = {
         stage.curriculum.name: stage_checkpoint_dir(
             stage.config, plan.run_group, stage.curriculum.name
         )
         for stage in plan.stages
     }
+    names = list(checkpoint_dirs)
     with tempfile.TemporaryDirectory(prefix="naics-chain-") as download_dir:
 
         def decide() -> dict[str, Any]:
