@@ -720,8 +720,8 @@ SEARCH_CHUNK = 4096
     "--input",
     "input_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="A CSV of business descriptions in a `text` column, instead of TEXT; its other "
-    "columns (an id, say) lead each row of --out.",
+    help="A CSV (commas, semicolons or tabs) of business descriptions in a `text` column, "
+    "instead of TEXT; its other columns (an id, say) lead each row of --out.",
 )
 @click.option(
     "--out",

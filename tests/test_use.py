@@ -23,7 +23,12 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow.cli import SEARCH_CHUNK
-from naics_mlflow.evaluation.queries import QueryError, check_request
+from naics_mlflow.evaluation.queries import (
+    QueryError,
+    check_request,
+    read_query_csv,
+    read_unseen_queries,
+)
 from naics_mlflow.model.lorentz import distance, distance_to_origin, manifold_violation
 from naics_mlflow.model.merged import dtype_name, inference_device, inference_dtype
 from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
@@ -231,6 +236,33 @@ def test_a_missing_text_is_empty_and_any_other_value_not_text(text, expected):
     with pytest.raises(QueryError) as refused:
         check_request([text], 5, 6)
     assert str(refused.value).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "contents",
+    [
+        'id,text,region\n007,"grow soybeans; in Iowa",x\n',
+        'id;text;region\n007;"grow soybeans; in Iowa";x\n',
+        # Excel's "CSV UTF-8" in a locale whose decimal mark is a comma.
+        '\ufeffid;text;region\r\n007;"grow soybeans; in Iowa";x\r\n',
+        "id\ttext\tregion\n007\tgrow soybeans; in Iowa\tx\n",
+    ],
+    ids=["commas", "semicolons", "semicolons from Excel", "tabs"],
+)
+def test_a_query_csv_is_read_by_the_separator_its_header_shows(tmp_path, contents):
+    path = tmp_path / "businesses.csv"
+    path.write_text(contents, encoding="utf-8", newline="")
+    table = read_query_csv(path)
+    assert table.to_dict("records") == [
+        {"id": "007", "text": "grow soybeans; in Iowa", "region": "x"}
+    ]
+
+
+def test_evaluation_queries_saved_with_semicolons_are_read(tmp_path):
+    path = tmp_path / "unseen.csv"
+    path.write_text('code;text\n111110;"Soybean farming, field and seed"\n')
+    queries = read_unseen_queries(path)
+    assert (queries.codes, queries.texts) == (["111110"], ["Soybean farming, field and seed"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

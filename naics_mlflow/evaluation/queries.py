@@ -4,6 +4,7 @@ unseen queries. Light to import, so that a bad request is refused in a moment.""
 
 from __future__ import annotations
 
+import csv
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from naics_mlflow.files import check_output, write_output
 MAX_TOP_K = 100
 # One row per match, as `search --out` writes and the served model answers.
 MATCH_COLUMNS = ("text", "rank", "code", "title", "level", "distance", "score", "margin")
+# What separates a CSV's fields: commas, or the semicolons or tabs that spreadsheet programs save
+# "CSV" with in locales whose decimal mark is a comma.
+CSV_SEPARATORS = (",", ";", "\t")
 # `search --out` by the file's suffix.
 MATCH_FILE_WRITERS = {
     ".csv": lambda table, path: table.to_csv(path, index=False),
@@ -101,11 +105,21 @@ def write_matches(out: Path, queries: pd.DataFrame, found: list[list[Match]]) ->
     return len(table)
 
 
+def csv_separator(header: str) -> str:
+    """The one of :data:`CSV_SEPARATORS` that splits a CSV's ``header`` line into the most
+    column names (quotes respected), a comma where none splits it."""
+    fields = {sep: len(next(csv.reader([header], delimiter=sep), [])) for sep in CSV_SEPARATORS}
+    return max(CSV_SEPARATORS, key=lambda sep: fields[sep])
+
+
 def read_text_csv(path: Path) -> pd.DataFrame:
     """An existing CSV file's rows, every column as strings (an id such as ``007`` keeps its
-    zeros, an empty cell is ``""``); a file that is not UTF-8 or not a CSV ends in one line."""
+    zeros, an empty cell is ``""``), its fields separated as its header line shows
+    (:func:`csv_separator`); a file that is not UTF-8 or not a CSV ends in one line."""
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            separator = csv_separator(file.readline())
+        return pd.read_csv(path, sep=separator, dtype=str, keep_default_na=False, encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise QueryError(
             f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
