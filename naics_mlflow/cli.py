@@ -720,8 +720,9 @@ SEARCH_CHUNK = 4096
     "--input",
     "input_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="A CSV (commas, semicolons or tabs) of business descriptions in a `text` column, "
-    "instead of TEXT; its other columns (an id, say) lead each row of --out.",
+    help="A CSV (commas, semicolons or tabs) or an .xlsx workbook (its first sheet) of business "
+    "descriptions in a `text` column, instead of TEXT; its other columns (an id, say) lead each "
+    "row of --out.",
 )
 @click.option(
     "--out",
@@ -761,7 +762,7 @@ def search(
         QueryError,
         check_matches_file,
         check_request,
-        read_query_csv,
+        read_query_file,
         write_matches,
     )
 
@@ -773,10 +774,12 @@ def search(
     if texts and input_path:
         raise QueryError("give business descriptions as TEXT arguments or --input, not both")
     if not texts and not input_path:
-        raise QueryError("give a business description as TEXT, or a CSV of them as --input")
+        raise QueryError(
+            "give a business description as TEXT, or a CSV or .xlsx workbook of them as --input"
+        )
     if out is not None:
         check_matches_file(out, input_path)
-    queries = read_query_csv(input_path) if input_path else pd.DataFrame({"text": texts})
+    queries = read_query_file(input_path) if input_path else pd.DataFrame({"text": texts})
     query_texts = queries["text"].tolist()
     chosen_level = None if level == "any" else int(level)
     check_request(query_texts, top_k, chosen_level)

@@ -26,7 +26,7 @@ from naics_mlflow.cli import SEARCH_CHUNK
 from naics_mlflow.evaluation.queries import (
     QueryError,
     check_request,
-    read_query_csv,
+    read_query_file,
     read_unseen_queries,
 )
 from naics_mlflow.model.lorentz import distance, distance_to_origin, manifold_violation
@@ -252,10 +252,58 @@ def test_a_missing_text_is_empty_and_any_other_value_not_text(text, expected):
 def test_a_query_csv_is_read_by_the_separator_its_header_shows(tmp_path, contents):
     path = tmp_path / "businesses.csv"
     path.write_text(contents, encoding="utf-8", newline="")
-    table = read_query_csv(path)
+    table = read_query_file(path)
     assert table.to_dict("records") == [
         {"id": "007", "text": "grow soybeans; in Iowa", "region": "x"}
     ]
+
+
+def _workbook(path: Path, *rows: list) -> Path:
+    """An Excel workbook at ``path`` whose first sheet holds ``rows`` and a second sheet that
+    holds something else."""
+    import openpyxl
+
+    book = openpyxl.Workbook()
+    for row in rows:
+        book.active.append(row)
+    book.create_sheet("notes").append(["text", "not a business"])
+    book.save(path)
+    return path
+
+
+def test_a_query_workbook_is_read_from_its_first_sheet(tmp_path):
+    path = _workbook(
+        tmp_path / "businesses.xlsx",
+        ["id", "text", "region"],
+        ["007", "grow soybeans", "Iowa, US"],  # an id typed as text keeps its zeros
+        [8, "retail bakery", None],
+    )
+    assert read_query_file(path).to_dict("records") == [
+        {"id": "007", "text": "grow soybeans", "region": "Iowa, US"},
+        {"id": "8", "text": "retail bakery", "region": ""},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "expected"),
+    [
+        ("b.xlsx", [["id", "text"], [1, "bakery"], [2, None]], "row 3 has an empty text"),
+        ("b.xlsx", [], "has no `text` column (its columns: none)"),
+        ("b.xlsx", None, "is not an Excel workbook that can be read; save it as .xlsx or as CSV"),
+        ("b.xls", None, "is in Excel's format of before 2007, which is not read"),
+    ],
+    ids=["empty text at Excel's row 3", "empty sheet", "not a workbook", "old Excel format"],
+)
+def test_a_bad_query_workbook_is_one_line(tmp_path, name, rows, expected):
+    path = tmp_path / name
+    if rows is None:
+        path.write_text("id,text\n1,bakery\n")
+    else:
+        _workbook(path, *rows)
+    with pytest.raises(QueryError) as refused:
+        read_query_file(path)
+    line = str(refused.value)
+    assert line.startswith(f"{path} ") and expected in line and "\n" not in line
 
 
 def test_evaluation_queries_saved_with_semicolons_are_read(tmp_path):
@@ -357,6 +405,27 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
         assert (table["margin"] >= 0).all()
         assert not list((workdir / "coded").glob("*.partial"))
 
+    # The same businesses in an Excel workbook give the same rows.
+    workbook = _workbook(
+        workdir / "businesses.xlsx",
+        ["id", "text", "region"],
+        ["007", "grow soybeans", "Iowa, US"],
+        ["008", "retail bakery", None],
+        ["009", "grow soybeans", "x"],
+    )
+    ok(
+        run_cli(
+            workdir,
+            "search",
+            *("--input", workbook.name, "--out", "coded/from_workbook.parquet", "--top", "2"),
+            *("--from-checkpoint", str(checkpoint)),
+        )
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(workdir / "coded/from_workbook.parquet"),
+        pd.read_parquet(workdir / "coded/matches.parquet"),
+    )
+
     # Past one chunk of texts: a progress line per chunk, and every row still matches its text.
     many = SEARCH_CHUNK + 1
     queries.write_text(
@@ -439,10 +508,11 @@ def test_search_needs_a_text_or_an_input_file(trained):
         ],
     )
     assert error_line(nothing) == (
-        "error: give a business description as TEXT, or a CSV of them as --input"
+        "error: give a business description as TEXT, or a CSV or .xlsx workbook of them as --input"
     )
     assert error_line(missing) == (
-        "error: nowhere.csv not found; give the path of a CSV with a `text` column"
+        "error: nowhere.csv not found; give the path of a CSV or an .xlsx workbook with a `text` "
+        "column"
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,16 +133,50 @@ def read_text_csv(path: Path) -> pd.DataFrame:
         raise QueryError(f"{path} is not a CSV that can be read: {reason}") from exc
 
 
-def read_query_csv(path: Path) -> pd.DataFrame:
-    """The rows of a CSV with a ``text`` column of business descriptions, every column as
-    strings (an id such as ``007`` keeps its zeros); its other columns will lead each match row,
-    so none may share a name with :data:`MATCH_COLUMNS`."""
+def read_text_sheet(path: Path) -> pd.DataFrame:
+    """The rows of an existing Excel workbook's first sheet, its first row naming the columns,
+    every cell as a string (an empty one ``""``); a file that is not a workbook ends in one
+    line."""
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    try:
+        return pd.read_excel(
+            path, sheet_name=0, engine="openpyxl", dtype=str, keep_default_na=False
+        )
+    except OSError as exc:
+        raise QueryError(f"{path} cannot be read ({exc.strerror})") from exc
+    # A file that is not a zip archive, or a zip archive without a workbook's parts.
+    except (zipfile.BadZipFile, InvalidFileException, KeyError) as exc:
+        raise QueryError(
+            f"{path} is not an Excel workbook that can be read; save it as .xlsx or as CSV"
+        ) from exc
+
+
+def read_query_file(path: Path) -> pd.DataFrame:
+    """The rows of a file with a ``text`` column of business descriptions: the first sheet of an
+    Excel workbook (``.xlsx``, ``.xlsm``) or else a CSV, every column as strings (an id such as
+    ``007`` keeps its zeros); its other columns will lead each match row, so none may share a
+    name with :data:`MATCH_COLUMNS`.
+
+    An empty text is named by its row as the file's reader counts it: Excel's row number in a
+    workbook (the header is row 1), the row below the header in a CSV.
+    """
     if not path.is_file():
-        raise QueryError(f"{path} not found; give the path of a CSV with a `text` column")
-    table = read_text_csv(path)
+        raise QueryError(
+            f"{path} not found; give the path of a CSV or an .xlsx workbook with a `text` column"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".xls":
+        raise QueryError(
+            f"{path} is in Excel's format of before 2007, which is not read; save it as .xlsx "
+            "or as CSV"
+        )
+    workbook = suffix in (".xlsx", ".xlsm")
+    table = read_text_sheet(path) if workbook else read_text_csv(path)
     if "text" not in table.columns:
         raise QueryError(
-            f"{path} has no `text` column (its columns: {', '.join(table.columns)}); "
+            f"{path} has no `text` column (its columns: "
+            f"{', '.join(map(str, table.columns)) or 'none'}); "
             "name the column of business descriptions `text`"
         )
     clashing = [name for name in table.columns if name != "text" and name in MATCH_COLUMNS]
@@ -152,7 +187,7 @@ def read_query_csv(path: Path) -> pd.DataFrame:
         )
     if table.empty:
         raise QueryError(f"{path} holds no rows; give one business description per row")
-    for row, text in enumerate(table["text"], start=1):
+    for row, text in enumerate(table["text"], start=2 if workbook else 1):
         if not text.strip():
             raise QueryError(f"{path} row {row} has an empty text; give a business description")
     return table
