@@ -87,4 +87,7 @@ def write_output(target: Path, write: Callable[[Path], None]) -> None:
         with written_whole(target) as partial:
             write(partial)
     except OSError as exc:
-        raise _output_error(target, exc.strerror or str(exc)) from exc
+        # pyarrow's errors carry the errno with a message naming the partial file, which is
+        # not the path the user gave.
+        reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
+        raise _output_error(target, reason) from exc
