@@ -457,6 +457,82 @@ def test_search_ranks_many_texts_in_blocks_as_it_ranks_them_at_once(
         assert [m.score for m in blocked] == pytest.approx([m.score for m in whole], abs=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "Soybean farming, field and seed production",
+            ["Soybean farming, field and seed production"],
+        ),
+        (
+            "ACME Corp. is a U.S. firm, est. 1990. We bake bread; we also deliver it!  Since 2001 "
+            "we sell cakes? Yes.",
+            [
+                "ACME Corp. is a U.S. firm, est. 1990.",
+                "We bake bread;",
+                "we also deliver it!",
+                "Since 2001 we sell cakes?",
+                "Yes.",
+            ],
+        ),
+        (" One sentence.  ", ["One sentence."]),
+        (
+            "Postal stations operated by U.S. Postal Service. Smith Bros. Farms of St. Louis. "
+            "Dr. No.",
+            [
+                "Postal stations operated by U.S. Postal Service.",
+                "Smith Bros. Farms of St. Louis.",
+                "Dr. No.",
+            ],
+        ),
+    ],
+    ids=["an index item", "a description", "spaces around", "initials and abbreviations"],
+)
+def test_a_query_is_cut_at_its_sentence_breaks(text, expected):
+    assert retrieval.sentences(text) == expected
+
+
+def test_a_query_of_several_sentences_gives_each_code_its_best_sentences_score(
+    trained_adapters, taxonomy, monkeypatch
+):
+    module, *_ = trained_adapters
+    settings = SearchConfig(
+        lexical_weight=32.0, item_weight=10.0, backbone_dtype="float32", device="cpu"
+    )
+    engine = SearchEngine.build(module, taxonomy, settings)
+    firm, activity = "Our firm was founded in 1990 and has 40 staff.", "We grow soybeans."
+    rows = engine.candidates(MAX_LEVEL)
+    # Each sentence ranked as a query of its own; each code keeps the better of the two.
+    scores, distances = engine.ranking(engine.read_queries([firm, activity]), 2, MAX_LEVEL)
+    best, sentence = scores.max(dim=0)
+    order = best.sort(descending=True, stable=True).indices[:5]
+    expected = [
+        (engine.codes[rows[j]], best[j].item(), distances[sentence[j], j].item()) for j in order
+    ]
+
+    texts = ["retail bakery", f"{firm} {activity}", "dairy farm"]
+    ranked = engine.search(texts, top_k=5)
+    assert [m.code for m in ranked[1]] == [code for code, _, _ in expected]
+    assert [m.score for m in ranked[1]] == pytest.approx([s for _, s, _ in expected], abs=1e-4)
+    # The distance shown is that of the sentence that gave the score.
+    assert [m.distance for m in ranked[1]] == pytest.approx([d for *_, d in expected], abs=1e-4)
+    # The queries around it rank as they do alone, in blocks of queries too.
+    for text, matches in zip(texts[::2], ranked[::2], strict=True):
+        (on_its_own,) = engine.search([text], top_k=5)
+        assert [m.code for m in matches] == [m.code for m in on_its_own]
+    monkeypatch.setattr(retrieval, "QUERY_BLOCK", 1)
+    assert [[m.code for m in matches] for matches in engine.search(texts, top_k=5)] == [
+        [m.code for m in matches] for matches in ranked
+    ]
+    # evaluate ranks it as search does.
+    first, second = ranked[1][0].code, ranked[1][1].code
+    report = evaluate(
+        engine, taxonomy, [QuerySet("long", [texts[1], texts[1]], [first, second])], False
+    )
+    assert report.retrieval["long"]["model"]["top1"] == pytest.approx(0.5)
+    assert report.retrieval["long"]["model"]["mrr"] == pytest.approx(0.75)
+
+
 def test_a_matchs_margin_is_its_score_above_the_next_codes(trained_adapters, taxonomy):
     module, *_ = trained_adapters
     settings = SearchConfig(

@@ -155,11 +155,14 @@ def evaluate(
     )
     for query_set in query_sets:
         texts, codes = query_set.texts, query_set.codes
-        queries = engine.encode_queries(texts)
-        distances = engine.distances(queries.embeddings, rows)
+        queries = engine.read_queries(texts)
+        distances = engine.distances(queries.encoded.embeddings, rows)
+        count = len(texts)
         scores = {
-            "model": engine.scores(texts, queries, distances, level=6),
-            "embedding": -distances,
+            "model": queries.best(
+                engine.scores(queries.texts, queries.encoded, distances, 6), count
+            ),
+            "embedding": queries.best(-distances, count),
         }
         if untrained is not None:
             scores["untrained"] = -untrained.embedding_distances(texts, rows)
