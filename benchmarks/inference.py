@@ -95,12 +95,12 @@ def percentiles(runs: list[np.ndarray], q: int) -> dict[str, dict[str, float]]:
 
 def query_parts(engine: SearchEngine) -> dict[str, Callable[[str], object]]:
     """One query's steps, each callable alone, in the order ``search`` runs them."""
-    config = engine.embedder.config.data_loader.tokenization
     encoder = engine.embedder.encoder
     rows = engine.candidates(MAX_LEVEL)
 
     def batch(query: str) -> TextBatch:
-        ids = torch.from_numpy(query_ids([query], engine.tokenizer, config)[0])[None]
+        ids = query_ids([query], engine.tokenizer, engine.settings.query_max_length)
+        ids = torch.from_numpy(ids[0])[None]
         texts = TextBatch(ids, torch.ones_like(ids), torch.zeros(1, dtype=torch.long))
         return TextBatch(*(t.to(engine.backbone.device) for t in texts))
 

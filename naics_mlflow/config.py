@@ -197,6 +197,7 @@ class SearchConfig:
     item_weight: float
     backbone_dtype: str
     device: str
+    query_max_length: int
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,12 @@ class Config:
 # Keys added to the schema after checkpoints of the current format were saved without them, with
 # the value that reproduces how those checkpoints were trained (not necessarily today's default).
 KEYS_ADDED_SINCE_SAVED: dict[str, Any] = {
-    "search": {"backbone_dtype": "float32", "item_weight": 0.0, "device": "cpu"},
+    "search": {
+        "backbone_dtype": "float32",
+        "item_weight": 0.0,
+        "device": "cpu",
+        "query_max_length": 32,
+    },
     "model": {"backbone_dropout": True},
     "loss": {"hierarchy_rows": None},
     "training": {"compile_backbone": False},
@@ -260,6 +266,7 @@ _POSITIVE_KEYS = {
     "data_loader.tokenization.description_max_length",
     "data_loader.tokenization.excluded_max_length",
     "data_loader.tokenization.examples_max_length",
+    "search.query_max_length",
     "model.embedding_dim",
     "model.eval_sample_size",
     "model.length_buckets",
@@ -285,6 +292,15 @@ _POSITIVE_KEYS = {
     "training.trainer.limit_train_batches",
     "training.trainer.limit_val_batches",
 }
+# Token limits: a BERT encoder has 512 positions, and a longer text would fail in its first layer.
+_TOKEN_LIMIT_KEYS = {
+    "data_loader.tokenization.title_max_length",
+    "data_loader.tokenization.description_max_length",
+    "data_loader.tokenization.excluded_max_length",
+    "data_loader.tokenization.examples_max_length",
+    "search.query_max_length",
+}
+MAX_TOKENS = 512
 _NON_NEGATIVE_KEYS = {
     "data_loader.num_workers",
     "model.lora.dropout",
@@ -407,6 +423,11 @@ def _check_value(dotted: str, value: Any, annotation: Any, source: str) -> None:
         return
     if dotted in _POSITIVE_KEYS and value <= 0:
         raise ConfigError(f"config key '{dotted}' in {source} must be > 0, got {value!r}")
+    if dotted in _TOKEN_LIMIT_KEYS and value > MAX_TOKENS:
+        raise ConfigError(
+            f"config key '{dotted}' in {source} must be at most {MAX_TOKENS} (the tokens a BERT "
+            f"encoder reads), got {value!r}"
+        )
     if dotted in _NON_NEGATIVE_KEYS and value < 0:
         raise ConfigError(f"config key '{dotted}' in {source} must be >= 0, got {value!r}")
 

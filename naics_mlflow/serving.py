@@ -99,6 +99,7 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
                 item_weight=float(settings.get("item_weight", 0.0)),
                 backbone_dtype=settings.get("backbone_dtype", "float32"),
                 device=device,
+                query_max_length=int(settings.get("query_max_length", 32)),
             ),
         )
 

@@ -181,7 +181,7 @@ def untrained(tiny_overrides, taxonomy) -> UntrainedBackbone:
     # An embedding as wide as the backbone's hidden size (32): the projection keeps angles.
     overrides = [*tiny_overrides, "model.embedding_dim=32"]
     config = load_config(REPO / "conf" / "config.yaml", overrides)
-    return UntrainedBackbone(config, taxonomy, torch.device("cpu"))
+    return UntrainedBackbone(config, taxonomy, torch.device("cpu"), config.search.query_max_length)
 
 
 def test_nearest_item_scores_find_a_codes_own_item(untrained, taxonomy):

@@ -68,6 +68,15 @@ def test_later_override_wins():
         ("model.lora.r=-2", ["must be > 0"]),
         ("training.weight_decay=-0.1", ["must be >= 0"]),
         ("search.item_weight=-1", ["'search.item_weight'", "must be >= 0"]),
+        ("search.query_max_length=0", ["'search.query_max_length'", "must be > 0"]),
+        (
+            "search.query_max_length=600",
+            ["'search.query_max_length'", "must be at most 512 (the tokens a BERT encoder reads)"],
+        ),
+        (
+            "data_loader.tokenization.description_max_length=513",
+            ["'data_loader.tokenization.description_max_length'", "must be at most 512"],
+        ),
         ("loss.hierarchy_rows=0", ["'loss.hierarchy_rows'", "must be > 0"]),
         ("model.moe.top_k=5", ["top_k (5)", "num_experts (4)"]),
         ("training.optimizer=sgd", ["must be one of", "adamw"]),
@@ -168,10 +177,12 @@ def test_parse_overrides_nests_keys():
 def test_a_configuration_saved_before_the_search_keys_searched_without_them():
     saved = load_config(BASE).to_dict()
     del saved["search"]["item_weight"], saved["search"]["backbone_dtype"]
-    del saved["search"]["device"]
+    del saved["search"]["device"], saved["search"]["query_max_length"]
     search = Config.from_dict(saved).search
-    # The nearest-item signal did not exist yet, and the backbone read in float32 on the CPU.
+    # The nearest-item signal did not exist yet, the backbone read in float32 on the CPU, and
+    # queries were cut where index items are.
     assert (search.item_weight, search.backbone_dtype, search.device) == (0.0, "float32", "cpu")
+    assert search.query_max_length == 32
     assert search.lexical_weight == saved["search"]["lexical_weight"]
 
 

@@ -337,7 +337,14 @@ def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, ta
         torch.zeros((taxonomy.size, module.config.model.embedding_dim + 1)),
         LexicalIndex(["soybean farming"]),
         IndexItems(torch.zeros((0, hidden)), torch.zeros(0, dtype=torch.long)),
-        SearchConfig(lexical_weight=0.0, item_weight=0.0, backbone_dtype="float32", device="cpu"),
+        SearchConfig(
+            lexical_weight=0.0,
+            item_weight=0.0,
+            backbone_dtype="float32",
+            device="cpu",
+            # The training path cuts a query where it cuts an index item.
+            query_max_length=module.config.data_loader.tokenization.examples_max_length,
+        ),
     )
     config = module.config.data_loader.tokenization
     with torch.no_grad():
@@ -373,7 +380,11 @@ def test_channels_that_read_alike_share_one_pass(tiny_overrides, moved):
     backbone.layers[0].qkv.register_forward_pre_hook(lambda _, args: rows_read.append(len(args[0])))
     batches = list(
         retrieval.query_batches(
-            encoder, backbone, tokenizer, config.data_loader.tokenization, QUERIES[:3]
+            encoder,
+            backbone,
+            tokenizer,
+            config.data_loader.tokenization.examples_max_length,
+            QUERIES[:3],
         )
     )
     assert len(batches) == 1
@@ -411,7 +422,11 @@ def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapte
             owners.setdefault(item, []).append(int(row))
     item, (row,) = next((text, rows) for text, rows in owners.items() if len(rows) == 1)
     alone = SearchConfig(
-        lexical_weight=0.0, item_weight=0.0, backbone_dtype="float32", device="cpu"
+        lexical_weight=0.0,
+        item_weight=0.0,
+        backbone_dtype="float32",
+        device="cpu",
+        query_max_length=64,
     )
     engine = SearchEngine.build(module, taxonomy, alone)
     assert set(engine.items.rows.tolist()) == {r for r in national if taxonomy.examples[r]}
@@ -424,7 +439,11 @@ def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapte
         distances = engine.distances(queries.embeddings, engine.candidates(level))
         by_embedding[level] = engine.scores(texts, queries, distances, level)
     engine.settings = SearchConfig(
-        lexical_weight=0.0, item_weight=3.0, backbone_dtype="float32", device="cpu"
+        lexical_weight=0.0,
+        item_weight=3.0,
+        backbone_dtype="float32",
+        device="cpu",
+        query_max_length=64,
     )
     nearest = engine.items.nearest_similarity(queries.examples, taxonomy.size)
     for level, alone_scores in by_embedding.items():
@@ -444,7 +463,11 @@ def test_search_ranks_many_texts_in_blocks_as_it_ranks_them_at_once(
 ):
     module, *_ = trained_adapters
     settings = SearchConfig(
-        lexical_weight=32.0, item_weight=10.0, backbone_dtype="float32", device="cpu"
+        lexical_weight=32.0,
+        item_weight=10.0,
+        backbone_dtype="float32",
+        device="cpu",
+        query_max_length=64,
     )
     engine = SearchEngine.build(module, taxonomy, settings)
     texts = [*QUERIES, "dairy farm"]
@@ -497,7 +520,11 @@ def test_a_query_of_several_sentences_gives_each_code_its_best_sentences_score(
 ):
     module, *_ = trained_adapters
     settings = SearchConfig(
-        lexical_weight=32.0, item_weight=10.0, backbone_dtype="float32", device="cpu"
+        lexical_weight=32.0,
+        item_weight=10.0,
+        backbone_dtype="float32",
+        device="cpu",
+        query_max_length=64,
     )
     engine = SearchEngine.build(module, taxonomy, settings)
     firm, activity = "Our firm was founded in 1990 and has 40 staff.", "We grow soybeans."
@@ -533,10 +560,48 @@ def test_a_query_of_several_sentences_gives_each_code_its_best_sentences_score(
     assert report.retrieval["long"]["model"]["mrr"] == pytest.approx(0.75)
 
 
+def test_a_query_sentence_is_read_to_search_query_max_length_tokens(
+    trained_adapters, taxonomy, caplog
+):
+    module, *_ = trained_adapters
+    engines = {
+        limit: SearchEngine.build(
+            module,
+            taxonomy,
+            SearchConfig(
+                lexical_weight=0.0,
+                item_weight=0.0,
+                backbone_dtype="float32",
+                device="cpu",
+                query_max_length=limit,
+            ),
+        )
+        for limit in (32, 64)
+    }
+    tokenizer = engines[32].tokenizer
+    sentence = "family firm serving the region since 1998 with many employees " * 4 + "soybeans"
+    short = "soybean farming"
+    assert 32 < len(tokenizer(sentence)["input_ids"]) <= 64
+    with caplog.at_level(logging.WARNING, logger=retrieval.__name__):
+        read = {limit: engine.read_queries([sentence, short]) for limit, engine in engines.items()}
+    # Only the 32-token reading cut the sentence, and it says so in one line.
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of 2 queries have a sentence longer than the model reads (32 tokens, "
+        "search.query_max_length); its beginning is used"
+    ]
+    cut, whole = read[32].encoded.embeddings, read[64].encoded.embeddings
+    assert not torch.allclose(cut[0], whole[0], atol=1e-4)
+    torch.testing.assert_close(cut[1], whole[1], **TOLERANCE)
+
+
 def test_a_matchs_margin_is_its_score_above_the_next_codes(trained_adapters, taxonomy):
     module, *_ = trained_adapters
     settings = SearchConfig(
-        lexical_weight=32.0, item_weight=10.0, backbone_dtype="float32", device="cpu"
+        lexical_weight=32.0,
+        item_weight=10.0,
+        backbone_dtype="float32",
+        device="cpu",
+        query_max_length=64,
     )
     engine = SearchEngine.build(module, taxonomy, settings)
     for shown, longer in zip(
@@ -625,7 +690,11 @@ def test_codes_with_equal_scores_come_in_taxonomy_order(trained_adapters, taxono
     module, _, _ = trained_adapters
     path = _save_checkpoint(module, tmp_path / "adapted.ckpt")
     settings = SearchConfig(
-        lexical_weight=0.0, item_weight=3.0, backbone_dtype="float32", device="cpu"
+        lexical_weight=0.0,
+        item_weight=3.0,
+        backbone_dtype="float32",
+        device="cpu",
+        query_max_length=64,
     )
     engine = SearchEngine.build(load_embedder(path, CPU), taxonomy, settings)
     pairs = [
@@ -645,7 +714,11 @@ def test_a_checkpoint_read_onto_a_gpu_searches_as_on_the_cpu(trained_adapters, t
     module, _, _ = trained_adapters
     path = _save_checkpoint(module, tmp_path / "adapted.ckpt")
     settings = SearchConfig(
-        lexical_weight=0.0, item_weight=3.0, backbone_dtype="float32", device="cuda"
+        lexical_weight=0.0,
+        item_weight=3.0,
+        backbone_dtype="float32",
+        device="cuda",
+        query_max_length=64,
     )
     engines = {
         device.type: SearchEngine.build(load_embedder(path, device), taxonomy, settings)

@@ -1227,10 +1227,8 @@ def test_queries_fill_the_query_channels_and_long_ones_are_flagged(tiny_setup):
     for channel in CHANNELS:
         expected = [0, 1] if channel in QUERY_CHANNELS else []
         assert tokens.texts[channel].owner.tolist() == expected
-    assert truncated_queries(texts, datamodule.tokenizer, config.data_loader.tokenization) == [
-        False,
-        True,
-    ]
+    limit = config.search.query_max_length
+    assert truncated_queries(texts, datamodule.tokenizer, limit) == [False, True]
 
 
 # --- head-only stages -----------------------------------------------------------------------

@@ -602,6 +602,7 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
         "search.item_weight": "12.0",
         "search.backbone_dtype": "auto",
         "search.device": "auto",
+        "search.query_max_length": "64",
         "backbone_dtype": dtype_name(inference_dtype("auto", inference_device("auto"))),
         "device": str(torch.device("cuda", 0) if torch.cuda.is_available() else "cpu"),
     }

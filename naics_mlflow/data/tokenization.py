@@ -297,22 +297,23 @@ def query_tokens(ids: list[np.ndarray], pad_token_id: int) -> ChannelTokens:
 
 
 def query_ids(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> list[np.ndarray]:
-    """Token ids of free-text queries, cut at the index items' token limit."""
-    return _token_ids(texts, tokenizer, config.examples_max_length)
+    """Token ids of free-text queries, cut at ``max_length`` tokens."""
+    return _token_ids(texts, tokenizer, max_length)
 
 
 def tokenize_queries(
     texts: list[str], tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
 ) -> ChannelTokens:
     """Free-text queries as :func:`query_tokens` of their :func:`query_ids`."""
-    return query_tokens(query_ids(texts, tokenizer, config), tokenizer.pad_token_id)
+    ids = query_ids(texts, tokenizer, config.examples_max_length)
+    return query_tokens(ids, tokenizer.pad_token_id)
 
 
 def truncated_queries(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
+    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> list[bool]:
-    """For each query, whether it is longer than the query channels read (only its beginning is
-    used); a second tokenizer pass, so only ``search`` pays for it, not training."""
-    return [len(ids) > config.examples_max_length for ids in tokenizer(texts)["input_ids"]]
+    """For each query, whether it is longer than ``max_length`` tokens (only its beginning is
+    read); a second tokenizer pass, so only ``search`` pays for it, not training."""
+    return [len(ids) > max_length for ids in tokenizer(texts)["input_ids"]]

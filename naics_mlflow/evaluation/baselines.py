@@ -35,13 +35,15 @@ from naics_mlflow.model.module import NaicsEmbedder
 class UntrainedBackbone:
     """The model of ``config`` before any training, on ``device``, every code and index item
     embedded once (or its features read from ``outputs_dir``, where a head-only stage of the same
-    backbone left them)."""
+    backbone left them), reading queries as the trained model does: cut at ``query_max_length``
+    tokens."""
 
     def __init__(
         self,
         config: Config,
         taxonomy: Taxonomy,
         device: torch.device,
+        query_max_length: int,
         outputs_dir: Path | None = None,
     ) -> None:
         self.module = NaicsEmbedder(config.to_dict()).eval().to(device)
@@ -54,14 +56,14 @@ class UntrainedBackbone:
         self.items = IndexItems.of_national_industries(self.features, taxonomy).to(device)
         self.size = taxonomy.size
         self.backbone = self.module.encoder.merged_backbone()
+        self.query_max_length = query_max_length
 
     def _query_features(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         size = (len(texts), self.module.encoder.hidden_size)
         features = {c: torch.empty(size, device=self.module.device) for c in CHANNELS}
-        config = self.config.data_loader.tokenization
         encoder = self.module.encoder
         for rows, batch in query_batches(
-            encoder, self.backbone, self.tokenizer, config, list(texts)
+            encoder, self.backbone, self.tokenizer, self.query_max_length, list(texts)
         ):
             for channel, values in batch.items():
                 features[channel][rows] = values

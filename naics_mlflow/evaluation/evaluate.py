@@ -149,7 +149,13 @@ def evaluate(
     rows = six_digit_rows(taxonomy)
     candidates = [taxonomy.codes[row] for row in rows]
     untrained = (
-        UntrainedBackbone(config, taxonomy, engine.embedder.device, outputs_dir)
+        UntrainedBackbone(
+            config,
+            taxonomy,
+            engine.embedder.device,
+            engine.settings.query_max_length,
+            outputs_dir,
+        )
         if baselines
         else None
     )

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from naics_mlflow.config import SearchConfig, TokenizationConfig
+from naics_mlflow.config import SearchConfig
 from naics_mlflow.data.disk_cache import read_cached, source_digest, write_cached
 from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE, CodeFeatures
 from naics_mlflow.data.pretrained import load_tokenizer
@@ -179,17 +179,17 @@ def query_batches(
     encoder: EncoderHead,
     backbone: MergedBackbone,
     tokenizer: PreTrainedTokenizerBase,
-    config: TokenizationConfig,
+    max_length: int,
     texts: list[str],
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """The channel features of free-text queries, batch by batch, with the positions of the
-    queries each batch holds.
+    """The channel features of free-text queries, each cut at ``max_length`` tokens, batch by
+    batch, with the positions of the queries each batch holds.
 
     Queries run shortest first, each batch one pass of the merged ``backbone`` for every query
     channel that reads differently, of at most :func:`pass_tokens` tokens: many queries cost
     little padding and few passes.
     """
-    ids = query_ids(texts, tokenizer, config)
+    ids = query_ids(texts, tokenizer, max_length)
     device = backbone.device
     budget = pass_tokens(device) // len({backbone.reading[channel] for channel in QUERY_CHANNELS})
     for rows in length_batches([len(sequence) for sequence in ids], budget):
@@ -319,18 +319,8 @@ class SearchEngine:
 
     def encode_queries(self, texts: list[str]) -> EncodedQueries:
         """Free-text queries, each read whole, as Lorentz embeddings and as the examples channel
-        reads them; says in one line how many texts were cut at the token limit (only their
-        beginning is used)."""
-        config = self.embedder.config.data_loader.tokenization
-        truncated_count = sum(truncated_queries(texts, self.tokenizer, config))
-        if truncated_count:
-            logger.warning(
-                "%d of %d queries are longer than the model reads (%d tokens); their beginning "
-                "is used",
-                truncated_count,
-                len(texts),
-                config.examples_max_length,
-            )
+        reads them: what the served model's ``output="embedding"`` gives."""
+        self._say_how_many_are_cut(texts, list(range(len(texts))), len(texts))
         return self._encode(texts)
 
     def read_queries(self, texts: list[str]) -> QueryPieces:
@@ -342,9 +332,6 @@ class SearchEngine:
         index items with such sentences around them ranked their code first 0.43-0.70 of the
         time read whole, 0.76-0.81 sentence by sentence, against 0.82 for the items alone
         (docs/results.md).
-
-        Says in one line how many queries have a sentence longer than the model reads (its
-        beginning is used).
         """
         pieces: list[str] = []
         owners: list[int] = []
@@ -352,30 +339,37 @@ class SearchEngine:
             read = sentences(text)
             pieces += read
             owners += [query] * len(read)
-        config = self.embedder.config.data_loader.tokenization
+        self._say_how_many_are_cut(pieces, owners, len(texts))
+        return QueryPieces(pieces, torch.tensor(owners, dtype=torch.long), self._encode(pieces))
+
+    def _say_how_many_are_cut(self, pieces: list[str], owners: list[int], count: int) -> None:
+        """One line, where some of ``count`` queries have a piece (``owners`` says whose) longer
+        than ``search.query_max_length``: only its beginning is read."""
+        limit = self.settings.query_max_length
         cut = {
             owners[piece]
-            for piece, long in enumerate(truncated_queries(pieces, self.tokenizer, config))
+            for piece, long in enumerate(truncated_queries(pieces, self.tokenizer, limit))
             if long
         }
         if cut:
             logger.warning(
-                "%d of %d queries have a sentence longer than the model reads (%d tokens); its "
-                "beginning is used",
+                "%d of %d queries have a sentence longer than the model reads (%d tokens, "
+                "search.query_max_length); its beginning is used",
                 len(cut),
-                len(texts),
-                config.examples_max_length,
+                count,
+                limit,
             )
-        return QueryPieces(pieces, torch.tensor(owners, dtype=torch.long), self._encode(pieces))
 
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> EncodedQueries:
-        """See :func:`query_batches`."""
-        config = self.embedder.config.data_loader.tokenization
+        """Each text cut at ``search.query_max_length`` tokens; see :func:`query_batches`."""
         encoder = self.embedder.encoder
         embeddings = torch.empty((len(texts), self.code_embeddings.shape[1]))
         examples = torch.empty((len(texts), encoder.hidden_size))
-        for rows, features in query_batches(encoder, self.backbone, self.tokenizer, config, texts):
+        batches = query_batches(
+            encoder, self.backbone, self.tokenizer, self.settings.query_max_length, texts
+        )
+        for rows, features in batches:
             embeddings[rows] = encoder.head(features).embeddings.cpu()
             examples[rows] = features["examples"].float().cpu()
         device = self.embedder.device
