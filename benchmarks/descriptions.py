@@ -1,0 +1,98 @@
+"""Dev index items inside business descriptions: how `search` ranks a code when sentences about
+the firm (its history, size, place) surround the activity, as people describe a business.
+
+    python benchmarks/descriptions.py --from-checkpoint PATH.ckpt --data-dir data
+    python benchmarks/descriptions.py --from-checkpoint PATH.ckpt search.query_max_length=32
+
+Each dev item (``data/index_dev.parquet``, where every choice is made; never the held-out or
+2017 sets) is put into each template and searched as one query; top-1 and top-5 over the dev
+items are printed per template, the items alone first. The search settings come from
+``--config`` with any ``KEY=VALUE`` overrides after it, as the commands take them
+(docs/results.md, "Descriptions of several sentences").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from naics_mlflow.config import load_config
+from naics_mlflow.data.taxonomy import DEV_FILE, load_taxonomy
+from naics_mlflow.evaluation.retrieval import SearchEngine
+from naics_mlflow.model.merged import inference_device
+from naics_mlflow.model.trained import load_embedder
+
+REPO = Path(__file__).resolve().parents[1]
+
+# {Item} is the dev item as written, {item} the same with its first letter lowered (as measured in
+# docs/results.md).
+TEMPLATES = {
+    "the item alone": "{Item}",
+    "history, then the activity": (
+        "Our company was founded in 1998 and is a family-owned business with 25 employees serving "
+        "customers across the region. We specialize in {item}."
+    ),
+    "the activity, then the firm": (
+        "{item}. We are a small family-owned business founded in 2005, with 12 employees and two "
+        "locations, and we plan to expand next year."
+    ),
+    "the activity between": (
+        "Founded in 2011 in a small town, our firm employs about 40 people. Main activity: {item}. "
+        "We also keep a website and a small office downtown."
+    ),
+    "abbreviations": (
+        "ACME Corp. is a U.S. company, est. 1990 in St. Louis. Our business: {item}. Contact us "
+        "at info@acme.com."
+    ),
+    "one long sentence": (
+        "Our family-owned company, founded in 1998 with 25 employees serving customers across the "
+        "region, specializes in {item}"
+    ),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--from-checkpoint", type=Path, required=True, metavar="PATH")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--config", type=Path, default=REPO / "conf" / "config.yaml")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+
+    config = load_config(args.config, args.overrides)
+    module = load_embedder(args.from_checkpoint, inference_device(config.search.device))
+    engine = SearchEngine.build(
+        module, load_taxonomy(args.data_dir), config.search, Path(config.dirs.outputs)
+    )
+    dev = pd.read_parquet(args.data_dir / DEV_FILE)
+    report = {}
+    for name, template in TEMPLATES.items():
+        texts = [template.format(Item=item, item=item[:1].lower() + item[1:]) for item in dev.text]
+        started = time.perf_counter()
+        found = engine.search(texts, top_k=5)
+        codes = [[match.code for match in matches] for matches in found]
+        report[name] = {
+            "top1": sum(c[0] == gold for c, gold in zip(codes, dev.code, strict=True)) / len(dev),
+            "top5": sum(gold in c for c, gold in zip(codes, dev.code, strict=True)) / len(dev),
+            "seconds": time.perf_counter() - started,
+        }
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"{len(dev):,} dev items, search.query_max_length {config.search.query_max_length}")
+    for name, figures in report.items():
+        print(
+            f"{name:28s} top-1 {figures['top1']:.4f}  top-5 {figures['top5']:.4f}  "
+            f"({figures['seconds']:.0f} s)"
+        )
+
+
+if __name__ == "__main__":
+    main()
