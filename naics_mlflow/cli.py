@@ -728,7 +728,7 @@ SEARCH_CHUNK = 4096
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write one row per match (text, rank, code, title, level, distance, score, margin) to "
-    "this .csv or .parquet file instead of printing tables.",
+    "this .csv, .parquet or .xlsx file instead of printing tables.",
 )
 @click.option("--top", "top_k", default=5, show_default=True, help="How many codes to show.")
 @click.option(
@@ -761,6 +761,7 @@ def search(
     from naics_mlflow.evaluation.queries import (
         QueryError,
         check_matches_file,
+        check_matches_fit,
         check_request,
         read_query_file,
         write_matches,
@@ -783,6 +784,8 @@ def search(
     query_texts = queries["text"].tolist()
     chosen_level = None if level == "any" else int(level)
     check_request(query_texts, top_k, chosen_level)
+    if out is not None:
+        check_matches_fit(out, len(query_texts), top_k)
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         engine, *_ = _load_engine(reference, trust_checkpoint, config_path, Path(download_dir))
     found = []

@@ -383,12 +383,17 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
             *("--from-checkpoint", str(checkpoint)),
         )
 
-    for out in ("coded/matches.CSV", "coded/matches.parquet"):  # suffixes in any case
+    readers = {
+        "coded/matches.CSV": pd.read_csv,  # suffixes in any case
+        "coded/matches.parquet": None,
+        "coded/matches.xlsx": pd.read_excel,
+    }
+    for out, reader in readers.items():
         result = ok(search_file(out))
         assert result.stdout.strip() == f"{out}: 6 matches of 3 texts"
         table = (
-            pd.read_csv(workdir / out, dtype={"id": str, "code": str}, keep_default_na=False)
-            if out.endswith(".CSV")
+            reader(workdir / out, dtype={"id": str, "code": str}, keep_default_na=False)
+            if reader
             else pd.read_parquet(workdir / out)
         )
         assert list(table.columns) == [
@@ -461,7 +466,12 @@ BAD_SEARCH_INPUTS = [
     ("id,text\n", [], "holds no rows"),
     (b"id,text\n1,caf\xe9\n", [], "is not UTF-8 text"),
     ("id,text\n1,bakery\n", ["bakery"], "TEXT arguments or --input, not both"),
-    ("id,text\n1,bakery\n", ["--out", "matches.txt"], "--out must end in .csv or .parquet"),
+    ("id,text\n1,bakery\n", ["--out", "matches.txt"], "--out must end in .csv, .parquet or .xlsx"),
+    (
+        "id,text\n" + "".join(f"{row},bakery\n" for row in range(10_486)),
+        ["--top", "100", "--out", "big.xlsx"],
+        "10,486 texts with --top 100 make up to 1,048,600 rows, more than an Excel sheet holds",
+    ),
     ("id,text\n1,bakery\n", ["--out", "{input}"], "is the --input file"),
 ]
 

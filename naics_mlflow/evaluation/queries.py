@@ -23,11 +23,24 @@ MATCH_COLUMNS = ("text", "rank", "code", "title", "level", "distance", "score", 
 # What separates a CSV's fields: commas, or the semicolons or tabs that spreadsheet programs save
 # "CSV" with in locales whose decimal mark is a comma.
 CSV_SEPARATORS = (",", ";", "\t")
+
+
+def _write_sheet(table: pd.DataFrame, path: Path) -> None:
+    """``table`` as the first sheet of an Excel workbook at ``path``, through a file object:
+    pandas checks a path's suffix, and ``--out`` is written under a temporary name
+    (:func:`naics_mlflow.files.written_whole`)."""
+    with path.open("wb") as file:
+        table.to_excel(file, index=False, engine="openpyxl")
+
+
 # `search --out` by the file's suffix.
 MATCH_FILE_WRITERS = {
     ".csv": lambda table, path: table.to_csv(path, index=False),
     ".parquet": lambda table, path: table.to_parquet(path, index=False),
+    ".xlsx": _write_sheet,
 }
+# The rows of an Excel sheet below its header row.
+SHEET_ROWS = 1_048_575
 
 
 class QueryError(UserError):
@@ -90,10 +103,21 @@ def matches_table(texts: list[str], found: list[list[Match]]) -> pd.DataFrame:
 def check_matches_file(out: Path, input_path: Path | None) -> None:
     """Refuse an ``--out`` that could not be written as asked, or would overwrite the input."""
     if out.suffix.lower() not in MATCH_FILE_WRITERS:
-        raise QueryError(f"--out must end in .csv or .parquet, got {out.name}")
+        raise QueryError(f"--out must end in .csv, .parquet or .xlsx, got {out.name}")
     if input_path is not None and out.resolve() == input_path.resolve():
         raise QueryError(f"--out {out} is the --input file; write the matches to another file")
     check_output(out)
+
+
+def check_matches_fit(out: Path, texts: int, top_k: int) -> None:
+    """Refuse an ``.xlsx`` ``--out`` whose ``texts`` times ``top_k`` rows an Excel sheet cannot
+    hold, before any model work."""
+    rows = texts * top_k
+    if out.suffix.lower() == ".xlsx" and rows > SHEET_ROWS:
+        raise QueryError(
+            f"--out {out.name}: {texts:,} texts with --top {top_k} make up to {rows:,} rows, more "
+            f"than an Excel sheet holds ({SHEET_ROWS:,}); write .csv or .parquet, or lower --top"
+        )
 
 
 def write_matches(out: Path, queries: pd.DataFrame, found: list[list[Match]]) -> int:
