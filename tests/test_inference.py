@@ -52,6 +52,22 @@ TOLERANCE = {"atol": 2e-5, "rtol": 2e-5}
 CPU = torch.device("cpu")
 
 
+def search_settings(
+    lexical_weight: float = 0.0,
+    item_weight: float = 0.0,
+    device: str = "cpu",
+    query_max_length: int = 64,
+) -> SearchConfig:
+    """``search.*`` with the backbone in float32 (the training path's dtype)."""
+    return SearchConfig(
+        lexical_weight=lexical_weight,
+        item_weight=item_weight,
+        backbone_dtype="float32",
+        device=device,
+        query_max_length=query_max_length,
+    )
+
+
 def _with_trained_adapters(overrides, taxonomy):
     """A tiny model whose four adapters each hold different, non-zero weights, and its tokens."""
     config = load_config(CONFIG, overrides)
@@ -337,13 +353,9 @@ def test_batched_queries_equal_the_training_path_one_by_one(trained_adapters, ta
         torch.zeros((taxonomy.size, module.config.model.embedding_dim + 1)),
         LexicalIndex(["soybean farming"]),
         IndexItems(torch.zeros((0, hidden)), torch.zeros(0, dtype=torch.long)),
-        SearchConfig(
-            lexical_weight=0.0,
-            item_weight=0.0,
-            backbone_dtype="float32",
-            device="cpu",
-            # The training path cuts a query where it cuts an index item.
-            query_max_length=module.config.data_loader.tokenization.examples_max_length,
+        # The training path cuts a query where it cuts an index item.
+        search_settings(
+            query_max_length=module.config.data_loader.tokenization.examples_max_length
         ),
     )
     config = module.config.data_loader.tokenization
@@ -421,13 +433,7 @@ def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapte
         for item in taxonomy.examples[row]:
             owners.setdefault(item, []).append(int(row))
     item, (row,) = next((text, rows) for text, rows in owners.items() if len(rows) == 1)
-    alone = SearchConfig(
-        lexical_weight=0.0,
-        item_weight=0.0,
-        backbone_dtype="float32",
-        device="cpu",
-        query_max_length=64,
-    )
+    alone = search_settings()
     engine = SearchEngine.build(module, taxonomy, alone)
     assert set(engine.items.rows.tolist()) == {r for r in national if taxonomy.examples[r]}
     assert len(engine.items.rows) == sum(len(taxonomy.examples[r]) for r in national)
@@ -438,13 +444,7 @@ def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapte
     for level in (MAX_LEVEL, MAX_LEVEL - 1):
         distances = engine.distances(queries.embeddings, engine.candidates(level))
         by_embedding[level] = engine.scores(texts, queries, distances, level)
-    engine.settings = SearchConfig(
-        lexical_weight=0.0,
-        item_weight=3.0,
-        backbone_dtype="float32",
-        device="cpu",
-        query_max_length=64,
-    )
+    engine.settings = search_settings(item_weight=3.0)
     nearest = engine.items.nearest_similarity(queries.examples, taxonomy.size)
     for level, alone_scores in by_embedding.items():
         rows = engine.candidates(level)
@@ -462,13 +462,7 @@ def test_search_ranks_many_texts_in_blocks_as_it_ranks_them_at_once(
     trained_adapters, taxonomy, monkeypatch
 ):
     module, *_ = trained_adapters
-    settings = SearchConfig(
-        lexical_weight=32.0,
-        item_weight=10.0,
-        backbone_dtype="float32",
-        device="cpu",
-        query_max_length=64,
-    )
+    settings = search_settings(lexical_weight=32.0, item_weight=10.0)
     engine = SearchEngine.build(module, taxonomy, settings)
     texts = [*QUERIES, "dairy farm"]
     at_once = engine.search(texts, top_k=4)
@@ -519,13 +513,7 @@ def test_a_query_of_several_sentences_gives_each_code_its_best_sentences_score(
     trained_adapters, taxonomy, monkeypatch
 ):
     module, *_ = trained_adapters
-    settings = SearchConfig(
-        lexical_weight=32.0,
-        item_weight=10.0,
-        backbone_dtype="float32",
-        device="cpu",
-        query_max_length=64,
-    )
+    settings = search_settings(lexical_weight=32.0, item_weight=10.0)
     engine = SearchEngine.build(module, taxonomy, settings)
     firm, activity = "Our firm was founded in 1990 and has 40 staff.", "We grow soybeans."
     rows = engine.candidates(MAX_LEVEL)
@@ -568,13 +556,7 @@ def test_a_query_sentence_is_read_to_search_query_max_length_tokens(
         limit: SearchEngine.build(
             module,
             taxonomy,
-            SearchConfig(
-                lexical_weight=0.0,
-                item_weight=0.0,
-                backbone_dtype="float32",
-                device="cpu",
-                query_max_length=limit,
-            ),
+            search_settings(query_max_length=limit),
         )
         for limit in (32, 64)
     }
@@ -596,13 +578,7 @@ def test_a_query_sentence_is_read_to_search_query_max_length_tokens(
 
 def test_a_matchs_margin_is_its_score_above_the_next_codes(trained_adapters, taxonomy):
     module, *_ = trained_adapters
-    settings = SearchConfig(
-        lexical_weight=32.0,
-        item_weight=10.0,
-        backbone_dtype="float32",
-        device="cpu",
-        query_max_length=64,
-    )
+    settings = search_settings(lexical_weight=32.0, item_weight=10.0)
     engine = SearchEngine.build(module, taxonomy, settings)
     for shown, longer in zip(
         engine.search(QUERIES, top_k=3), engine.search(QUERIES, top_k=4), strict=True
@@ -689,13 +665,7 @@ def test_codes_with_equal_scores_come_in_taxonomy_order(trained_adapters, taxono
     """The tiny model scores some codes equally; the order must not depend on the device's topk."""
     module, _, _ = trained_adapters
     path = _save_checkpoint(module, tmp_path / "adapted.ckpt")
-    settings = SearchConfig(
-        lexical_weight=0.0,
-        item_weight=3.0,
-        backbone_dtype="float32",
-        device="cpu",
-        query_max_length=64,
-    )
+    settings = search_settings(item_weight=3.0)
     engine = SearchEngine.build(load_embedder(path, CPU), taxonomy, settings)
     pairs = [
         (match.code, following.code)
@@ -713,13 +683,7 @@ def test_a_checkpoint_read_onto_a_gpu_searches_as_on_the_cpu(trained_adapters, t
     as the CPU's to float32 rounding (``benchmarks/gpu_step.sh`` runs this on its GPU)."""
     module, _, _ = trained_adapters
     path = _save_checkpoint(module, tmp_path / "adapted.ckpt")
-    settings = SearchConfig(
-        lexical_weight=0.0,
-        item_weight=3.0,
-        backbone_dtype="float32",
-        device="cuda",
-        query_max_length=64,
-    )
+    settings = search_settings(item_weight=3.0, device="cuda")
     engines = {
         device.type: SearchEngine.build(load_embedder(path, device), taxonomy, settings)
         for device in (CPU, torch.device("cuda"))
