@@ -16,9 +16,10 @@ LOG_NAME=step.log
 source benchmarks/gpu_setup.sh
 
 echo "== tests that need a GPU $(date -u +%FT%TZ)"
-# search, embed and evaluate on the GPU (search.device) against the CPU; skipped without one.
+# search, embed and evaluate on the GPU (search.device) against the CPU, and a training step's
+# passes under CUDA's check that nothing waits for the GPU; skipped without one.
 timeout --kill-after=10 "$GPU_TESTS_SECONDS" "$PYTHON" -m pytest -q -p no:cacheprovider \
-  tests/test_inference.py -k gpu || echo "GPU tests exit status $?"
+  tests/test_inference.py tests/test_training_stage.py -k gpu || echo "GPU tests exit status $?"
 
 if ! command -v nvidia-smi >/dev/null; then
   echo "no GPU: the training step is not timed"

@@ -302,10 +302,7 @@ def project_bytes(
             )
         )
     for count in pass_counts:
-        passes = [
-            padding_groups(TextRows.of(tokens).attention_mask.sum(dim=1).numpy(), count)
-            for tokens in token_sets
-        ]
+        passes = [padding_groups(TextRows.of(tokens).lengths, count) for tokens in token_sets]
         ways.append(
             sum(
                 len(rows) * activation_bytes(config, longest, gpu)

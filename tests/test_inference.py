@@ -91,7 +91,8 @@ def _as_channel(texts: TextBatch, channel: str) -> TextRows:
     """``texts`` to be read by ``channel``'s adapter."""
     rows = torch.full((len(texts.owner),), CHANNELS.index(channel))
     counts = [len(rows) if c == channel else 0 for c in CHANNELS]
-    return TextRows(texts.input_ids, texts.attention_mask, rows, counts)
+    lengths = texts.attention_mask.sum(dim=1).numpy()
+    return TextRows(texts.input_ids, texts.attention_mask, rows, counts, lengths)
 
 
 def test_the_adapters_change_what_each_channel_reads(trained_adapters):

@@ -15,6 +15,7 @@ from naics_mlflow.model.loss import (
     pool_infonce,
     pool_negative_mask,
 )
+from tests.reads_back import ReadsBack
 
 
 def _random_points(*shape: int, curvature: float = 1.0, seed: int = 0) -> torch.Tensor:
@@ -224,6 +225,16 @@ def test_depth_by_hand():
     # further out than its parent (no cost at margin 0.25).
     assert depth_loss(points, parent, 1.0, 0.25).item() == pytest.approx((0.75 + 0.0) / 2)
     assert depth_loss(points, torch.tensor([-1, -1, -1]), 1.0, 0.25).item() == 0.0
+
+
+def test_depth_reads_nothing_back_from_the_device():
+    """The depth term runs every step; a read back (tests/reads_back.py) would stall a GPU."""
+    points = _on_line([1.0, -0.5, 2.0]).requires_grad_()
+    with ReadsBack() as reads:
+        for parent in ([-1, 0, 1], [-1, -1, -1]):
+            depth_loss(points, torch.tensor(parent), 1.0, 0.25).backward()
+    assert reads.names == []
+    assert points.grad.abs().sum() > 0
 
 
 def test_hierarchy_terms_turn_free_points_into_the_tree():

@@ -58,6 +58,7 @@ from tests.commands import (
     run_cli,
     run_cli_concurrently,
 )
+from tests.reads_back import ReadsBack
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "conf" / "config.yaml"
@@ -823,6 +824,38 @@ def test_training_passes_never_run_cudnn_attention(tiny_setup, tiny_overrides):
         module.train()._encode(_fixed_batch(tiny_setup[1]))
     assert allowed and not any(allowed)
     assert torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def test_a_steps_passes_read_nothing_back_from_the_device(tiny_setup, tiny_overrides):
+    """A step's passes of the backbone, forward and backward, queue their work without waiting
+    for the device (tests/reads_back.py): the channel of each row, the padding masks and the
+    rows of each pass are made where they are used or planned on the host."""
+    module = NaicsEmbedder(load_config(CONFIG, tiny_overrides).to_dict()).train()
+    tokens = _fixed_batch(tiny_setup[1])["tokens"]
+    with ReadsBack() as reads:
+        features = module.encoder.channel_features(tokens)
+        sum(feature.sum() for feature in features.values()).backward()
+    assert reads.names == []
+    assert any(p.grad is not None for n, p in module.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_steps_passes_on_a_gpu_never_wait_for_it(tiny_setup, tiny_overrides):
+    """The test above where it matters, by CUDA's own check: any operation that synchronises
+    with the GPU raises (``benchmarks/gpu_step.sh`` runs this on its GPU)."""
+    module = NaicsEmbedder(load_config(CONFIG, tiny_overrides).to_dict()).train().cuda()
+    tokens = _fixed_batch(tiny_setup[1])["tokens"]
+
+    def step() -> None:
+        features = module.encoder.channel_features(tokens.to("cuda"))
+        sum(feature.sum() for feature in features.values()).backward()
+
+    step()  # the first call's one-off set-up (cuBLAS handles, workspaces) is not a step's
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_a_compiled_backbone_gives_the_eager_step_under_the_same_names(tiny_setup, tiny_overrides):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -54,15 +54,33 @@ class TextBatch(NamedTuple):
 @dataclass(frozen=True)
 class ChannelTokens:
     """The texts of ``size`` codes or queries, per channel. A code owns any number of texts in a
-    channel (one title, several index items, no cross-references)."""
+    channel (one title, several index items, no cross-references).
+
+    ``lengths`` holds each text's number of real tokens per channel on the host, wherever the
+    tensors are: a step plans its passes by length (:func:`padding_groups`), and reading the
+    lengths back from a GPU would wait for all the work queued there before it.
+    """
 
     size: int
     texts: dict[str, TextBatch]
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.lengths:
+            lengths = {c: b.attention_mask.sum(dim=1).cpu().numpy() for c, b in self.texts.items()}
+            object.__setattr__(self, "lengths", lengths)
 
     def to(self, device: torch.device | str) -> ChannelTokens:
+        """On ``device``. Copies to a GPU do not wait for its queue, as Lightning copies a
+        batch's tensors; it cannot tell this object's copies so."""
+        non_blocking = torch.device(device).type == "cuda"
         return ChannelTokens(
             self.size,
-            {c: TextBatch(*(t.to(device) for t in batch)) for c, batch in self.texts.items()},
+            {
+                c: TextBatch(*(t.to(device, non_blocking=non_blocking) for t in batch))
+                for c, batch in self.texts.items()
+            },
+            self.lengths,
         )
 
 
@@ -75,6 +93,7 @@ class TextRows(NamedTuple):
     attention_mask: torch.Tensor  # (N, L) long
     channel: torch.Tensor  # (N,) long: each text's channel, an index into CHANNELS
     counts: list[int]  # texts per channel, in CHANNELS order
+    lengths: np.ndarray  # (N,) int64 on the host: each text's real tokens
 
     @classmethod
     def of(cls, tokens: ChannelTokens) -> TextRows:
@@ -90,10 +109,12 @@ class TextRows(NamedTuple):
         return cls(
             input_ids=torch.cat([widened(b.input_ids) for b in batches]),
             attention_mask=torch.cat([widened(b.attention_mask) for b in batches]),
-            channel=torch.repeat_interleave(
-                torch.arange(len(CHANNELS), device=device), torch.tensor(counts, device=device)
+            # Filled on the device: a tensor of the counts copied there would wait for its queue.
+            channel=torch.cat(
+                [torch.full((n,), i, device=device) for i, n in enumerate(counts)]
             ),
             counts=counts,
+            lengths=np.concatenate([tokens.lengths[c] for c in CHANNELS]).astype(np.int64),
         )
 
 

@@ -5,6 +5,7 @@ the Lorentz hyperboloid)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModel
@@ -31,7 +32,9 @@ def load_frozen_backbone(name: str, dropout: bool) -> nn.Module:
     adapters trained in a half-precision backbone would lose their small updates. Training mode
     because from_pretrained returns eval mode, which would silence the adapters' dropout.
     """
-    backbone = load_pretrained(AutoModel, name, dtype=torch.float32)
+    # SDPA, whatever transformers would pick: the passes hand it their padding masks as its
+    # kernels read them (ChannelAdaptedBackbone.forward).
+    backbone = load_pretrained(AutoModel, name, dtype=torch.float32, attn_implementation="sdpa")
     backbone.requires_grad_(False)
     if not dropout:
         for layer in own_dropout_layers(backbone):
@@ -98,12 +101,19 @@ class MultiChannelEncoder(EncoderHead):
         The texts run as ``length_buckets`` passes of similar length, each cut to its own
         longest text, split where they pad least (:func:`padding_groups`).
         """
-        lengths = texts.attention_mask.sum(dim=1)
+        device = texts.input_ids.device
         pooled = torch.empty(
-            (len(lengths), self.hidden_size), device=lengths.device, dtype=torch.float32
+            (len(texts.lengths), self.hidden_size), device=device, dtype=torch.float32
         )
-        for rows, length in padding_groups(lengths.cpu().numpy(), self.length_buckets):
-            index = torch.from_numpy(rows).to(lengths.device)
+        groups = padding_groups(texts.lengths, self.length_buckets)
+        if not groups:
+            return pooled
+        # The passes' rows in one copy that does not wait for the device's queue: a copy per
+        # pass would stall a GPU before each.
+        order = torch.from_numpy(np.concatenate([rows for rows, _ in groups]))
+        order = order.to(device, non_blocking=device.type == "cuda")
+        passes = order.split([len(rows) for rows, _ in groups])
+        for index, (_, length) in zip(passes, groups, strict=True):
             mask = texts.attention_mask[index, :length]
             hidden = self.backbone(texts.input_ids[index, :length], mask, texts.channel[index])
             pooled[index] = mean_pool(hidden, mask).float()

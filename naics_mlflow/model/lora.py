@@ -39,7 +39,10 @@ class RowChannels:
 
     def set(self, channel_of_row: torch.Tensor) -> None:
         """``(N,)`` long channel indices of the next pass's rows."""
-        one_hot = F.one_hot(channel_of_row, self.channels).float() * self.scaling
+        # A comparison, not F.one_hot, which checks its input's range by reading it back: on a
+        # GPU a wait for everything queued before each pass.
+        channels = torch.arange(self.channels, device=channel_of_row.device)
+        one_hot = (channel_of_row[:, None] == channels).float() * self.scaling
         self._masks = {torch.float32: one_hot.repeat_interleave(self.rank, dim=1)}
 
     def mask(self, dtype: torch.dtype) -> torch.Tensor:
@@ -145,5 +148,9 @@ class ChannelAdaptedBackbone(nn.Module):
         """Last hidden states ``(N, L, H)`` of ``N`` texts, each through the adapter of its
         channel (``channel_of_row``: ``(N,)`` indices into ``channels``)."""
         self.rows.set(channel_of_row)
+        # The padding mask as SDPA reads it, (N, 1, 1, L): given 2-D, transformers first asks
+        # whether any token is padded, which reads the mask back, on a GPU a wait for all the
+        # work queued before the pass.
+        attend = attention_mask.bool()[:, None, None, :]
         with shape_agnostic_attention():
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.model(input_ids=input_ids, attention_mask=attend).last_hidden_state

@@ -246,7 +246,8 @@ def depth_loss(embeddings: Tensor, parent: Tensor, curvature: float, margin: flo
         Scalar; 0 when the batch holds no child with its parent.
     """
     has_parent = parent >= 0
-    if not has_parent.any():
-        return embeddings.sum() * 0.0
     radius = distance_to_origin(embeddings, curvature)
-    return F.relu(radius[parent[has_parent]] - radius[has_parent] + margin).mean()
+    # Masked rather than indexed by ``has_parent``: a boolean index reads the mask back, on a GPU
+    # a wait for everything queued before it.
+    hinge = F.relu(radius[parent.clamp(min=0)] - radius + margin)
+    return torch.where(has_parent, hinge, 0.0).sum() / has_parent.sum().clamp(min=1)

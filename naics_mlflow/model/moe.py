@@ -86,8 +86,10 @@ class MixtureOfExperts(nn.Module):
         kept_weights = kept_probs / kept_probs.sum(dim=-1, keepdim=True)
         mix = self.dense_output if x.is_cuda and torch.is_grad_enabled() else self.routed_output
         output = mix(x, kept_experts, kept_weights)
-        slots = F.one_hot(kept_experts, self.num_experts).flatten(0, 1)
-        utilisation = slots.float().mean(dim=0)
+        # A comparison, not F.one_hot, which reads its input back to check its range: on a GPU
+        # a wait for everything queued before.
+        experts = torch.arange(self.num_experts, device=x.device)
+        utilisation = (kept_experts[..., None] == experts).flatten(0, 1).float().mean(dim=0)
         return MoEOutput(output, utilisation, probs.mean(dim=0))
 
     def dense_output(self, x: Tensor, kept_experts: Tensor, kept_weights: Tensor) -> Tensor:
