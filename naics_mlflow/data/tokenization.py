@@ -71,17 +71,23 @@ class ChannelTokens:
             object.__setattr__(self, "lengths", lengths)
 
     def to(self, device: torch.device | str) -> ChannelTokens:
-        """On ``device``. Copies to a GPU do not wait for its queue, as Lightning copies a
-        batch's tensors; it cannot tell this object's copies so."""
-        non_blocking = torch.device(device).type == "cuda"
+        """On ``device``, through :func:`sent_to`: Lightning copies a batch's own tensors to a
+        GPU without waiting for it, but cannot tell this object's copies so."""
+        device = torch.device(device)
         return ChannelTokens(
             self.size,
-            {
-                c: TextBatch(*(t.to(device, non_blocking=non_blocking) for t in batch))
-                for c, batch in self.texts.items()
-            },
+            {c: TextBatch(*(sent_to(t, device) for t in b)) for c, b in self.texts.items()},
             self.lengths,
         )
+
+
+def sent_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; from the host to a GPU through pinned memory, a copy that does
+    not wait for the work queued on the GPU. A blocking copy waits for all of it, and a
+    non-blocking one from pageable memory can too, through CUDA's staging buffer."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 class TextRows(NamedTuple):

@@ -13,7 +13,13 @@ from transformers import AutoModel
 from naics_mlflow.config import ModelConfig
 from naics_mlflow.data.features import mean_pool, pool_by_owner
 from naics_mlflow.data.pretrained import load_pretrained
-from naics_mlflow.data.tokenization import CHANNELS, ChannelTokens, TextRows, padding_groups
+from naics_mlflow.data.tokenization import (
+    CHANNELS,
+    ChannelTokens,
+    TextRows,
+    padding_groups,
+    sent_to,
+)
 from naics_mlflow.model.head import EncoderHead, EncoderOutput
 from naics_mlflow.model.lora import ChannelAdaptedBackbone
 from naics_mlflow.model.merged import BertWeights, adapter_deltas, check_mergeable
@@ -108,10 +114,9 @@ class MultiChannelEncoder(EncoderHead):
         groups = padding_groups(texts.lengths, self.length_buckets)
         if not groups:
             return pooled
-        # The passes' rows in one copy that does not wait for the device's queue: a copy per
+        # The passes' rows in one copy that does not wait for the device: a blocking copy per
         # pass would stall a GPU before each.
-        order = torch.from_numpy(np.concatenate([rows for rows, _ in groups]))
-        order = order.to(device, non_blocking=device.type == "cuda")
+        order = sent_to(torch.from_numpy(np.concatenate([rows for rows, _ in groups])), device)
         passes = order.split([len(rows) for rows, _ in groups])
         for index, (_, length) in zip(passes, groups, strict=True):
             mask = texts.attention_mask[index, :length]
