@@ -11,7 +11,14 @@ from naics_mlflow.config import load_config
 from naics_mlflow.data.taxonomy import Taxonomy
 from naics_mlflow.data.tokenization import SEMANTIC_CHANNELS
 from naics_mlflow.evaluation.baselines import UntrainedBackbone, score_retrieval
-from naics_mlflow.evaluation.lexical import K1, B, LexicalIndex, code_documents, six_digit_rows
+from naics_mlflow.evaluation.lexical import (
+    K1,
+    B,
+    LexicalIndex,
+    code_documents,
+    singular,
+    six_digit_rows,
+)
 from naics_mlflow.evaluation.metrics import retrieval_metrics
 from naics_mlflow.model.lorentz import expmap0
 
@@ -60,11 +67,17 @@ def test_lexical_index_ranks_the_matching_code_first():
 
 
 def _bm25_by_the_formula(documents: list[str], queries: list[str]) -> np.ndarray:
-    """BM25 as written in textbooks, over scikit-learn's word and word-pair counts: each query's
-    distinct known terms summed, over their most (every term's ``idf * (k1 + 1)``)."""
+    """BM25 as written in textbooks, over scikit-learn's word and word-pair counts of singular
+    words: each query's distinct known terms summed, over their most (every term's
+    ``idf * (k1 + 1)``)."""
     from sklearn.feature_extraction.text import CountVectorizer
 
-    vectorizer = CountVectorizer(ngram_range=(1, 2))
+    words = CountVectorizer().build_tokenizer()
+    vectorizer = CountVectorizer(
+        ngram_range=(1, 2),
+        tokenizer=lambda text: [singular(word) for word in words(text)],
+        token_pattern=None,
+    )
     tf = vectorizer.fit_transform(documents).toarray().astype(np.float64)
     present = vectorizer.transform(queries).toarray() > 0
     df = (tf > 0).sum(axis=0)
@@ -120,6 +133,32 @@ def test_lexical_index_is_fitted_on_code_documents_only():
     alone = index.scores(["soybean software"])
     with_others = index.scores(["soybean software", "software software software", "soybean zebra"])
     np.testing.assert_array_equal(with_others[:1], alone)
+
+
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [
+        ("cars", "car"),
+        ("dealers", "dealer"),
+        ("batteries", "battery"),
+        ("shoes", "shoe"),
+        ("trees", "tree"),
+        ("glass", "glass"),
+        ("bus", "bus"),
+        ("gas", "gas"),
+        ("farming", "farming"),
+    ],
+)
+def test_singular_folds_plural_endings_only(word, expected):
+    assert singular(word) == expected
+
+
+def test_lexical_index_matches_words_in_either_number():
+    index = LexicalIndex(["Used car dealers", "Used merchandise retailers", "Battery stores"])
+    scores = index.scores(["we sell used cars", "used car dealer", "batteries"])
+    assert scores.argmax(axis=1).tolist() == [0, 0, 2]
+    # The same words in the other number score as those of the document.
+    np.testing.assert_array_equal(index.scores(["used cars"]), index.scores(["used car"]))
 
 
 def test_lexical_bigrams_reward_word_order():
