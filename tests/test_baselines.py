@@ -1,5 +1,6 @@
 """The lexical index, the untrained-backbone baselines and the scoring they share."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from naics_mlflow.evaluation.lexical import (
     B,
     LexicalIndex,
     code_documents,
+    one_edit_away,
     singular,
     six_digit_rows,
 )
@@ -66,10 +68,12 @@ def test_lexical_index_ranks_the_matching_code_first():
     assert scores.argmax(axis=1).tolist() == [0, 1, 2]
 
 
-def _bm25_by_the_formula(documents: list[str], queries: list[str]) -> np.ndarray:
+def _bm25_by_the_formula(
+    documents: list[str], queries: list[str], spelled: Callable[[str], str]
+) -> np.ndarray:
     """BM25 as written in textbooks, over scikit-learn's word and word-pair counts of singular
-    words: each query's distinct known terms summed, over their most (every term's
-    ``idf * (k1 + 1)``)."""
+    words (a query's as ``spelled`` reads them): each query's distinct known terms summed, over
+    their most (every term's ``idf * (k1 + 1)``)."""
     from sklearn.feature_extraction.text import CountVectorizer
 
     words = CountVectorizer().build_tokenizer()
@@ -79,7 +83,13 @@ def _bm25_by_the_formula(documents: list[str], queries: list[str]) -> np.ndarray
         token_pattern=None,
     )
     tf = vectorizer.fit_transform(documents).toarray().astype(np.float64)
-    present = vectorizer.transform(queries).toarray() > 0
+    query_vectorizer = CountVectorizer(
+        ngram_range=(1, 2),
+        tokenizer=lambda text: [spelled(singular(word)) for word in words(text)],
+        token_pattern=None,
+        vocabulary=vectorizer.vocabulary_,
+    )
+    present = query_vectorizer.transform(queries).toarray() > 0
     df = (tf > 0).sum(axis=0)
     idf = np.log(1 + (len(documents) - df + 0.5) / (df + 0.5))
     length = tf.sum(axis=1, keepdims=True)
@@ -111,8 +121,11 @@ def test_lexical_scores_are_bm25_by_the_formula(request, real_documents):
         taxonomy = request.getfixturevalue("taxonomy")
         documents = code_documents(taxonomy, six_digit_rows(taxonomy))
         queries += [taxonomy.examples[row][0] for row in six_digit_rows(taxonomy)[::50]]
-    scores = LexicalIndex(documents).scores(queries)
-    np.testing.assert_allclose(scores, _bm25_by_the_formula(documents, queries), rtol=1e-5)
+    index = LexicalIndex(documents)
+    scores = index.scores(queries)
+    np.testing.assert_allclose(
+        scores, _bm25_by_the_formula(documents, queries, index.spelled), rtol=1e-5
+    )
     assert ((scores >= 0) & (scores <= 1)).all()
 
 
@@ -159,6 +172,26 @@ def test_lexical_index_matches_words_in_either_number():
     assert scores.argmax(axis=1).tolist() == [0, 0, 2]
     # The same words in the other number score as those of the document.
     np.testing.assert_array_equal(index.scores(["used cars"]), index.scores(["used car"]))
+
+
+def test_one_edit_away_deletes_swaps_replaces_and_inserts_one_letter():
+    near = one_edit_away("cart")
+    assert {"cat", "crat", "card", "carts", "scart"} <= near
+    assert not {"ca", "tracs", "carts s", "dog"} & near
+
+
+def test_lexical_index_reads_a_misspelt_word_as_the_documents_word():
+    documents = ["Full-service restaurants", "Stacker cranes", "Stocker cattle"]
+    index = LexicalIndex([*documents, "Farming corn", "Farming", "Forming metal"])
+    np.testing.assert_array_equal(index.scores(["resturant"]), index.scores(["restaurant"]))
+    assert index.scores(["resturant"]).argmax() == 0
+    # A word a document holds is never read as another.
+    assert index.scores(["stocker"]).argmax() == 2 and index.scores(["stocker"])[0, 1] == 0
+    # Of two words one edit away, the one more documents hold ("farming", not "forming").
+    np.testing.assert_array_equal(index.scores(["fxrming"]), index.scores(["farming"]))
+    # Short words have too many neighbours to guess from: "frm" stays unknown.
+    assert (index.scores(["frm"]) == 0).all()
+    np.testing.assert_array_equal(index.scores(["cattlle crane"]), index.scores(["cattle crane"]))
 
 
 def test_lexical_bigrams_reward_word_order():

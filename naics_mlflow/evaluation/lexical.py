@@ -5,12 +5,15 @@ the BM25 baseline, so both use this one index. A six-digit code's document is it
 description and its examples: its training index items and the activities cross-references
 classify in it (dev and held-out items are never among them). Words carry
 what an embedding of a short text can blur: a product name, a material, a regulated activity.
+Words meet in either number ("used cars" and "used car dealers"), and a query's word that no
+document holds is read as the documents' word one typing slip away ("resturant": "restaurant").
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import string
 from collections import Counter
 from collections.abc import Sequence
 
@@ -65,11 +68,32 @@ def singular(word: str) -> str:
     return word
 
 
-def terms(text: str) -> list[str]:
-    """The lowercased words of ``text``, each made singular (:func:`singular`), and each pair of
-    neighbouring words (a bigram)."""
-    words = [singular(word) for word in WORD.findall(text.lower())]
+def text_words(text: str) -> list[str]:
+    """The lowercased words of ``text``, each made singular (:func:`singular`)."""
+    return [singular(word) for word in WORD.findall(text.lower())]
+
+
+def terms(words: Sequence[str]) -> list[str]:
+    """``words`` and each pair of neighbouring words (a bigram)."""
     return [*words, *(" ".join(pair) for pair in itertools.pairwise(words))]
+
+
+def one_edit_away(word: str) -> set[str]:
+    """Every string one deletion, swap of neighbours, replacement or insertion of a letter
+    (a-z) away from ``word``, ``word`` itself among them: about ``54 * len(word)`` strings."""
+    letters = string.ascii_lowercase
+    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
+    return {
+        *(head + tail[1:] for head, tail in splits if tail),
+        *(head + tail[1] + tail[0] + tail[2:] for head, tail in splits if len(tail) > 1),
+        *(head + letter + tail[1:] for head, tail in splits if tail for letter in letters),
+        *(head + letter + tail for head, tail in splits for letter in letters),
+    }
+
+
+# Shorter words have too many neighbours one edit away ("farm": "firm", "form", "harm") to guess
+# which one was meant. Of 5, 6 and 7, 5 ranked dev and its misspelt copies best (docs/results.md).
+MIN_CORRECTED_LENGTH = 5
 
 
 # BM25's term-frequency saturation and document-length normalisation, chosen on dev with the
@@ -90,12 +114,14 @@ class LexicalIndex:
     few; BM25 barely does (``B``), and ranked dev's queries better (docs/results.md).
 
     The vocabulary and IDF come from the documents only, so a query's scores do not depend on
-    the other queries and a word no code uses contributes nothing.
+    the other queries, and a query's word that no code uses counts only as the word it is
+    taken to misspell (:meth:`spelled`), or not at all.
     """
 
     def __init__(self, documents: Sequence[str]) -> None:
         self.texts = list(documents)
-        counts = [Counter(terms(text)) for text in self.texts]
+        counts = [Counter(terms(text_words(text))) for text in self.texts]
+        self._documents_with_word = Counter(word for c in counts for word in c if " " not in word)
         self._vocabulary = {term: i for i, term in enumerate(sorted(set().union(*counts)))}
         term_ids = [
             np.fromiter((self._vocabulary[t] for t in c), dtype=np.int64, count=len(c))
@@ -122,6 +148,25 @@ class LexicalIndex:
         tf = np.fromiter(frequencies, dtype=np.float64, count=len(term_ids))
         return self._idf[term_ids] * tf * (K1 + 1.0) / (tf + saturation)
 
+    def spelled(self, word: str) -> str:
+        """``word`` (lowercase, singular) as the documents spell it: itself where a document
+        holds it or it is shorter than :data:`MIN_CORRECTED_LENGTH`, else the documents' word
+        one edit away (:func:`one_edit_away`) that most documents hold (the first in alphabetical
+        order among equals), else itself.
+
+        Only this signal reads the correction: the embedding reads the query as written, so a
+        rare real word read as a common one ("mallets" as "pallet") costs no more than a
+        lexical match.
+        """
+        if (
+            word in self._documents_with_word
+            or len(word) < MIN_CORRECTED_LENGTH
+            or not word.isalpha()
+        ):
+            return word
+        known = [c for c in one_edit_away(word) if c in self._documents_with_word]
+        return min(known, key=lambda c: (-self._documents_with_word[c], c), default=word)
+
     def scores(self, queries: Sequence[str]) -> np.ndarray:
         """``(Q, C)`` float32 BM25 score of each query's distinct terms in each document, over
         the most they could score (each term's ``idf * (K1 + 1)``): in [0, 1], 0 where no term
@@ -129,7 +174,13 @@ class LexicalIndex:
         scores = np.zeros((len(queries), len(self.texts)), dtype=np.float64)
         for row, text in enumerate(queries):
             term_ids = np.array(
-                sorted({self._vocabulary[t] for t in terms(text) if t in self._vocabulary}),
+                sorted(
+                    {
+                        self._vocabulary[t]
+                        for t in terms([self.spelled(word) for word in text_words(text)])
+                        if t in self._vocabulary
+                    }
+                ),
                 dtype=np.int64,
             )
             for term in term_ids:
