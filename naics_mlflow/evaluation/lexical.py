@@ -167,22 +167,21 @@ class LexicalIndex:
         known = [c for c in one_edit_away(word) if c in self._documents_with_word]
         return min(known, key=lambda c: (-self._documents_with_word[c], c), default=word)
 
+    def _query_terms(self, text: str) -> np.ndarray:
+        """Sorted ids of the distinct terms of ``text`` that the documents hold, its words read
+        as :meth:`spelled` reads them."""
+        spelled = terms([self.spelled(word) for word in text_words(text)])
+        return np.array(
+            sorted({self._vocabulary[t] for t in spelled if t in self._vocabulary}), dtype=np.int64
+        )
+
     def scores(self, queries: Sequence[str]) -> np.ndarray:
         """``(Q, C)`` float32 BM25 score of each query's distinct terms in each document, over
         the most they could score (each term's ``idf * (K1 + 1)``): in [0, 1], 0 where no term
         matches."""
         scores = np.zeros((len(queries), len(self.texts)), dtype=np.float64)
         for row, text in enumerate(queries):
-            term_ids = np.array(
-                sorted(
-                    {
-                        self._vocabulary[t]
-                        for t in terms([self.spelled(word) for word in text_words(text)])
-                        if t in self._vocabulary
-                    }
-                ),
-                dtype=np.int64,
-            )
+            term_ids = self._query_terms(text)
             for term in term_ids:
                 start, end = self._starts[term], self._starts[term + 1]
                 # A term occurs once in each document's vector: no document repeats in a slice.
