@@ -69,10 +69,10 @@ def test_lexical_index_ranks_the_matching_code_first():
 
 
 def _bm25_by_the_formula(
-    documents: list[str], queries: list[str], spelled: Callable[[str], str]
+    documents: list[str], queries: list[str], read_as: Callable[[str], list[str]]
 ) -> np.ndarray:
     """BM25 as written in textbooks, over scikit-learn's word and word-pair counts of singular
-    words (a query's as ``spelled`` reads them): each query's distinct known terms summed, over
+    words (a query's as ``read_as`` reads them): each query's distinct known terms summed, over
     their most (every term's ``idf * (k1 + 1)``)."""
     from sklearn.feature_extraction.text import CountVectorizer
 
@@ -85,7 +85,7 @@ def _bm25_by_the_formula(
     tf = vectorizer.fit_transform(documents).toarray().astype(np.float64)
     query_vectorizer = CountVectorizer(
         ngram_range=(1, 2),
-        tokenizer=lambda text: [spelled(singular(word)) for word in words(text)],
+        tokenizer=lambda text: [known for word in words(text) for known in read_as(singular(word))],
         token_pattern=None,
         vocabulary=vectorizer.vocabulary_,
     )
@@ -124,7 +124,7 @@ def test_lexical_scores_are_bm25_by_the_formula(request, real_documents):
     index = LexicalIndex(documents)
     scores = index.scores(queries)
     np.testing.assert_allclose(
-        scores, _bm25_by_the_formula(documents, queries, index.spelled), rtol=1e-5
+        scores, _bm25_by_the_formula(documents, queries, index.read_as), rtol=1e-5
     )
     assert ((scores >= 0) & (scores <= 1)).all()
 
@@ -192,6 +192,20 @@ def test_lexical_index_reads_a_misspelt_word_as_the_documents_word():
     # Short words have too many neighbours to guess from: "frm" stays unknown.
     assert (index.scores(["frm"]) == 0).all()
     np.testing.assert_array_equal(index.scores(["cattlle crane"]), index.scores(["cattle crane"]))
+
+
+def test_lexical_index_reads_two_words_run_together_as_both():
+    index = LexicalIndex(["Seed production", "Metal forming", "Cattle feed", "Stacker cranes"])
+    np.testing.assert_array_equal(
+        index.scores(["seedproduction", "metalsforming"]),
+        index.scores(["seed production", "metal forming"]),
+    )
+    assert index.read_as("cattlesfeed") == ["cattle", "feed"]
+    # One slip is tried first, and a word a document holds is never split ("stacker": not "stack").
+    assert index.read_as("cranez") == ["crane"]
+    assert index.read_as("stacker") == ["stacker"]
+    # Halves of at least 3 letters only: "feedxy" is not "feed" and "xy".
+    assert index.read_as("feedxy") == ["feedxy"]
 
 
 def test_lexical_bigrams_reward_word_order():

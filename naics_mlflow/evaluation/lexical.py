@@ -6,7 +6,8 @@ description and its examples: its training index items and the activities cross-
 classify in it (dev and held-out items are never among them). Words carry
 what an embedding of a short text can blur: a product name, a material, a regulated activity.
 Words meet in either number ("used cars" and "used car dealers"), and a query's word that no
-document holds is read as the documents' word one typing slip away ("resturant": "restaurant").
+document holds is read as the documents' word one typing slip away ("resturant": "restaurant"),
+or as two of their words run together ("seedproduction").
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ class LexicalIndex:
     few; BM25 barely does (``B``), and ranked dev's queries better (docs/results.md).
 
     The vocabulary and IDF come from the documents only, so a query's scores do not depend on
-    the other queries, and a query's word that no code uses counts only as the word it is
-    taken to misspell (:meth:`spelled`), or not at all.
+    the other queries, and a query's word that no code uses counts only as the words it is
+    taken to mean (:meth:`read_as`), or not at all.
     """
 
     def __init__(self, documents: Sequence[str]) -> None:
@@ -148,31 +149,35 @@ class LexicalIndex:
         tf = np.fromiter(frequencies, dtype=np.float64, count=len(term_ids))
         return self._idf[term_ids] * tf * (K1 + 1.0) / (tf + saturation)
 
-    def spelled(self, word: str) -> str:
-        """``word`` (lowercase, singular) as the documents spell it: itself where a document
-        holds it or it is shorter than :data:`MIN_CORRECTED_LENGTH`, else the documents' word
-        one edit away (:func:`one_edit_away`) that most documents hold (the first in alphabetical
-        order among equals), else itself.
+    def read_as(self, word: str) -> list[str]:
+        """The documents' words that a query's ``word`` (lowercase, singular) is taken to mean:
+        ``[word]`` where a document holds it or it is shorter than
+        :data:`MIN_CORRECTED_LENGTH`; else the documents' word one edit away
+        (:func:`one_edit_away`) that most documents hold (the first in alphabetical order among
+        equals); else two of the documents' words of 3 letters or more run together
+        ("seedproduction": "seed", "production"), split where the rarer one is held by most
+        documents; else ``[word]``.
 
         Only this signal reads the correction: the embedding reads the query as written, so a
         rare real word read as a common one ("mallets" as "pallet") costs no more than a
         lexical match.
         """
-        if (
-            word in self._documents_with_word
-            or len(word) < MIN_CORRECTED_LENGTH
-            or not word.isalpha()
-        ):
-            return word
-        known = [c for c in one_edit_away(word) if c in self._documents_with_word]
-        return min(known, key=lambda c: (-self._documents_with_word[c], c), default=word)
+        held = self._documents_with_word
+        if word in held or len(word) < MIN_CORRECTED_LENGTH or not word.isalpha():
+            return [word]
+        if known := [c for c in one_edit_away(word) if c in held]:
+            return [min(known, key=lambda c: (-held[c], c))]
+        halves = [(singular(word[:i]), word[i:]) for i in range(3, len(word) - 2)]
+        if split := [pair for pair in halves if pair[0] in held and pair[1] in held]:
+            return list(max(split, key=lambda pair: min(held[pair[0]], held[pair[1]])))
+        return [word]
 
     def _query_terms(self, text: str) -> np.ndarray:
         """Sorted ids of the distinct terms of ``text`` that the documents hold, its words read
-        as :meth:`spelled` reads them."""
-        spelled = terms([self.spelled(word) for word in text_words(text)])
+        as :meth:`read_as` reads them."""
+        read = terms([known for word in text_words(text) for known in self.read_as(word)])
         return np.array(
-            sorted({self._vocabulary[t] for t in spelled if t in self._vocabulary}), dtype=np.int64
+            sorted({self._vocabulary[t] for t in read if t in self._vocabulary}), dtype=np.int64
         )
 
     def scores(self, queries: Sequence[str]) -> np.ndarray:
