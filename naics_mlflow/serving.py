@@ -30,7 +30,7 @@ import naics_mlflow
 from naics_mlflow.config import SearchConfig
 from naics_mlflow.data.pretrained import DEFAULT_BACKBONE, load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL
-from naics_mlflow.evaluation.lexical import LexicalIndex
+from naics_mlflow.evaluation.lexical import LexicalIndex, whole_words
 from naics_mlflow.evaluation.queries import QueryError, check_request, matches_table
 from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine
 from naics_mlflow.model.merged import inference_device
@@ -84,14 +84,16 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
         table = pq.read_table(context.artifacts["codes"])
         columns = table.drop_columns(["items"] if "items" in table.column_names else []).to_pydict()
         levels = np.asarray(columns["level"])
+        tokenizer = load_tokenizer(embedder.config.model.base_model_name)
+        documents = [columns["document"][row] for row in np.flatnonzero(levels == 6)]
         self.engine = SearchEngine(
             embedder=embedder,
-            tokenizer=load_tokenizer(embedder.config.model.base_model_name),
+            tokenizer=tokenizer,
             codes=columns["code"],
             titles=columns["title"],
             levels=levels,
             code_embeddings=torch.tensor(np.asarray(columns["embedding"], dtype=np.float32)),
-            lexical=LexicalIndex([columns["document"][row] for row in np.flatnonzero(levels == 6)]),
+            lexical=LexicalIndex(documents, whole_words(tokenizer.get_vocab())),
             items=_read_items(table, embedder.encoder.hidden_size),
             # Models logged before a setting existed searched without it, in float32.
             settings=SearchConfig(

@@ -9,6 +9,7 @@ import scipy.stats
 import torch
 
 from naics_mlflow.config import load_config
+from naics_mlflow.data.pretrained import DEFAULT_BACKBONE, load_tokenizer
 from naics_mlflow.data.taxonomy import Taxonomy
 from naics_mlflow.data.tokenization import SEMANTIC_CHANNELS
 from naics_mlflow.evaluation.baselines import UntrainedBackbone, score_retrieval
@@ -20,6 +21,7 @@ from naics_mlflow.evaluation.lexical import (
     one_edit_away,
     singular,
     six_digit_rows,
+    whole_words,
 )
 from naics_mlflow.evaluation.metrics import retrieval_metrics
 from naics_mlflow.model.lorentz import expmap0
@@ -192,6 +194,28 @@ def test_lexical_index_reads_a_misspelt_word_as_the_documents_word():
     # Short words have too many neighbours to guess from: "frm" stays unknown.
     assert (index.scores(["frm"]) == 0).all()
     np.testing.assert_array_equal(index.scores(["cattlle crane"]), index.scores(["cattle crane"]))
+
+
+def test_words_spelt_right_are_never_corrected():
+    documents = ["Cross-country skiing instruction", "Farm drainage", "Hand tools", "Crank shafts"]
+    unguarded = LexicalIndex(documents)
+    assert unguarded.read_as("across") == ["cross"]
+    assert unguarded.read_as("farmhand") == ["farm", "hand"]
+    assert unguarded.read_as("crane") == ["crank"]
+    index = LexicalIndex(documents, spelt_right=frozenset({"across", "farmhand", "cranes"}))
+    assert index.read_as("across") == ["across"]
+    assert index.read_as("farmhand") == ["farmhand"]
+    # Held in the singular, as a query's words are read: "cranes" is "crane".
+    assert index.read_as("crane") == ["crane"]
+    assert index.read_as("crosss") == ["cross"]  # a slip is still corrected
+    assert (index.scores(["across the region"]) == 0).all()
+
+
+def test_whole_words_of_a_tokenizer_are_its_words_not_its_pieces():
+    tokenizer = load_tokenizer(DEFAULT_BACKBONE)
+    words = whole_words(tokenizer.get_vocab())
+    assert {"across", "downtown", "restaurant"} <= words
+    assert not {"##ing", "[CLS]", "resturant", "1998"} & words
 
 
 def test_lexical_index_reads_two_words_run_together_as_both():

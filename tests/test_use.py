@@ -23,6 +23,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow.cli import SEARCH_CHUNK
+from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
 from naics_mlflow.evaluation.queries import (
     QueryError,
     check_request,
@@ -680,7 +681,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
+def test_exported_model_loads_in_a_fresh_process_and_serves(trained, taxonomy):
     workdir, client, run, _ = trained
     logged = len(client.search_logged_models([run.info.experiment_id]))
     refused = run_cli(workdir, "export", "--from-checkpoint", "quickstart", "--register", "a/b")
@@ -761,17 +762,20 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
             except OSError:
                 assert server.poll() is None, "the model server exited"
                 time.sleep(0.5)
+        # Its words are read as `search` reads them: "subsector", a word of the backbone's
+        # vocabulary that no national industry's document holds, is not "sub sector".
+        query = "grow soybeans, a farming subsector"
+        documents = code_documents(taxonomy, six_digit_rows(taxonomy))
+        assert LexicalIndex(documents).read_as("subsector") == ["sub", "sector"]
         status, body = _post(
             f"http://127.0.0.1:{port}/invocations",
-            {"dataframe_records": [{"text": "grow soybeans"}], "params": {"top_k": 2}},
+            {"dataframe_records": [{"text": query}], "params": {"top_k": 2}},
         )
         assert status == 200
         assert [p["rank"] for p in body["predictions"]] == [1, 2]
         # The served model ranks as `search` does (the same embeddings and lexical weight).
         searched = ok(
-            run_cli(
-                workdir, "search", "grow soybeans", "--top", "2", "--from-checkpoint", "quickstart"
-            )
+            run_cli(workdir, "search", query, "--top", "2", "--from-checkpoint", "quickstart")
         )
         # The same codes with the same scores: the nearest-item signal is served as well.
         rows = [line.split() for line in searched.stdout.strip().splitlines()[1:]]
@@ -783,7 +787,7 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained):
             run_cli(
                 workdir,
                 "search",
-                "grow soybeans",
+                query,
                 "--top",
                 "2",
                 "--from-checkpoint",

@@ -16,7 +16,7 @@ import itertools
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -92,6 +92,12 @@ def one_edit_away(word: str) -> set[str]:
     }
 
 
+def whole_words(vocabulary: Iterable[str]) -> frozenset[str]:
+    """The entries of a tokenizer's ``vocabulary`` that are whole words of letters: a WordPiece
+    vocabulary's common English words ("across", "downtown"), not its pieces ("##ing")."""
+    return frozenset(entry for entry in vocabulary if entry.isalpha())
+
+
 # Shorter words have too many neighbours one edit away ("farm": "firm", "form", "harm") to guess
 # which one was meant. Of 5, 6 and 7, 5 ranked dev and its misspelt copies best (docs/results.md).
 MIN_CORRECTED_LENGTH = 5
@@ -116,11 +122,14 @@ class LexicalIndex:
 
     The vocabulary and IDF come from the documents only, so a query's scores do not depend on
     the other queries, and a query's word that no code uses counts only as the words it is
-    taken to mean (:meth:`read_as`), or not at all.
+    taken to mean (:meth:`read_as`), or not at all. ``spelt_right`` holds words that are read as
+    written though no document holds them (the backbone's :func:`whole_words`): a description's
+    "across" is not a misspelt "cross".
     """
 
-    def __init__(self, documents: Sequence[str]) -> None:
+    def __init__(self, documents: Sequence[str], spelt_right: frozenset[str] = frozenset()) -> None:
         self.texts = list(documents)
+        self._spelt_right = frozenset(singular(word) for word in spelt_right)
         counts = [Counter(terms(text_words(text))) for text in self.texts]
         self._documents_with_word = Counter(word for c in counts for word in c if " " not in word)
         self._vocabulary = {term: i for i, term in enumerate(sorted(set().union(*counts)))}
@@ -151,8 +160,8 @@ class LexicalIndex:
 
     def read_as(self, word: str) -> list[str]:
         """The documents' words that a query's ``word`` (lowercase, singular) is taken to mean:
-        ``[word]`` where a document holds it or it is shorter than
-        :data:`MIN_CORRECTED_LENGTH`; else the documents' word one edit away
+        ``[word]`` where a document holds it, it is spelt right (``spelt_right``) or it is
+        shorter than :data:`MIN_CORRECTED_LENGTH`; else the documents' word one edit away
         (:func:`one_edit_away`) that most documents hold (the first in alphabetical order among
         equals); else two of the documents' words of 3 letters or more run together
         ("seedproduction": "seed", "production"), split where the rarer one is held by most
@@ -163,7 +172,12 @@ class LexicalIndex:
         lexical match.
         """
         held = self._documents_with_word
-        if word in held or len(word) < MIN_CORRECTED_LENGTH or not word.isalpha():
+        if (
+            word in held
+            or len(word) < MIN_CORRECTED_LENGTH
+            or not word.isalpha()
+            or word in self._spelt_right
+        ):
             return [word]
         if known := [c for c in one_edit_away(word) if c in held]:
             return [min(known, key=lambda c: (-held[c], c))]

@@ -50,7 +50,12 @@ from naics_mlflow.data.tokenization import (
     tokenize_codes,
     truncated_queries,
 )
-from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
+from naics_mlflow.evaluation.lexical import (
+    LexicalIndex,
+    code_documents,
+    six_digit_rows,
+    whole_words,
+)
 from naics_mlflow.evaluation.queries import Match, check_request
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.head import EncoderHead
@@ -304,7 +309,9 @@ class SearchEngine:
                 "item_rows": items.rows,
             }
             write_cached(cache, cached_tensors, "code embeddings")
-        lexical = LexicalIndex(code_documents(taxonomy, six_digit_rows(taxonomy)))
+        lexical = LexicalIndex(
+            code_documents(taxonomy, six_digit_rows(taxonomy)), whole_words(tokenizer.get_vocab())
+        )
         return cls(
             embedder,
             tokenizer,
