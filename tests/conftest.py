@@ -81,7 +81,7 @@ def make_tiny_backbone(folder: Path, taxonomy: Taxonomy) -> Path:
     import re
 
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel, BertTokenizer
 
     words = collections.Counter(
         word
@@ -93,10 +93,10 @@ def make_tiny_backbone(folder: Path, taxonomy: Taxonomy) -> Path:
     vocabulary = specials + characters + [f"##{c}" for c in characters]
     vocabulary += [w for w, _ in words.most_common(800) if w not in vocabulary]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.txt").write_text("\n".join(vocabulary) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(
-        folder
-    )
+    # transformers 5 takes the vocabulary itself; its tokenizer ignores a vocab_file argument and
+    # would read every word as [UNK].
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocabulary)})
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(vocabulary),
