@@ -885,6 +885,9 @@ def evaluate(
                 "device": str(engine.backbone.device),
             }
         )
+        for query_set in query_sets:
+            columns = {"code": query_set.codes, "text": query_set.texts}
+            tracking.log_dataset(query_set.source, columns, context=query_set.name)
         tracking.log_metrics(report.metrics())
         tracking.log_dict(report.as_dict(), "evaluation.json")
     if as_json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
 import re
@@ -23,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.data
+import pandas as pd
 import requests
+from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.entities import Metric, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -387,6 +391,19 @@ def log_metrics(metrics: Mapping[str, float]) -> None:
 
 def set_tags(tags: Mapping[str, str]) -> None:
     mlflow.set_tags(dict(tags))
+
+
+def log_dataset(source: Path, columns: Mapping[str, list[str]], context: str) -> None:
+    """Record a table the active run read among its datasets (MLflow's run inputs): named for
+    its file, with the file's absolute path and a digest of the content, so that runs that read
+    other files, or one file before and after an edit, tell apart in the UI and in searches."""
+    # The source is built as the "local" kind, not resolved from the path: MLflow registers two
+    # sources that claim a path and warns that it is ambiguous.
+    where = get_dataset_source_from_json(
+        json.dumps({"uri": str(source.resolve())}), source_type="local"
+    )
+    table = mlflow.data.from_pandas(pd.DataFrame(dict(columns)), source=where, name=source.stem)
+    mlflow.log_input(table, context=context)
 
 
 def log_dict(values: Mapping[str, Any], artifact_file: str) -> None:

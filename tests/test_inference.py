@@ -543,7 +543,10 @@ def test_a_query_of_several_sentences_gives_each_code_its_best_sentences_score(
     # evaluate ranks it as search does.
     first, second = ranked[1][0].code, ranked[1][1].code
     report = evaluate(
-        engine, taxonomy, [QuerySet("long", [texts[1], texts[1]], [first, second])], False
+        engine,
+        taxonomy,
+        [QuerySet("long", [texts[1], texts[1]], [first, second], Path("long.csv"))],
+        False,
     )
     assert report.retrieval["long"]["model"]["top1"] == pytest.approx(0.5)
     assert report.retrieval["long"]["model"]["mrr"] == pytest.approx(0.75)
@@ -715,7 +718,9 @@ def test_a_checkpoint_read_onto_a_gpu_searches_as_on_the_cpu(trained_adapters, t
         for rank, (on_gpu, on_cpu) in enumerate(zip(on_gpu_matches, on_cpu_matches, strict=True)):
             above = on_cpu_matches[rank - 1].margin if rank else math.inf
             assert on_gpu.code == on_cpu.code or min(above, on_cpu.margin) < 1e-3
-    query_set = QuerySet("queries", QUERIES[:3], ["111110", "311811", "513210"])
+    query_set = QuerySet(
+        "queries", QUERIES[:3], ["111110", "311811", "513210"], Path("queries.csv")
+    )
     reports = {
         device: evaluate(engine, taxonomy, [query_set]).metrics()
         for device, engine in engines.items()

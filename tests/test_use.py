@@ -576,7 +576,7 @@ def test_search_with_a_checkpoint_of_another_model(trained):
     assert "not a naics-embedder checkpoint" in line
 
 
-def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
+def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained, data_dir):
     workdir, client, run, _ = trained
     queries = workdir / "unseen.csv"
     queries.write_text("code,text\n111110,Soybean growing\n541511,Writing custom software\n")
@@ -596,7 +596,10 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     assert "channel features read from" in result.stderr
     assert {"spearman", "ndcg_at_10"} <= {k.removeprefix("val/") for k in report["hierarchy"]}
     assert "radius_depth_spearman" in {k.removeprefix("val/") for k in report["hierarchy"]}
-    assert list(report["retrieval"]) == ["dev", "holdout", "unseen_2017"]
+    # The third set is named for its place, whatever file it came from; the report and the
+    # run's datasets say which file that was.
+    assert list(report["retrieval"]) == ["dev", "holdout", "unseen"]
+    assert report["query_sets"]["unseen"] == {"source": str(queries), "queries": 2}
     for query_set, systems in report["retrieval"].items():
         assert set(systems) == {"model", "embedding", "untrained", "knn", "bm25"}
         for metrics in systems.values():
@@ -608,6 +611,18 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained):
     assert evaluation.data.tags["evaluation"] == "true"
     assert evaluation.data.tags["mlflow.parentRunId"] == run.info.run_id
     assert "holdout/bm25/top5" in evaluation.data.metrics
+    assert "unseen/model/top1" in evaluation.data.metrics
+    read = {
+        entry.tags[0].value: (entry.dataset.name, json.loads(entry.dataset.source))
+        for entry in evaluation.inputs.dataset_inputs
+    }
+    assert read == {
+        "dev": ("index_dev", {"uri": str((data_dir / "index_dev.parquet").resolve())}),
+        "holdout": ("index_holdout", {"uri": str((data_dir / "index_holdout.parquet").resolve())}),
+        "unseen": ("unseen", {"uri": str(queries.resolve())}),
+    }
+    (unseen,) = [e.dataset for e in evaluation.inputs.dataset_inputs if e.dataset.name == "unseen"]
+    assert json.loads(unseen.profile)["num_rows"] == 2
     assert evaluation.data.params == {
         "search.lexical_weight": "24.0",
         "search.item_weight": "12.0",

@@ -46,15 +46,16 @@ HIERARCHY_COLUMNS = (
 
 @dataclass(frozen=True)
 class QuerySet:
-    name: str
+    name: str  # dev, holdout or unseen: the first part of its metrics' names
     texts: list[str]
     codes: list[str]
+    source: Path  # the file it was read from, recorded with the evaluation
 
 
 def load_query_sets(data_dir: Path, unseen: UnseenQueries, taxonomy: Taxonomy) -> list[QuerySet]:
     """The dev index items (where every modelling choice is made), the held-out index items and
-    the NAICS 2017 unseen phrasings (both reported only: never trained or tuned on). Every query
-    names a national industry, the only codes retrieval ranks."""
+    the unseen queries (by default the NAICS 2017 phrasings; both reported only: never trained or
+    tuned on). Every query names a national industry, the only codes retrieval ranks."""
     dev = pq.read_table(data_dir / DEV_FILE).to_pydict()
     holdout = pq.read_table(data_dir / HOLDOUT_FILE).to_pydict()
     national_industries = {taxonomy.codes[row] for row in six_digit_rows(taxonomy)}
@@ -65,9 +66,11 @@ def load_query_sets(data_dir: Path, unseen: UnseenQueries, taxonomy: Taxonomy) -
                 "give each query the national industry it belongs to"
             )
     return [
-        QuerySet("dev", dev["text"], dev["code"]),
-        QuerySet("holdout", holdout["text"], holdout["code"]),
-        QuerySet("unseen_2017", unseen.texts, unseen.codes),
+        QuerySet("dev", dev["text"], dev["code"], data_dir / DEV_FILE),
+        QuerySet("holdout", holdout["text"], holdout["code"], data_dir / HOLDOUT_FILE),
+        # Named for its place, not its file: any file given to --unseen-queries logs the same
+        # metrics, and the run's datasets say which file it was.
+        QuerySet("unseen", unseen.texts, unseen.codes, unseen.path),
     ]
 
 
@@ -76,6 +79,8 @@ class EvaluationReport:
     hierarchy: dict[str, float]
     # query set -> system -> metric -> value
     retrieval: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # query set -> {"source": the file it was read from, "queries": how many}
+    query_sets: dict[str, dict[str, str | int]] = field(default_factory=dict)
 
     def winners(self, query_set: str) -> dict[str, list[str]]:
         """For each retrieval metric, the systems with the best value (several on a tie)."""
@@ -97,6 +102,7 @@ class EvaluationReport:
     def as_dict(self) -> dict:
         return {
             "hierarchy": self.hierarchy,
+            "query_sets": self.query_sets,
             "retrieval": self.retrieval,
             "winners": {query_set: self.winners(query_set) for query_set in self.retrieval},
         }
@@ -111,7 +117,8 @@ class EvaluationReport:
         )
         for query_set, systems in self.retrieval.items():
             winners = self.winners(query_set)
-            lines += ["", header]
+            read = self.query_sets[query_set]
+            lines += ["", f"{query_set}: {read['queries']:,} queries from {read['source']}", header]
             for system, values in systems.items():
                 cells = "".join(
                     f"{values[metric]:>8.4f}{'*' if system in winners[metric] else ' '}"
@@ -174,6 +181,7 @@ def evaluate(
             scores["untrained"] = -untrained.embedding_distances(texts, rows)
             scores["knn"] = untrained.nearest_item_scores(texts, rows)
             scores["bm25"] = torch.from_numpy(engine.lexical.scores(texts))
+        report.query_sets[query_set.name] = {"source": str(query_set.source), "queries": count}
         report.retrieval[query_set.name] = {
             name: score_retrieval(value, codes, candidates) for name, value in scores.items()
         }
