@@ -219,7 +219,8 @@ def read_query_file(path: Path) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class UnseenQueries:
-    """The NAICS 2017 phrasings: one code and one text per row of ``path``."""
+    """``evaluate``'s unseen queries (by default the NAICS 2017 phrasings): one code and one
+    text per row of ``path``."""
 
     path: Path
     codes: list[str]
@@ -227,7 +228,7 @@ class UnseenQueries:
 
 
 def read_unseen_queries(path: Path) -> UnseenQueries:
-    """The NAICS 2017 phrasings file (columns code,text) that ``evaluate`` reads first, so that a
+    """The unseen queries' file (columns code,text) that ``evaluate`` reads first, so that a
     wrong file ends it at once, in one line (its codes are checked against the taxonomy later)."""
     if not path.is_file():
         raise QueryError(
