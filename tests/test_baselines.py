@@ -14,6 +14,8 @@ from naics_mlflow.data.taxonomy import Taxonomy
 from naics_mlflow.data.tokenization import SEMANTIC_CHANNELS
 from naics_mlflow.evaluation.baselines import UntrainedBackbone, score_retrieval
 from naics_mlflow.evaluation.lexical import (
+    EXCEPTED,
+    EXCEPTION,
     K1,
     B,
     LexicalIndex,
@@ -21,6 +23,7 @@ from naics_mlflow.evaluation.lexical import (
     one_edit_away,
     singular,
     six_digit_rows,
+    text_words,
     whole_words,
 )
 from naics_mlflow.evaluation.metrics import retrieval_metrics
@@ -74,20 +77,25 @@ def _bm25_by_the_formula(
     documents: list[str], queries: list[str], read_as: Callable[[str], list[str]]
 ) -> np.ndarray:
     """BM25 as written in textbooks, over scikit-learn's word and word-pair counts of singular
-    words (a query's as ``read_as`` reads them): each query's distinct known terms summed, over
-    their most (every term's ``idf * (k1 + 1)``)."""
+    words, an "(except ...)" clause's marked (a query's as ``read_as`` reads them): each query's
+    distinct known terms summed, over their most (every term's ``idf * (k1 + 1)``)."""
     from sklearn.feature_extraction.text import CountVectorizer
 
     words = CountVectorizer().build_tokenizer()
-    vectorizer = CountVectorizer(
-        ngram_range=(1, 2),
-        tokenizer=lambda text: [singular(word) for word in words(text)],
-        token_pattern=None,
-    )
+
+    def marked_words(text: str) -> list[str]:
+        read, start = [], 0
+        for clause in EXCEPTION.finditer(text):
+            read += [singular(word) for word in words(text[start : clause.start()])]
+            read += [EXCEPTED + singular(word) for word in words(clause.group(1))]
+            start = clause.end()
+        return read + [singular(word) for word in words(text[start:])]
+
+    vectorizer = CountVectorizer(ngram_range=(1, 2), tokenizer=marked_words, token_pattern=None)
     tf = vectorizer.fit_transform(documents).toarray().astype(np.float64)
     query_vectorizer = CountVectorizer(
         ngram_range=(1, 2),
-        tokenizer=lambda text: [known for word in words(text) for known in read_as(singular(word))],
+        tokenizer=lambda text: [known for word in marked_words(text) for known in read_as(word)],
         token_pattern=None,
         vocabulary=vectorizer.vocabulary_,
     )
@@ -117,8 +125,13 @@ def test_lexical_scores_are_bm25_by_the_formula(request, real_documents):
         "",
         "freight trucking of soybean",
         "Café crème brûlée, naïve résumé writing services",
+        "Casino hotels (except motels)",
     ]
-    documents = [*CODE_TEXTS, "Crème brûlée café. Résumé writing services"]
+    documents = [
+        *CODE_TEXTS,
+        "Crème brûlée café. Résumé writing services",
+        "Hotels (except Casino Hotels) and Motels",
+    ]
     if real_documents:
         taxonomy = request.getfixturevalue("taxonomy")
         documents = code_documents(taxonomy, six_digit_rows(taxonomy))
@@ -174,6 +187,18 @@ def test_lexical_index_matches_words_in_either_number():
     assert scores.argmax(axis=1).tolist() == [0, 0, 2]
     # The same words in the other number score as those of the document.
     np.testing.assert_array_equal(index.scores(["used cars"]), index.scores(["used car"]))
+
+
+def test_excepted_words_only_meet_excepted_words():
+    documents = ["Hotels (except Casino Hotels) and Motels", "Casino Hotels", "Potato Farming"]
+    index = LexicalIndex([*documents, "Other Vegetable (except Potato) and Melon Farming"])
+    assert text_words("Wheat (except oilseed(s)) farming") == ["wheat", "~oilseed", "farming"]
+    # What a code excludes is no match for a query about it...
+    scores = index.scores(["casino", "potato"])
+    assert scores[0, 0] == 0 and scores[0, 1] > 0
+    assert scores[1, 3] == 0 and scores[1, 2] > 0
+    # ...but two texts that exclude the same thing meet.
+    assert index.scores(["Vegetable farming (except potato)"]).argmax() == 3
 
 
 def test_one_edit_away_deletes_swaps_replaces_and_inserts_one_letter():

@@ -7,7 +7,8 @@ classify in it (dev and held-out items are never among them). Words carry
 what an embedding of a short text can blur: a product name, a material, a regulated activity.
 Words meet in either number ("used cars" and "used car dealers"), and a query's word that no
 document holds is read as the documents' word one typing slip away ("resturant": "restaurant"),
-or as two of their words run together ("seedproduction").
+or as two of their words run together ("seedproduction"). The words of an "(except ...)"
+clause only meet the words of another.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy
 SEPARATOR = ". "
 # A word: two or more word characters (scikit-learn's default token pattern).
 WORD = re.compile(r"(?u)\b\w\w+\b")
+# A clause that names what a code is not: "Hotels (except Casino Hotels) and Motels". One level
+# of parentheses inside it is read as part of it ("(except oilseed(s) and grain(s))").
+EXCEPTION = re.compile(r"\(except\b((?:[^()]|\([^()]*\))*)\)", re.IGNORECASE)
+# What marks the words of such a clause as terms of their own ("~casino", "~hotel").
+EXCEPTED = "~"
 
 
 def six_digit_rows(taxonomy: Taxonomy) -> np.ndarray:
@@ -70,8 +76,21 @@ def singular(word: str) -> str:
 
 
 def text_words(text: str) -> list[str]:
-    """The lowercased words of ``text``, each made singular (:func:`singular`)."""
-    return [singular(word) for word in WORD.findall(text.lower())]
+    """The lowercased words of ``text``, each made singular (:func:`singular`), those of an
+    "(except ...)" clause (:data:`EXCEPTION`) marked as excepted (``"~" + word``).
+
+    What a code excludes is no match for a query about it: read as plain words, "casino hotel"
+    would meet Hotels (except Casino Hotels) by the very words that exclude it. Marked, they
+    only meet the same exclusion elsewhere, which two phrasings of one code often share
+    ("Vegetable farming (except potato)" and Other Vegetable (except Potato) and Melon Farming).
+    """
+    text = text.lower()
+    words, start = [], 0
+    for clause in EXCEPTION.finditer(text):
+        words += [singular(word) for word in WORD.findall(text, start, clause.start())]
+        words += [EXCEPTED + singular(word) for word in WORD.findall(clause.group(1))]
+        start = clause.end()
+    return words + [singular(word) for word in WORD.findall(text, start)]
 
 
 def terms(words: Sequence[str]) -> list[str]:
