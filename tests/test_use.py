@@ -624,7 +624,7 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained, data_dir)
     (unseen,) = [e.dataset for e in evaluation.inputs.dataset_inputs if e.dataset.name == "unseen"]
     assert json.loads(unseen.profile)["num_rows"] == 2
     assert evaluation.data.params == {
-        "search.lexical_weight": "24.0",
+        "search.lexical_weight": "32.0",
         "search.item_weight": "12.0",
         "search.backbone_dtype": "auto",
         "search.device": "auto",
