@@ -677,6 +677,19 @@ def test_evaluate_reports_model_and_baselines_in_a_nested_run(trained, data_dir)
         )
         # The codes are checked against the taxonomy before the model embeds every code.
         assert "code embeddings" not in result.stderr and "embedded" not in result.stderr
+    # A sample coded in NAICS 2017 is told every wrong row at once, in one line.
+    rows = ["454110,Online shopping", "111110,Soybeans", *[f"44314{i},Radios" for i in range(4)]]
+    queries.write_text("code,text\n" + "\n".join(rows) + "\n")
+    line = error_line(
+        run_cli(
+            workdir, "evaluate", "--from-checkpoint", "quickstart", "--unseen-queries", str(queries)
+        )
+    )
+    assert line == (
+        f"error: {queries}: 5 of 6 codes are not six-digit NAICS 2022 codes (line 2: '454110', "
+        "line 4: '443140', line 5: '443141' and 2 more); give each query the national industry "
+        "it belongs to"
+    )
 
 
 def _free_port() -> int:

@@ -59,12 +59,26 @@ def load_query_sets(data_dir: Path, unseen: UnseenQueries, taxonomy: Taxonomy) -
     dev = pq.read_table(data_dir / DEV_FILE).to_pydict()
     holdout = pq.read_table(data_dir / HOLDOUT_FILE).to_pydict()
     national_industries = {taxonomy.codes[row] for row in six_digit_rows(taxonomy)}
-    for line, code in enumerate(unseen.codes, start=2):
-        if code not in national_industries:
-            raise UserError(
-                f"{unseen.path} line {line}: code {code!r} is not a six-digit NAICS 2022 code; "
-                "give each query the national industry it belongs to"
-            )
+    wrong = [
+        (line, code)
+        for line, code in enumerate(unseen.codes, start=2)
+        if code not in national_industries
+    ]
+    if len(wrong) == 1:
+        ((line, code),) = wrong
+        raise UserError(
+            f"{unseen.path} line {line}: code {code!r} is not a six-digit NAICS 2022 code; "
+            "give each query the national industry it belongs to"
+        )
+    if wrong:
+        # All of them in the one line: a sample coded in another NAICS edition can hold dozens,
+        # which one error a run would take as many runs to find.
+        shown = ", ".join(f"line {line}: {code!r}" for line, code in wrong[:3])
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise UserError(
+            f"{unseen.path}: {len(wrong)} of {len(unseen.codes)} codes are not six-digit NAICS "
+            f"2022 codes ({shown}{more}); give each query the national industry it belongs to"
+        )
     return [
         QuerySet("dev", dev["text"], dev["code"], data_dir / DEV_FILE),
         QuerySet("holdout", holdout["text"], holdout["code"], data_dir / HOLDOUT_FILE),
