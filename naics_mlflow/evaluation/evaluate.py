@@ -71,8 +71,8 @@ def load_query_sets(data_dir: Path, unseen: UnseenQueries, taxonomy: Taxonomy) -
             "give each query the national industry it belongs to"
         )
     if wrong:
-        # All of them in the one line: a sample coded in another NAICS edition can hold dozens,
-        # which one error a run would take as many runs to find.
+        # A sample coded in another NAICS edition can hold dozens of such codes: the line says
+        # how many and where the first are, rather than naming one a run.
         shown = ", ".join(f"line {line}: {code!r}" for line, code in wrong[:3])
         more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
         raise UserError(
