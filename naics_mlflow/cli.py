@@ -728,7 +728,7 @@ SEARCH_CHUNK = 4096
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write one row per match (text, rank, code, title, level, distance, score, margin) to "
-    "this .csv, .parquet or .xlsx file instead of printing tables.",
+    "this .csv, .tsv (tab-separated), .parquet or .xlsx file instead of printing tables.",
 )
 @click.option("--top", "top_k", default=5, show_default=True, help="How many codes to show.")
 @click.option(

@@ -386,6 +386,7 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
 
     readers = {
         "coded/matches.CSV": pd.read_csv,  # suffixes in any case
+        "coded/matches.tsv": lambda path, **read: pd.read_csv(path, sep="\t", **read),
         "coded/matches.parquet": None,
         "coded/matches.xlsx": pd.read_excel,
     }
@@ -467,7 +468,11 @@ BAD_SEARCH_INPUTS = [
     ("id,text\n", [], "holds no rows"),
     (b"id,text\n1,caf\xe9\n", [], "is not UTF-8 text"),
     ("id,text\n1,bakery\n", ["bakery"], "TEXT arguments or --input, not both"),
-    ("id,text\n1,bakery\n", ["--out", "matches.txt"], "--out must end in .csv, .parquet or .xlsx"),
+    (
+        "id,text\n1,bakery\n",
+        ["--out", "matches.txt"],
+        "--out must end in .csv, .tsv, .parquet or .xlsx",
+    ),
     (
         "id,text\n" + "".join(f"{row},bakery\n" for row in range(10_486)),
         ["--top", "100", "--out", "big.xlsx"],

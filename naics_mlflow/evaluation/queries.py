@@ -36,6 +36,7 @@ def _write_sheet(table: pd.DataFrame, path: Path) -> None:
 # `search --out` by the file's suffix.
 MATCH_FILE_WRITERS = {
     ".csv": lambda table, path: table.to_csv(path, index=False),
+    ".tsv": lambda table, path: table.to_csv(path, index=False, sep="\t"),
     ".parquet": lambda table, path: table.to_parquet(path, index=False),
     ".xlsx": _write_sheet,
 }
@@ -103,7 +104,7 @@ def matches_table(texts: list[str], found: list[list[Match]]) -> pd.DataFrame:
 def check_matches_file(out: Path, input_path: Path | None) -> None:
     """Refuse an ``--out`` that could not be written as asked, or would overwrite the input."""
     if out.suffix.lower() not in MATCH_FILE_WRITERS:
-        raise QueryError(f"--out must end in .csv, .parquet or .xlsx, got {out.name}")
+        raise QueryError(f"--out must end in .csv, .tsv, .parquet or .xlsx, got {out.name}")
     if input_path is not None and out.resolve() == input_path.resolve():
         raise QueryError(f"--out {out} is the --input file; write the matches to another file")
     check_output(out)
@@ -116,7 +117,8 @@ def check_matches_fit(out: Path, texts: int, top_k: int) -> None:
     if out.suffix.lower() == ".xlsx" and rows > SHEET_ROWS:
         raise QueryError(
             f"--out {out.name}: {texts:,} texts with --top {top_k} make up to {rows:,} rows, more "
-            f"than an Excel sheet holds ({SHEET_ROWS:,}); write .csv or .parquet, or lower --top"
+            f"than an Excel sheet holds ({SHEET_ROWS:,}); write .csv, .tsv or .parquet, or lower "
+            "--top"
         )
 
 
