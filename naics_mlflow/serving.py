@@ -29,7 +29,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 import naics_mlflow
 from naics_mlflow.config import SearchConfig
 from naics_mlflow.data.pretrained import DEFAULT_BACKBONE, load_tokenizer
-from naics_mlflow.data.taxonomy import MAX_LEVEL
+from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL
 from naics_mlflow.evaluation.lexical import LexicalIndex, whole_words
 from naics_mlflow.evaluation.queries import QueryError, check_request, matches_table
 from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine
@@ -40,6 +40,9 @@ MODEL_NAME = "model"
 DEFAULT_TOP_K = 5
 OUTPUTS = ("codes", "embedding")
 DEFAULT_PARAMS = {"top_k": DEFAULT_TOP_K, "level": MAX_LEVEL, "output": OUTPUTS[0]}
+# The served `level` that searches codes of every level (`search --level any`): MLflow types the
+# param as a number, and a string param would refuse the numbers clients send for the others.
+EVERY_LEVEL = 0
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "text"), ColSpec("long", "top_k", required=False)]),
@@ -135,14 +138,20 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
             else [int(params["top_k"])] * len(texts)
         )
         level = int(params["level"])
+        if level != EVERY_LEVEL and not MIN_LEVEL <= level <= MAX_LEVEL:
+            raise QueryError(
+                f"level must be between {MIN_LEVEL} and {MAX_LEVEL}, or {EVERY_LEVEL} for codes "
+                f"of every level, got {level}"
+            )
+        searched = None if level == EVERY_LEVEL else level
         # Each row's own top_k is checked, not only the largest, and the request's too, so that
         # a request with no rows is refused where the same request with rows would be.
         for top_k in {int(params["top_k"]), *per_row}:
-            check_request(texts, top_k, level)
+            check_request(texts, top_k, searched)
         if not texts:  # a batch job's empty partition: no matches, not an error
             return matches_table([], [])
         # One batched search at the largest top_k; each row keeps its own first top_k matches.
-        found = self.engine.search(texts, max(per_row), level)
+        found = self.engine.search(texts, max(per_row), searched)
         return matches_table(
             texts, [matches[:top_k] for matches, top_k in zip(found, per_row, strict=True)]
         )

@@ -828,6 +828,27 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained, taxonomy):
             )
         )
         assert by_registry.stdout == searched.stdout
+        # level 0 ranks the codes of every level, as `search --level any` does.
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_records": [{"text": query}], "params": {"top_k": 3, "level": 0}},
+        )
+        assert status == 200
+        any_level = ok(
+            run_cli(
+                workdir,
+                *("search", query, "--top", "3", "--level", "any"),
+                *("--from-checkpoint", "quickstart"),
+            )
+        )
+        rows = [line.split() for line in any_level.stdout.strip().splitlines()[1:]]
+        assert [p["code"] for p in body["predictions"]] == [row[1] for row in rows]
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_records": [{"text": query}], "params": {"level": 9}},
+        )
+        assert status == 400
+        assert "between 2 and 6, or 0 for codes of every level, got 9" in body["message"]
         status, body = _post(
             f"http://127.0.0.1:{port}/invocations",
             {"dataframe_split": {"columns": ["text"], "data": []}},
