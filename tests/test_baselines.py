@@ -221,6 +221,13 @@ def test_lexical_index_reads_a_misspelt_word_as_the_documents_word():
     np.testing.assert_array_equal(index.scores(["cattlle crane"]), index.scores(["cattle crane"]))
 
 
+def test_corrected_text_reads_each_word_as_bm25_does():
+    index = LexicalIndex(["Full-service restaurants", "Seed production"], frozenset({"across"}))
+    assert index.corrected("Resturant, seedproduction") == "restaurant, seed production"
+    # Words it reads as written stay as written: known in either number, or spelt right.
+    assert index.corrected("Restaurants across town") == "Restaurants across town"
+
+
 def test_words_spelt_right_are_never_corrected():
     documents = ["Cross-country skiing instruction", "Farm drainage", "Hand tools", "Crank shafts"]
     unguarded = LexicalIndex(documents)

@@ -552,6 +552,19 @@ def test_a_query_of_several_sentences_gives_each_code_its_best_sentences_score(
     assert report.retrieval["long"]["model"]["mrr"] == pytest.approx(0.75)
 
 
+def test_a_misspelt_query_is_read_as_written_and_as_corrected(trained_adapters, taxonomy):
+    module, *_ = trained_adapters
+    engine = SearchEngine.build(module, taxonomy, search_settings(lexical_weight=32.0))
+    misspelt, corrected = "grow soybeens", "grow soybean"
+    read = engine.read_queries(["dairy farm", misspelt])
+    assert read.texts == ["dairy farm", misspelt, corrected]
+    assert read.owners.tolist() == [0, 1, 1]
+    # Each code takes the better of the two readings' scores.
+    as_misspelt, _ = engine.ranking(engine.read_queries([misspelt]), 1, MAX_LEVEL)
+    as_corrected, _ = engine.ranking(engine.read_queries([corrected]), 1, MAX_LEVEL)
+    assert (as_misspelt >= as_corrected - 1e-4).all()
+
+
 def test_a_query_sentence_is_read_to_search_query_max_length_tokens(
     trained_adapters, taxonomy, caplog
 ):

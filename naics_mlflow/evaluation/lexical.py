@@ -185,10 +185,6 @@ class LexicalIndex:
         equals); else two of the documents' words of 3 letters or more run together
         ("seedproduction": "seed", "production"), split where the rarer one is held by most
         documents; else ``[word]``.
-
-        Only this signal reads the correction: the embedding reads the query as written, so a
-        rare real word read as a common one ("mallets" as "pallet") costs no more than a
-        lexical match.
         """
         held = self._documents_with_word
         if (
@@ -204,6 +200,21 @@ class LexicalIndex:
         if split := [pair for pair in halves if pair[0] in held and pair[1] in held]:
             return list(max(split, key=lambda pair: min(held[pair[0]], held[pair[1]])))
         return [word]
+
+    def corrected(self, text: str) -> str:
+        """``text`` with each word that :meth:`read_as` reads as others (a slip, two words run
+        together) replaced by them ("acounting firm": "accounting firm"); ``text`` itself where
+        there is none. Search embeds this reading beside the text as written
+        (``SearchEngine.read_queries``), so a rare real word read as a common one ("mallets" as
+        "pallet") leaves the reading as written to rank by."""
+        pieces, start = [], 0
+        for match in WORD.finditer(text):
+            word = singular(match.group().lower())
+            read = self.read_as(word)
+            if read != [word]:
+                pieces += [text[start : match.start()], " ".join(read)]
+                start = match.end()
+        return "".join([*pieces, text[start:]])
 
     def _query_terms(self, text: str) -> np.ndarray:
         """Sorted ids of the distinct terms of ``text`` that the documents hold, its words read
