@@ -107,8 +107,9 @@ def sentences(text: str) -> list[str]:
 
 
 class QueryPieces(NamedTuple):
-    """What the model reads of a list of queries: each query's :func:`sentences`, one piece for
-    a query of one sentence (see :meth:`SearchEngine.read_queries`)."""
+    """What the model reads of a list of queries: each query's :func:`sentences` (one piece for
+    a query of one sentence), then the corrected reading of each sentence with a misspelt word
+    (see :meth:`SearchEngine.read_queries`)."""
 
     texts: list[str]  # (P,) the pieces, each query's together and in query order
     owners: torch.Tensor  # (P,) int64 on the CPU: the query each piece belongs to
