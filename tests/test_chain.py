@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -433,6 +434,45 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
         assert len(_stage_runs(workdir, "01_stage")) == 2
         assert len(_stage_runs(workdir, "02_stage")) == 3
         assert len(_runs(workdir, "tags.role = 'chain'")) == 2
+
+
+def _global_step(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+
+
+def test_a_killed_stage_resumes_on_another_machine_from_its_last_epoch(workdir):
+    """The store's last.ckpt is the one the epoch just wrote, not the epoch's before: a machine
+    lost mid-stage (a kill, a spot instance taken back) costs only the epoch it was in, even where
+    the resume runs on a machine without the first one's checkpoint folder."""
+    _write_chain(
+        workdir,
+        "chain_moved",
+        "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 4\n",
+    )
+    process = start_cli(workdir, "train-curriculum", "--chain", "chain_moved")
+    stage_dir = workdir / "checkpoints" / "sequential_01-02_chain_moved" / "02_stage"
+    try:
+        _wait_for_logged_last_checkpoint(workdir, process, stage_dir)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    (killed,) = _stage_runs(workdir, "02_stage")
+    logged = _client(workdir).download_artifacts(
+        killed.info.run_id, f"ckpt/{tracking.LAST_CHECKPOINT}", str(workdir / "dl")
+    )
+    (on_disk,) = stage_dir.glob(f"*/{tracking.LAST_CHECKPOINT}")
+    assert _global_step(Path(logged)) == _global_step(on_disk)
+
+    # Another machine: the same store, none of the first one's checkpoint folders.
+    shutil.rmtree(workdir / "checkpoints")
+    ok(run_cli(workdir, "train-curriculum", "--chain", "chain_moved"))
+    _, resumed = _stage_runs(workdir, "02_stage")
+    assert resumed.info.status == "FINISHED"
+    epochs = [m.value for m in _client(workdir).get_metric_history(resumed.info.run_id, "epoch")]
+    assert min(epochs) >= 1 and max(epochs) == 3
 
 
 def test_a_chain_being_trained_is_not_taken_over_by_a_second_command(workdir):

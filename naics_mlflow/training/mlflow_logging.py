@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -43,8 +44,14 @@ class MetricsLogger(Logger):
         """Parameters are logged once, flattened, as the run starts (``tracking.log_params``)."""
 
 
-class LastCheckpointUpload(L.Callback):
-    """Upload ``last.ckpt`` at every epoch end, so an interrupted run loses at most one epoch."""
+class LastCheckpointUpload(Checkpoint):
+    """Upload ``last.ckpt`` at every epoch end, so an interrupted run loses at most one epoch.
+
+    A :class:`Checkpoint` so that Lightning calls it after the other callbacks at an epoch's end,
+    and after the ``ModelCheckpoint`` listed before it, which writes that epoch's ``last.ckpt``
+    there. As a plain callback it ran first and uploaded the epoch before's: a run resumed on a
+    machine without the first one's checkpoint folder lost two epochs.
+    """
 
     def __init__(self, run_id: str, checkpoint_dir: Path) -> None:
         self._run_id = run_id
