@@ -113,6 +113,11 @@ def test_mlflow_run_chain_nests_three_stages(workdir):
     assert rates[:2] == ["0.001", "0.0005"]
     assert rates[2] == "0.001"  # no per-stage value: the base config's (tiny) learning rate
     first, second, third = children
+    # The chain's row in the UI shows its final stage's figures.
+    shown = ("best_val_loss", "val_loss", "val/spearman", "val/ndcg_at_10", "val/mean_distortion")
+    assert parent.data.metrics == {
+        f"final_stage/{name}": third.data.metrics[name] for name in shown
+    }
     assert "init_checkpoint" not in first.data.tags
     assert second.data.tags["init_weights_digest"] == _best_digest(workdir, first)
     assert third.data.tags["init_weights_digest"] == _best_digest(workdir, second)

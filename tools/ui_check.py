@@ -4,8 +4,9 @@
 
 Starts ``mlflow ui`` on the store, opens the experiment's runs in the Model training view and
 each stage run of the newest chain, saves a screenshot of each page and checks the rendered
-page: the chain's parent run is listed, and each stage run's page shows its name and its
-``val/`` metrics. Needs ``chromium`` (``apt-get install chromium``). Exits 1 if a check fails.
+page: the chain's parent run is listed, its page shows its final stage's figures
+(``final_stage/best_val_loss``), and each stage run's page shows its name and its ``val/``
+metrics. Needs ``chromium`` (``apt-get install chromium``). Exits 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ EXPERIMENT = "naics-embedder"
 # The UI's own switch between its GenAI and model-training pages.
 MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 METRICS = ("val/spearman", "val/ndcg_at_10", "val/objective")
+CHAIN_METRIC = "final_stage/best_val_loss"
 
 
 def free_port() -> int:
@@ -89,13 +91,20 @@ def main() -> int:
             try:
                 if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
                     break
-            except requests.ConnectionError:
+            # Refused until the server listens; slow to answer while its workers start.
+            except (requests.ConnectionError, requests.Timeout):
                 time.sleep(0.5)
         checks = []
         runs_page = render(chromium, f"{base}/runs?{MODEL_TRAINING_VIEW}", args.out / "runs.png")
         checks.append(
             (f"runs page lists the chain {parent.info.run_name}", parent.info.run_name in runs_page)
         )
+        chain_page = render(
+            chromium,
+            f"{base}/runs/{parent.info.run_id}?{MODEL_TRAINING_VIEW}",
+            args.out / "chain.png",
+        )
+        checks.append((f"chain run page shows {CHAIN_METRIC}", CHAIN_METRIC in chain_page))
         for stage in stages:
             name = stage.info.run_name
             page = render(

@@ -25,6 +25,7 @@ from naics_mlflow.model.trained import load_embedder
 from naics_mlflow.serving import log_search_model
 from naics_mlflow.training.plan import ChainPlan
 from naics_mlflow.training.stage import (
+    SUMMARY_METRICS,
     StageResult,
     check_stage_can_start,
     run_checkpoint_dir,
@@ -43,6 +44,8 @@ from naics_mlflow.training.start import (
 )
 
 logger = logging.getLogger(__name__)
+
+FINAL_STAGE_PREFIX = "final_stage/"
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,16 @@ def _record_chain(
             final_run_id = result.run_id
         tracking.set_tags(
             {"final_stage": plan.stages[-1].curriculum.name, "final_run_id": final_run_id}
+        )
+        # The chain's row in the MLflow UI then shows its final stage's figures, so that chains
+        # can be sorted and compared without unfolding each one.
+        final_metrics = tracking.get_run(final_run_id).data.metrics
+        tracking.log_metrics(
+            {
+                f"{FINAL_STAGE_PREFIX}{name}": final_metrics[name]
+                for name in ("best_val_loss", *SUMMARY_METRICS)
+                if name in final_metrics
+            }
         )
         if start.logs_final_model:
             _log_final_model(previous_best, plan.stages[-1].config)
