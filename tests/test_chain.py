@@ -465,6 +465,9 @@ def test_a_killed_stage_resumes_on_another_machine_from_its_last_epoch(workdir):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     (killed,) = _stage_runs(workdir, "02_stage")
+    # It shows its best so far, as a running run does.
+    val_losses = _client(workdir).get_metric_history(killed.info.run_id, "val_loss")
+    assert killed.data.metrics["best_val_loss"] == pytest.approx(min(m.value for m in val_losses))
     logged = _client(workdir).download_artifacts(
         killed.info.run_id, f"ckpt/{tracking.LAST_CHECKPOINT}", str(workdir / "dl")
     )

@@ -44,13 +44,14 @@ class MetricsLogger(Logger):
         """Parameters are logged once, flattened, as the run starts (``tracking.log_params``)."""
 
 
-class LastCheckpointUpload(Checkpoint):
-    """Upload ``last.ckpt`` at every epoch end, so an interrupted run loses at most one epoch.
+class EpochEndRecord(Checkpoint):
+    """At every epoch end, log ``best_val_loss`` so far and upload ``last.ckpt``: a running or
+    interrupted run shows its best, and an interrupted one loses at most the epoch it was in.
 
     A :class:`Checkpoint` so that Lightning calls it after the other callbacks at an epoch's end,
     and after the ``ModelCheckpoint`` listed before it, which writes that epoch's ``last.ckpt``
-    there. As a plain callback it ran first and uploaded the epoch before's: a run resumed on a
-    machine without the first one's checkpoint folder lost two epochs.
+    and updates the best there. As a plain callback it ran first and uploaded the epoch before's:
+    a run resumed on a machine without the first one's checkpoint folder lost two epochs.
     """
 
     def __init__(self, run_id: str, checkpoint_dir: Path) -> None:
@@ -58,8 +59,17 @@ class LastCheckpointUpload(Checkpoint):
         self._last = checkpoint_dir / tracking.LAST_CHECKPOINT
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and self._last.is_file():
+        if not trainer.is_global_zero:
+            return
+        best = trainer.checkpoint_callback.best_model_score
+        if best is not None:
+            log_best_val_loss(self._run_id, float(best), trainer.global_step)
+        if self._last.is_file():
             log_verified_checkpoint(self._run_id, self._last)
+
+
+def log_best_val_loss(run_id: str, value: float, step: int) -> None:
+    tracking.log_metric_batch(run_id, {"best_val_loss": value}, step)
 
 
 def log_verified_checkpoint(run_id: str, path: Path) -> None:

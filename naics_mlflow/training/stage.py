@@ -42,8 +42,9 @@ from naics_mlflow.training.callbacks import (
 )
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
 from naics_mlflow.training.mlflow_logging import (
-    LastCheckpointUpload,
+    EpochEndRecord,
     MetricsLogger,
+    log_best_val_loss,
     log_verified_checkpoint,
 )
 
@@ -160,7 +161,8 @@ def train_stage(
         log_verified_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)
         metrics = _final_metrics(trainer.callback_metrics, checkpoint)
         tracking.set_tags({"best_checkpoint": best.name})
-        tracking.log_metrics({"best_val_loss": metrics["best_val_loss"]})
+        # Again at the end, for a resumed run that had no epoch left to train.
+        log_best_val_loss(run_id, metrics["best_val_loss"], trainer.global_step)
     return StageResult(
         run_id=run_id,
         stage=curriculum.name,
@@ -273,7 +275,7 @@ def _fit(
     ]
     loggers = [TensorBoardLogger(config.dirs.outputs, name=run_group, version=name)]
     if run_id is not None:
-        callbacks.append(LastCheckpointUpload(run_id, checkpoint_dir))
+        callbacks.append(EpochEndRecord(run_id, checkpoint_dir))
         callbacks.append(StagePictures(run_id, evaluation))
         loggers.append(MetricsLogger(run_id))
     trainer_config = config.training.trainer
