@@ -474,10 +474,17 @@ def test_a_killed_stage_resumes_on_another_machine_from_its_last_epoch(workdir):
     (on_disk,) = stage_dir.glob(f"*/{tracking.LAST_CHECKPOINT}")
     assert _global_step(Path(logged)) == _global_step(on_disk)
 
-    # Another machine: the same store, none of the first one's checkpoint folders.
+    # Another machine: the same store, its files elsewhere, none of the first one's folders.
+    elsewhere = workdir / "machine_b"
+    moved = [f"dirs.checkpoints={elsewhere / 'checkpoints'}", f"dirs.outputs={elsewhere / 'out'}"]
     shutil.rmtree(workdir / "checkpoints")
-    ok(run_cli(workdir, "train-curriculum", "--chain", "chain_moved"))
+    resumed_there = ok(run_cli(workdir, "train-curriculum", "--chain", "chain_moved", *moved))
+    assert len(_runs(workdir, "tags.role = 'chain'")) == 1  # the same chain, not a new one
+    # What the move costs, in one line of its own: Lightning's warning is not repeated.
+    assert "came without its val_loss (another checkpoint folder)" in resumed_there.stderr
+    assert "dirpath has changed" not in resumed_there.stderr
     _, resumed = _stage_runs(workdir, "02_stage")
+    assert resumed.data.tags["resumed_from"] == killed.info.run_id
     assert resumed.info.status == "FINISHED"
     epochs = [m.value for m in _client(workdir).get_metric_history(resumed.info.run_id, "epoch")]
     assert min(epochs) >= 1 and max(epochs) == 3

@@ -483,6 +483,30 @@ def test_shipped_chain_names_shipped_stages() -> None:
         assert load_curriculum(CONF_DIR / f"{stage.name}.yaml").name == stage.name
 
 
+def test_a_chain_is_the_same_wherever_its_files_live_and_however_its_model_ranks() -> None:
+    """A chain continued on another machine (its folders elsewhere) or after a new search
+    default is resumed from the store, not started over; a training setting makes another."""
+    chain = load_chain(CONF_DIR / "chain_default.yaml")
+
+    def chain_hash(*overrides: str) -> str:
+        config = CONF_DIR.parent / "config.yaml"
+        return plan_chain(config, CONF_DIR, chain, [], list(overrides)).hash(None)
+
+    elsewhere = [
+        "dirs.data=/mnt/b/data",
+        "dirs.raw=/mnt/b/raw",
+        "dirs.checkpoints=/mnt/b/checkpoints",
+        "dirs.outputs=/mnt/b/outputs",
+        "search.lexical_weight=8",
+        "search.backbone_dtype=float32",
+        "mlflow.experiment_name=elsewhere",
+        "evaluation.unseen_queries=/mnt/b/queries.csv",
+    ]
+    assert chain_hash(*elsewhere) == chain_hash()
+    for training_setting in ("loss.temperature=0.5", "data_loader.batch_size=8", "training.seed=1"):
+        assert chain_hash(training_setting) != chain_hash()
+
+
 @pytest.mark.parametrize(
     ("names", "message"),
     [

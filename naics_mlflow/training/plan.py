@@ -18,6 +18,9 @@ from naics_mlflow.data.curriculum import (
 )
 from naics_mlflow.model.checkpoint import shape_difference
 
+# The configuration's sections that change what a stage trains.
+TRAINING_SECTIONS = ("data_loader", "model", "loss", "training")
+
 
 @dataclass(frozen=True)
 class PlannedStage:
@@ -41,14 +44,25 @@ class ChainPlan:
         return f"sequential_{self.sequence}{suffix}"
 
     def hash(self, starting_weights: str | None) -> str:
-        """Digest of every stage's curriculum and effective configuration and of the weights the
-        first stage starts from (a ``weights_digest``, None from scratch): a rerun with the same
-        hash may reuse this chain's finished stages."""
+        """Digest of every stage's curriculum and training settings (:data:`TRAINING_SECTIONS`)
+        and of the weights the first stage starts from (a ``weights_digest``, None from scratch):
+        a rerun with the same hash may reuse this chain's finished stages.
+
+        Where files live (``dirs``), how a trained model ranks (``search``), the experiment and
+        the evaluation's query file change nothing the stages train, and differ between machines
+        and versions: with them in, a chain continued on another machine, or after a new search
+        default, silently started over.
+        """
         payload = [
             starting_weights,
-            [[asdict(s.curriculum), s.config.to_dict()] for s in self.stages],
+            [[asdict(s.curriculum), _training_settings(s.config)] for s in self.stages],
         ]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _training_settings(config: Config) -> dict[str, Any]:
+    settings = config.to_dict()
+    return {section: settings[section] for section in TRAINING_SECTIONS}
 
 
 def stage_id(name: str) -> str:

@@ -307,6 +307,9 @@ def _fit(
         warnings.filterwarnings(
             "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
         )
+        # A run resumed in another checkpoint folder (another machine's): ForgetUnreachableBest
+        # says in one line what that costs, where Lightning's warning names both folders in full.
+        warnings.filterwarnings("ignore", "The dirpath has changed from")
         # weights_only: a resumed checkpoint may come from a shared store; never unpickle code.
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint, weights_only=True)
     return trainer, checkpoint
