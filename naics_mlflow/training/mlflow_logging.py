@@ -51,7 +51,8 @@ class EpochEndRecord(Checkpoint):
     A :class:`Checkpoint` so that Lightning calls it after the other callbacks at an epoch's end,
     and after the ``ModelCheckpoint`` listed before it, which writes that epoch's ``last.ckpt``
     and updates the best there. As a plain callback it ran first and uploaded the epoch before's:
-    a run resumed on a machine without the first one's checkpoint folder lost two epochs.
+    a run resumed on a machine without the first one's checkpoint folder repeated a finished
+    epoch.
     """
 
     def __init__(self, run_id: str, checkpoint_dir: Path) -> None:
