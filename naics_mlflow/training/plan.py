@@ -18,8 +18,9 @@ from naics_mlflow.data.curriculum import (
 )
 from naics_mlflow.model.checkpoint import shape_difference
 
-# The configuration's sections that change what a stage trains.
-TRAINING_SECTIONS = ("data_loader", "model", "loss", "training")
+# The configuration's sections that make a chain the same one: what its stages train, and the
+# experiment it is recorded in (another experiment is another study, and starts afresh).
+CHAIN_SECTIONS = ("data_loader", "model", "loss", "training", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -44,25 +45,25 @@ class ChainPlan:
         return f"sequential_{self.sequence}{suffix}"
 
     def hash(self, starting_weights: str | None) -> str:
-        """Digest of every stage's curriculum and training settings (:data:`TRAINING_SECTIONS`)
-        and of the weights the first stage starts from (a ``weights_digest``, None from scratch):
-        a rerun with the same hash may reuse this chain's finished stages.
+        """Digest of every stage's curriculum and settings (:data:`CHAIN_SECTIONS`) and of the
+        weights the first stage starts from (a ``weights_digest``, None from scratch): a rerun
+        with the same hash may reuse this chain's finished stages.
 
-        Where files live (``dirs``), how a trained model ranks (``search``), the experiment and
-        the evaluation's query file change nothing the stages train, and differ between machines
-        and versions: with them in, a chain continued on another machine, or after a new search
-        default, silently started over.
+        Where files live (``dirs``), how a trained model ranks (``search``) and the evaluation's
+        query file change nothing the stages train, and differ between machines and versions:
+        with them in, a chain continued on another machine, or after a new search default,
+        silently started over.
         """
         payload = [
             starting_weights,
-            [[asdict(s.curriculum), _training_settings(s.config)] for s in self.stages],
+            [[asdict(s.curriculum), _chain_settings(s.config)] for s in self.stages],
         ]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _training_settings(config: Config) -> dict[str, Any]:
+def _chain_settings(config: Config) -> dict[str, Any]:
     settings = config.to_dict()
-    return {section: settings[section] for section in TRAINING_SECTIONS}
+    return {section: settings[section] for section in CHAIN_SECTIONS}
 
 
 def stage_id(name: str) -> str:
