@@ -10,6 +10,8 @@ the chain. After the last kill a run is left to finish. Then it checks and print
 
 - the parent run has every stage FINISHED exactly once,
 - each stage's epochs, over all its runs, cover 0 .. max_epochs - 1 without a gap,
+- no more epochs were trained twice than there were kills: a kill costs at most the epoch it
+  landed in (the figure is printed as "epochs repeated"),
 - every checkpoint in the store and on disk reads back whole.
 
 Needs the Census files (--raw-dir or $NAICS_RAW_DIR). Exits 1 when a check fails.
@@ -91,7 +93,20 @@ def reached(client: MlflowClient) -> str:
     return f"{runs[0].data.tags['stage']}, {done}"
 
 
-def check(workdir: Path, client: MlflowClient, epochs_per_stage: dict[str, int]) -> list[str]:
+def repeated_epochs(client: MlflowClient, runs: list) -> int:
+    """How many epochs were logged by more than one run of their stage: work a kill cost.
+    (Lightning logs ``epoch`` with every step's metrics, so a run's epochs are counted once.)"""
+    logged = [
+        (run.data.tags.get("stage"), epoch)
+        for run in runs
+        for epoch in {int(m.value) for m in client.get_metric_history(run.info.run_id, "epoch")}
+    ]
+    return len(logged) - len(set(logged))
+
+
+def check(
+    workdir: Path, client: MlflowClient, epochs_per_stage: dict[str, int], kills: int
+) -> list[str]:
     problems = []
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, order_by=["attributes.start_time ASC"])
@@ -116,6 +131,9 @@ def check(workdir: Path, client: MlflowClient, epochs_per_stage: dict[str, int])
                     run.info.run_id, artifact.path, str(workdir / "check" / run.info.run_id)
                 )
                 problems += _unreadable(Path(local))
+    stage_runs = [r for r in runs if r.data.tags.get("stage") in epochs_per_stage]
+    if (repeated := repeated_epochs(client, stage_runs)) > kills:
+        problems.append(f"{repeated} epochs trained twice after {kills} kills")
     for path in (workdir / "checkpoints").rglob("*.ckpt"):
         problems += _unreadable(path)
     return problems
@@ -169,7 +187,8 @@ def main() -> None:
         elapsed = time.perf_counter() - started
         chain = (workdir / "conf" / "text_curriculum" / "chain_soak.yaml").read_text()
         counts = [int(line.split(":")[1]) for line in chain.splitlines() if "max_epochs" in line]
-        problems = check(workdir, client, dict(zip(STAGES, counts, strict=True)))
+        kills = outcomes.count("killed")
+        problems = check(workdir, client, dict(zip(STAGES, counts, strict=True)), kills)
         experiments = [e.experiment_id for e in client.search_experiments()]
         stage_runs = [
             r for r in client.search_runs(experiments) if r.data.tags.get("stage") in STAGES
@@ -177,10 +196,11 @@ def main() -> None:
         print()
         print(f"epochs            {args.epochs} ({', '.join(map(str, counts))} per stage)")
         print(
-            f"runs              {len(outcomes)}: {outcomes.count('killed')} killed, "
+            f"runs              {len(outcomes)}: {kills} killed, "
             f"{outcomes.count('failed')} failed, {outcomes.count('finished')} finished"
         )
         print(f"stage runs        {len(stage_runs)} (one per start of a stage, resumed or not)")
+        print(f"epochs repeated   {repeated_epochs(client, stage_runs)} (at most one a kill)")
         print(f"wall time         {elapsed / 60:.1f} min")
         print(f"checks            {'all passed' if not problems else 'FAILED'}")
         for problem in problems:

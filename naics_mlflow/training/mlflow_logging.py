@@ -49,8 +49,8 @@ class EpochEndRecord(Checkpoint):
     interrupted run shows its best, and an interrupted one loses at most the epoch it was in.
 
     A :class:`Checkpoint` so that Lightning calls it after the other callbacks at an epoch's end,
-    and after the ``ModelCheckpoint`` listed before it, which writes that epoch's ``last.ckpt``
-    and updates the best there. As a plain callback it ran first and uploaded the epoch before's:
+    and after the ``ModelCheckpoint`` callbacks listed before it, which update the best and write
+    that epoch's ``last.ckpt``. As a plain callback it ran first and uploaded the epoch before's:
     a run resumed on a machine without the first one's checkpoint folder repeated a finished
     epoch.
     """

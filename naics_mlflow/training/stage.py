@@ -255,7 +255,16 @@ def _fit(
         monitor="val_loss",
         mode="min",
         save_top_k=1,
-        save_last=True,
+    )
+    # Lightning 2.6 writes save_last's file only at a step that saved a best one: an interrupted
+    # stage then resumed from its best epoch, repeating every epoch since. With no metric to
+    # monitor this one saves every validation, over the same file; listed after the best one,
+    # it saves that one's record of the epoch just judged.
+    latest = ModelCheckpoint(
+        dirpath=checkpoint_dir,
+        filename=Path(tracking.LAST_CHECKPOINT).stem,
+        save_top_k=1,
+        enable_version_counter=False,
     )
     evaluation = TaxonomyEvaluation()
     # Lightning draws its bar on stdout: where that is a file (nohup, CI, `mlflow run`, results
@@ -267,6 +276,7 @@ def _fit(
         CurriculumNegatives(),
         evaluation,
         checkpoint,
+        latest,
         LearningRateMonitor(logging_interval="step"),
         StageProgressBar() if on_terminal else EpochSummary(name),
         ForgetUnreachableBest(),
