@@ -490,6 +490,62 @@ def test_a_killed_stage_resumes_on_another_machine_from_its_last_epoch(workdir):
     assert min(epochs) >= 1 and max(epochs) == 3
 
 
+def test_a_stage_stopped_after_its_last_epoch_ends_on_another_machine(workdir):
+    """Each epoch writes last.ckpt, the best one or not: Lightning 2.6 wrote it only with a new
+    best, and a stopped stage repeated every epoch since its best.
+
+    A run stopped after its last epoch's last.ckpt was uploaded, but before it ended, has no
+    epoch left to train when resumed; on another machine its best file is not on the disk. The
+    resumed run keeps the epoch it resumed from as its best, where it failed on every retry
+    naming the other machine's file."""
+    # A learning rate too small to change a weight: the second epoch's val_loss is no better,
+    # so the stage's best is its first epoch, not the one it resumes from.
+    _write_chain(
+        workdir,
+        "chain_moved",
+        "  - name: 01_stage\n    max_epochs: 1\n"
+        "  - name: 02_stage\n    max_epochs: 2\n    learning_rate: 1.0e-30\n",
+    )
+    ok(run_cli(workdir, "train-curriculum", "--chain", "chain_moved"))
+    client = _client(workdir)
+    (stopped,) = _stage_runs(workdir, "02_stage")
+    last_logged = client.download_artifacts(
+        stopped.info.run_id, f"ckpt/{tracking.LAST_CHECKPOINT}", str(workdir / "dl")
+    )
+    # Its last.ckpt is its last epoch's, though that epoch was not its best.
+    assert stopped.data.tags["best_checkpoint"].startswith("02_stage-epoch=00")
+    assert torch.load(last_logged, weights_only=True)["epoch"] == 1
+    # What such a stop leaves in the store: the stage's and the chain's runs KILLED, the last
+    # epoch's last.ckpt logged, no best checkpoint named.
+    client.delete_tag(stopped.info.run_id, "best_checkpoint")
+    for run in (stopped, *_runs(workdir, "tags.role = 'chain'")):
+        client.set_terminated(run.info.run_id, "KILLED")
+    shutil.rmtree(workdir / "checkpoints")
+
+    elsewhere = workdir / "machine_b"
+    moved = [f"dirs.checkpoints={elsewhere / 'checkpoints'}", f"dirs.outputs={elsewhere / 'out'}"]
+    resumed_there = ok(run_cli(workdir, "train-curriculum", "--chain", "chain_moved", *moved))
+    _, resumed = _stage_runs(workdir, "02_stage")
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["resumed_from"] == stopped.info.run_id
+    last_val_loss = client.get_metric_history(stopped.info.run_id, "val_loss")[-1].value
+    # Said in one line where the epoch kept is not the best before the stop.
+    best_before = stopped.data.tags["best_checkpoint"]
+    assert (
+        f"the best checkpoint before the interruption, {best_before}, is not on this disk"
+        in resumed_there.stderr
+    )
+    assert (
+        resumed.data.tags["best_checkpoint"]
+        == f"02_stage-epoch=01-val_loss={last_val_loss:.4f}.ckpt"
+    )
+    assert resumed.data.metrics["best_val_loss"] == pytest.approx(last_val_loss)
+    assert not client.get_metric_history(resumed.info.run_id, "epoch")  # nothing trained again
+    assert _best_digest(workdir, resumed) == weights_digest(
+        torch.load(last_logged, weights_only=True)["state_dict"]
+    )
+
+
 def test_a_chain_being_trained_is_not_taken_over_by_a_second_command(workdir):
     """The same command started again while the first runs (a second terminal, a retried job)
     is refused; otherwise it would mark the live runs KILLED and train them a second time."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import tempfile
 import warnings
@@ -26,7 +27,7 @@ from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.validation import validation_protocol
 from naics_mlflow.distributed import is_global_zero
 from naics_mlflow.errors import UserError
-from naics_mlflow.model.checkpoint import weights_digest
+from naics_mlflow.model.checkpoint import read_checkpoint, weights_digest
 from naics_mlflow.model.loading import load_trainable_weights
 from naics_mlflow.model.module import NaicsEmbedder
 from naics_mlflow.training.callbacks import (
@@ -156,6 +157,8 @@ def train_stage(
                 "val_protocol": validation_protocol(curriculum, config.data_loader.val_split),
             }
         )
+        if resume_checkpoint is not None:
+            _complete_folder_of_resumed_run(checkpoint, resume_checkpoint)
         best = Path(checkpoint.best_model_path)
         log_verified_checkpoint(run_id, best)
         log_verified_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)
@@ -330,6 +333,37 @@ def _strategy(name: str) -> str | DDPStrategy:
     since a batch may hold no text for a channel (no code with cross-references, say), and DDP
     otherwise stops at the first such step."""
     return DDPStrategy(find_unused_parameters=True) if name == "ddp" else name
+
+
+def _complete_folder_of_resumed_run(checkpoint: ModelCheckpoint, resumed: Path) -> None:
+    """Put in the checkpoint folder of a run resumed from ``resumed`` the ``last.ckpt`` and best
+    file it ends with, where it trained no epoch to write them.
+
+    That is a run stopped after its last epoch's upload but before it ended, resumed on another
+    machine: Lightning restores the record of the best epoch, with the other machine's path, and
+    trains nothing. The stage could never end; every retry failed to read that file. The epoch it
+    resumed from is its last, and is kept as its best.
+    """
+    folder = Path(checkpoint.dirpath)
+    folder.mkdir(parents=True, exist_ok=True)  # Lightning makes it at its first save
+    if not (folder / tracking.LAST_CHECKPOINT).is_file():
+        shutil.copyfile(resumed, folder / tracking.LAST_CHECKPOINT)
+    if Path(checkpoint.best_model_path).is_file():
+        return
+    state = read_checkpoint(resumed)
+    score = state["callbacks"][checkpoint.state_key]["current_score"]  # the val_loss it holds
+    kept = Path(checkpoint.format_checkpoint_name({"epoch": state["epoch"], "val_loss": score}))
+    earlier_best = Path(checkpoint.best_model_path).name
+    if earlier_best != kept.name:
+        logger.warning(
+            "the best checkpoint before the interruption, %s, is not on this disk and the stage "
+            "had no epoch left to train; its last epoch, %s, is kept as its best",
+            earlier_best,
+            kept.name,
+        )
+    shutil.copyfile(resumed, kept)
+    checkpoint.best_model_path = str(kept)
+    checkpoint.best_model_score = score
 
 
 def _final_metrics(
