@@ -620,19 +620,14 @@ def _resolve_model(
     )
     read_checkpoint(resolved.path)  # a bad file fails before the model stack is imported
 
-    from naics_mlflow.data.build import build_data, is_built, warn_if_built_by_other_code
+    from naics_mlflow.data.build import ensure_built
     from naics_mlflow.data.census import load_release, resolve_raw_dir
     from naics_mlflow.data.taxonomy import load_taxonomy
 
     data_dir = Path(config.dirs.data)
-    if not is_built(data_dir):
-        build_data(
-            resolve_raw_dir(None, config.dirs.raw),
-            data_dir,
-            load_release(_census_sources(config_path)),
-        )
-    else:
-        warn_if_built_by_other_code(data_dir)
+    ensure_built(
+        resolve_raw_dir(None, config.dirs.raw), data_dir, load_release(_census_sources(config_path))
+    )
     return resolved, load_taxonomy(data_dir)
 
 

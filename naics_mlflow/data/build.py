@@ -111,6 +111,15 @@ def _digest_of(folder: Path, names: list[str]) -> str:
     return _digest_of_files([folder / name for name in names])[:12]
 
 
+def ensure_built(raw_dir: Path, out_dir: Path, release: CensusRelease) -> None:
+    """Build ``out_dir`` from the workbooks in ``raw_dir`` unless a complete build is there, which
+    is read as it is (one made by other code is named once)."""
+    if not is_built(out_dir):
+        build_data(raw_dir, out_dir, release)
+    else:
+        warn_if_built_by_other_code(out_dir)
+
+
 def data_digest(out_dir: Path) -> str | None:
     """The digest of a complete build's outputs (what a run trained on), None if not built."""
     if not is_built(out_dir):

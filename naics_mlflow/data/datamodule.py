@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from naics_mlflow.config import Config
-from naics_mlflow.data.build import build_data, is_built, warn_if_built_by_other_code
+from naics_mlflow.data.build import ensure_built
 from naics_mlflow.data.census import CensusRelease, resolve_raw_dir
 from naics_mlflow.data.curriculum import (
     CurriculumError,
@@ -115,10 +115,7 @@ class NaicsDataModule(L.LightningDataModule):
         self._validation_pair_keys: np.ndarray  # anchor * N + positive of each validation item
 
     def prepare_data(self) -> None:
-        if not is_built(self.data_dir):
-            build_data(self.raw_dir, self.data_dir, self.release)
-        else:
-            warn_if_built_by_other_code(self.data_dir)
+        ensure_built(self.raw_dir, self.data_dir, self.release)
 
     def setup(self, stage: str | None = None) -> None:
         if self.taxonomy is not None:
