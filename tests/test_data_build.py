@@ -27,6 +27,7 @@ from naics_mlflow.data.build import (
     MAX_INHERITED_EXAMPLES,
     OUTPUT_FILES,
     build_data,
+    data_digest,
     warn_if_built_by_other_code,
 )
 from naics_mlflow.data.census import DataError, ensure_raw_files, load_release
@@ -264,6 +265,25 @@ def test_a_build_made_by_other_code_is_named_with_the_command_that_rebuilds_it(
         f"{copy} was built by another version of naics-embedder; run `naics-embedder data "
         "build` to rebuild it from the Census files"
     )
+
+
+def test_the_data_digest_is_of_the_content_not_of_the_files_bytes(
+    data_dir, raw_dir, tmp_path, release, monkeypatch
+):
+    """Another pyarrow writes other bytes (its version is in every parquet file's footer): the
+    same data built there has the same digest, so a chain continued there is the same chain."""
+    import naics_mlflow.data.build as build
+
+    write_table = pq.write_table
+
+    def write_as_another_pyarrow(table, where):
+        write_table(table, where, compression="gzip")
+
+    monkeypatch.setattr(build.pq, "write_table", write_as_another_pyarrow)
+    build_data(raw_dir, tmp_path / "elsewhere", release)
+    codes = "naics_codes.parquet"
+    assert (tmp_path / "elsewhere" / codes).read_bytes() != (data_dir / codes).read_bytes()
+    assert data_digest(tmp_path / "elsewhere") == data_digest(data_dir)
 
 
 def test_unchanged_rebuild_does_nothing_unless_forced(data_dir, raw_dir, release):

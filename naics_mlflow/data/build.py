@@ -106,9 +106,18 @@ def _say_built_by_other_code(out_dir: Path) -> None:
     )
 
 
-def _digest_of(folder: Path, names: list[str]) -> str:
-    """A short digest of the files' bytes: the same outputs, whatever code or inputs made them."""
-    return _digest_of_files([folder / name for name in names])[:12]
+def _content_digest(
+    rows: list[dict], held_out: list, dev: list, distance: np.ndarray, relation: np.ndarray
+) -> str:
+    """A short digest of what a build holds: the same data, whatever code or inputs made it.
+    Of the content, not of the files: pyarrow writes its version into every parquet file, so
+    the same data built on a machine with another pyarrow had another digest, and a chain
+    continued there started over. The pair tables are the matrices in long form."""
+    digest = hashlib.sha256(json.dumps([rows, held_out, dev], ensure_ascii=False).encode())
+    for matrix in (distance, relation):
+        digest.update(f"{matrix.dtype.str}{matrix.shape}".encode())
+        digest.update(np.ascontiguousarray(matrix).tobytes())
+    return digest.hexdigest()[:12]
 
 
 def ensure_built(raw_dir: Path, out_dir: Path, release: CensusRelease) -> None:
@@ -408,7 +417,12 @@ def build_data(
                 _pair_table(codes, relation, "relation_id"), p
             ),
         },
-        {"fingerprint": fingerprint, "code_digest": _code_digest(), "counts": counts},
+        {
+            "fingerprint": fingerprint,
+            "code_digest": _code_digest(),
+            "data_digest": _content_digest(rows, held_out, dev, distance, relation),
+            "counts": counts,
+        },
     )
     progress.step(f"wrote {len(OUTPUT_FILES)} files to {out_dir}")
     logger.info("data build: done in %.1f s", time.perf_counter() - progress.started)
@@ -428,7 +442,6 @@ def _write_atomically(out_dir: Path, writers: dict, manifest: dict) -> None:
     try:
         for name, write in writers.items():
             write(staging / name)
-        manifest = {**manifest, "data_digest": _digest_of(staging, sorted(writers))}
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
         for name in [*writers, MANIFEST_FILE]:
