@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import openpyxl
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
@@ -544,6 +545,32 @@ def test_a_stage_stopped_after_its_last_epoch_ends_on_another_machine(workdir):
     assert _best_digest(workdir, resumed) == weights_digest(
         torch.load(last_logged, weights_only=True)["state_dict"]
     )
+
+
+def test_a_chain_is_found_again_by_the_data_it_trained_on(workdir, raw_dir):
+    """A chain builds its data before it is identified, so that it is found again once built;
+    on other data (a rebuild by another version, other workbooks) it is another chain, as on
+    other settings, where it used to reuse the stages trained on the first data."""
+    _write_chain(workdir, "chain_data", "  - name: 01_stage\n    max_epochs: 1\n")
+    command = ["train-curriculum", "--chain", "chain_data"]
+    not_built = f"dirs.data={workdir / 'data_here'}"
+    ok(run_cli(workdir, *command, not_built))
+    again = ok(run_cli(workdir, *command, not_built))
+    assert "stage 01_stage already finished in run" in again.stderr
+
+    other_raw = workdir / "raw"
+    shutil.copytree(raw_dir, other_raw)
+    workbook_path = other_raw / "2022_NAICS_Cross_References.xlsx"
+    workbook_path.chmod(0o644)
+    workbook = openpyxl.load_workbook(workbook_path)
+    workbook.active.delete_rows(2)  # one cross-reference less
+    workbook.save(workbook_path)
+    other_data = f"dirs.data={workdir / 'other_data'}"
+    on_other_data = ok(run_cli(workdir, *command, "--raw-dir", str(other_raw), other_data))
+    assert "already finished" not in on_other_data.stderr
+    assert len(_runs(workdir, "tags.role = 'chain'")) == 2
+    first, second = _stage_runs(workdir, "01_stage")
+    assert first.data.tags["data_digest"] != second.data.tags["data_digest"]
 
 
 def test_a_chain_being_trained_is_not_taken_over_by_a_second_command(workdir):

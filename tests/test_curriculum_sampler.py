@@ -485,13 +485,14 @@ def test_shipped_chain_names_shipped_stages() -> None:
 
 def test_a_chain_is_the_same_wherever_its_files_live_and_however_its_model_ranks() -> None:
     """A chain continued on another machine (its folders elsewhere) or after a new search
-    default is resumed from the store, not started over; a training setting or another
-    experiment makes another."""
+    default is resumed from the store, not started over; a training setting, another experiment
+    or other data makes another."""
     chain = load_chain(CONF_DIR / "chain_default.yaml")
 
-    def chain_hash(*overrides: str) -> str:
+    def chain_hash(*overrides: str, data: str = "a1b2c3") -> str:
         config = CONF_DIR.parent / "config.yaml"
-        return plan_chain(config, CONF_DIR, chain, [], list(overrides)).hash(None)
+        plan = plan_chain(config, CONF_DIR, chain, [], list(overrides))
+        return plan.hash(None, [data] * len(plan.stages))
 
     elsewhere = [
         "dirs.data=/mnt/b/data",
@@ -506,6 +507,7 @@ def test_a_chain_is_the_same_wherever_its_files_live_and_however_its_model_ranks
     another = ("loss.temperature=0.5", "data_loader.batch_size=8", "mlflow.experiment_name=study2")
     for setting in another:
         assert chain_hash(setting) != chain_hash()
+    assert chain_hash(data="d4e5f6") != chain_hash()
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ from mlflow.entities import Run
 
 from naics_mlflow import tracking
 from naics_mlflow.config import Config
-from naics_mlflow.data.census import CensusRelease
+from naics_mlflow.data.build import data_digest, ensure_built
+from naics_mlflow.data.census import CensusRelease, resolve_raw_dir
 from naics_mlflow.data.taxonomy import load_taxonomy
 from naics_mlflow.distributed import is_global_zero, rank_zero_answer, stop_launched_ranks
 from naics_mlflow.evaluation.retrieval import SearchEngine
@@ -71,13 +72,16 @@ def run_chain(
     # The chain ends by building its model for search; a device that cannot fails here, not
     # after hours of training.
     inference_device(plan.stages[-1].config.search.device)
+    chain_hash = ""  # rank 0 alone reads and writes the store
     if is_global_zero():  # nor a folder it cannot write, before the parent run is opened
         for stage in plan.stages:
             check_stage_can_start(stage.config, Path(stage.config.dirs.checkpoints))
-    starting_weights = (
-        weights_digest(read_checkpoint(init_checkpoint)["state_dict"]) if init_checkpoint else None
-    )
-    chain_hash = plan.hash(starting_weights)
+        starting_weights = (
+            weights_digest(read_checkpoint(init_checkpoint)["state_dict"])
+            if init_checkpoint
+            else None
+        )
+        chain_hash = plan.hash(starting_weights, _built_data(plan, release, raw_dir))
     checkpoint_dirs = {
         stage.curriculum.name: stage_checkpoint_dir(
             stage.config, plan.run_group, stage.curriculum.name
@@ -229,6 +233,14 @@ def _record_chain(
         if start.logs_final_model:
             _log_final_model(previous_best, plan.stages[-1].config)
     return ChainResult(parent.info.run_id, results, final_run_id)
+
+
+def _built_data(plan: ChainPlan, release: CensusRelease, raw_dir: str | None) -> list[str | None]:
+    """Each stage's ``data_digest``, its data built first where it is not: the chain is
+    identified by the data it trains on, before its first stage would build it."""
+    for config in {stage.config.dirs.data: stage.config for stage in plan.stages}.values():
+        ensure_built(resolve_raw_dir(raw_dir, config.dirs.raw), Path(config.dirs.data), release)
+    return [data_digest(Path(stage.config.dirs.data)) for stage in plan.stages]
 
 
 def _initial_weights(start: StageStart, previous_best: Path | None) -> Path | None:

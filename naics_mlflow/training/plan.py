@@ -44,10 +44,12 @@ class ChainPlan:
         suffix = f"_{self.chain}" if self.chain else ""
         return f"sequential_{self.sequence}{suffix}"
 
-    def hash(self, starting_weights: str | None) -> str:
-        """Digest of every stage's curriculum and settings (:data:`CHAIN_SECTIONS`) and of the
-        weights the first stage starts from (a ``weights_digest``, None from scratch): a rerun
-        with the same hash may reuse this chain's finished stages.
+    def hash(self, starting_weights: str | None, data_digests: list[str | None]) -> str:
+        """Digest of every stage's curriculum, settings (:data:`CHAIN_SECTIONS`) and data (its
+        ``data_digest``, one a stage), and of the weights the first stage starts from (a
+        ``weights_digest``, None from scratch): a rerun with the same hash may reuse this chain's
+        finished stages. A stage trained on other data (a rebuild by a new version, other
+        workbooks) is not this chain's, wherever the data lies.
 
         Where files live (``dirs``), how a trained model ranks (``search``) and the evaluation's
         query file change nothing the stages train, and differ between machines and versions:
@@ -56,7 +58,10 @@ class ChainPlan:
         """
         payload = [
             starting_weights,
-            [[asdict(s.curriculum), _chain_settings(s.config)] for s in self.stages],
+            [
+                [asdict(stage.curriculum), _chain_settings(stage.config), data]
+                for stage, data in zip(self.stages, data_digests, strict=True)
+            ],
         ]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
