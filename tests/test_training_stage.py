@@ -1191,8 +1191,9 @@ def test_a_resumed_stage_forgets_a_best_checkpoint_that_is_not_on_disk(tmp_path,
         (kept, torch.tensor(0.5), False),
         # What restoring a last.ckpt of another machine, or of a killed process, leaves.
         (tmp_path / "gone.ckpt", torch.tensor(0.5), True),
-        # What Lightning restores when the checkpoint folder is not the interrupted run's.
-        (kept, None, True),
+        # What Lightning restores when the checkpoint folder is not the interrupted run's, and
+        # this one holds no file of that name.
+        (Path("/machine_a/checkpoints/other.ckpt"), None, True),
     )
     for best, score, forgotten in cases:
         checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
@@ -1207,7 +1208,37 @@ def test_a_resumed_stage_forgets_a_best_checkpoint_that_is_not_on_disk(tmp_path,
         # A later epoch with any val_loss then becomes the best.
         assert (float(checkpoint.kth_value) == float("inf")) is forgotten
     assert "gone.ckpt (val_loss 0.5000), is not on this disk" in caplog.text
-    assert "kept.ckpt came without its val_loss" in caplog.text
+    assert "other.ckpt came without its val_loss" in caplog.text
+
+
+def test_a_resumed_stage_keeps_a_best_checkpoint_of_another_machine_found_in_its_folder(tmp_path):
+    """A run resumed on another machine restores that machine's path and no val_loss; the file
+    of that name in its own folder (the checkpoint it resumed from, copied in) is its best, with
+    the val_loss the file records."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT
+    from naics_mlflow.training.callbacks import ForgetUnreachableBest
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
+    trainer = L.Trainer(callbacks=[checkpoint], logger=False, enable_progress_bar=False)
+    record = {"best_model_score": torch.tensor(0.25)}
+    here = tmp_path / "02_stage-epoch=03-val_loss=0.2500.ckpt"
+    torch.save(
+        {
+            "naics_embedder": {"format": CHECKPOINT_FORMAT},
+            "callbacks": {checkpoint.state_key: record},
+        },
+        here,
+    )
+    checkpoint.best_model_path = f"/machine_a/checkpoints/{here.name}"  # what Lightning restores
+    checkpoint.best_model_score = None
+    ForgetUnreachableBest().on_train_start(trainer, None)
+    assert checkpoint.best_model_path == str(here)
+    assert float(checkpoint.best_model_score) == 0.25
+    # A later epoch replaces it only with a lower val_loss.
+    assert checkpoint.best_k_models == {str(here): checkpoint.best_model_score}
+    assert float(checkpoint.kth_value) == 0.25
 
 
 def test_precision_falls_back_to_float32_on_cpu(caplog):

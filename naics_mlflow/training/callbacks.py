@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from naics_mlflow import tracking
 from naics_mlflow.data.datamodule import NaicsDataModule
@@ -27,6 +27,7 @@ from naics_mlflow.evaluation.plots import (
     save_png,
     training_curves_figure,
 )
+from naics_mlflow.model.checkpoint import read_checkpoint
 from naics_mlflow.model.lorentz import logmap0
 from naics_mlflow.model.loss import kmeans_clusters, pool_infonce
 from naics_mlflow.model.module import NaicsEmbedder
@@ -225,8 +226,8 @@ class EpochSummary(L.Callback):
 
 
 class ForgetUnreachableBest(L.Callback):
-    """A resumed stage: forget a best checkpoint that is not on this disk, or whose val_loss was
-    not restored.
+    """A resumed stage: point the record of the best epoch at its file on this disk
+    (:func:`find_best_on_this_disk`), or forget it where there is none.
 
     Resuming restores the checkpoint callback's record of the best epoch, but its file may be
     gone: the run may resume on another machine (``last.ckpt`` comes from the store, the best
@@ -240,7 +241,7 @@ class ForgetUnreachableBest(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         checkpoint = trainer.checkpoint_callback
         best, score = checkpoint.best_model_path, checkpoint.best_model_score
-        if not best or (Path(best).is_file() and score is not None):
+        if find_best_on_this_disk(checkpoint):
             return
         if score is None:
             problem = "came without its val_loss (another checkpoint folder)"
@@ -257,6 +258,28 @@ class ForgetUnreachableBest(L.Callback):
         checkpoint.best_k_models = {}
         checkpoint.kth_best_model_path = ""
         checkpoint.kth_value = torch.tensor(math.inf)
+
+
+def find_best_on_this_disk(checkpoint: ModelCheckpoint) -> bool:
+    """Whether the restored record of the best epoch names a file on this disk with its
+    val_loss, once pointed at the file of that name in the run's checkpoint folder, with the
+    val_loss that file records, where the record names another machine's.
+
+    A run resumed on another machine restores the first machine's path and no val_loss; its
+    folder there holds the best file when the checkpoint it resumed from is the best epoch's,
+    copied in as it starts (``stage.py``).
+    """
+    best, score = checkpoint.best_model_path, checkpoint.best_model_score
+    if not best or (Path(best).is_file() and score is not None):
+        return True
+    here = Path(checkpoint.dirpath) / Path(best).name
+    if not here.is_file():
+        return False
+    score = read_checkpoint(here)["callbacks"][checkpoint.state_key]["best_model_score"]
+    checkpoint.best_model_path = checkpoint.kth_best_model_path = str(here)
+    checkpoint.best_model_score = checkpoint.kth_value = score
+    checkpoint.best_k_models = {str(here): score}
+    return True
 
 
 class CommandSigtermHandler(L.Callback):

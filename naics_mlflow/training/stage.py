@@ -40,6 +40,7 @@ from naics_mlflow.training.callbacks import (
     StageProgressBar,
     StopLaunchedRanksFirst,
     TaxonomyEvaluation,
+    find_best_on_this_disk,
 )
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
 from naics_mlflow.training.mlflow_logging import (
@@ -157,8 +158,9 @@ def train_stage(
                 "val_protocol": validation_protocol(curriculum, config.data_loader.val_split),
             }
         )
-        if resume_checkpoint is not None:
-            _complete_folder_of_resumed_run(checkpoint, resume_checkpoint)
+        # With no epoch left to train, ForgetUnreachableBest did not run.
+        if resume_checkpoint is not None and not find_best_on_this_disk(checkpoint):
+            _keep_resumed_epoch_as_best(checkpoint, resume_checkpoint)
         best = Path(checkpoint.best_model_path)
         log_verified_checkpoint(run_id, best)
         log_verified_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)
@@ -314,6 +316,8 @@ def _fit(
         enable_model_summary=False,
         enable_progress_bar=on_terminal,
     )
+    if resume_checkpoint is not None and run_id is not None:
+        _copy_in_resumed_checkpoint(checkpoint, resume_checkpoint)
     with warnings.catch_warnings():
         # Lightning 2.6 builds torch's LeafSpec, which torch 2.13 marks deprecated: theirs to
         # fix, and it would greet every fit.
@@ -335,35 +339,57 @@ def _strategy(name: str) -> str | DDPStrategy:
     return DDPStrategy(find_unused_parameters=True) if name == "ddp" else name
 
 
-def _complete_folder_of_resumed_run(checkpoint: ModelCheckpoint, resumed: Path) -> None:
-    """Put in the checkpoint folder of a run resumed from ``resumed`` the ``last.ckpt`` and best
-    file it ends with, where it trained no epoch to write them.
+def _copy_in_resumed_checkpoint(checkpoint: ModelCheckpoint, resumed: Path) -> None:
+    """Copy the checkpoint a run resumes from into its checkpoint folder, where that holds no
+    copy (a run resumed on another machine): as its ``last.ckpt``, and under the best file's
+    name where it is the best epoch's, which its record tells.
 
-    That is a run stopped after its last epoch's upload but before it ended, resumed on another
-    machine: Lightning restores the record of the best epoch, with the other machine's path, and
-    trains nothing. The stage could never end; every retry failed to read that file. The epoch it
-    resumed from is its last, and is kept as its best.
+    The best file is uploaded only when a stage ends, so on another machine the best epoch
+    before the stop was lost; it is kept where the stop came after it and before a later epoch's
+    upload, as when a stage is stopped mid-epoch after a better one.
     """
     folder = Path(checkpoint.dirpath)
     folder.mkdir(parents=True, exist_ok=True)  # Lightning makes it at its first save
-    if not (folder / tracking.LAST_CHECKPOINT).is_file():
-        shutil.copyfile(resumed, folder / tracking.LAST_CHECKPOINT)
-    if Path(checkpoint.best_model_path).is_file():
-        return
     state = read_checkpoint(resumed)
-    score = state["callbacks"][checkpoint.state_key]["current_score"]  # the val_loss it holds
-    kept = Path(checkpoint.format_checkpoint_name({"epoch": state["epoch"], "val_loss": score}))
-    earlier_best = Path(checkpoint.best_model_path).name
-    if earlier_best != kept.name:
-        logger.warning(
-            "the best checkpoint before the interruption, %s, is not on this disk and the stage "
-            "had no epoch left to train; its last epoch, %s, is kept as its best",
-            earlier_best,
-            kept.name,
-        )
+    record = state["callbacks"][checkpoint.state_key]
+    names = [tracking.LAST_CHECKPOINT]
+    # No val_loss yet: an epoch that validated nothing (limit_val_batches=0).
+    if record["current_score"] is not None:
+        own_name = _epoch_file_name(checkpoint, state)
+        if Path(record["best_model_path"]).name == own_name:
+            names.append(own_name)
+    for name in names:
+        if not (folder / name).is_file():
+            shutil.copyfile(resumed, folder / name)
+
+
+def _epoch_file_name(checkpoint: ModelCheckpoint, state: dict[str, Any]) -> str:
+    """The name ``checkpoint`` gives the best file of the epoch a checkpoint ``state`` holds."""
+    score = state["callbacks"][checkpoint.state_key]["current_score"]  # that epoch's val_loss
+    return Path(
+        checkpoint.format_checkpoint_name({"epoch": state["epoch"], "val_loss": score})
+    ).name
+
+
+def _keep_resumed_epoch_as_best(checkpoint: ModelCheckpoint, resumed: Path) -> None:
+    """Keep the epoch a run resumed from as its best, where it trained no epoch and its best
+    before the stop is not on this disk.
+
+    That is a run stopped after its last epoch's upload but before it ended, resumed on another
+    machine: Lightning restores the record of the best epoch, with the other machine's path, and
+    trains nothing. The stage could never end; every retry failed to read that file.
+    """
+    state = read_checkpoint(resumed)
+    kept = Path(checkpoint.dirpath) / _epoch_file_name(checkpoint, state)
+    logger.warning(
+        "the best checkpoint before the interruption, %s, is not on this disk and the stage "
+        "had no epoch left to train; its last epoch, %s, is kept as its best",
+        Path(checkpoint.best_model_path).name,
+        kept.name,
+    )
     shutil.copyfile(resumed, kept)
     checkpoint.best_model_path = str(kept)
-    checkpoint.best_model_score = score
+    checkpoint.best_model_score = state["callbacks"][checkpoint.state_key]["current_score"]
 
 
 def _final_metrics(
