@@ -261,13 +261,13 @@ class ForgetUnreachableBest(L.Callback):
 
 
 def find_best_on_this_disk(checkpoint: ModelCheckpoint) -> bool:
-    """Whether the restored record of the best epoch names a file on this disk with its
-    val_loss, once pointed at the file of that name in the run's checkpoint folder, with the
-    val_loss that file records, where the record names another machine's.
+    """True where the restored record of the best epoch names a file on this disk and its
+    val_loss, if need be once pointed at the file of the same name in the run's checkpoint
+    folder, with the val_loss that file records; False where there is no such file.
 
-    A run resumed on another machine restores the first machine's path and no val_loss; its
-    folder there holds the best file when the checkpoint it resumed from is the best epoch's,
-    copied in as it starts (``stage.py``).
+    A run resumed on another machine restores the first machine's path and no val_loss. Its new
+    folder holds the best file when the checkpoint it resumed from is the best epoch's
+    (``stage.py`` copies it in as the run starts).
     """
     best, score = checkpoint.best_model_path, checkpoint.best_model_score
     if not best or (Path(best).is_file() and score is not None):
