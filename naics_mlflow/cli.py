@@ -408,12 +408,16 @@ def _print_summary(result) -> None:
     from naics_mlflow import tracking
 
     click.echo("")
-    click.echo(f"stage            {result.stage}")
-    click.echo(f"mlflow run       {result.run_id}  ({tracking.tracking_uri()})")
-    click.echo(f"best checkpoint  {result.best_checkpoint}")
-    click.echo(f"                 runs:/{result.run_id}/{tracking.CHECKPOINT_ARTIFACT_PATH}")
+    rows = {
+        "stage": result.stage,
+        "mlflow run": f"{result.run_id}  ({tracking.tracking_uri()})",
+        "best checkpoint": str(result.best_checkpoint),
+        "": f"runs:/{result.run_id}/{tracking.CHECKPOINT_ARTIFACT_PATH}",
+    }
     for name, value in result.metrics.items():
-        click.echo(f"{name:<16} {value:.4f}")
+        rows[name] = f"{value:.0f}" if name == "best/epoch" else f"{value:.4f}"
+    for name, value in rows.items():
+        click.echo(f"{name:<24} {value}")
 
 
 _BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -570,8 +574,8 @@ def runs(chain_name: str | None, stage: str | None) -> None:
                 run.info.status,
                 "-" if epoch is None else str(int(epoch) + 1),
                 _number(metrics.get("best_val_loss")),
-                _number(metrics.get("val/spearman")),
-                _number(metrics.get("val/ndcg_at_10")),
+                _number(metrics.get("best/val/spearman")),
+                _number(metrics.get("best/val/ndcg_at_10")),
                 f"runs:/{run.info.run_id}/{tracking.CHECKPOINT_ARTIFACT_PATH}"
                 if tags.get("best_checkpoint")
                 else "-",

@@ -114,8 +114,9 @@ def test_mlflow_run_chain_nests_three_stages(workdir):
     assert rates[:2] == ["0.001", "0.0005"]
     assert rates[2] == "0.001"  # no per-stage value: the base config's (tiny) learning rate
     first, second, third = children
-    # The chain's row in the UI shows its final stage's figures.
-    shown = ("best_val_loss", "val_loss", "val/spearman", "val/ndcg_at_10", "val/mean_distortion")
+    # The chain's row in the UI shows its final stage's summary: its best epoch's figures.
+    shown = ("best_val_loss", "best/epoch", "best/val/spearman", "best/val/ndcg_at_10")
+    shown += ("best/val/mean_distortion",)
     assert parent.data.metrics == {
         f"final_stage/{name}": third.data.metrics[name] for name in shown
     }
@@ -549,6 +550,10 @@ def test_a_stage_stopped_after_its_last_epoch_ends_on_another_machine(workdir):
         == f"02_stage-epoch=01-val_loss={last_val_loss:.4f}.ckpt"
     )
     assert resumed.data.metrics["best_val_loss"] == pytest.approx(last_val_loss)
+    # Its summary is that epoch's, read from the checkpoint: this run trained no epoch.
+    assert stopped.data.metrics["best/epoch"] == 0 and resumed.data.metrics["best/epoch"] == 1
+    last_spearman = client.get_metric_history(stopped.info.run_id, "val/spearman")[-1].value
+    assert resumed.data.metrics["best/val/spearman"] == pytest.approx(last_spearman)
     assert not client.get_metric_history(resumed.info.run_id, "epoch")  # nothing trained again
     assert _best_digest(workdir, resumed) == weights_digest(
         torch.load(last_logged, weights_only=True)["state_dict"]

@@ -127,6 +127,30 @@ def test_cli_run_is_tracked(cli_run):
     assert run.info.run_id in result.stdout and "best checkpoint" in result.stdout
 
 
+def test_a_stage_reports_the_figures_of_the_epoch_it_ships(cli_run):
+    """The run's summary (``best/...``, and the printed one) is its best epoch's, not its last's:
+    the weights a chain passes on and ships are that epoch's."""
+    workdir, client, _, run, result = cli_run
+    run_id = run.info.run_id
+    val_losses = client.get_metric_history(run_id, "val_loss")
+    best_epoch = min(range(len(val_losses)), key=lambda epoch: val_losses[epoch].value)
+    assert best_epoch < len(val_losses) - 1  # the seeded run's last epoch is not its best
+    step = val_losses[best_epoch].step
+    figures = {
+        name: next(m.value for m in client.get_metric_history(run_id, name) if m.step == step)
+        for name in ("val/spearman", "val/ndcg_at_10", "val/mean_distortion")
+    }
+    assert run.data.metrics["best/epoch"] == best_epoch
+    assert run.data.metrics["best_val_loss"] == pytest.approx(val_losses[best_epoch].value)
+    for name, value in figures.items():
+        assert run.data.metrics[f"best/{name}"] == pytest.approx(value)
+    printed = result.stdout.splitlines()
+    assert f"{'best/epoch':<24} {best_epoch}" in printed
+    assert f"{'best/val/spearman':<24} {figures['val/spearman']:.4f}" in printed
+    (listed,) = ok(run_cli(workdir, "runs", tracking_uri=None)).stdout.splitlines()[1:]
+    assert listed.split()[6:8] == [f"{figures[name]:.4f}" for name in list(figures)[:2]]
+
+
 def test_a_log_without_a_terminal_gets_one_line_per_epoch(cli_run):
     _, client, _, run, result = cli_run
     history = client.get_metric_history(run.info.run_id, "val_loss")
@@ -141,7 +165,7 @@ def test_a_log_without_a_terminal_gets_one_line_per_epoch(cli_run):
     assert "was configured so" not in result.stderr
     # No bar, nor a bar's last state, in a log; stdout holds the results alone.
     assert "it/s" not in result.stdout + result.stderr and "━" not in result.stdout
-    assert result.stdout.lstrip().startswith("stage            01_stage")
+    assert result.stdout.lstrip().startswith(f"{'stage':<24} 01_stage")
     assert f"stage 01_stage: MLflow run {run.info.run_id}" in result.stderr
 
 
@@ -190,7 +214,7 @@ def test_results_piped_from_a_terminal_get_no_bar_and_the_terminal_a_line_an_epo
     tmp_path, tiny_overrides
 ):
     screen, piped = _train_on_a_terminal(tmp_path, tiny_overrides, results="piped")
-    assert piped.lstrip().startswith("stage            01_stage")
+    assert piped.lstrip().startswith(f"{'stage':<24} 01_stage")
     assert "best checkpoint" in piped and "it/s" not in piped and "━" not in piped
     assert "stage 01_stage epoch 1/1: train_loss " in screen and "it/s" not in screen
 

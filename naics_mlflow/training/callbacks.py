@@ -8,6 +8,7 @@ import signal
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -102,11 +103,15 @@ class TaxonomyEvaluation(L.Callback):
     codes, and ``val_loss``, the fixed measure of ``data/validation.py`` that checkpoints and
     ``--from-checkpoint <stage>`` compare.
 
-    Keeps the sample's embeddings (``last_evaluated``) for the stage's Poincaré picture.
+    Keeps the sample's embeddings (``last_evaluated``) for the stage's Poincaré picture, and the
+    figures with the epoch they are of (``figures``) for every checkpoint: the best file then
+    carries its own epoch's figures (:func:`checkpoint_figures`), where the trainer's, once the
+    stage ends, are its last epoch's.
     """
 
     def __init__(self) -> None:
         self.last_evaluated: tuple[np.ndarray, torch.Tensor] | None = None
+        self.figures: dict[str, float] = {}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: NaicsEmbedder) -> None:
         if trainer.sanity_checking:
@@ -139,6 +144,24 @@ class TaxonomyEvaluation(L.Callback):
         pl_module.log_dict(metrics, sync_dist=True)
         pl_module.log("val_loss", val_loss, sync_dist=True, prog_bar=True)
         self.last_evaluated = (sample, embeddings_of(sample).cpu())
+        self.figures = {
+            **{name: float(value) for name, value in metrics.items()},
+            "val_loss": float(val_loss),
+            "epoch": float(trainer.current_epoch),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"figures": dict(self.figures)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.figures = dict(state_dict["figures"])
+
+
+def checkpoint_figures(path: Path) -> dict[str, float]:
+    """The validation figures of the epoch a checkpoint was saved at (``epoch``, ``val_loss``,
+    ``val/spearman``, ...); empty for a checkpoint written before they were recorded."""
+    state = read_checkpoint(path)["callbacks"].get(TaxonomyEvaluation.__qualname__, {})
+    return dict(state.get("figures", {}))
 
 
 class StagePictures(L.Callback):

@@ -24,9 +24,9 @@ from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weig
 from naics_mlflow.model.merged import inference_device
 from naics_mlflow.model.trained import load_embedder
 from naics_mlflow.serving import log_search_model
+from naics_mlflow.training.mlflow_logging import SUMMARY_METRICS
 from naics_mlflow.training.plan import ChainPlan
 from naics_mlflow.training.stage import (
-    SUMMARY_METRICS,
     StageResult,
     check_stage_can_start,
     run_checkpoint_dir,
@@ -220,13 +220,13 @@ def _record_chain(
         tracking.set_tags(
             {"final_stage": plan.stages[-1].curriculum.name, "final_run_id": final_run_id}
         )
-        # The chain's row in the MLflow UI then shows its final stage's figures, so that chains
-        # can be sorted and compared without unfolding each one.
+        # The chain's row in the MLflow UI then shows the figures of the weights it ships, so
+        # that chains can be sorted and compared without unfolding each one.
         final_metrics = tracking.get_run(final_run_id).data.metrics
         tracking.log_metrics(
             {
                 f"{FINAL_STAGE_PREFIX}{name}": final_metrics[name]
-                for name in ("best_val_loss", *SUMMARY_METRICS)
+                for name in SUMMARY_METRICS
                 if name in final_metrics
             }
         )

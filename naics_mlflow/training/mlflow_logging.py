@@ -8,12 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from naics_mlflow import tracking
 from naics_mlflow.model.checkpoint import read_checkpoint
+from naics_mlflow.training.callbacks import checkpoint_figures
+
+# A stage's summary is its best epoch's: the weights it ships and a chain passes on are that
+# epoch's, where the trainer's figures at the end are the last epoch's.
+BEST_EPOCH_FIGURES = ("epoch", "val/spearman", "val/ndcg_at_10", "val/mean_distortion")
+SUMMARY_METRICS = ("best_val_loss", *(f"best/{name}" for name in BEST_EPOCH_FIGURES))
 
 
 class MetricsLogger(Logger):
@@ -45,8 +51,9 @@ class MetricsLogger(Logger):
 
 
 class EpochEndRecord(Checkpoint):
-    """At every epoch end, log ``best_val_loss`` so far and upload ``last.ckpt``: a running or
-    interrupted run shows its best, and an interrupted one loses at most the epoch it was in.
+    """At every epoch end, log the best epoch's summary so far (``SUMMARY_METRICS``) and upload
+    ``last.ckpt``: a running or interrupted run shows its best, and an interrupted one loses at
+    most the epoch it was in.
 
     A :class:`Checkpoint` so that Lightning calls it after the other callbacks at an epoch's end,
     and after the ``ModelCheckpoint`` callbacks listed before it, which update the best and write
@@ -62,15 +69,11 @@ class EpochEndRecord(Checkpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        best = trainer.checkpoint_callback.best_model_score
-        if best is not None:
-            log_best_val_loss(self._run_id, float(best), trainer.global_step)
+        best = best_epoch_metrics(trainer.checkpoint_callback)
+        if best:
+            tracking.log_metric_batch(self._run_id, best, trainer.global_step)
         if self._last.is_file():
             log_verified_checkpoint(self._run_id, self._last)
-
-
-def log_best_val_loss(run_id: str, value: float, step: int) -> None:
-    tracking.log_metric_batch(run_id, {"best_val_loss": value}, step)
 
 
 def log_verified_checkpoint(run_id: str, path: Path) -> None:
@@ -79,3 +82,16 @@ def log_verified_checkpoint(run_id: str, path: Path) -> None:
     renames)."""
     read_checkpoint(path)
     tracking.log_checkpoint(run_id, path)
+
+
+def best_epoch_metrics(checkpoint: ModelCheckpoint) -> dict[str, float]:
+    """``SUMMARY_METRICS`` of the best epoch so far: its ``val_loss`` and, where its file records
+    them, its figures (``best/val/spearman``, ...); empty before there is a best."""
+    if checkpoint.best_model_score is None:
+        return {}
+    figures = checkpoint_figures(Path(checkpoint.best_model_path))
+    metrics = {"best_val_loss": float(checkpoint.best_model_score)}
+    metrics.update(
+        {f"best/{name}": figures[name] for name in BEST_EPOCH_FIGURES if name in figures}
+    )
+    return metrics

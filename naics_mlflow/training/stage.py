@@ -46,7 +46,7 @@ from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
 from naics_mlflow.training.mlflow_logging import (
     EpochEndRecord,
     MetricsLogger,
-    log_best_val_loss,
+    best_epoch_metrics,
     log_verified_checkpoint,
 )
 
@@ -54,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 _HALF_PRECISIONS = {"16-mixed", "16", "16-true", "bf16-mixed", "bf16", "bf16-true"}
 CHECKPOINT_FOLDER_TAG = "checkpoint_folder"
-SUMMARY_METRICS = ("val_loss", "val/spearman", "val/ndcg_at_10", "val/mean_distortion")
 
 
 def resolve_precision(requested: str | int, accelerator: str) -> str:
@@ -164,10 +163,10 @@ def train_stage(
         best = Path(checkpoint.best_model_path)
         log_verified_checkpoint(run_id, best)
         log_verified_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)
-        metrics = _final_metrics(trainer.callback_metrics, checkpoint)
+        metrics = best_epoch_metrics(checkpoint)
         tracking.set_tags({"best_checkpoint": best.name})
         # Again at the end, for a resumed run that had no epoch left to train.
-        log_best_val_loss(run_id, metrics["best_val_loss"], trainer.global_step)
+        tracking.log_metric_batch(run_id, metrics, trainer.global_step)
     return StageResult(
         run_id=run_id,
         stage=curriculum.name,
@@ -390,13 +389,3 @@ def _keep_resumed_epoch_as_best(checkpoint: ModelCheckpoint, resumed: Path) -> N
     shutil.copyfile(resumed, kept)
     checkpoint.best_model_path = str(kept)
     checkpoint.best_model_score = state["callbacks"][checkpoint.state_key]["current_score"]
-
-
-def _final_metrics(
-    callback_metrics: dict[str, Any], checkpoint: ModelCheckpoint
-) -> dict[str, float]:
-    metrics = {
-        name: float(callback_metrics[name]) for name in SUMMARY_METRICS if name in callback_metrics
-    }
-    metrics["best_val_loss"] = float(checkpoint.best_model_score)
-    return metrics
