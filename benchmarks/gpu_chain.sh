@@ -51,6 +51,12 @@ summary = [
         "status": run.info.status,
         "seconds": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
         "epochs_logged": len(client.get_metric_history(run.info.run_id, "val_loss")),
+        # A stage's (a chain's: final_stage/...) best epoch: the figures stages are compared by.
+        "best": {
+            name: value
+            for name, value in run.data.metrics.items()
+            if "best_val_loss" in name or "best/" in name
+        },
     }
     for run in sorted(runs, key=lambda run: run.info.start_time)
 ]
