@@ -423,6 +423,14 @@ def _print_summary(result) -> None:
 _BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
+# Each stage's line at a chain's end: its best epoch's, as `runs` lists them.
+_CHAIN_SUMMARY_FIGURES = (
+    ("best_val_loss", "best_val_loss"),
+    ("spearman", "best/val/spearman"),
+    ("ndcg_at_10", "best/val/ndcg_at_10"),
+)
+
+
 @main.command("train-curriculum")
 @click.option(
     "--curricula",
@@ -525,10 +533,12 @@ def train_curriculum(
         if stage_result is None:
             click.echo(f"{stage.curriculum.name:<16} reused from an earlier run")
         else:
-            loss = stage_result.metrics["best_val_loss"]
-            click.echo(
-                f"{stage.curriculum.name:<16} run {stage_result.run_id}  best_val_loss {loss:.4f}"
+            figures = "  ".join(
+                f"{label} {stage_result.metrics[name]:.4f}"
+                for label, name in _CHAIN_SUMMARY_FIGURES
+                if name in stage_result.metrics
             )
+            click.echo(f"{stage.curriculum.name:<16} run {stage_result.run_id}  {figures}")
     click.echo(f"final checkpoint runs:/{result.final_run_id}/{tracking.CHECKPOINT_ARTIFACT_PATH}")
 
 

@@ -152,12 +152,19 @@ def test_command_line_overrides_beat_chain_values_and_runs_lists_the_stage(workd
         "chain_one",
         "  - name: 01_stage\n    max_epochs: 3\n    overrides:\n      data_loader.batch_size: 32\n",
     )
-    ok(
+    trained = ok(
         run_cli(
             workdir, "train-curriculum", "--chain", "chain_one", "training.trainer.max_epochs=1"
         )
     )
     (child,) = _runs(workdir, "tags.stage = '01_stage'")
+    # The chain's last lines give each stage's best epoch's figures.
+    best = {name: child.data.metrics[f"best/val/{name}"] for name in ("spearman", "ndcg_at_10")}
+    assert (
+        f"01_stage         run {child.info.run_id}  best_val_loss "
+        f"{child.data.metrics['best_val_loss']:.4f}  spearman {best['spearman']:.4f}  "
+        f"ndcg_at_10 {best['ndcg_at_10']:.4f}"
+    ) in trained.stdout.splitlines()
     assert child.data.params["training.trainer.max_epochs"] == "1"
     assert child.data.params["data_loader.batch_size"] == "32"
 
