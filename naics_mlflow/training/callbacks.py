@@ -160,6 +160,7 @@ class TaxonomyEvaluation(L.Callback):
 def checkpoint_figures(path: Path) -> dict[str, float]:
     """The validation figures of the epoch a checkpoint was saved at (``epoch``, ``val_loss``,
     ``val/spearman``, ...); empty for a checkpoint written before they were recorded."""
+    # Lightning files a callback's state under its class's qualified name (``state_key``).
     state = read_checkpoint(path)["callbacks"].get(TaxonomyEvaluation.__qualname__, {})
     return dict(state.get("figures", {}))
 
