@@ -423,8 +423,8 @@ def _print_summary(result) -> None:
 _BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
-# Each stage's line at a chain's end: its best epoch's, as `runs` lists them.
-_CHAIN_SUMMARY_FIGURES = (
+# A stage's figures as the `runs` table and a chain's closing lines give them: its best epoch's.
+_BEST_EPOCH_COLUMNS = (
     ("best_val_loss", "best_val_loss"),
     ("spearman", "best/val/spearman"),
     ("ndcg_at_10", "best/val/ndcg_at_10"),
@@ -535,7 +535,7 @@ def train_curriculum(
         else:
             figures = "  ".join(
                 f"{label} {stage_result.metrics[name]:.4f}"
-                for label, name in _CHAIN_SUMMARY_FIGURES
+                for label, name in _BEST_EPOCH_COLUMNS
                 if name in stage_result.metrics
             )
             click.echo(f"{stage.curriculum.name:<16} run {stage_result.run_id}  {figures}")
@@ -567,9 +567,7 @@ def runs(chain_name: str | None, stage: str | None) -> None:
         "parent",
         "status",
         "epochs",
-        "best_val_loss",
-        "spearman",
-        "ndcg_at_10",
+        *(label for label, _ in _BEST_EPOCH_COLUMNS),
         "checkpoint",
     ]
     rows = []
@@ -583,9 +581,7 @@ def runs(chain_name: str | None, stage: str | None) -> None:
                 tags.get("mlflow.parentRunId", "")[:12] or "-",
                 run.info.status,
                 "-" if epoch is None else str(int(epoch) + 1),
-                _number(metrics.get("best_val_loss")),
-                _number(metrics.get("best/val/spearman")),
-                _number(metrics.get("best/val/ndcg_at_10")),
+                *(_number(metrics.get(name)) for _, name in _BEST_EPOCH_COLUMNS),
                 f"runs:/{run.info.run_id}/{tracking.CHECKPOINT_ARTIFACT_PATH}"
                 if tags.get("best_checkpoint")
                 else "-",
