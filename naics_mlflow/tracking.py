@@ -14,9 +14,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -42,6 +44,10 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 LOCAL_ARTIFACT_DIR = "mlartifacts"
 CHECKPOINT_ARTIFACT_PATH = "ckpt"
 LAST_CHECKPOINT = "last.ckpt"
+# A running stage's best epoch while a later, worse one is its last.ckpt: what a resume on
+# another machine needs, since ckpt/ gets the best file only when the stage ends.
+BEST_SO_FAR_ARTIFACT_PATH = "resume"
+BEST_SO_FAR = "best.ckpt"
 # Shown by the MLflow UI as a model-development experiment (runs first, not traces).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -466,6 +472,29 @@ def log_file_to_run(run_id: str, path: Path, artifact_path: str) -> None:
 
 def log_checkpoint(run_id: str, path: Path) -> None:
     log_file_to_run(run_id, path, CHECKPOINT_ARTIFACT_PATH)
+
+
+def log_best_so_far(run_id: str, path: Path) -> None:
+    """Upload ``path`` as the run's ``resume/best.ckpt``, over the one before: one file a run,
+    however often its best changes."""
+    with tempfile.TemporaryDirectory(prefix="naics-best-") as folder:
+        named = Path(folder) / BEST_SO_FAR
+        shutil.copyfile(path, named)
+        log_file_to_run(run_id, named, BEST_SO_FAR_ARTIFACT_PATH)
+
+
+def download_best_so_far(run_id: str, download_dir: Path) -> Path | None:
+    """The run's ``resume/best.ckpt``, downloaded into ``download_dir``; None where it logged
+    none (its best was always its last epoch, or it ran before such files were logged)."""
+    logged = f"{BEST_SO_FAR_ARTIFACT_PATH}/{BEST_SO_FAR}"
+    listed = MlflowClient().list_artifacts(run_id, BEST_SO_FAR_ARTIFACT_PATH)
+    if not any(artifact.path == logged for artifact in listed):
+        return None
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=logged, dst_path=str(download_dir)
+        )
+    )
 
 
 def log_metric_batch(run_id: str, metrics: Mapping[str, float], step: int) -> None:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import openpyxl
 import pytest
@@ -489,32 +490,30 @@ def test_a_killed_stage_resumes_on_another_machine_from_its_last_epoch(workdir):
     shutil.rmtree(workdir / "checkpoints")
     resumed_there = ok(run_cli(workdir, "train-curriculum", "--chain", "chain_moved", *moved))
     assert len(_runs(workdir, "tags.role = 'chain'")) == 1  # the same chain, not a new one
-    # The best epoch before the stop is kept where the store's last.ckpt is that epoch's, as
-    # when the stop lands in the epoch after a better one; else the move costs it, said in one
-    # line of its own (Lightning's warning is not repeated).
+    # The best epoch before the stop is kept: the store's last.ckpt where that is its epoch,
+    # else resume/best.ckpt. (Lightning's warning about the moved folder is not repeated.)
     state = torch.load(logged, map_location="cpu", weights_only=True)
     (record,) = (r for r in state["callbacks"].values() if r.get("monitor") == "val_loss")
-    best_was_last = bool(record["best_model_score"] == record["current_score"])
-    forgotten = "came without its val_loss (another checkpoint folder)" in resumed_there.stderr
-    assert forgotten is not best_was_last
+    assert "came without its val_loss" not in resumed_there.stderr
     assert "dirpath has changed" not in resumed_there.stderr
     _, resumed = _stage_runs(workdir, "02_stage")
     assert resumed.data.tags["resumed_from"] == killed.info.run_id
     assert resumed.info.status == "FINISHED"
     epochs = [m.value for m in _client(workdir).get_metric_history(resumed.info.run_id, "epoch")]
     assert min(epochs) >= 1 and max(epochs) == 5
-    if best_was_last:
-        assert resumed.data.metrics["best_val_loss"] <= float(record["best_model_score"]) + 1e-6
+    assert resumed.data.metrics["best_val_loss"] <= float(record["best_model_score"]) + 1e-6
 
 
-def test_a_stage_stopped_after_its_last_epoch_ends_on_another_machine(workdir):
+@pytest.mark.parametrize("best_so_far_logged", [True, False], ids=["today", "older-run"])
+def test_a_stage_stopped_after_its_last_epoch_ends_on_another_machine(workdir, best_so_far_logged):
     """Each epoch writes last.ckpt, the best one or not: Lightning 2.6 wrote it only with a new
     best, and a stopped stage repeated every epoch since its best.
 
     A run stopped after its last epoch's last.ckpt was uploaded, but before it ended, has no
     epoch left to train when resumed; on another machine its best file is not on the disk. The
-    resumed run keeps the epoch it resumed from as its best, where it failed on every retry
-    naming the other machine's file."""
+    resumed run keeps the best epoch the interrupted run logged as ``resume/best.ckpt``; a run
+    logged before that file was (``older-run``) keeps the epoch it resumed from, where it failed
+    on every retry naming the other machine's file."""
     # A learning rate too small to change a weight: the second epoch's val_loss is no better,
     # so the stage's best is its first epoch, not the one it resumes from.
     _write_chain(
@@ -530,7 +529,8 @@ def test_a_stage_stopped_after_its_last_epoch_ends_on_another_machine(workdir):
         stopped.info.run_id, f"ckpt/{tracking.LAST_CHECKPOINT}", str(workdir / "dl")
     )
     # Its last.ckpt is its last epoch's, though that epoch was not its best.
-    assert stopped.data.tags["best_checkpoint"].startswith("02_stage-epoch=00")
+    best_before = stopped.data.tags["best_checkpoint"]
+    assert best_before.startswith("02_stage-epoch=00")
     assert torch.load(last_logged, weights_only=True)["epoch"] == 1
     # What such a stop leaves in the store: the stage's and the chain's runs KILLED, the last
     # epoch's last.ckpt logged, no best checkpoint named.
@@ -538,6 +538,8 @@ def test_a_stage_stopped_after_its_last_epoch_ends_on_another_machine(workdir):
     for run in (stopped, *_runs(workdir, "tags.role = 'chain'")):
         client.set_terminated(run.info.run_id, "KILLED")
     shutil.rmtree(workdir / "checkpoints")
+    if not best_so_far_logged:
+        shutil.rmtree(Path(urlparse(stopped.info.artifact_uri).path) / "resume")
 
     elsewhere = workdir / "machine_b"
     moved = [f"dirs.checkpoints={elsewhere / 'checkpoints'}", f"dirs.outputs={elsewhere / 'out'}"]
@@ -545,25 +547,34 @@ def test_a_stage_stopped_after_its_last_epoch_ends_on_another_machine(workdir):
     _, resumed = _stage_runs(workdir, "02_stage")
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["resumed_from"] == stopped.info.run_id
-    last_val_loss = client.get_metric_history(stopped.info.run_id, "val_loss")[-1].value
-    # Said in one line where the epoch kept is not the best before the stop.
-    best_before = stopped.data.tags["best_checkpoint"]
-    assert (
-        f"the best checkpoint before the interruption, {best_before}, is not on this disk"
-        in resumed_there.stderr
-    )
-    assert (
-        resumed.data.tags["best_checkpoint"]
-        == f"02_stage-epoch=01-val_loss={last_val_loss:.4f}.ckpt"
-    )
-    assert resumed.data.metrics["best_val_loss"] == pytest.approx(last_val_loss)
-    # Its summary is that epoch's, read from the checkpoint: this run trained no epoch.
-    assert stopped.data.metrics["best/epoch"] == 0 and resumed.data.metrics["best/epoch"] == 1
-    last_spearman = client.get_metric_history(stopped.info.run_id, "val/spearman")[-1].value
-    assert resumed.data.metrics["best/val/spearman"] == pytest.approx(last_spearman)
     assert not client.get_metric_history(resumed.info.run_id, "epoch")  # nothing trained again
-    assert _best_digest(workdir, resumed) == weights_digest(
-        torch.load(last_logged, weights_only=True)["state_dict"]
+    history = {
+        name: client.get_metric_history(stopped.info.run_id, name)
+        for name in ("val_loss", "val/spearman")
+    }
+    not_on_disk = f"the best checkpoint before the interruption, {best_before}, is not on this disk"
+    if best_so_far_logged:
+        kept_epoch, kept_weights = 0, _best_digest(workdir, stopped)  # its tag read before
+        assert resumed.data.tags["best_checkpoint"] == best_before
+        assert not_on_disk not in resumed_there.stderr
+    else:
+        # Said in one line where the epoch kept is not the best before the stop.
+        kept_epoch = 1
+        kept_weights = weights_digest(torch.load(last_logged, weights_only=True)["state_dict"])
+        assert not_on_disk in resumed_there.stderr
+        assert (
+            resumed.data.tags["best_checkpoint"]
+            == f"02_stage-epoch=01-val_loss={history['val_loss'][1].value:.4f}.ckpt"
+        )
+    assert _best_digest(workdir, resumed) == kept_weights
+    assert resumed.data.metrics["best_val_loss"] == pytest.approx(
+        history["val_loss"][kept_epoch].value
+    )
+    # Its summary is that epoch's, read from the checkpoint: this run trained no epoch.
+    assert stopped.data.metrics["best/epoch"] == 0
+    assert resumed.data.metrics["best/epoch"] == kept_epoch
+    assert resumed.data.metrics["best/val/spearman"] == pytest.approx(
+        history["val/spearman"][kept_epoch].value
     )
 
 

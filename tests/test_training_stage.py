@@ -38,7 +38,12 @@ from naics_mlflow.data.tokenization import (
     tokenize_queries,
     truncated_queries,
 )
-from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weights_only_copy
+from naics_mlflow.model.checkpoint import (
+    CheckpointError,
+    read_checkpoint,
+    weights_digest,
+    weights_only_copy,
+)
 from naics_mlflow.model.loading import load_trainable_weights
 from naics_mlflow.model.lorentz import (
     distance_to_origin,
@@ -242,6 +247,10 @@ def test_data_built_by_other_code_is_named_once_a_command(tmp_path, data_dir, ti
     assert (result.stdout + result.stderr).count(said) == 1
 
 
+def _weights(path: str | Path) -> str:
+    return weights_digest(read_checkpoint(Path(path))["state_dict"])
+
+
 def test_cli_run_logs_checkpoints_config_and_tensorboard(cli_run):
     workdir, client, _, run, _ = cli_run
     checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "ckpt")}
@@ -257,6 +266,16 @@ def test_cli_run_logs_checkpoints_config_and_tensorboard(cli_run):
     assert all(size > 10_000 for size in pictures.values())
     assert list((workdir / "mlartifacts").rglob("last.ckpt"))
     assert list((workdir / "outputs").rglob("events.out.tfevents.*"))
+    # Its best epoch was followed by a worse one, which went to the store as last.ckpt: the best
+    # went there too, for a resume on another machine, before the stage ended.
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "resume")} == {
+        "resume/best.ckpt"
+    }
+    best_so_far = client.download_artifacts(
+        run.info.run_id, "resume/best.ckpt", str(workdir / "dl")
+    )
+    logged_best = client.download_artifacts(run.info.run_id, f"ckpt/{best}", str(workdir / "dl"))
+    assert _weights(best_so_far) == _weights(logged_best) != _weights(local[0].parent / "last.ckpt")
 
 
 def test_logged_checkpoint_reloads_to_the_same_embeddings(

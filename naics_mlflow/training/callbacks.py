@@ -254,9 +254,8 @@ class ForgetUnreachableBest(L.Callback):
     (:func:`find_best_on_this_disk`), or forget it where there is none.
 
     Resuming restores the checkpoint callback's record of the best epoch, but its file may be
-    gone: the run may resume on another machine (``last.ckpt`` comes from the store, the best
-    file is uploaded only when the stage ends), or the process may have died between saving a
-    better epoch (which deletes the previous best) and uploading ``last.ckpt``. And Lightning
+    gone: a run resumed on another machine finds it only where the interrupted run logged it
+    (``resume/best.ckpt``, logged since 2026-12-06, or ``last.ckpt`` itself), and Lightning
     restores the record's val_loss only when the checkpoint folder is the interrupted run's.
     Keeping such a record would end the stage naming a file that does not exist, or one that
     cannot be compared; forgetting it lets the resumed epochs choose a best that does.
@@ -290,8 +289,9 @@ def find_best_on_this_disk(checkpoint: ModelCheckpoint) -> bool:
     folder, with the val_loss that file records; False where there is no such file.
 
     A run resumed on another machine restores the first machine's path and no val_loss. Its new
-    folder holds the best file when the checkpoint it resumed from is the best epoch's
-    (``stage.py`` copies it in as the run starts).
+    folder holds the best file when the checkpoint it resumed from is the best epoch's, or when
+    the interrupted run logged that epoch as ``resume/best.ckpt`` (``stage.py`` puts it there as
+    the run starts).
     """
     best, score = checkpoint.best_model_path, checkpoint.best_model_score
     if not best or (Path(best).is_file() and score is not None):

@@ -53,7 +53,9 @@ class MetricsLogger(Logger):
 class EpochEndRecord(Checkpoint):
     """At every epoch end, log the best epoch's summary so far (``SUMMARY_METRICS``) and upload
     ``last.ckpt``: a running or interrupted run shows its best, and an interrupted one loses at
-    most the epoch it was in.
+    most the epoch it was in. Where the best epoch is an earlier one, upload it first as
+    ``resume/best.ckpt``: a run resumed on another machine then keeps it, where it used to keep
+    only the best of the epochs it trained itself.
 
     A :class:`Checkpoint` so that Lightning calls it after the other callbacks at an epoch's end,
     and after the ``ModelCheckpoint`` callbacks listed before it, which update the best and write
@@ -65,6 +67,7 @@ class EpochEndRecord(Checkpoint):
     def __init__(self, run_id: str, checkpoint_dir: Path) -> None:
         self._run_id = run_id
         self._last = checkpoint_dir / tracking.LAST_CHECKPOINT
+        self._best_so_far_logged = ""  # the best file last uploaded as resume/best.ckpt
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -72,8 +75,21 @@ class EpochEndRecord(Checkpoint):
         best = best_epoch_metrics(trainer.checkpoint_callback)
         if best:
             tracking.log_metric_batch(self._run_id, best, trainer.global_step)
+        # Before last.ckpt: the store then never holds a last.ckpt past the best epoch without
+        # that epoch's file, whenever the process stops.
+        self._log_best_so_far(Path(trainer.checkpoint_callback.best_model_path), trainer)
         if self._last.is_file():
             log_verified_checkpoint(self._run_id, self._last)
+
+    def _log_best_so_far(self, best: Path, trainer: L.Trainer) -> None:
+        """Upload ``best`` as ``resume/best.ckpt`` unless it is there already or it is the
+        epoch just saved (``last.ckpt`` holds that epoch)."""
+        if not best.is_file() or str(best) == self._best_so_far_logged:
+            return
+        if read_checkpoint(best)["global_step"] == trainer.global_step:
+            return
+        tracking.log_best_so_far(self._run_id, best)
+        self._best_so_far_logged = str(best)
 
 
 def log_verified_checkpoint(run_id: str, path: Path) -> None:

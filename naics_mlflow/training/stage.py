@@ -27,7 +27,7 @@ from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.validation import validation_protocol
 from naics_mlflow.distributed import is_global_zero
 from naics_mlflow.errors import UserError
-from naics_mlflow.model.checkpoint import read_checkpoint, weights_digest
+from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weights_digest
 from naics_mlflow.model.loading import load_trainable_weights
 from naics_mlflow.model.module import NaicsEmbedder
 from naics_mlflow.training.callbacks import (
@@ -147,7 +147,14 @@ def train_stage(
         tracking.log_params({f"curriculum.{k}": v for k, v in asdict(curriculum).items()})
         tracking.log_dict(config.to_dict(), "config.yaml")
         trainer, checkpoint = _fit(
-            config, module, datamodule, run_group, checkpoint_dir, run_id, resume_checkpoint
+            config,
+            module,
+            datamodule,
+            run_group,
+            checkpoint_dir,
+            run_id,
+            resume_checkpoint,
+            resumed_run_id=resumed_run_id,
         )
         # What makes this run's val_loss comparable with another's (tracking.best_run_of_stage);
         # the data is built by the time fitting ends.
@@ -250,8 +257,11 @@ def _fit(
     checkpoint_dir: Path,
     run_id: str | None,
     resume_checkpoint: Path | None,
+    *,
+    resumed_run_id: str | None = None,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
-    """The configured Trainer, fitted; with a ``run_id`` (rank 0) it logs to that run."""
+    """The configured Trainer, fitted; with a ``run_id`` (rank 0) it logs to that run, and
+    where it continues run ``resumed_run_id`` it first fetches what that one left."""
     name = datamodule.curriculum.name
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir,
@@ -315,8 +325,8 @@ def _fit(
         enable_model_summary=False,
         enable_progress_bar=on_terminal,
     )
-    if resume_checkpoint is not None and run_id is not None:
-        _copy_in_resumed_checkpoint(checkpoint, resume_checkpoint)
+    if resume_checkpoint is not None and resumed_run_id is not None:
+        _copy_in_resumed_checkpoint(checkpoint, resume_checkpoint, resumed_run_id)
     with warnings.catch_warnings():
         # Lightning 2.6 builds torch's LeafSpec, which torch 2.13 marks deprecated: theirs to
         # fix, and it would greet every fit.
@@ -338,28 +348,45 @@ def _strategy(name: str) -> str | DDPStrategy:
     return DDPStrategy(find_unused_parameters=True) if name == "ddp" else name
 
 
-def _copy_in_resumed_checkpoint(checkpoint: ModelCheckpoint, resumed: Path) -> None:
-    """Copy the checkpoint a run resumes from into its checkpoint folder, where that holds no
-    copy (a run resumed on another machine): as its ``last.ckpt``, and under the best file's
-    name where it is the best epoch's, which its record tells.
-
-    The best file is uploaded only when a stage ends, so on another machine the best epoch
-    before the stop was lost; it is kept where the stop came after it and before a later epoch's
-    upload, as when a stage is stopped mid-epoch after a better one.
-    """
+def _copy_in_resumed_checkpoint(
+    checkpoint: ModelCheckpoint, resumed: Path, resumed_run_id: str
+) -> None:
+    """Put the checkpoints a run resumes from into its checkpoint folder, where that holds no
+    copy (a run resumed on another machine): the one it resumes from as its ``last.ckpt``, and
+    the best epoch's file under its name, which that one's record tells: the same file where the
+    best epoch is its own, else the interrupted run's ``resume/best.ckpt``."""
     folder = Path(checkpoint.dirpath)
     folder.mkdir(parents=True, exist_ok=True)  # Lightning makes it at its first save
     state = read_checkpoint(resumed)
-    record = state["callbacks"][checkpoint.state_key]
-    names = [tracking.LAST_CHECKPOINT]
-    # No val_loss yet: an epoch that validated nothing (limit_val_batches=0).
-    if record["current_score"] is not None:
-        own_name = _epoch_file_name(checkpoint, state)
-        if Path(record["best_model_path"]).name == own_name:
-            names.append(own_name)
-    for name in names:
-        if not (folder / name).is_file():
-            shutil.copyfile(resumed, folder / name)
+    best_name = Path(state["callbacks"][checkpoint.state_key]["best_model_path"]).name
+    if not (folder / tracking.LAST_CHECKPOINT).is_file():
+        shutil.copyfile(resumed, folder / tracking.LAST_CHECKPOINT)
+    # No best yet: an epoch that validated nothing (limit_val_batches=0).
+    if not best_name or (folder / best_name).is_file():
+        return
+    if best_name == _epoch_file_name(checkpoint, state):
+        shutil.copyfile(resumed, folder / best_name)
+    else:
+        _fetch_best_so_far(checkpoint, resumed_run_id, best_name)
+
+
+def _fetch_best_so_far(checkpoint: ModelCheckpoint, run_id: str, best_name: str) -> None:
+    """Download run ``run_id``'s ``resume/best.ckpt`` into the checkpoint folder as
+    ``best_name``, where it is that file: whole, and named so by its own record. Where it is
+    not (a run logged before such files were, a stop during its upload), nothing is kept and
+    :class:`ForgetUnreachableBest` says what that costs."""
+    folder = Path(checkpoint.dirpath)
+    with tempfile.TemporaryDirectory(prefix="naics-best-") as download_dir:
+        downloaded = tracking.download_best_so_far(run_id, Path(download_dir))
+        if downloaded is None:
+            return
+        try:
+            record = read_checkpoint(downloaded)["callbacks"][checkpoint.state_key]
+        except CheckpointError as exc:
+            logger.warning("run %s: its best epoch cannot be kept: %s", run_id, exc)
+            return
+        if Path(record["best_model_path"]).name == best_name:
+            shutil.copyfile(downloaded, folder / best_name)
 
 
 def _epoch_file_name(checkpoint: ModelCheckpoint, state: dict[str, Any]) -> str:
@@ -375,8 +402,9 @@ def _keep_resumed_epoch_as_best(checkpoint: ModelCheckpoint, resumed: Path) -> N
     before the stop is not on this disk.
 
     That is a run stopped after its last epoch's upload but before it ended, resumed on another
-    machine: Lightning restores the record of the best epoch, with the other machine's path, and
-    trains nothing. The stage could never end; every retry failed to read that file.
+    machine, where its best file was not logged (a run from before ``resume/best.ckpt``):
+    Lightning restores the record of the best epoch, with the other machine's path, and trains
+    nothing. The stage could never end; every retry failed to read that file.
     """
     state = read_checkpoint(resumed)
     kept = Path(checkpoint.dirpath) / _epoch_file_name(checkpoint, state)
