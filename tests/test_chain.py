@@ -557,6 +557,8 @@ def test_a_stage_stopped_after_its_last_epoch_ends_on_another_machine(workdir, b
         kept_epoch, kept_weights = 0, _best_digest(workdir, stopped)  # its tag read before
         assert resumed.data.tags["best_checkpoint"] == best_before
         assert not_on_disk not in resumed_there.stderr
+        said = f"the best epoch before the interruption, {best_before}, is kept"
+        assert said in resumed_there.stderr
     else:
         # Said in one line where the epoch kept is not the best before the stop.
         kept_epoch = 1

@@ -387,6 +387,7 @@ def _fetch_best_so_far(checkpoint: ModelCheckpoint, run_id: str, best_name: str)
             return
         if Path(record["best_model_path"]).name == best_name:
             shutil.copyfile(downloaded, folder / best_name)
+            logger.info("the best epoch before the interruption, %s, is kept", best_name)
 
 
 def _epoch_file_name(checkpoint: ModelCheckpoint, state: dict[str, Any]) -> str:
