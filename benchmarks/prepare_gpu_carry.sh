@@ -71,4 +71,12 @@ EOF
 cp "$RAW_DIR"/* "$CARRY/naics2022/"
 cp "$UNSEEN" "$CARRY/eval/"
 du -sh "$CARRY"/*
-echo "carried with the working tree: $(du -cb "$CARRY" $(git ls-files) | tail -1 | cut -f1) bytes of 67108864"
+# The device refuses a call whose tree and carried folders pass 64 MiB: better said here, before
+# a machine is started for it.
+carried=$(du -cb "$CARRY" $(git ls-files) | tail -1 | cut -f1)
+echo "carried with the working tree: $carried bytes of 67108864"
+if ((carried > 67108864)); then
+  echo "error: $CARRY and the working tree come to $carried bytes, over the device's 64 MiB;" \
+    "carry less (a wheel the image has, or smaller tracked files)" >&2
+  exit 1
+fi
