@@ -71,8 +71,10 @@ def search_settings(
 def _with_trained_adapters(overrides, taxonomy):
     """A tiny model whose four adapters each hold different, non-zero weights, and its tokens."""
     config = load_config(CONFIG, overrides)
-    module = NaicsEmbedder(config.to_dict()).eval()
+    # Seeded before the model is built: its head's initial weights otherwise came from whatever
+    # the worker's earlier tests left in torch's generator.
     torch.manual_seed(1)
+    module = NaicsEmbedder(config.to_dict()).eval()
     with torch.no_grad():
         for name, parameter in module.encoder.backbone.named_parameters():
             if "lora_B" in name:
@@ -686,9 +688,10 @@ def test_codes_with_equal_scores_come_in_taxonomy_order(trained_adapters, taxono
     (found,) = engine.search(["soybean farming"], top_k=1, level=5)
     rows = engine.candidates(5)
     best = taxonomy.codes.index(found[0].code)
-    # Three other industries, before and after it in taxonomy order, embedded as it is.
-    alike = [row for row in (rows[0], rows[len(rows) // 2], rows[-1]) if row != best]
-    assert len(alike) == 3
+    # Three other industries, spread over taxonomy order, embedded as it is. Whichever code the
+    # tiny model finds (Soybean Farming itself, the first, in one CI run), three others.
+    others = rows[rows != best]
+    alike = [others[0], others[len(others) // 2], others[-1]]
     engine.code_embeddings[alike] = engine.code_embeddings[best].clone()
     (matches,) = engine.search(["soybean farming"], top_k=5, level=5)
     assert [match.margin for match in matches[:3]] == [0.0, 0.0, 0.0]
