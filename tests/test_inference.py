@@ -71,7 +71,7 @@ def search_settings(
 def _with_trained_adapters(overrides, taxonomy):
     """A tiny model whose four adapters each hold different, non-zero weights, and its tokens."""
     config = load_config(CONFIG, overrides)
-    # Seeded before the model is built: its head's initial weights otherwise came from whatever
+    # Seeded before the model is built: its random initial weights otherwise came from whatever
     # the worker's earlier tests left in torch's generator.
     torch.manual_seed(1)
     module = NaicsEmbedder(config.to_dict()).eval()
