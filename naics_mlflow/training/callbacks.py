@@ -148,6 +148,7 @@ class TaxonomyEvaluation(L.Callback):
             **{name: float(value) for name, value in metrics.items()},
             "val_loss": float(val_loss),
             "epoch": float(trainer.current_epoch),
+            "step": float(trainer.global_step),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -158,8 +159,9 @@ class TaxonomyEvaluation(L.Callback):
 
 
 def checkpoint_figures(path: Path) -> dict[str, float]:
-    """The validation figures of the epoch a checkpoint was saved at (``epoch``, ``val_loss``,
-    ``val/spearman``, ...); empty for a checkpoint written before they were recorded."""
+    """The validation figures of the epoch a checkpoint was saved at (``epoch``, ``step``,
+    ``val_loss``, ``val/spearman``, ...); empty for a checkpoint written before they were
+    recorded (``step`` since 2026-12-06)."""
     # Lightning files a callback's state under its class's qualified name (``state_key``).
     state = read_checkpoint(path)["callbacks"].get(TaxonomyEvaluation.__qualname__, {})
     return dict(state.get("figures", {}))

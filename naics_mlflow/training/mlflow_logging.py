@@ -72,24 +72,21 @@ class EpochEndRecord(Checkpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        best = best_epoch_metrics(trainer.checkpoint_callback)
-        if best:
-            tracking.log_metric_batch(self._run_id, best, trainer.global_step)
-        # Before last.ckpt: the store then never holds a last.ckpt past the best epoch without
-        # that epoch's file, whenever the process stops.
-        self._log_best_so_far(Path(trainer.checkpoint_callback.best_model_path), trainer)
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint.best_model_score is not None:
+            best = Path(checkpoint.best_model_path)
+            figures = checkpoint_figures(best)  # the best file, read once an epoch
+            metrics = best_epoch_metrics(checkpoint, figures)
+            tracking.log_metric_batch(self._run_id, metrics, trainer.global_step)
+            # Before last.ckpt: the store then never holds a last.ckpt past the best epoch
+            # without that epoch's file, whenever the process stops. Not where the best is the
+            # validation just saved: last.ckpt is that one.
+            saved_now = figures.get("step") == trainer.global_step
+            if not saved_now and str(best) != self._best_so_far_logged:
+                tracking.log_best_so_far(self._run_id, best)
+                self._best_so_far_logged = str(best)
         if self._last.is_file():
             log_verified_checkpoint(self._run_id, self._last)
-
-    def _log_best_so_far(self, best: Path, trainer: L.Trainer) -> None:
-        """Upload ``best`` as ``resume/best.ckpt`` unless it is there already or it is the
-        epoch just saved (``last.ckpt`` holds that epoch)."""
-        if not best.is_file() or str(best) == self._best_so_far_logged:
-            return
-        if read_checkpoint(best)["global_step"] == trainer.global_step:
-            return
-        tracking.log_best_so_far(self._run_id, best)
-        self._best_so_far_logged = str(best)
 
 
 def log_verified_checkpoint(run_id: str, path: Path) -> None:
@@ -100,12 +97,14 @@ def log_verified_checkpoint(run_id: str, path: Path) -> None:
     tracking.log_checkpoint(run_id, path)
 
 
-def best_epoch_metrics(checkpoint: ModelCheckpoint) -> dict[str, float]:
+def best_epoch_metrics(
+    checkpoint: ModelCheckpoint, figures: Mapping[str, float]
+) -> dict[str, float]:
     """``SUMMARY_METRICS`` of the best epoch so far: its ``val_loss`` and, where its file records
-    them, its figures (``best/val/spearman``, ...); empty before there is a best."""
+    them (``figures``, :func:`checkpoint_figures` of that file), its figures
+    (``best/val/spearman``, ...); empty before there is a best."""
     if checkpoint.best_model_score is None:
         return {}
-    figures = checkpoint_figures(Path(checkpoint.best_model_path))
     metrics = {"best_val_loss": float(checkpoint.best_model_score)}
     metrics.update(
         {f"best/{name}": figures[name] for name in BEST_EPOCH_FIGURES if name in figures}

@@ -40,6 +40,7 @@ from naics_mlflow.training.callbacks import (
     StageProgressBar,
     StopLaunchedRanksFirst,
     TaxonomyEvaluation,
+    checkpoint_figures,
     find_best_on_this_disk,
 )
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
@@ -170,7 +171,7 @@ def train_stage(
         best = Path(checkpoint.best_model_path)
         log_verified_checkpoint(run_id, best)
         log_verified_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)
-        metrics = best_epoch_metrics(checkpoint)
+        metrics = best_epoch_metrics(checkpoint, checkpoint_figures(best))
         tracking.set_tags({"best_checkpoint": best.name})
         # Again at the end, for a resumed run that had no epoch left to train.
         tracking.log_metric_batch(run_id, metrics, trainer.global_step)
