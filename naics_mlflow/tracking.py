@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from naics_mlflow.errors import UserError
+from naics_mlflow.errors import UserError, first_line
 from naics_mlflow.files import why_unwritable
 
 logger = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ def _check_store(uri: str) -> None:
         MlflowClient(uri).search_experiments(max_results=1)
     except (MlflowException, ImportError) as exc:
         raise TrackingStoreError(
-            f"cannot use the MLflow tracking store {uri} ({str(exc).strip().splitlines()[0]}); "
+            f"cannot use the MLflow tracking store {uri} ({first_line(exc)}); "
             "point MLFLOW_TRACKING_URI at a server (http://...) or a database "
             "(sqlite:///path/mlflow.db), or unset it for the local sqlite store"
         ) from exc
@@ -456,11 +457,10 @@ def _store_in_use(run_id: str) -> Iterator[None]:
         with _refused_store_writes_in_one_line():
             yield
     except MlflowException as exc:
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise TrackingStoreError(
             f"lost the MLflow tracking store {tracking_uri()} while logging to run {run_id} "
-            f"({reason}); local checkpoints are kept: once the store is back, rerun the same "
-            "command (train-curriculum resumes the stage)"
+            f"({first_line(exc)[:300]}); local checkpoints are kept: once the store is back, "
+            "rerun the same command (train-curriculum resumes the stage)"
         ) from exc
 
 
@@ -487,14 +487,61 @@ def download_best_so_far(run_id: str, download_dir: Path) -> Path | None:
     """The run's ``resume/best.ckpt``, downloaded into ``download_dir``; None where it logged
     none (its best was always its last epoch, or it ran before such files were logged)."""
     logged = f"{BEST_SO_FAR_ARTIFACT_PATH}/{BEST_SO_FAR}"
-    listed = MlflowClient().list_artifacts(run_id, BEST_SO_FAR_ARTIFACT_PATH)
+    with _artifact_read(run_id, logged):
+        listed = MlflowClient().list_artifacts(run_id, BEST_SO_FAR_ARTIFACT_PATH)
     if not any(artifact.path == logged for artifact in listed):
         return None
-    return Path(
-        mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=logged, dst_path=str(download_dir)
+    return _download_logged(get_run(run_id), logged, download_dir)
+
+
+def _download_logged(run: Run, logged: str, download_dir: Path) -> Path:
+    """The run's artifact ``logged`` downloaded into ``download_dir``. Read from the run's
+    artifact location itself: through a ``runs:/`` URI MLflow hides why a download failed."""
+    with _artifact_read(run.info.run_id, logged, download_dir):
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{run.info.artifact_uri}/{logged}", dst_path=str(download_dir)
+            )
         )
+
+
+def _artifact_failure(exc: BaseException) -> str:
+    """Why reading an artifact failed, in one line. MLflow's download error opens with a line
+    saying only that it failed, and puts each file's own error under a ``##### File`` header."""
+    lines = str(exc).strip().splitlines()
+    for header, reason in itertools.pairwise(lines):
+        if header.startswith("##### File "):
+            return reason[:300]
+    return first_line(exc)[:300]
+
+
+@contextlib.contextmanager
+def _artifact_read(run_id: str, artifact: str, download_dir: Path | None = None) -> Iterator[None]:
+    """Turn a store that fails to list or hand over a run's artifact into one line naming it.
+
+    A server can go away between the search that found the run and the download, and a file
+    can be missing or unreadable in a local artifact folder (a clean-up, a lost mount), where
+    MLflow lets its own error or the bare OSError through; a download can also fail on the disk
+    it writes to (``download_dir``), which MLflow reports the same way.
+    """
+    gone_for_good = (
+        f"or, where it is gone for good, delete that run (mlflow runs delete --run-id {run_id})"
     )
+    try:
+        yield
+    except (MlflowException, OSError) as exc:
+        if download_dir is None:
+            raise TrackingStoreError(
+                f"cannot read {artifact} of run {run_id} from the tracking store "
+                f"{tracking_uri()} ({_artifact_failure(exc)}); run the command again once the "
+                f"store serves it, {gone_for_good}"
+            ) from exc
+        raise TrackingStoreError(
+            f"cannot download {artifact} of run {run_id} from the tracking store "
+            f"{tracking_uri()} into {download_dir} ({_artifact_failure(exc)}); free space there "
+            f"if that disk is full, else run the command again once the store serves the file, "
+            f"{gone_for_good}"
+        ) from exc
 
 
 def log_metric_batch(run_id: str, metrics: Mapping[str, float], step: int) -> None:
@@ -561,9 +608,8 @@ def _download_reference(reference: str, download_dir: Path) -> Path:
             mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(download_dir))
         )
     except (MlflowException, OSError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointReferenceError(
-            f"cannot download {reference} from {tracking_uri()} ({message})"
+            f"cannot download {reference} from {tracking_uri()} ({first_line(exc)})"
         ) from exc
     return local if local.is_file() else _best_in(local, reference)
 
@@ -598,10 +644,10 @@ def search_runs(filter_string: str, order_by: list[str] | None = None) -> list[R
 
 
 def has_checkpoint(run: Run, name: str) -> bool:
-    return any(
-        artifact.path == f"{CHECKPOINT_ARTIFACT_PATH}/{name}"
-        for artifact in MlflowClient().list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_PATH)
-    )
+    logged = f"{CHECKPOINT_ARTIFACT_PATH}/{name}"
+    with _artifact_read(run.info.run_id, logged):
+        listed = MlflowClient().list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_PATH)
+    return any(artifact.path == logged for artifact in listed)
 
 
 def download_checkpoint(run: Run, name: str, download_dir: Path) -> Path:
@@ -615,12 +661,9 @@ def download_checkpoint(run: Run, name: str, download_dir: Path) -> Path:
             f"run {run.info.run_id} names checkpoint {name!r}, which is not a file name in "
             f"{CHECKPOINT_ARTIFACT_PATH}/; fix the run's best_checkpoint tag"
         )
-    local = mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id,
-        artifact_path=f"{CHECKPOINT_ARTIFACT_PATH}/{name}",
-        dst_path=str(download_dir / run.info.run_id),
+    return _download_logged(
+        run, f"{CHECKPOINT_ARTIFACT_PATH}/{name}", download_dir / run.info.run_id
     )
-    return Path(local)
 
 
 def download_best_checkpoint(run_id: str, download_dir: Path) -> Path:

@@ -25,8 +25,16 @@ from naics_mlflow import tracking
 from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT, weights_digest
 from naics_mlflow.training.chain import read_chain_start, read_store_state
-from naics_mlflow.training.start import EarlierRun, How, StoreState
-from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently, start_cli
+from naics_mlflow.training.start import EarlierRun, How, StageStart, StoreState
+from tests.commands import (
+    environment,
+    error_line,
+    file_size_limited,
+    ok,
+    run_cli,
+    run_cli_concurrently,
+    start_cli,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -765,20 +773,25 @@ def _interrupted_run(client: MlflowClient, tmp_path: Path, last_ckpt: bytes) -> 
     return run.info.run_id
 
 
+def _resumed_stage_start(tmp_path: Path) -> StageStart:
+    """How stage 02_stage of chain ``abc`` starts on resuming, its folder under ``tmp_path``."""
+    (start,) = read_chain_start(
+        {"02_stage": tmp_path / "checkpoints"},
+        "abc",
+        tmp_path / "downloads",
+        resume=True,
+        init_checkpoint=None,
+    ).stages
+    return start
+
+
 def test_a_partially_uploaded_last_checkpoint_is_never_resumed(store, tmp_path):
     buffer = io.BytesIO()
     torch.save({"naics_embedder": {"format": CHECKPOINT_FORMAT}}, buffer)
     whole = _interrupted_run(store, tmp_path, buffer.getvalue())
     _interrupted_run(store, tmp_path, buffer.getvalue()[:200])  # later, and cut short
 
-    chain_start = read_chain_start(
-        {"02_stage": tmp_path / "checkpoints"},
-        "abc",
-        tmp_path / "downloads",
-        resume=True,
-        init_checkpoint=None,
-    )
-    (start,) = chain_start.stages
+    start = _resumed_stage_start(tmp_path)
     assert start.how is How.RESUME and start.run_id == whole
     assert torch.load(start.checkpoint, weights_only=True)["naics_embedder"]
 
@@ -818,17 +831,88 @@ def test_an_interrupted_run_continues_from_the_last_checkpoint_on_this_disk_wher
     on_this_disk.parent.mkdir(parents=True)
     on_this_disk.write_bytes(_checkpoint_at(8))
 
-    (start,) = read_chain_start(
-        {"02_stage": tmp_path / "checkpoints"},
-        "abc",
-        tmp_path / "downloads",
-        resume=True,
-        init_checkpoint=None,
-    ).stages
+    start = _resumed_stage_start(tmp_path)
     assert start.how is How.RESUME and start.run_id == run_id
     chosen = on_this_disk if logged != "as far" else tmp_path / "downloads"
     assert Path(start.checkpoint).is_relative_to(chosen)
     assert torch.load(start.checkpoint, weights_only=True)["global_step"] == 8
+
+
+def _lose_logged_file(client: MlflowClient, run_id: str, artifact: str) -> None:
+    """The run's logged ``artifact`` gone from its artifact folder, its name still listed there
+    (a clean-up or a lost mount under the store), as a link to nothing."""
+    logged = Path(urlparse(client.get_run(run_id).info.artifact_uri).path) / artifact
+    logged.unlink()
+    logged.symlink_to(logged.parent / "gone")
+
+
+def _one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_last_checkpoint_the_store_cannot_hand_over_ends_in_one_line(store, tmp_path):
+    """MLflow let the store's error (here a bare OSError) through as a traceback, at the start
+    of a chain resumed on another machine. The line names the run and the artifact, and deleting
+    that run, as it says, lets the chain start the stage again."""
+    run_id = _interrupted_run(store, tmp_path, _checkpoint_at(4))
+    _lose_logged_file(store, run_id, "ckpt/last.ckpt")
+
+    with pytest.raises(tracking.TrackingStoreError) as error:
+        _resumed_stage_start(tmp_path)
+    assert _one_line(error).startswith(
+        f"cannot read ckpt/last.ckpt of run {run_id} from the tracking store "
+        f"{tracking.tracking_uri()} ([Errno 2] No such file or directory: "
+    )
+    assert _one_line(error).endswith(
+        "run the command again once the store serves it, or, where it is gone for good, "
+        f"delete that run (mlflow runs delete --run-id {run_id})"
+    )
+    deleted = subprocess.run(
+        [sys.executable, "-m", "mlflow", "runs", "delete", "--run-id", run_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert deleted.returncode == 0, deleted.stderr[-3000:]
+    assert _resumed_stage_start(tmp_path).how is How.FROM_SCRATCH
+
+
+def test_a_best_checkpoint_the_store_cannot_hand_over_ends_in_one_line(store, tmp_path):
+    """Both ways a best checkpoint is read from a run: a stage name given to --from-checkpoint,
+    and a resumed stage's best epoch from before its interruption."""
+    finished = _finished_stage_run(store, tmp_path, 0.5)
+    _lose_logged_file(store, finished, "ckpt/best.ckpt")
+    with pytest.raises(tracking.TrackingStoreError) as error:
+        tracking.resolve_checkpoint("03_stage", tmp_path / "downloads")
+    assert _one_line(error).startswith(f"cannot read ckpt/best.ckpt of run {finished} from ")
+
+    interrupted = _interrupted_run(store, tmp_path, _checkpoint_at(4))
+    (tmp_path / "best.ckpt").write_bytes(_checkpoint_at(2))
+    store.log_artifact(interrupted, str(tmp_path / "best.ckpt"), "resume")
+    _lose_logged_file(store, interrupted, "resume/best.ckpt")
+    with pytest.raises(tracking.TrackingStoreError) as error:
+        tracking.download_best_so_far(interrupted, tmp_path / "downloads")
+    assert _one_line(error).startswith(f"cannot read resume/best.ckpt of run {interrupted} from ")
+
+
+def test_a_checkpoint_download_the_disk_refuses_is_one_line_naming_where(store, tmp_path):
+    """A full disk under the download folder (here a file size limit, which the kernel enforces
+    the same way): the line names the folder and the disk's own error, which MLflow's opening
+    line of its error leaves out."""
+    run_id = _interrupted_run(store, tmp_path, bytes(200_000))
+    run = store.get_run(run_id)
+    with file_size_limited(100_000), pytest.raises(tracking.TrackingStoreError) as refused:
+        tracking.download_checkpoint(run, "last.ckpt", tmp_path / "downloads")
+    assert _one_line(refused).startswith(
+        f"cannot download ckpt/last.ckpt of run {run_id} from the tracking store "
+        f"{tracking.tracking_uri()} into {tmp_path / 'downloads' / run_id} ([Errno 27] File too "
+        "large: "
+    )
+    assert "); free space there if that disk is full, else run the command again" in str(
+        refused.value
+    )
 
 
 def _chain_run(

@@ -8,7 +8,7 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from naics_mlflow.errors import UserError
+from naics_mlflow.errors import UserError, first_line
 
 DEFAULT_BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -37,7 +37,7 @@ def load_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
         return loader.from_pretrained(resolve_backbone(name), **kwargs)
     except (OSError, ValueError) as exc:
         raise BackboneError(
-            f"cannot load backbone '{name}' ({str(exc).splitlines()[0]}); use a local model "
+            f"cannot load backbone '{name}' ({first_line(exc)}); use a local model "
             f"folder or '{DEFAULT_BACKBONE}', which ships with the project"
         ) from exc
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL
-from naics_mlflow.errors import UserError
+from naics_mlflow.errors import UserError, first_line
 from naics_mlflow.files import check_output, write_output
 
 MAX_TOP_K = 100
@@ -155,8 +155,7 @@ def read_text_csv(path: Path) -> pd.DataFrame:
     except OSError as exc:
         raise QueryError(f"{path} cannot be read ({exc.strerror})") from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        reason = str(exc).strip().splitlines()[0]
-        raise QueryError(f"{path} is not a CSV that can be read: {reason}") from exc
+        raise QueryError(f"{path} is not a CSV that can be read: {first_line(exc)}") from exc
 
 
 def read_text_sheet(path: Path) -> pd.DataFrame:

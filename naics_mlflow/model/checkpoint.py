@@ -17,7 +17,7 @@ import torch
 
 from naics_mlflow.config import Config
 from naics_mlflow.data.tokenization import CHANNELS
-from naics_mlflow.errors import UserError
+from naics_mlflow.errors import UserError, first_line
 from naics_mlflow.files import save_torch_whole
 
 # 2: the fusion has a semantic skip path, so format-1 weights mean something else.
@@ -28,10 +28,6 @@ CHECKPOINT_FORMAT = 3
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be read, or that belongs to another model."""
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _require_archive(path: Path) -> None:
@@ -57,9 +53,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
                 f"{path} holds Python objects besides weights, and loading them could run code; "
                 "pass --trust-checkpoint only if you trust where it came from"
             ) from exc
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(exc)})") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(exc)})") from exc
     if not isinstance(checkpoint, dict) or "naics_embedder" not in checkpoint:
         raise CheckpointError(f"{path}: not a naics-embedder checkpoint")
     written_format = checkpoint["naics_embedder"].get("format")
@@ -82,7 +78,7 @@ def weights_only_copy(path: Path, folder: Path) -> Path:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(exc)})") from exc
     if not isinstance(checkpoint, dict) or "naics_embedder" not in checkpoint:
         raise CheckpointError(f"{path}: not a naics-embedder checkpoint")
     plain = {

@@ -40,6 +40,7 @@ from torch import nn
 from naics_mlflow.data.features import mean_pool
 from naics_mlflow.data.pretrained import BackboneError, resolve_backbone
 from naics_mlflow.data.tokenization import length_batches, pad
+from naics_mlflow.errors import first_line
 from naics_mlflow.model.attention import shape_agnostic_attention
 
 # Each channel's {linear layer's path in the backbone: (out, in) weight its adapter adds}.
@@ -230,8 +231,7 @@ def _read_weights(name: str, folder: Path) -> dict[str, torch.Tensor]:
             return torch.load(path, map_location="cpu", weights_only=True)
         except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
             raise BackboneError(
-                f"cannot load backbone '{name}': {path} is not readable "
-                f"({str(exc).splitlines()[0]})"
+                f"cannot load backbone '{name}': {path} is not readable ({first_line(exc)})"
             ) from exc
     raise BackboneError(
         f"cannot load backbone '{name}': {folder} has neither model.safetensors nor "
