@@ -373,19 +373,46 @@ def run(
             )
             raise
         except TrackingStoreError:
-            # The store is gone: recording the failure would retry for minutes, here and again
-            # in the exit hook with which MLflow ends active runs, so that hook gets one quick
-            # try only. The run reads RUNNING, and the next run of the same chain marks it
-            # KILLED and resumes it.
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(SERVER_CHECK_TIMEOUT_S)
+            _give_up_on_the_store()
             raise
         except BaseException as exc:
+            if _store_unreachable(exc):
+                _give_up_on_the_store()
+                raise _lost_store_error(active.info.run_id, exc) from exc
             if not _sqlite_write_refused(exc):  # else the store would refuse the record too
                 mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
                 mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
             raise
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _give_up_on_the_store() -> None:
+    """The store is gone: recording how the run ended would retry for minutes, here and again in
+    the exit hook with which MLflow ends active runs, so that hook gets one quick try only. The
+    run reads RUNNING, and the next run of the same chain marks it KILLED and resumes it."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(SERVER_CHECK_TIMEOUT_S)
+
+
+def _store_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` is MLflow giving up on a request the server never answered (refused,
+    timed out, failing after its retries), rather than an answer that refused the request."""
+    if not isinstance(exc, MlflowException):
+        return False
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, requests.RequestException):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _lost_store_error(run_id: str, exc: BaseException) -> TrackingStoreError:
+    return TrackingStoreError(
+        f"lost the MLflow tracking store {tracking_uri()} while logging to run {run_id} "
+        f"({first_line(exc)[:300]}); local checkpoints are kept: once the store is back, "
+        "rerun the same command (train-curriculum resumes the stage)"
+    )
 
 
 def log_params(params: Mapping[str, Any]) -> None:
@@ -457,11 +484,7 @@ def _store_in_use(run_id: str) -> Iterator[None]:
         with _refused_store_writes_in_one_line():
             yield
     except MlflowException as exc:
-        raise TrackingStoreError(
-            f"lost the MLflow tracking store {tracking_uri()} while logging to run {run_id} "
-            f"({first_line(exc)[:300]}); local checkpoints are kept: once the store is back, "
-            "rerun the same command (train-curriculum resumes the stage)"
-        ) from exc
+        raise _lost_store_error(run_id, exc) from exc
 
 
 def log_file_to_run(run_id: str, path: Path, artifact_path: str) -> None:

@@ -473,3 +473,47 @@ def test_a_sqlite_store_whose_file_refuses_writes_is_one_line_naming_it(tiny_wor
         "checkpoint)"
     )
     assert "Traceback" not in refused.stderr
+
+
+# A chain's parent run between its stages, as a script: it logs once the test has stopped the
+# server.
+_LOGGING_AFTER_THE_SERVER_STOPS = """
+import sys
+from naics_mlflow import tracking
+
+with tracking.run(tracking.use_experiment("naics"), "chain", {"role": "chain"}):
+    print("open", flush=True)
+    sys.stdin.readline()
+    tracking.set_tags({"final_stage": "02_stage"})
+"""
+
+
+def test_a_tracking_server_lost_between_stages_ends_in_one_line(tmp_path, tracking_server):
+    """Between a chain's stages its store calls are the parent run's own, outside any stage:
+    MLflow's error came as a traceback, after recording the failure had retried as long
+    again."""
+    env = environment(tmp_path, tracking_server.uri)
+    env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # MLflow's own retries would take minutes
+    chain = subprocess.Popen(
+        [sys.executable, "-c", _LOGGING_AFTER_THE_SERVER_STOPS],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert chain.stdout.readline() == "open\n", chain.communicate(timeout=60)[1][-3000:]
+    os.killpg(tracking_server.process.pid, signal.SIGKILL)
+    tracking_server.process.wait()
+    lost = time.monotonic()
+    _, stderr = chain.communicate("\n", timeout=120)
+    assert time.monotonic() - lost < 60
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "naics_mlflow.tracking.TrackingStoreError: lost the MLflow tracking store "
+            f"{tracking_server.uri} while logging to run "
+        )
+    )
