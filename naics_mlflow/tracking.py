@@ -31,7 +31,7 @@ import mlflow.data
 import pandas as pd
 import requests
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
-from mlflow.entities import Metric, Run, RunStatus
+from mlflow.entities import LoggedModelStatus, Metric, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -671,6 +671,17 @@ def has_checkpoint(run: Run, name: str) -> bool:
     with _artifact_read(run.info.run_id, logged):
         listed = MlflowClient().list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_PATH)
     return any(artifact.path == logged for artifact in listed)
+
+
+def holds_logged_model(run: Run, name: str) -> bool:
+    """Whether ``run`` logged a model named ``name`` whose upload finished (READY): a model whose
+    logging was cut short stays PENDING."""
+    logged = MlflowClient().search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
+    )
+    # Not in the filter: MLflow 3.17's sqlite store matches no model by status.
+    return any(model.status == LoggedModelStatus.READY for model in logged)
 
 
 def download_checkpoint(run: Run, name: str, download_dir: Path) -> Path:

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import openpyxl
 import pytest
 import torch
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -457,6 +458,42 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
         assert len(_stage_runs(workdir, "01_stage")) == 2
         assert len(_stage_runs(workdir, "02_stage")) == 3
         assert len(_runs(workdir, "tags.role = 'chain'")) == 2
+
+
+def _whole_models(workdir: Path, run) -> list:
+    """The models named ``model`` that ``run`` logged and whose upload finished."""
+    logged = _client(workdir).search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = 'model'",
+    )
+    return [model for model in logged if model.status == LoggedModelStatus.READY]
+
+
+def test_a_chain_stopped_as_it_logs_its_model_logs_it_when_run_again(workdir):
+    """A Ctrl-C after the last stage finished, while the chain embedded the codes or uploaded its
+    model: the same command again reused every stage and, its parent run taken to hold the
+    model, logged none, so the chain had nothing to serve."""
+    _write_chain(workdir, "chain_end", "  - name: 01_stage\n    max_epochs: 1\n")
+    process = start_cli(workdir, "train-curriculum", "--chain", "chain_end")
+    try:
+        while not any(r.info.status == "FINISHED" for r in _stage_runs(workdir, "01_stage")):
+            assert process.poll() is None, "the chain ended before its stage finished"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    (parent,) = _runs(workdir, "tags.role = 'chain'")
+    assert _whole_models(workdir, parent) == [], "the model was logged before the stop"
+
+    ok(run_cli(workdir, "train-curriculum", "--chain", "chain_end"))
+    assert len(_stage_runs(workdir, "01_stage")) == 1  # reused
+    assert len(_whole_models(workdir, parent)) == 1
+    ok(run_cli(workdir, "train-curriculum", "--chain", "chain_end"))
+    assert len(_whole_models(workdir, parent)) == 1  # held already: not logged twice
+    assert _runs(workdir, "tags.role = 'chain'")[0].info.status == "FINISHED"
 
 
 def _global_step(path: Path) -> int:
@@ -928,6 +965,23 @@ def _chain_run(
     if status != "RUNNING":
         client.set_terminated(run_id, status)
     return run_id
+
+
+def test_the_store_state_says_whether_the_parent_run_holds_its_model_whole(store, tmp_path):
+    experiment = tracking.use_experiment("naics-embedder")
+    parent = store.create_run(experiment, tags={"chain_hash": "abc", "role": "chain"}).info.run_id
+
+    def holds_model() -> bool:
+        folders = {"01_stage": tmp_path / "checkpoints"}
+        return read_store_state("abc", folders, tmp_path / "downloads").parent_holds_model
+
+    assert not holds_model()
+    other = store.create_logged_model(experiment, name="other", source_run_id=parent)
+    store.finalize_logged_model(other.model_id, "READY")
+    uploading = store.create_logged_model(experiment, name="model", source_run_id=parent)
+    assert not holds_model()  # a model whose files are still uploading, or were cut short
+    store.finalize_logged_model(uploading.model_id, "READY")
+    assert holds_model()
 
 
 def test_the_store_state_holds_this_chains_runs_newest_first(store, tmp_path):

@@ -144,16 +144,31 @@ def test_a_resumed_chain_reads_each_stage_on_its_own():
     assert chain_start.stages == (REUSE_F1, RESUME_K1, REUSE_F1, AFTER_PREVIOUS)
 
 
-# earlier parent, --resume, under `mlflow run`, each stage's earlier runs
-#   -> the parent run continued in, whether it gets the chain's model
+# earlier parent (and whether it logged the chain's model), --resume, under `mlflow run`, each
+# stage's earlier runs -> the parent run continued in, whether it gets the chain's model
 PARENT_RUN = [
     pytest.param(None, True, False, [[finished("f1")]], None, True, id="no earlier parent: new"),
-    pytest.param("p1", True, False, [[]], "p1", True, id="earlier parent: continued"),
+    pytest.param(("p1", True), True, False, [[]], "p1", True, id="earlier parent: continued"),
     pytest.param(
-        "p1", True, False, [[finished("f1")]], "p1", False, id="continued, all reused: has model"
+        ("p1", True),
+        True,
+        False,
+        [[finished("f1")]],
+        "p1",
+        False,
+        id="continued, all reused: has model",
     ),
     pytest.param(
+        ("p1", False),
+        True,
+        False,
+        [[finished("f1")]],
         "p1",
+        True,
+        id="continued, all reused, stopped before logging its model: gets the model",
+    ),
+    pytest.param(
+        ("p1", True),
         True,
         False,
         [[finished("f1")], [stopped("k1")]],
@@ -161,9 +176,17 @@ PARENT_RUN = [
         True,
         id="continued, one stage resumed: gets the model",
     ),
-    pytest.param("p1", False, False, [[finished("f1")]], None, True, id="--resume false: new"),
     pytest.param(
-        "p1", True, True, [[finished("f1")]], None, True, id="under mlflow run: the launcher's run"
+        ("p1", True), False, False, [[finished("f1")]], None, True, id="--resume false: new"
+    ),
+    pytest.param(
+        ("p1", True),
+        True,
+        True,
+        [[finished("f1")]],
+        None,
+        True,
+        id="under mlflow run: the launcher's run",
     ),
 ]
 
@@ -174,7 +197,10 @@ PARENT_RUN = [
 )
 def test_parent_run(earlier_parent, resume, under_mlflow_run, stage_runs, parent, logs_model):
     names = [f"0{position + 1}_stage" for position in range(len(stage_runs))]
-    state = StoreState(earlier_parent, dict(zip(names, stage_runs, strict=True)))
+    parent_run_id, holds_model = earlier_parent or (None, False)
+    state = StoreState(
+        parent_run_id, dict(zip(names, stage_runs, strict=True)), parent_holds_model=holds_model
+    )
     chain_start = decide_chain_start(
         names, state, resume=resume, init_checkpoint=None, under_mlflow_run=under_mlflow_run
     )
@@ -183,8 +209,9 @@ def test_parent_run(earlier_parent, resume, under_mlflow_run, stage_runs, parent
 
 
 def test_the_decision_reaches_other_ranks_unchanged_as_json():
-    chain_start = ChainStart("p1", (REUSE_F1, RESUME_K1, AFTER_PREVIOUS))
-    assert ChainStart.from_json(json.loads(json.dumps(chain_start.to_json()))) == chain_start
+    for holds_model in (True, False):
+        chain_start = ChainStart("p1", (REUSE_F1, RESUME_K1, AFTER_PREVIOUS), holds_model)
+        assert ChainStart.from_json(json.loads(json.dumps(chain_start.to_json()))) == chain_start
 
 
 def test_a_chain_another_live_process_is_writing_is_not_resumed():

@@ -23,7 +23,7 @@ from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weights_digest
 from naics_mlflow.model.merged import inference_device
 from naics_mlflow.model.trained import load_embedder
-from naics_mlflow.serving import log_search_model
+from naics_mlflow.serving import MODEL_NAME, log_search_model
 from naics_mlflow.training.mlflow_logging import SUMMARY_METRICS
 from naics_mlflow.training.plan import ChainPlan
 from naics_mlflow.training.stage import (
@@ -287,7 +287,11 @@ def read_store_state(
         else [_earlier_run(run, download_dir, checkpoint_dirs[name]) for run in runs]
         for name, runs in found.items()
     }
-    return StoreState(parents[0].info.run_id if parents else None, stage_runs, written_now)
+    if not parents:
+        return StoreState(None, stage_runs, written_now)
+    parent = parents[0]
+    holds_model = tracking.holds_logged_model(parent, MODEL_NAME)
+    return StoreState(parent.info.run_id, stage_runs, written_now, holds_model)
 
 
 def _chain_runs(chain_hash: str, stages: list[str]) -> tuple[list[Run], dict[str, list[Run]]]:

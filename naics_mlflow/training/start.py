@@ -38,6 +38,7 @@ class StoreState:
     stage_runs: Mapping[str, Sequence[EarlierRun]]  # a stage's earlier runs, newest first
     # (run id, pid) of a run of the chain that a live process on this machine is writing now
     written_now: tuple[str, int] | None = None
+    parent_holds_model: bool = False  # the latest parent run logged the chain's model, whole
 
 
 class ChainInUseError(UserError):
@@ -63,12 +64,16 @@ class StageStart:
 class ChainStart:
     parent_run_id: str | None  # an earlier parent run to continue in; None opens a new one
     stages: tuple[StageStart, ...]
+    parent_holds_model: bool = False  # the earlier parent run logged the chain's model, whole
 
     @property
     def logs_final_model(self) -> bool:
         """Whether the parent run gets the chain's model: an earlier parent run whose stages are
-        all reused holds it already."""
-        return self.parent_run_id is None or any(s.how is not How.REUSE for s in self.stages)
+        all reused holds it already, unless the command that trained them stopped before it had
+        logged the model (Ctrl-C, a kill or a lost store as it embedded the codes or uploaded)."""
+        if self.parent_run_id is None or not self.parent_holds_model:
+            return True
+        return any(stage.how is not How.REUSE for stage in self.stages)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,7 +84,7 @@ class ChainStart:
             StageStart(How(stage["how"]), stage["run_id"], stage["checkpoint"])
             for stage in answer["stages"]
         )
-        return cls(answer["parent_run_id"], stages)
+        return cls(answer["parent_run_id"], stages, answer["parent_holds_model"])
 
 
 def decide_chain_start(
@@ -105,7 +110,8 @@ def decide_chain_start(
     for position, name in enumerate(stages):
         earlier = state.stage_runs.get(name, ()) if resume else ()
         starts.append(_earlier_run_start(earlier) or _fresh_start(position, init_checkpoint))
-    return ChainStart(parent_run_id, tuple(starts))
+    holds_model = parent_run_id is not None and state.parent_holds_model
+    return ChainStart(parent_run_id, tuple(starts), holds_model)
 
 
 def refuse_if_written_now(written_now: tuple[str, int] | None) -> None:
