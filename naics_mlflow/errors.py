@@ -1,4 +1,5 @@
-"""The one exception type that the command line turns into a one-line message."""
+"""The one exception type that the command line turns into a one-line message, and how such a
+message quotes the error of a library beneath it."""
 
 
 class UserError(Exception):
