@@ -85,13 +85,23 @@ class TrackingStoreError(UserError):
 _SQLITE_WRITE_REFUSED = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR})
 
 
+def _error_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the errors it was raised from or while handling, outermost first: a library's
+    own error often wraps the one that says what happened."""
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def _sqlite_write_refused(exc: BaseException | None) -> str | None:
     """sqlite's own reason where ``exc`` comes from a write the store's file refused, else None.
     MLflow wraps SQLAlchemy's error, which wraps sqlite's, whose result code says so."""
-    while exc is not None:
-        if isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode & 0xFF in _SQLITE_WRITE_REFUSED:
-            return str(exc)
-        exc = exc.__cause__ or exc.__context__
+    for error in _error_chain(exc):
+        if (
+            isinstance(error, sqlite3.Error)
+            and error.sqlite_errorcode & 0xFF in _SQLITE_WRITE_REFUSED
+        ):
+            return str(error)
     return None
 
 
@@ -397,14 +407,9 @@ def _give_up_on_the_store() -> None:
 def _store_unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` is MLflow giving up on a request the server never answered (refused,
     timed out, failing after its retries), rather than an answer that refused the request."""
-    if not isinstance(exc, MlflowException):
-        return False
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, requests.RequestException):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return isinstance(exc, MlflowException) and any(
+        isinstance(error, requests.RequestException) for error in _error_chain(exc)
+    )
 
 
 def _lost_store_error(run_id: str, exc: BaseException) -> TrackingStoreError:
