@@ -31,7 +31,7 @@ import mlflow.data
 import pandas as pd
 import requests
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
-from mlflow.entities import LoggedModelStatus, Metric, Run, RunStatus
+from mlflow.entities import LoggedModel, LoggedModelStatus, Metric, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -681,12 +681,26 @@ def has_checkpoint(run: Run, name: str) -> bool:
 def holds_logged_model(run: Run, name: str) -> bool:
     """Whether ``run`` logged a model named ``name`` whose upload finished (READY): a model whose
     logging was cut short stays PENDING."""
-    logged = MlflowClient().search_logged_models(
+    return any(model.status == LoggedModelStatus.READY for model in _logged_models(run, name))
+
+
+def fail_models_cut_short(run: Run, name: str) -> None:
+    """Mark FAILED each model named ``name`` that ``run`` left PENDING. MLflow marks a model
+    FAILED when its logging raises an error, but not when a Ctrl-C, a kill or a lost store cut
+    it short: such a model would read as still uploading for ever. Only for a run that no
+    process is writing now, whose PENDING models are then all cut short."""
+    client = MlflowClient()
+    for model in _logged_models(run, name):
+        if model.status == LoggedModelStatus.PENDING:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+
+
+def _logged_models(run: Run, name: str) -> list[LoggedModel]:
+    # Not filtered by status: MLflow 3.17's sqlite store matches no model by status.
+    return MlflowClient().search_logged_models(
         experiment_ids=[run.info.experiment_id],
         filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
     )
-    # Not in the filter: MLflow 3.17's sqlite store matches no model by status.
-    return any(model.status == LoggedModelStatus.READY for model in logged)
 
 
 def download_checkpoint(run: Run, name: str, download_dir: Path) -> Path:

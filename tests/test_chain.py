@@ -472,7 +472,8 @@ def _whole_models(workdir: Path, run) -> list:
 def test_a_chain_stopped_as_it_logs_its_model_logs_it_when_run_again(workdir):
     """A Ctrl-C after the last stage finished, while the chain embedded the codes or uploaded its
     model: the same command again reused every stage and, its parent run taken to hold the
-    model, logged none, so the chain had nothing to serve."""
+    model, logged none, so the chain had nothing to serve; a model whose upload was cut short
+    read PENDING for ever."""
     _write_chain(workdir, "chain_end", "  - name: 01_stage\n    max_epochs: 1\n")
     process = start_cli(workdir, "train-curriculum", "--chain", "chain_end")
     try:
@@ -487,10 +488,17 @@ def test_a_chain_stopped_as_it_logs_its_model_logs_it_when_run_again(workdir):
             process.wait()
     (parent,) = _runs(workdir, "tags.role = 'chain'")
     assert _whole_models(workdir, parent) == [], "the model was logged before the stop"
+    # What a stop during the upload leaves, whether or not this stop came then.
+    cut_short = _client(workdir).create_logged_model(
+        parent.info.experiment_id, name="model", source_run_id=parent.info.run_id
+    )
 
     ok(run_cli(workdir, "train-curriculum", "--chain", "chain_end"))
     assert len(_stage_runs(workdir, "01_stage")) == 1  # reused
     assert len(_whole_models(workdir, parent)) == 1
+    # Not left to read as still uploading.
+    cut_short = _client(workdir).get_logged_model(cut_short.model_id)
+    assert cut_short.status == LoggedModelStatus.FAILED
     ok(run_cli(workdir, "train-curriculum", "--chain", "chain_end"))
     assert len(_whole_models(workdir, parent)) == 1  # held already: not logged twice
     assert _runs(workdir, "tags.role = 'chain'")[0].info.status == "FINISHED"

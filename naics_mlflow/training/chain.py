@@ -231,6 +231,8 @@ def _record_chain(
             }
         )
         if start.logs_final_model:
+            if start.parent_run_id is not None:  # a chain in use is never resumed
+                tracking.fail_models_cut_short(parent, MODEL_NAME)
             _log_final_model(previous_best, plan.stages[-1].config)
     return ChainResult(parent.info.run_id, results, final_run_id)
 
