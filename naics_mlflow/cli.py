@@ -800,7 +800,8 @@ def search(
             click.echo(f"searched {len(found):,} of {len(query_texts):,} texts", err=True)
     if out is not None:
         rows = write_matches(out, queries, found)
-        click.echo(f"{out}: {rows:,} matches of {len(query_texts):,} texts")
+        matches = _counted(rows, "match", "matches")
+        click.echo(f"{out}: {matches} of {_counted(len(query_texts), 'text', 'texts')}")
         return
     for number, (text, matches) in enumerate(zip(query_texts, found, strict=True), start=1):
         if number > 1:
@@ -808,6 +809,10 @@ def search(
         if len(query_texts) > 1:
             click.echo(f"{number}. {text}")
         _print_matches(matches)
+
+
+def _counted(count: int, one: str, many: str) -> str:
+    return f"{count:,} {one if count == 1 else many}"
 
 
 def _print_matches(matches: list[Any]) -> None:

@@ -433,6 +433,18 @@ def test_search_writes_the_matches_of_a_csv_with_its_other_columns(trained):
         pd.read_parquet(workdir / "coded/matches.parquet"),
     )
 
+    one = run_cli(
+        workdir,
+        "search",
+        "retail bakery",
+        "--out",
+        "coded/one.csv",
+        "--top",
+        "1",
+        *("--from-checkpoint", str(checkpoint)),
+    )
+    assert ok(one).stdout.strip() == "coded/one.csv: 1 match of 1 text"
+
     # Past one chunk of texts: a progress line per chunk, and every row still matches its text.
     many = SEARCH_CHUNK + 1
     queries.write_text(
