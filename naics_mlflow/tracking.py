@@ -413,10 +413,13 @@ def _store_unreachable(exc: BaseException) -> bool:
 
 
 def _lost_store_error(run_id: str, exc: BaseException) -> TrackingStoreError:
+    """The one line for a store lost while logging to ``run_id``. It does not say what running
+    the command again does, which differs by command: train-curriculum resumes the chain's
+    stage, train starts one anew, evaluate, export and embed do their work again."""
     return TrackingStoreError(
         f"lost the MLflow tracking store {tracking_uri()} while logging to run {run_id} "
         f"({first_line(exc)[:300]}); local checkpoints are kept: once the store is back, "
-        "rerun the same command (train-curriculum resumes the stage)"
+        "run the same command again"
     )
 
 
