@@ -382,24 +382,44 @@ def run(
                 "stopped: MLflow run %s (%s) is KILLED", active.info.run_id, active.info.run_name
             )
             raise
-        except TrackingStoreError:
-            _give_up_on_the_store()
-            raise
         except BaseException as exc:
+            store_failed = (
+                isinstance(exc, TrackingStoreError)
+                or _store_unreachable(exc)
+                or _sqlite_write_refused(exc) is not None
+            )
+            _end_failed(exc, store_failed)
             if _store_unreachable(exc):
-                _give_up_on_the_store()
                 raise _lost_store_error(active.info.run_id, exc) from exc
-            if not _sqlite_write_refused(exc):  # else the store would refuse the record too
-                mlflow.set_tag("error", f"{type(exc).__name__}: {exc}"[:5000])
-                mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
             raise
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
+def _end_failed(exc: BaseException, store_failed: bool) -> None:
+    """End the active run FAILED, with the error as a tag.
+
+    Where the store itself failed the command (lost, refusing writes, unable to hand over a file)
+    it may not answer the record either: one quick try, and a store that does not answer leaves
+    the run RUNNING, which the next run of the same chain marks KILLED and resumes. The run is
+    ended here all the same: left active, MLflow's exit hook would end it FINISHED, and a chain
+    run again would take the stage for done.
+    """
+    error = f"{type(exc).__name__}: {exc}"[:5000]
+    failed = RunStatus.to_string(RunStatus.FAILED)
+    if not store_failed:
+        mlflow.set_tag("error", error)
+        mlflow.end_run(failed)
+        return
+    _give_up_on_the_store()
+    with contextlib.suppress(MlflowException):
+        mlflow.set_tag("error", error)
+    with contextlib.suppress(MlflowException):
+        mlflow.end_run(failed)  # takes the run off MLflow's stack before it writes
+
+
 def _give_up_on_the_store() -> None:
-    """The store is gone: recording how the run ended would retry for minutes, here and again in
-    the exit hook with which MLflow ends active runs, so that hook gets one quick try only. The
-    run reads RUNNING, and the next run of the same chain marks it KILLED and resumes it."""
+    """The store is gone, or may be: recording how a run ended would retry for minutes, so each
+    record gets one quick try."""
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(SERVER_CHECK_TIMEOUT_S)
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import mlflow
 import openpyxl
 import pytest
 import torch
@@ -940,6 +941,25 @@ def test_a_best_checkpoint_the_store_cannot_hand_over_ends_in_one_line(store, tm
     with pytest.raises(tracking.TrackingStoreError) as error:
         tracking.download_best_so_far(interrupted, tmp_path / "downloads")
     assert _one_line(error).startswith(f"cannot read resume/best.ckpt of run {interrupted} from ")
+
+
+def test_a_run_the_store_fails_ends_failed_not_finished(store, tmp_path):
+    """A run whose work the store failed, as a resumed chain's parent run does when a reused
+    stage's best checkpoint cannot be downloaded (a full disk under the download folder; here a
+    file size limit), was left open for a store that might not answer: MLflow's exit hook then
+    ended it FINISHED, and the record said the chain had done its work."""
+    run_id = _interrupted_run(store, tmp_path, bytes(200_000))
+    experiment = tracking.use_experiment("naics-embedder")
+    with (
+        pytest.raises(tracking.TrackingStoreError) as refused,
+        tracking.run(experiment, "chain", {}) as parent,
+        file_size_limited(100_000),
+    ):
+        tracking.download_checkpoint(store.get_run(run_id), "last.ckpt", tmp_path / "dl")
+    assert mlflow.active_run() is None  # nothing left for the exit hook to end FINISHED
+    ended = store.get_run(parent.info.run_id)
+    assert ended.info.status == "FAILED"
+    assert ended.data.tags["error"] == f"TrackingStoreError: {refused.value}"
 
 
 def test_a_checkpoint_download_the_disk_refuses_is_one_line_naming_where(store, tmp_path):
