@@ -476,11 +476,15 @@ def test_a_chain_stopped_as_it_logs_its_model_logs_it_when_run_again(workdir):
     model, logged none, so the chain had nothing to serve; a model whose upload was cut short
     read PENDING for ever."""
     _write_chain(workdir, "chain_end", "  - name: 01_stage\n    max_epochs: 1\n")
-    process = start_cli(workdir, "train-curriculum", "--chain", "chain_end")
+    log = workdir / "chain_end.log"
+    process = start_cli(workdir, "train-curriculum", "--chain", "chain_end", output=log)
     try:
-        while not any(r.info.status == "FINISHED" for r in _stage_runs(workdir, "01_stage")):
-            assert process.poll() is None, "the chain ended before its stage finished"
-            time.sleep(0.05)
+        # Said once the stage has ended and the codes are embedded, as the model's logging
+        # starts: read from the command's output, which a store the command is writing to at
+        # that moment could answer too late.
+        while "embedded 2125 codes" not in log.read_text():
+            assert process.poll() is None, "the chain ended before it logged its model"
+            time.sleep(0.02)
         os.killpg(process.pid, signal.SIGINT)
         process.wait(timeout=90)
     finally:
