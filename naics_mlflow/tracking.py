@@ -383,13 +383,14 @@ def run(
             )
             raise
         except BaseException as exc:
+            unreachable = _store_unreachable(exc)
             store_failed = (
-                isinstance(exc, TrackingStoreError)
-                or _store_unreachable(exc)
+                unreachable
+                or isinstance(exc, TrackingStoreError)
                 or _sqlite_write_refused(exc) is not None
             )
             _end_failed(exc, store_failed)
-            if _store_unreachable(exc):
+            if unreachable:
                 raise _lost_store_error(active.info.run_id, exc) from exc
             raise
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
