@@ -35,6 +35,7 @@ from mlflow.entities import LoggedModel, LoggedModelStatus, Metric, Run, RunStat
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import DBAPIError
 
 from naics_mlflow.errors import UserError, first_line
 from naics_mlflow.files import why_unwritable
@@ -185,8 +186,8 @@ def _store_is_missing() -> bool:
 def _check_store(uri: str) -> None:
     """Fail in one line where MLflow cannot use the store at ``uri``: a sqlite file in a folder
     that cannot be written (MLflow would retry it for minutes), a scheme it does not know, a
-    file store (which MLflow now refuses unless told otherwise) or a database without its
-    driver."""
+    file store (which MLflow now refuses unless told otherwise), a database without its
+    driver, or a file that is not a database (MLflow lets SQLAlchemy's error through)."""
     database = _sqlite_file(uri)
     if database is not None and (reason := why_unwritable(database)):
         raise TrackingStoreError(
@@ -197,9 +198,11 @@ def _check_store(uri: str) -> None:
         _create_sqlite_store(database)
     try:
         MlflowClient(uri).search_experiments(max_results=1)
-    except (MlflowException, ImportError) as exc:
+    except (MlflowException, DBAPIError, ImportError) as exc:
+        # The database's own words ("file is not a database"), not SQLAlchemy's wrapping of them.
+        reason = first_line(exc.orig if isinstance(exc, DBAPIError) else exc)
         raise TrackingStoreError(
-            f"cannot use the MLflow tracking store {uri} ({first_line(exc)}); "
+            f"cannot use the MLflow tracking store {uri} ({reason}); "
             "point MLFLOW_TRACKING_URI at a server (http://...) or a database "
             "(sqlite:///path/mlflow.db), or unset it for the local sqlite store"
         ) from exc

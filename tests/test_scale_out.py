@@ -358,16 +358,20 @@ def test_a_tracking_server_that_is_down_or_refuses_fails_in_one_line(tiny_workdi
 def test_a_tracking_store_mlflow_cannot_use_fails_in_one_line(tiny_workdir, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("kept")
+    not_a_database = tmp_path / "notes.db"
+    not_a_database.write_text("kept too")
     cases = [
         (f"sqlite:///{blocker}/mlflow.db", "cannot write the tracking store", "(Not a directory)"),
         ("nosuchscheme://store", "cannot use the MLflow tracking store", "unsupported URI"),
         (str(tmp_path / "mlruns"), "cannot use the MLflow tracking store", "filesystem tracking"),
+        (f"sqlite:///{not_a_database}", "cannot use the MLflow tracking store", "(file is not a"),
     ]
     for uri, start, reason in cases:
         for command in (["runs"], ["train", "-c", "01_stage"]):
             line = error_line(run_cli(tiny_workdir, *command, tracking_uri=uri))
             assert line.startswith(f"error: {start} {uri} ") and reason in line, line
     assert blocker.read_text() == "kept"
+    assert not_a_database.read_text() == "kept too"
     assert not (tmp_path / "mlruns").exists()
 
 
