@@ -185,9 +185,9 @@ def _store_is_missing() -> bool:
 @functools.cache
 def _check_store(uri: str) -> None:
     """Fail in one line where MLflow cannot use the store at ``uri``: a sqlite file in a folder
-    that cannot be written (MLflow would retry it for minutes), a scheme it does not know, a
-    file store (which MLflow now refuses unless told otherwise), a database without its
-    driver, or a file that is not a database (MLflow lets SQLAlchemy's error through)."""
+    that cannot be written (MLflow would retry it for minutes), a sqlite file that is not an
+    MLflow store, a scheme MLflow does not know, a file store (which MLflow now refuses unless
+    told otherwise), a database without its driver, or one that refuses the connection."""
     database = _sqlite_file(uri)
     if database is not None and (reason := why_unwritable(database)):
         raise TrackingStoreError(
@@ -196,16 +196,49 @@ def _check_store(uri: str) -> None:
         )
     if database is not None and not database.exists():
         _create_sqlite_store(database)
+    elif database is not None:
+        _check_sqlite_is_mlflows(uri, database)
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except (MlflowException, DBAPIError, ImportError) as exc:
-        # The database's own words ("file is not a database"), not SQLAlchemy's wrapping of them.
-        reason = first_line(exc.orig if isinstance(exc, DBAPIError) else exc)
-        raise TrackingStoreError(
-            f"cannot use the MLflow tracking store {uri} ({reason}); "
-            "point MLFLOW_TRACKING_URI at a server (http://...) or a database "
-            "(sqlite:///path/mlflow.db), or unset it for the local sqlite store"
+        # The database's own words, not SQLAlchemy's wrapping of them (which MLflow lets through
+        # from a server database that refuses the connection).
+        raise _unusable_store_error(
+            uri, first_line(exc.orig if isinstance(exc, DBAPIError) else exc)
         ) from exc
+
+
+def _unusable_store_error(uri: str, reason: str) -> TrackingStoreError:
+    return TrackingStoreError(
+        f"cannot use the MLflow tracking store {uri} ({reason}); point MLFLOW_TRACKING_URI at a "
+        "server (http://...) or a database (sqlite:///path/mlflow.db), or unset it for the "
+        "local sqlite store"
+    )
+
+
+# Tables that every MLflow sqlite store has, whatever its schema's version.
+_MLFLOW_TABLES = frozenset({"alembic_version", "experiments", "runs"})
+
+
+def _check_sqlite_is_mlflows(uri: str, database: Path) -> None:
+    """Refuse an existing sqlite file that is not an MLflow store, read without writing to it:
+    one that is not a database at all, or another application's database, into which MLflow
+    would otherwise write its own tables on opening it (even for a command that only reads). An
+    empty database is a store MLflow has yet to fill."""
+    read_only = f"{database.resolve().as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(read_only, uri=True)) as connection:
+            rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            tables = sorted(name for (name,) in rows if not name.startswith("sqlite_"))
+    except sqlite3.DatabaseError as exc:
+        raise _unusable_store_error(uri, first_line(exc)) from exc
+    if tables and not _MLFLOW_TABLES.issubset(tables):
+        shown = ", ".join(tables[:5]) + (f", ... ({len(tables)} tables)" if len(tables) > 5 else "")
+        raise TrackingStoreError(
+            f"the tracking store {uri} is another application's database (its tables: {shown}), "
+            "and MLflow would add its own tables to it; point MLFLOW_TRACKING_URI at an MLflow "
+            "store or a new file (sqlite:///path/mlflow.db)"
+        )
 
 
 def _create_sqlite_store(database: Path) -> None:

@@ -4,10 +4,12 @@ unusable, made by several commands at once, or on a disk that refuses artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -360,11 +362,16 @@ def test_a_tracking_store_mlflow_cannot_use_fails_in_one_line(tiny_workdir, tmp_
     blocker.write_text("kept")
     not_a_database = tmp_path / "notes.db"
     not_a_database.write_text("kept too")
+    other_application = tmp_path / "customers.db"
+    with contextlib.closing(sqlite3.connect(other_application)) as connection, connection:
+        connection.execute("CREATE TABLE customers (name TEXT)")
+        connection.execute("INSERT INTO customers VALUES ('kept')")
     cases = [
         (f"sqlite:///{blocker}/mlflow.db", "cannot write the tracking store", "(Not a directory)"),
         ("nosuchscheme://store", "cannot use the MLflow tracking store", "unsupported URI"),
         (str(tmp_path / "mlruns"), "cannot use the MLflow tracking store", "filesystem tracking"),
         (f"sqlite:///{not_a_database}", "cannot use the MLflow tracking store", "(file is not a"),
+        (f"sqlite:///{other_application}", "the tracking store", "(its tables: customers)"),
     ]
     for uri, start, reason in cases:
         for command in (["runs"], ["train", "-c", "01_stage"]):
@@ -372,6 +379,10 @@ def test_a_tracking_store_mlflow_cannot_use_fails_in_one_line(tiny_workdir, tmp_
             assert line.startswith(f"error: {start} {uri} ") and reason in line, line
     assert blocker.read_text() == "kept"
     assert not_a_database.read_text() == "kept too"
+    with contextlib.closing(sqlite3.connect(other_application)) as connection:
+        tables = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        assert tables.fetchall() == [("customers",)]
+        assert connection.execute("SELECT name FROM customers").fetchall() == [("kept",)]
     assert not (tmp_path / "mlruns").exists()
 
 
