@@ -6,12 +6,10 @@ Lightning and MLflow take seconds to import.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import math
 import os
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from naics_mlflow import stopping
 from naics_mlflow.errors import UserError
 
 if TYPE_CHECKING:
@@ -131,43 +130,7 @@ def main(debug: bool) -> None:
     # each would stay behind as a line of all its states.
     if not sys.stderr.isatty():
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # SIGTERM (`kill`, `timeout`, `docker stop`, a cloud's preemption notice) stops a command as
-    # Ctrl-C does: runs end KILLED with their last checkpoint kept, half-written files are removed.
-    # Left alone, Python would die at once outside a fit, and inside one Lightning's own handler
-    # would end the run KILLED and the process with status 0.
-    signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
-    # Ctrl-C too, so that the command ends by whichever signal stopped it; not where Ctrl-C is
-    # ignored, as in a job a script started with &.
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _stop_as_on_ctrl_c)
-    # Registered before torch, Lightning and MLflow are imported, so it runs after their handlers.
-    atexit.register(_end_by_the_stopping_signal)
-
-
-_stopping_signal: int | None = None
-
-
-def _stop_as_on_ctrl_c(signum: int, frame: object) -> None:
-    global _stopping_signal
-    _stopping_signal = signum
-    raise KeyboardInterrupt
-
-
-def _end_by_the_stopping_signal() -> None:
-    """End a stopped command by its signal, as Python ends on a Ctrl-C that nothing caught.
-
-    A shell tells a command that stopped on a signal from one that exited: bash stops a loop of
-    commands on Ctrl-C only when the command ended by the signal, and after an exit status of 1
-    it starts the next one. Click exits with status 1, and under ``python -m`` (as ``mlflow run``
-    runs the project) CPython ended some stopped commands by SIGINT anyway, depending on where
-    the interrupt landed.
-    """
-    if _stopping_signal is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    signal.signal(_stopping_signal, signal.SIG_DFL)
-    os.kill(os.getpid(), _stopping_signal)
+    stopping.install()
 
 
 def _project_config(ctx: click.Context, param: click.Parameter, path: str) -> str:

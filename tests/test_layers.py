@@ -12,6 +12,7 @@ LAYERS = (
     (
         "naics_mlflow",
         "naics_mlflow.errors",
+        "naics_mlflow.stopping",
         "naics_mlflow.files",
         "naics_mlflow.config",
         "naics_mlflow.distributed",

@@ -9,6 +9,7 @@ import os
 import pty
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -1366,3 +1367,50 @@ def test_precomputed_features_give_the_backbones_embeddings(tiny_overrides, rele
                 atol=1e-4,
                 rtol=1e-4,
             )
+
+
+_FIT_STOPPED_IN_A_STEP = """
+import os, signal
+import lightning as L, torch
+from naics_mlflow import stopping
+from naics_mlflow.training.callbacks import CommandSigtermHandler, StopBetweenSteps
+
+class Steps(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+
+    def training_step(self, batch, batch_idx):
+        print(f"step {batch_idx} began", flush=True)
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("step 1 went on after the signal", flush=True)
+        return self.layer(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+stopping.install()
+L.Trainer(
+    max_epochs=1, callbacks=[CommandSigtermHandler(), StopBetweenSteps()], logger=False,
+    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+).fit(Steps(), torch.utils.data.DataLoader(torch.ones(6, 1), batch_size=1))
+"""
+
+
+def test_a_stop_signal_inside_a_step_stops_the_fit_after_that_step():
+    """Raised inside a step, the stop could land in a library's hand-over to its own threads
+    (once, TensorBoard's writer was left unwoken and the stop hung in its close)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _FIT_STOPPED_IN_A_STEP],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == -signal.SIGTERM, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [
+        "step 0 began",
+        "step 1 began",
+        "step 1 went on after the signal",
+    ]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from naics_mlflow import tracking
+from naics_mlflow import stopping, tracking
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE
 from naics_mlflow.data.taxonomy import MIN_LEVEL
@@ -328,6 +328,51 @@ class CommandSigtermHandler(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         signal.signal(signal.SIGTERM, self._handler)
+
+
+class StopBetweenSteps(L.Callback):
+    """From the first training step to the end of the fit, a first Ctrl-C or SIGTERM stops
+    training at the next boundary of a training or validation step, or at the fit's end, not
+    inside a step (:mod:`naics_mlflow.stopping` says why). Epoch-end work (metrics, checkpoints
+    and their upload) finishes first."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stopping.wait_for_step_boundaries(True)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        stopping.stop_if_asked()
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        stopping.stop_if_asked()
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        stopping.stop_if_asked()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stopping.wait_for_step_boundaries(False)
+        stopping.stop_if_asked()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        stopping.wait_for_step_boundaries(False)
 
 
 class StopLaunchedRanksFirst(L.Callback):

@@ -38,6 +38,7 @@ from naics_mlflow.training.callbacks import (
     PrecomputedFeatures,
     StagePictures,
     StageProgressBar,
+    StopBetweenSteps,
     StopLaunchedRanksFirst,
     TaxonomyEvaluation,
     checkpoint_figures,
@@ -296,6 +297,7 @@ def _fit(
         StageProgressBar() if on_terminal else EpochSummary(name),
         ForgetUnreachableBest(),
         CommandSigtermHandler(),
+        StopBetweenSteps(),
         StopLaunchedRanksFirst(),
     ]
     loggers = [TensorBoardLogger(config.dirs.outputs, name=run_group, version=name)]
