@@ -3,11 +3,11 @@ preemption notice): as on Ctrl-C, by a ``KeyboardInterrupt``, so that runs end K
 last checkpoint kept and half-written files are removed; then the process ends by the signal that
 stopped it.
 
-Inside a fit the first signal stops it between steps, not inside one (a second stops at once). An
-exception raised from a signal handler lands wherever the main thread is, inside a library's hand
-over to its own threads too: landed in a TensorBoard write, it once left the event writer's thread
-unwoken, and the stop then hung in the logger's close for up to its 120 s flush interval.
-Lightning stops on its own SIGTERM the same way, between steps.
+During training (from its first step to the end of the fit) the first signal stops it between
+steps, not inside one; a second stops at once. An exception raised from a signal handler lands
+wherever the main thread is, inside a library's hand-over to its own threads too: there it once
+left TensorBoard's event writer thread unwoken, and the stop hung in the logger's close for up to
+the writer's 120 s flush interval. Lightning acts on its own SIGTERM the same way, between steps.
 """
 
 from __future__ import annotations
