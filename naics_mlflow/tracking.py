@@ -204,7 +204,7 @@ def _check_store(uri: str) -> None:
         # The database's own words, not SQLAlchemy's wrapping of them (which MLflow lets through
         # from a server database that refuses the connection).
         raise _unusable_store_error(
-            uri, first_line(exc.orig if isinstance(exc, DBAPIError) else exc)
+            uri, first_line(exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc)
         ) from exc
 
 

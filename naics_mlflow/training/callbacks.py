@@ -332,25 +332,15 @@ class CommandSigtermHandler(L.Callback):
 
 class StopBetweenSteps(L.Callback):
     """From the first training step to the end of the fit, a first Ctrl-C or SIGTERM stops
-    training at the next boundary of a training or validation step, or at the fit's end, not
-    inside a step (:mod:`naics_mlflow.stopping` says why). Epoch-end work (metrics, checkpoints
-    and their upload) finishes first."""
+    training before the next training step, after the next validation step or at the fit's end,
+    never inside a step (:mod:`naics_mlflow.stopping` says why). Epoch-end work (metrics,
+    checkpoints and their upload) finishes first."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stopping.wait_for_step_boundaries(True)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        stopping.stop_if_asked()
-
-    def on_train_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
     ) -> None:
         stopping.stop_if_asked()
 
