@@ -891,8 +891,11 @@ def export(
         engine, _, resolved, config = _load_engine(
             reference, trust_checkpoint, config_path, Path(download_dir)
         )
-        experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
-        with tracking.run(experiment_id, "export", {}, reopen_run_id=resolved.run_id):
-            uri = log_search_model(resolved.path, engine, registered_name)
+        if resolved.run_id is not None:
+            uri = log_search_model(resolved.path, engine, resolved.run_id, registered_name)
+        else:
+            experiment_id = tracking.use_experiment(config.mlflow.experiment_name)
+            with tracking.run(experiment_id, "export", {}) as active:
+                uri = log_search_model(resolved.path, engine, active.info.run_id, registered_name)
     click.echo(f"model logged: {uri}")
     click.echo(f"serve it:     mlflow models serve -m {uri} --env-manager local")

@@ -22,11 +22,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import naics_mlflow
+from naics_mlflow import tracking
 from naics_mlflow.config import SearchConfig
 from naics_mlflow.data.pretrained import DEFAULT_BACKBONE, load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL
@@ -194,9 +195,14 @@ def _read_items(table: pa.Table, hidden_size: int) -> IndexItems:
 
 
 def log_search_model(
-    checkpoint: Path, engine: SearchEngine, registered_name: str | None = None
+    checkpoint: Path, engine: SearchEngine, run_id: str, registered_name: str | None = None
 ) -> str:
-    """Log the model named ``model`` into the active run; returns its ``runs:/`` URI."""
+    """Log the model named ``model`` into run ``run_id``; returns its ``runs:/`` URI.
+
+    The run is not reopened, so an ended one (the stage a checkpoint came from) keeps its status
+    and end time whatever becomes of the logging: reopened, a stopped export left a finished
+    stage KILLED, which its stage's lookup then passed over, and a finished one's duration in the
+    MLflow UI ran to the export's end."""
     backbone = engine.embedder.config.model.base_model_name
     with tempfile.TemporaryDirectory(prefix="naics-model-") as folder:
         codes = Path(folder) / "codes.parquet"
@@ -204,18 +210,23 @@ def log_search_model(
         artifacts = {"checkpoint": str(checkpoint), "codes": str(codes)}
         if backbone != DEFAULT_BACKBONE and Path(backbone).is_dir():
             artifacts["backbone"] = backbone
-        mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=str(Path(naics_mlflow.__file__).parent / "served_model.py"),
-            artifacts=artifacts,
-            signature=SIGNATURE,
-            input_example=INPUT_EXAMPLE,
-            model_config=dataclasses.asdict(engine.settings),
-            code_paths=[str(Path(naics_mlflow.__file__).parent)],
-            pip_requirements=_requirements(),
-            registered_model_name=registered_name,
-        )
-    return f"runs:/{mlflow.active_run().info.run_id}/{MODEL_NAME}"
+        # `mlflow.pyfunc.log_model` would log only into the active run.
+        with tracking.new_logged_model(run_id, MODEL_NAME) as model:
+            Model.log(
+                artifact_path=None,
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
+                model_id=model.model_id,
+                python_model=str(Path(naics_mlflow.__file__).parent / "served_model.py"),
+                artifacts=artifacts,
+                signature=SIGNATURE,
+                input_example=INPUT_EXAMPLE,
+                model_config=dataclasses.asdict(engine.settings),
+                code_paths=[str(Path(naics_mlflow.__file__).parent)],
+                pip_requirements=_requirements(),
+                registered_model_name=registered_name,
+            )
+    return f"runs:/{run_id}/{MODEL_NAME}"
 
 
 def _requirements() -> list[str]:

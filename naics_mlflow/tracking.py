@@ -394,8 +394,8 @@ def run(
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that ends FINISHED, KILLED on Ctrl-C, or FAILED with the error as a tag.
 
-    ``reopen_run_id`` continues an existing run (a resumed chain's parent, the run a model is
-    exported into) under its own name instead of starting a new one.
+    ``reopen_run_id`` continues an existing run (a resumed chain's parent) under its own name
+    instead of starting a new one.
     """
     with _refused_store_writes_in_one_line():
         active = mlflow.start_run(
@@ -744,15 +744,39 @@ def holds_logged_model(run: Run, name: str) -> bool:
     return any(model.status == LoggedModelStatus.READY for model in _logged_models(run, name))
 
 
-def fail_models_cut_short(run: Run, name: str) -> None:
-    """Mark FAILED each model named ``name`` that ``run`` left PENDING. MLflow marks a model
-    FAILED when its logging raises an error, but not when a Ctrl-C, a kill or a lost store cut
-    it short: such a model would read as still uploading for ever. Only for a run that no
-    process is writing now, whose PENDING models are then all cut short."""
+def delete_models_cut_short(run: Run, name: str) -> None:
+    """Delete each model named ``name`` that ``run`` left PENDING: one whose logging a kill or a
+    lost store cut short would read as still uploading for ever. Only for a run that no process
+    is writing now, whose PENDING models are then all cut short."""
     client = MlflowClient()
     for model in _logged_models(run, name):
         if model.status == LoggedModelStatus.PENDING:
-            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            client.delete_logged_model(model.model_id)
+
+
+@contextlib.contextmanager
+def new_logged_model(run_id: str, name: str) -> Iterator[LoggedModel]:
+    """A new PENDING model named ``name`` of run ``run_id``, for MLflow's ``Model.log`` to fill
+    (its ``model_id``); deleted if its logging fails or a Ctrl-C or SIGTERM cuts it short.
+
+    MLflow would mark it FAILED, or leave it PENDING on a stop, and ``runs:/<run_id>/<name>``
+    reads the run's newest model of that name whatever its status: a stopped export made the
+    run's earlier whole model unreachable. Made here in the run's experiment, with the run's
+    params, as MLflow makes one for the active run: for a run that is not active it files the
+    model under the Default experiment.
+    """
+    run = get_run(run_id)
+    client = MlflowClient()
+    model = client.create_logged_model(
+        run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
+    )
+    try:
+        yield model
+    except BaseException as cut_short:
+        client.delete_logged_model(model.model_id)
+        if isinstance(cut_short, KeyboardInterrupt):
+            logger.warning("stopped: model '%s' was not logged into run %s", name, run_id)
+        raise
 
 
 def _logged_models(run: Run, name: str) -> list[LoggedModel]:

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from mlflow.entities import LoggedModelStatus
+from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow.cli import SEARCH_CHUNK
@@ -32,7 +35,14 @@ from naics_mlflow.evaluation.queries import (
 )
 from naics_mlflow.model.lorentz import distance, distance_to_origin, manifold_violation
 from naics_mlflow.model.merged import dtype_name, inference_device, inference_dtype
-from tests.commands import environment, error_line, ok, run_cli, run_cli_concurrently
+from tests.commands import (
+    environment,
+    error_line,
+    ok,
+    run_cli,
+    run_cli_concurrently,
+    start_cli,
+)
 
 
 @pytest.fixture(scope="module")
@@ -892,3 +902,45 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained, taxonomy):
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def _models_of(client: MlflowClient, run) -> list:
+    """The models named ``model`` of ``run`` that the store lists, newest first."""
+    return client.search_logged_models(
+        [run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = 'model'",
+    )
+
+
+def test_export_leaves_its_run_as_it_was_and_a_stopped_one_leaves_no_model(trained, monkeypatch):
+    """`export` logs into the run its checkpoint came from without reopening it. Reopened, a
+    finished stage's end time became the export's (its duration in the MLflow UI ran to that
+    day), and a stopped export left it KILLED, which `--from-checkpoint <stage>` then passed over,
+    with a PENDING model that `runs:/<id>/model` read instead of the whole one."""
+    workdir, client, run, _ = trained
+    ok(run_cli(workdir, "export", "--from-checkpoint", "quickstart"))
+    (whole, *_) = _models_of(client, run)
+    assert whole.status == LoggedModelStatus.READY
+
+    log = workdir / "stopped_export.log"
+    process = start_cli(workdir, "export", "--from-checkpoint", "quickstart", output=log)
+    try:
+        # Stopped while its model is being written (made PENDING, filled, then marked READY).
+        while not any(m.status == LoggedModelStatus.PENDING for m in _models_of(client, run)):
+            assert process.poll() is None, f"the export ended before the stop: {log.read_text()}"
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == -signal.SIGINT
+    assert f"stopped: model 'model' was not logged into run {run.info.run_id}" in log.read_text()
+
+    after = client.get_run(run.info.run_id).info
+    assert (after.status, after.end_time) == ("FINISHED", run.info.end_time)
+    assert _models_of(client, run)[0].model_id == whole.model_id  # the cut-short one is gone
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
+    assert get_model_info(f"runs:/{run.info.run_id}/model").model_id == whole.model_id
+    ok(run_cli(workdir, "search", "grow soybeans", "--from-checkpoint", "quickstart"))

@@ -232,8 +232,8 @@ def _record_chain(
         )
         if start.logs_final_model:
             if start.parent_run_id is not None:  # a chain in use is never resumed
-                tracking.fail_models_cut_short(parent, MODEL_NAME)
-            _log_final_model(previous_best, plan.stages[-1].config)
+                tracking.delete_models_cut_short(parent, MODEL_NAME)
+            _log_final_model(previous_best, plan.stages[-1].config, parent.info.run_id)
     return ChainResult(parent.info.run_id, results, final_run_id)
 
 
@@ -262,15 +262,15 @@ def _str_or_none(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-def _log_final_model(checkpoint: Path, config: Config) -> None:
-    """The chain's result as a servable MLflow model in the parent run."""
+def _log_final_model(checkpoint: Path, config: Config, parent_run_id: str) -> None:
+    """The chain's result as a servable MLflow model in its parent run."""
     engine = SearchEngine.build(
         load_embedder(checkpoint, inference_device(config.search.device)),
         load_taxonomy(config.dirs.data),
         config.search,
         outputs_dir=Path(config.dirs.outputs),
     )
-    uri = log_search_model(checkpoint, engine)
+    uri = log_search_model(checkpoint, engine, parent_run_id)
     logger.info("chain model logged as %s", uri)
 
 
