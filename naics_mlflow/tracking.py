@@ -668,10 +668,16 @@ def resolve_checkpoint(
     artifact URI (``models:/<name>/<version>``, a registered model, holds its checkpoint), or a
     path to a ``.ckpt`` file."""
     if "://" in reference or reference.startswith(("runs:/", "models:/")):
-        run_id = re.match(r"runs:/([^/]+)", reference)
-        return ResolvedCheckpoint(
-            _download_reference(reference, download_dir), run_id.group(1) if run_id else None
-        )
+        named_run = re.match(r"runs:/([^/]+)", reference)
+        path = _download_reference(reference, download_dir)
+        run_id = named_run.group(1) if named_run else None
+        if run_id is not None and get_run(run_id).info.lifecycle_stage == "deleted":
+            # As a stage's lookup passes over it; a run in the trash also takes no logging.
+            raise CheckpointReferenceError(
+                f"run {run_id} is deleted (in the MLflow trash); restore it with "
+                f"`mlflow runs restore --run-id {run_id}`, or give another checkpoint"
+            )
+        return ResolvedCheckpoint(path, run_id)
     path = Path(reference)
     if path.is_file():
         return ResolvedCheckpoint(path, None)
