@@ -31,7 +31,14 @@ import mlflow.data
 import pandas as pd
 import requests
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
-from mlflow.entities import LoggedModel, LoggedModelStatus, Metric, Run, RunStatus
+from mlflow.entities import (
+    Experiment,
+    LoggedModel,
+    LoggedModelStatus,
+    Metric,
+    Run,
+    RunStatus,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
@@ -303,6 +310,10 @@ def use_experiment(name: str) -> str:
             )
     elif (experiment := mlflow.get_experiment_by_name(name)) is not None:
         experiment_id = experiment.experiment_id
+        if experiment.lifecycle_stage == "deleted":
+            raise UserError(
+                f"{_deleted_experiment(experiment)}, or name another in mlflow.experiment_name"
+            )
     else:
         experiment_id = _create_experiment(name, uri)
     _mark_model_development(experiment_id)
@@ -671,12 +682,8 @@ def resolve_checkpoint(
         named_run = re.match(r"runs:/([^/]+)", reference)
         path = _download_reference(reference, download_dir)
         run_id = named_run.group(1) if named_run else None
-        if run_id is not None and get_run(run_id).info.lifecycle_stage == "deleted":
-            # As a stage's lookup passes over it; a run in the trash also takes no logging.
-            raise CheckpointReferenceError(
-                f"run {run_id} is deleted (in the MLflow trash); restore it with "
-                f"`mlflow runs restore --run-id {run_id}`, or give another checkpoint"
-            )
+        if run_id is not None:
+            _check_not_deleted(get_run(run_id))
         return ResolvedCheckpoint(path, run_id)
     path = Path(reference)
     if path.is_file():
@@ -691,6 +698,30 @@ def resolve_checkpoint(
     run = best_run_of_stage(reference, comparable(reference) if comparable else None)
     best = download_checkpoint(run, run.data.tags["best_checkpoint"], download_dir)
     return ResolvedCheckpoint(best, run.info.run_id)
+
+
+def _check_not_deleted(run: Run) -> None:
+    """Refuse a checkpoint's run that is in the MLflow trash, as a stage's lookup passes over it:
+    a run there takes no logging (``export``, ``evaluate``), and may soon be gone for good."""
+    if run.info.lifecycle_stage != "deleted":
+        return
+    experiment = MlflowClient().get_experiment(run.info.experiment_id)
+    if experiment.lifecycle_stage == "deleted":
+        raise CheckpointReferenceError(
+            f"run {run.info.run_id} is deleted with its experiment: "
+            f"{_deleted_experiment(experiment)}, or give another checkpoint"
+        )
+    raise CheckpointReferenceError(
+        f"run {run.info.run_id} is deleted (in the MLflow trash); restore it with "
+        f"`mlflow runs restore --run-id {run.info.run_id}`, or give another checkpoint"
+    )
+
+
+def _deleted_experiment(experiment: Experiment) -> str:
+    return (
+        f"experiment '{experiment.name}' is deleted (in the MLflow trash); restore it with "
+        f"`mlflow experiments restore --experiment-id {experiment.experiment_id}`"
+    )
 
 
 def _download_reference(reference: str, download_dir: Path) -> Path:

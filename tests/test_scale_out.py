@@ -20,6 +20,7 @@ from typing import NamedTuple
 import pytest
 import requests
 import torch
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow import tracking
@@ -384,6 +385,38 @@ def test_a_tracking_store_mlflow_cannot_use_fails_in_one_line(tiny_workdir, tmp_
         assert tables.fetchall() == [("customers",)]
         assert connection.execute("SELECT name FROM customers").fetchall() == [("kept",)]
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_deleted_experiment_is_refused_with_how_to_restore_it(tiny_workdir):
+    """The configured experiment, or a checkpoint run's, in the MLflow trash: MLflow's traceback
+    ("must be in the 'active' state"), for `evaluate` once its work was done."""
+    client = MlflowClient(f"sqlite:///{tiny_workdir}/mlflow.db")
+    experiment_id = client.create_experiment(
+        "naics-embedder", artifact_location=(tiny_workdir / "mlartifacts").as_uri()
+    )
+    run_id = client.create_run(experiment_id).info.run_id
+    checkpoint = tiny_workdir / "best.ckpt"
+    checkpoint.write_bytes(b"refused before it is read")
+    client.log_artifact(run_id, str(checkpoint), "ckpt")
+    client.delete_experiment(experiment_id)
+    results = run_cli_concurrently(
+        tiny_workdir,
+        [
+            ["train", "-c", "01_stage"],
+            ["search", "a bakery", "--from-checkpoint", f"runs:/{run_id}/ckpt"],
+        ],
+    )
+    deleted = (
+        "experiment 'naics-embedder' is deleted (in the MLflow trash); restore it with "
+        f"`mlflow experiments restore --experiment-id {experiment_id}`"
+    )
+    assert error_line(results[0]) == f"error: {deleted}, or name another in mlflow.experiment_name"
+    assert error_line(results[1]) == (
+        f"error: run {run_id} is deleted with its experiment: {deleted}, or give another checkpoint"
+    )
+    assert [
+        run.info.run_id for run in client.search_runs([experiment_id], run_view_type=ViewType.ALL)
+    ] == [run_id]
 
 
 def test_a_lookup_where_there_is_no_store_says_so_and_creates_none(tiny_workdir):
