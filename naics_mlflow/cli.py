@@ -872,7 +872,13 @@ def evaluate(
 
 @main.command()
 @_checkpoint_option
-@click.option("--register", "registered_name", default=None, help="Also register it under NAME.")
+@click.option(
+    "--register",
+    "registered_name",
+    metavar="NAME",
+    default=None,
+    help="Also register it in the model registry under NAME.",
+)
 @_config_option
 @_reports_user_errors
 def export(
