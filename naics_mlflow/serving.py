@@ -204,28 +204,30 @@ def log_search_model(
     stage KILLED, which its stage's lookup then passed over, and a finished one's duration in the
     MLflow UI ran to the export's end."""
     backbone = engine.embedder.config.model.base_model_name
-    with tempfile.TemporaryDirectory(prefix="naics-model-") as folder:
+    # `mlflow.pyfunc.log_model` would log only into the active run.
+    with (
+        tracking.new_logged_model(run_id, MODEL_NAME) as model,
+        tempfile.TemporaryDirectory(prefix="naics-model-") as folder,
+    ):
         codes = Path(folder) / "codes.parquet"
         pq.write_table(_codes_table(engine), codes)
         artifacts = {"checkpoint": str(checkpoint), "codes": str(codes)}
         if backbone != DEFAULT_BACKBONE and Path(backbone).is_dir():
             artifacts["backbone"] = backbone
-        # `mlflow.pyfunc.log_model` would log only into the active run.
-        with tracking.new_logged_model(run_id, MODEL_NAME) as model:
-            Model.log(
-                artifact_path=None,
-                flavor=mlflow.pyfunc,
-                run_id=run_id,
-                model_id=model.model_id,
-                python_model=str(Path(naics_mlflow.__file__).parent / "served_model.py"),
-                artifacts=artifacts,
-                signature=SIGNATURE,
-                input_example=INPUT_EXAMPLE,
-                model_config=dataclasses.asdict(engine.settings),
-                code_paths=[str(Path(naics_mlflow.__file__).parent)],
-                pip_requirements=_requirements(),
-                registered_model_name=registered_name,
-            )
+        Model.log(
+            artifact_path=None,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=model.model_id,
+            python_model=str(Path(naics_mlflow.__file__).parent / "served_model.py"),
+            artifacts=artifacts,
+            signature=SIGNATURE,
+            input_example=INPUT_EXAMPLE,
+            model_config=dataclasses.asdict(engine.settings),
+            code_paths=[str(Path(naics_mlflow.__file__).parent)],
+            pip_requirements=_requirements(),
+            registered_model_name=registered_name,
+        )
     return f"runs:/{run_id}/{MODEL_NAME}"
 
 

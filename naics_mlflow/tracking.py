@@ -794,7 +794,9 @@ def delete_models_cut_short(run: Run, name: str) -> None:
 @contextlib.contextmanager
 def new_logged_model(run_id: str, name: str) -> Iterator[LoggedModel]:
     """A new PENDING model named ``name`` of run ``run_id``, for MLflow's ``Model.log`` to fill
-    (its ``model_id``); deleted if its logging fails or a Ctrl-C or SIGTERM cuts it short.
+    (its ``model_id``); deleted if its logging fails or a Ctrl-C or SIGTERM cuts it short. A
+    write that a disk refuses, in the temporary folder where the model's files are gathered or in
+    a local artifact store, ends in one line naming both places.
 
     MLflow would mark it FAILED, or leave it PENDING on a stop, and ``runs:/<run_id>/<name>``
     reads the run's newest model of that name whatever its status: a stopped export made the
@@ -813,6 +815,13 @@ def new_logged_model(run_id: str, name: str) -> Iterator[LoggedModel]:
         client.delete_logged_model(model.model_id)
         if isinstance(cut_short, KeyboardInterrupt):
             logger.warning("stopped: model '%s' was not logged into run %s", name, run_id)
+        if isinstance(cut_short, OSError) and cut_short.errno in _REFUSED_WRITES:
+            # pyarrow's and shutil's errors name the file differently, or not at all.
+            raise ArtifactWriteError(
+                f"cannot write model '{name}' of run {run_id} ({os.strerror(cut_short.errno)}); "
+                f"free space in the temporary folder {tempfile.gettempdir()} (TMPDIR) and where "
+                f"the model's files go, {model.artifact_location}, then run the command again"
+            ) from cut_short
         raise
 
 

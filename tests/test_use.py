@@ -944,3 +944,19 @@ def test_export_leaves_its_run_as_it_was_and_a_stopped_one_leaves_no_model(train
     monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     assert get_model_info(f"runs:/{run.info.run_id}/model").model_id == whole.model_id
     ok(run_cli(workdir, "search", "grow soybeans", "--from-checkpoint", "quickstart"))
+
+
+def test_an_export_the_disk_refuses_is_one_line_and_leaves_no_model(trained):
+    """A full disk where the model's files are gathered or stored (here a file size limit, which
+    the kernel enforces the same way): pyarrow's or shutil's OSError came through as a traceback,
+    and the run's newest `model` was a FAILED one that `runs:/<id>/model` could not load."""
+    workdir, client, run, _ = trained
+    before = [model.model_id for model in _models_of(client, run)]
+    # Past the store's own file (about 1 MB), short of the codes' table (about 3.8 MB).
+    refused = run_cli(workdir, "export", "--from-checkpoint", "quickstart", file_size_limit=2**21)
+    assert error_line(refused).startswith(
+        f"error: cannot write model 'model' of run {run.info.run_id} (File too large); free space "
+        "in the temporary folder "
+    )
+    assert [model.model_id for model in _models_of(client, run)] == before
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
