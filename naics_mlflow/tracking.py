@@ -806,12 +806,20 @@ def new_logged_model(run_id: str, name: str) -> Iterator[LoggedModel]:
     """
     run = get_run(run_id)
     client = MlflowClient()
-    model = client.create_logged_model(
-        run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
-    )
+    with _refused_store_writes_in_one_line():
+        model = client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
+        )
     try:
-        yield model
+        with _refused_store_writes_in_one_line():
+            yield model
     except BaseException as cut_short:
+        # A store that is lost or refuses writes takes no deletion either: the model stays
+        # PENDING, which a chain run again deletes (see :func:`delete_models_cut_short`).
+        if _store_unreachable(cut_short):
+            raise _lost_store_error(run_id, cut_short) from cut_short
+        if isinstance(cut_short, TrackingStoreError):
+            raise
         client.delete_logged_model(model.model_id)
         if isinstance(cut_short, KeyboardInterrupt):
             logger.warning("stopped: model '%s' was not logged into run %s", name, run_id)
