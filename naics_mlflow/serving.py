@@ -3,14 +3,15 @@
 ``log_search_model`` packs a checkpoint, the precomputed embeddings of all codes (so a served
 model starts without re-encoding the taxonomy) with the national industries' documents for the
 lexical signal and their index items' features for the nearest-item signal, the search settings
-(as the model's ``model_config``), this package's code and, for a backbone that is a local
-folder, that folder.
+(``search_settings.json``, also the model's ``search.*`` params), this package's code and, for a
+backbone that is a local folder, that folder.
 ``mlflow models serve -m runs:/<id>/model --env-manager local`` then answers ``POST /invocations``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,11 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         backbone = context.artifacts.get("backbone")
-        settings = context.model_config
+        # Models logged before 2026-12-06 carry their settings as their model_config.
+        settings_file = context.artifacts.get("search_settings")
+        settings = (
+            json.loads(Path(settings_file).read_text()) if settings_file else context.model_config
+        )
         # Models logged before search.device existed run where auto puts them: the same
         # rankings to float rounding as on the CPU they were logged to run on.
         device = settings.get("device", "auto")
@@ -202,16 +207,27 @@ def log_search_model(
     The run is not reopened, so an ended one (the stage a checkpoint came from) keeps its status
     and end time whatever becomes of the logging: reopened, a stopped export left a finished
     stage KILLED, which its stage's lookup then passed over, and a finished one's duration in the
-    MLflow UI ran to the export's end."""
+    MLflow UI ran to the export's end. Nor are its params touched: the search settings are a
+    file of the model, not its ``model_config``, which MLflow copies into the run's params (where
+    an export with other settings was refused, and the run kept the first export's)."""
     backbone = engine.embedder.config.model.base_model_name
+    settings = dataclasses.asdict(engine.settings)
     # `mlflow.pyfunc.log_model` would log only into the active run.
     with (
-        tracking.new_logged_model(run_id, MODEL_NAME) as model,
+        tracking.new_logged_model(
+            run_id, MODEL_NAME, {f"search.{key}": value for key, value in settings.items()}
+        ) as model,
         tempfile.TemporaryDirectory(prefix="naics-model-") as folder,
     ):
         codes = Path(folder) / "codes.parquet"
         pq.write_table(_codes_table(engine), codes)
-        artifacts = {"checkpoint": str(checkpoint), "codes": str(codes)}
+        settings_file = Path(folder) / "search_settings.json"
+        settings_file.write_text(json.dumps(settings))
+        artifacts = {
+            "checkpoint": str(checkpoint),
+            "codes": str(codes),
+            "search_settings": str(settings_file),
+        }
         if backbone != DEFAULT_BACKBONE and Path(backbone).is_dir():
             artifacts["backbone"] = backbone
         Model.log(
@@ -223,7 +239,6 @@ def log_search_model(
             artifacts=artifacts,
             signature=SIGNATURE,
             input_example=INPUT_EXAMPLE,
-            model_config=dataclasses.asdict(engine.settings),
             code_paths=[str(Path(naics_mlflow.__file__).parent)],
             pip_requirements=_requirements(),
             registered_model_name=registered_name,

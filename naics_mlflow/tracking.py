@@ -792,7 +792,9 @@ def delete_models_cut_short(run: Run, name: str) -> None:
 
 
 @contextlib.contextmanager
-def new_logged_model(run_id: str, name: str) -> Iterator[LoggedModel]:
+def new_logged_model(
+    run_id: str, name: str, model_params: Mapping[str, Any]
+) -> Iterator[LoggedModel]:
     """A new PENDING model named ``name`` of run ``run_id``, for MLflow's ``Model.log`` to fill
     (its ``model_id``); deleted if its logging fails or a Ctrl-C or SIGTERM cuts it short. A
     write that a disk refuses, in the temporary folder where the model's files are gathered or in
@@ -801,14 +803,16 @@ def new_logged_model(run_id: str, name: str) -> Iterator[LoggedModel]:
     MLflow would mark it FAILED, or leave it PENDING on a stop, and ``runs:/<run_id>/<name>``
     reads the run's newest model of that name whatever its status: a stopped export made the
     run's earlier whole model unreachable. Made here in the run's experiment, with the run's
-    params, as MLflow makes one for the active run: for a run that is not active it files the
-    model under the Default experiment.
+    params, as MLflow makes one for the active run (for a run that is not active it files the
+    model under the Default experiment), updated by ``model_params``: what the model itself was
+    made with.
     """
     run = get_run(run_id)
     client = MlflowClient()
+    params = {**run.data.params, **{key: str(value) for key, value in model_params.items()}}
     with _refused_store_writes_in_one_line():
         model = client.create_logged_model(
-            run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
+            run.info.experiment_id, name=name, source_run_id=run_id, params=params
         )
     try:
         with _refused_store_writes_in_one_line():

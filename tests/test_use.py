@@ -3,6 +3,7 @@ real subprocesses against a sqlite store, with a stage trained on the tiny backb
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -16,16 +17,20 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from mlflow.entities import LoggedModelStatus
 from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
 
+from naics_mlflow import serving
 from naics_mlflow.cli import SEARCH_CHUNK
+from naics_mlflow.config import SearchConfig
 from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
 from naics_mlflow.evaluation.queries import (
     QueryError,
@@ -33,8 +38,10 @@ from naics_mlflow.evaluation.queries import (
     read_query_file,
     read_unseen_queries,
 )
+from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.lorentz import distance, distance_to_origin, manifold_violation
 from naics_mlflow.model.merged import dtype_name, inference_device, inference_dtype
+from naics_mlflow.model.trained import load_embedder
 from tests.commands import (
     environment,
     error_line,
@@ -916,11 +923,28 @@ def test_export_leaves_its_run_as_it_was_and_a_stopped_one_leaves_no_model(train
     """`export` logs into the run its checkpoint came from without reopening it. Reopened, a
     finished stage's end time became the export's (its duration in the MLflow UI ran to that
     day), and a stopped export left it KILLED, which `--from-checkpoint <stage>` then passed over,
-    with a PENDING model that `runs:/<id>/model` read instead of the whole one."""
+    with a PENDING model that `runs:/<id>/model` read instead of the whole one. Nor are the run's
+    params touched: MLflow copied the model's search settings into them, and refused an export's
+    other settings there after the first."""
     workdir, client, run, _ = trained
-    ok(run_cli(workdir, "export", "--from-checkpoint", "quickstart"))
+    config = yaml.safe_load((workdir / "conf" / "config.yaml").read_text())
+    config["search"]["lexical_weight"] += 1.5
+    (workdir / "conf" / "other_search.yaml").write_text(yaml.safe_dump(config))
+    ok(
+        run_cli(
+            workdir,
+            *("export", "--from-checkpoint", "quickstart"),
+            *("--config", "conf/other_search.yaml"),
+        )
+    )
     (whole, *_) = _models_of(client, run)
     assert whole.status == LoggedModelStatus.READY
+    assert client.get_run(run.info.run_id).data.params == run.data.params
+    # The model's params are the run's, with the settings it searches with.
+    assert whole.params == {
+        **run.data.params,
+        "search.lexical_weight": str(config["search"]["lexical_weight"]),
+    }
 
     log = workdir / "stopped_export.log"
     process = start_cli(workdir, "export", "--from-checkpoint", "quickstart", output=log)
@@ -944,6 +968,36 @@ def test_export_leaves_its_run_as_it_was_and_a_stopped_one_leaves_no_model(train
     monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     assert get_model_info(f"runs:/{run.info.run_id}/model").model_id == whole.model_id
     ok(run_cli(workdir, "search", "grow soybeans", "--from-checkpoint", "quickstart"))
+
+
+@pytest.mark.parametrize("carried_as", ["settings file", "model_config"])
+def test_a_served_model_searches_with_the_settings_it_was_logged_with(
+    trained, taxonomy, tmp_path, carried_as
+):
+    """Models logged before 2026-12-06 carry their search settings as MLflow's model_config,
+    later ones as a file; a process that has this package imported loads either with this
+    code."""
+    *_, checkpoint = trained
+    settings = SearchConfig(
+        lexical_weight=7.0,
+        item_weight=2.0,
+        backbone_dtype="float32",
+        device="cpu",
+        query_max_length=20,
+    )
+    engine = SearchEngine.build(load_embedder(checkpoint, torch.device("cpu")), taxonomy, settings)
+    codes = tmp_path / "codes.parquet"
+    pq.write_table(serving._codes_table(engine), codes)
+    artifacts = {"checkpoint": str(checkpoint), "codes": str(codes)}
+    if carried_as == "settings file":
+        (tmp_path / "search_settings.json").write_text(json.dumps(dataclasses.asdict(settings)))
+        artifacts["search_settings"] = str(tmp_path / "search_settings.json")
+        model_config = {}
+    else:
+        model_config = dataclasses.asdict(settings)
+    served = serving.NaicsSearchModel()
+    served.load_context(mlflow.pyfunc.PythonModelContext(artifacts, model_config))
+    assert served.engine.settings == settings
 
 
 def test_an_export_the_disk_refuses_is_one_line_and_leaves_no_model(trained):
