@@ -522,7 +522,8 @@ def runs(chain_name: str | None, stage: str | None) -> None:
     if not found:
         asked = f"runs of stage '{stage}'" if stage else "stage runs"
         asked += f" of chain '{chain_name}'" if chain_name else ""
-        click.echo(f"no {asked} in {tracking.tracking_uri()}")
+        trashed = tracking.trashed_runs(" AND ".join(conditions))
+        click.echo(f"no {asked} in {tracking.tracking_uri()}{trashed}")
         return
     columns = [
         "run_id",

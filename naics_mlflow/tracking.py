@@ -38,6 +38,7 @@ from mlflow.entities import (
     Metric,
     Run,
     RunStatus,
+    ViewType,
 )
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -768,6 +769,48 @@ def search_runs(filter_string: str, order_by: list[str] | None = None) -> list[R
     )
 
 
+def trashed_runs(filter_string: str) -> str:
+    """For a search of active runs that found none: how many runs matching ``filter_string`` lie
+    in the MLflow trash and how to restore them, as a clause in parentheses ("" if none), since
+    "no runs" alone reads as if they never were."""
+    if _store_is_missing():
+        return ""
+    client = MlflowClient()
+    experiments = client.search_experiments(view_type=ViewType.ALL)
+    trashed = client.search_runs(
+        [experiment.experiment_id for experiment in experiments],
+        filter_string,
+        run_view_type=ViewType.DELETED_ONLY,
+        order_by=["attributes.start_time DESC"],
+    )
+    if not trashed:
+        return ""
+    deleted_experiments = {
+        experiment.experiment_id: experiment
+        for experiment in experiments
+        if experiment.lifecycle_stage == "deleted"
+    }
+    parts = []
+    for experiment_id, experiment in deleted_experiments.items():
+        count = sum(run.info.experiment_id == experiment_id for run in trashed)
+        if count:
+            parts.append(
+                f"{count} with its deleted experiment '{experiment.name}': restore it with "
+                f"`mlflow experiments restore --experiment-id {experiment_id}`"
+            )
+    deleted = [
+        run.info.run_id for run in trashed if run.info.experiment_id not in deleted_experiments
+    ]
+    if len(deleted) == 1:
+        parts.append(f"1 deleted: restore it with `mlflow runs restore --run-id {deleted[0]}`")
+    elif deleted:
+        parts.append(
+            f"{len(deleted)} deleted: restore each with `mlflow runs restore --run-id <id>`, "
+            f"the newest is {deleted[0]}"
+        )
+    return f" ({len(trashed)} in the MLflow trash: {'; '.join(parts)})"
+
+
 def has_checkpoint(run: Run, name: str) -> bool:
     logged = f"{CHECKPOINT_ARTIFACT_PATH}/{name}"
     with _artifact_read(run.info.run_id, logged):
@@ -877,10 +920,8 @@ def best_run_of_stage(stage: str, comparable: Mapping[str, str] | None = None) -
             f"'{stage}' is not a stage name (letters, digits, '_', '-', '.'), a "
             "runs:/<run_id>/ckpt URI or an existing checkpoint file; check --from-checkpoint"
         )
-    runs = search_runs(
-        f"{tag_equals('stage', stage)} AND attributes.status = 'FINISHED'",
-        ["metrics.best_val_loss ASC"],
-    )
+    finished_of_stage = f"{tag_equals('stage', stage)} AND attributes.status = 'FINISHED'"
+    runs = search_runs(finished_of_stage, ["metrics.best_val_loss ASC"])
     skipped: dict[str, int] = {}
     considered = []
     for run in runs:
@@ -914,8 +955,10 @@ def best_run_of_stage(stage: str, comparable: Mapping[str, str] | None = None) -
         )
     if _store_is_missing():
         raise _missing_store_error(f"cannot look up stage '{stage}'")
+    trashed = trashed_runs(finished_of_stage)
     raise CheckpointReferenceError(
-        f"no finished run of stage '{stage}' with a logged checkpoint in {tracking_uri()}; "
+        f"no finished run of stage '{stage}' with a logged checkpoint in {tracking_uri()}"
+        f"{trashed}; "
         "train that stage first, or pass a checkpoint file or a runs:/<run_id>/ckpt URI"
     )
 

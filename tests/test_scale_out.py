@@ -389,21 +389,33 @@ def test_a_tracking_store_mlflow_cannot_use_fails_in_one_line(tiny_workdir, tmp_
 
 def test_a_deleted_experiment_is_refused_with_how_to_restore_it(tiny_workdir):
     """The configured experiment, or a checkpoint run's, in the MLflow trash: MLflow's traceback
-    ("must be in the 'active' state"), for `evaluate` once its work was done."""
+    ("must be in the 'active' state"), for `evaluate` once its work was done. A search that finds
+    no active run says how many lie in the trash: it read as if there had never been any."""
     client = MlflowClient(f"sqlite:///{tiny_workdir}/mlflow.db")
     experiment_id = client.create_experiment(
         "naics-embedder", artifact_location=(tiny_workdir / "mlartifacts").as_uri()
     )
-    run_id = client.create_run(experiment_id).info.run_id
+    run_id = client.create_run(experiment_id, tags={"stage": "01_stage"}).info.run_id
+    client.set_terminated(run_id)
     checkpoint = tiny_workdir / "best.ckpt"
     checkpoint.write_bytes(b"refused before it is read")
     client.log_artifact(run_id, str(checkpoint), "ckpt")
     client.delete_experiment(experiment_id)
+    other_id = client.create_experiment("other")
+    deleted_runs = [
+        client.create_run(other_id, start_time=started, tags={"stage": "02_stage"}).info.run_id
+        for started in (1_000, 2_000)
+    ]
+    for deleted_run in deleted_runs:
+        client.delete_run(deleted_run)
     results = run_cli_concurrently(
         tiny_workdir,
         [
             ["train", "-c", "01_stage"],
             ["search", "a bakery", "--from-checkpoint", f"runs:/{run_id}/ckpt"],
+            ["search", "a bakery", "--from-checkpoint", "01_stage"],
+            ["runs"],
+            ["runs", "--stage", "02_stage"],
         ],
     )
     deleted = (
@@ -413,6 +425,26 @@ def test_a_deleted_experiment_is_refused_with_how_to_restore_it(tiny_workdir):
     assert error_line(results[0]) == f"error: {deleted}, or name another in mlflow.experiment_name"
     assert error_line(results[1]) == (
         f"error: run {run_id} is deleted with its experiment: {deleted}, or give another checkpoint"
+    )
+    store = f"sqlite:///{tiny_workdir}/mlflow.db"
+    with_experiment = (
+        "1 with its deleted experiment 'naics-embedder': restore it with "
+        f"`mlflow experiments restore --experiment-id {experiment_id}`"
+    )
+    assert error_line(results[2]) == (
+        f"error: no finished run of stage '01_stage' with a logged checkpoint in {store} "
+        f"(1 in the MLflow trash: {with_experiment}); train that stage first, or pass a "
+        "checkpoint file or a runs:/<run_id>/ckpt URI"
+    )
+    runs_deleted = (
+        "2 deleted: restore each with `mlflow runs restore --run-id <id>`, "
+        f"the newest is {deleted_runs[1]}"
+    )
+    assert ok(results[3]).stdout.strip() == (
+        f"no stage runs in {store} (3 in the MLflow trash: {with_experiment}; {runs_deleted})"
+    )
+    assert ok(results[4]).stdout.strip() == (
+        f"no runs of stage '02_stage' in {store} (2 in the MLflow trash: {runs_deleted})"
     )
     assert [
         run.info.run_id for run in client.search_runs([experiment_id], run_view_type=ViewType.ALL)
