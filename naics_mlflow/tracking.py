@@ -85,6 +85,9 @@ _REFUSED_WRITES = frozenset(
 SERVER_CHECK_TIMEOUT_S = 10
 
 
+# --- the store and its experiments ---------------------------------------------------------
+
+
 class TrackingStoreError(UserError):
     """The tracking store cannot be reached."""
 
@@ -351,6 +354,9 @@ def _mark_model_development(experiment_id: str) -> None:
             raise
 
 
+# --- runs ----------------------------------------------------------------------------------
+
+
 def git_commit() -> str:
     """The commit of the code that runs (this package's checkout, wherever the command runs
     from), or ``unknown`` when it is not in a git checkout."""
@@ -490,6 +496,19 @@ def _lost_store_error(run_id: str, exc: BaseException) -> TrackingStoreError:
         f"({first_line(exc)[:300]}); local checkpoints are kept: once the store is back, "
         "run the same command again"
     )
+
+
+def get_run(run_id: str) -> Run:
+    return MlflowClient().get_run(run_id)
+
+
+def mark_killed_if_running(run_id: str) -> None:
+    """A run left RUNNING by a process that died is over: record it as KILLED."""
+    if get_run(run_id).info.status == "RUNNING":
+        MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
+# --- what runs log: params, metrics, datasets, checkpoints ---------------------------------
 
 
 def log_params(params: Mapping[str, Any]) -> None:
@@ -650,6 +669,9 @@ def log_metric_batch(run_id: str, metrics: Mapping[str, float], step: int) -> No
     batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
     with _store_in_use(run_id):
         MlflowClient().log_batch(run_id, metrics=batch)
+
+
+# --- --from-checkpoint references ----------------------------------------------------------
 
 
 class CheckpointReferenceError(UserError):
@@ -818,76 +840,6 @@ def has_checkpoint(run: Run, name: str) -> bool:
     return any(artifact.path == logged for artifact in listed)
 
 
-def holds_logged_model(run: Run, name: str) -> bool:
-    """Whether ``run`` logged a model named ``name`` whose upload finished (READY): a model whose
-    logging was cut short stays PENDING."""
-    return any(model.status == LoggedModelStatus.READY for model in _logged_models(run, name))
-
-
-def delete_models_cut_short(run: Run, name: str) -> None:
-    """Delete each model named ``name`` that ``run`` left PENDING: one whose logging a kill or a
-    lost store cut short would read as still uploading for ever. Only for a run that no process
-    is writing now, whose PENDING models are then all cut short."""
-    client = MlflowClient()
-    for model in _logged_models(run, name):
-        if model.status == LoggedModelStatus.PENDING:
-            client.delete_logged_model(model.model_id)
-
-
-@contextlib.contextmanager
-def new_logged_model(
-    run_id: str, name: str, model_params: Mapping[str, Any]
-) -> Iterator[LoggedModel]:
-    """A new PENDING model named ``name`` of run ``run_id``, for MLflow's ``Model.log`` to fill
-    (its ``model_id``); deleted if its logging fails or a Ctrl-C or SIGTERM cuts it short. A
-    write that a disk refuses, in the temporary folder where the model's files are gathered or in
-    a local artifact store, ends in one line naming both places.
-
-    MLflow would mark it FAILED, or leave it PENDING on a stop, and ``runs:/<run_id>/<name>``
-    reads the run's newest model of that name whatever its status: a stopped export made the
-    run's earlier whole model unreachable. Made here in the run's experiment, with the run's
-    params, as MLflow makes one for the active run (for a run that is not active it files the
-    model under the Default experiment), updated by ``model_params``: what the model itself was
-    made with.
-    """
-    run = get_run(run_id)
-    client = MlflowClient()
-    params = {**run.data.params, **{key: str(value) for key, value in model_params.items()}}
-    with _refused_store_writes_in_one_line():
-        model = client.create_logged_model(
-            run.info.experiment_id, name=name, source_run_id=run_id, params=params
-        )
-    try:
-        with _refused_store_writes_in_one_line():
-            yield model
-    except BaseException as cut_short:
-        # A store that is lost or refuses writes takes no deletion either: the model stays
-        # PENDING, which a chain run again deletes (see :func:`delete_models_cut_short`).
-        if _store_unreachable(cut_short):
-            raise _lost_store_error(run_id, cut_short) from cut_short
-        if isinstance(cut_short, TrackingStoreError):
-            raise
-        client.delete_logged_model(model.model_id)
-        if isinstance(cut_short, KeyboardInterrupt):
-            logger.warning("stopped: model '%s' was not logged into run %s", name, run_id)
-        if isinstance(cut_short, OSError) and cut_short.errno in _REFUSED_WRITES:
-            # pyarrow's and shutil's errors name the file differently, or not at all.
-            raise ArtifactWriteError(
-                f"cannot write model '{name}' of run {run_id} ({os.strerror(cut_short.errno)}); "
-                f"free space in the temporary folder {tempfile.gettempdir()} (TMPDIR) and where "
-                f"the model's files go, {model.artifact_location}, then run the command again"
-            ) from cut_short
-        raise
-
-
-def _logged_models(run: Run, name: str) -> list[LoggedModel]:
-    # Not filtered by status: MLflow 3.17's sqlite store matches no model by status.
-    return MlflowClient().search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
-    )
-
-
 def download_checkpoint(run: Run, name: str, download_dir: Path) -> Path:
     """``ckpt/<name>`` of ``run`` as a local file in ``download_dir``.
 
@@ -973,11 +925,74 @@ def _missing_store_error(what_failed: str) -> CheckpointReferenceError:
     )
 
 
-def get_run(run_id: str) -> Run:
-    return MlflowClient().get_run(run_id)
+# --- logged models -------------------------------------------------------------------------
 
 
-def mark_killed_if_running(run_id: str) -> None:
-    """A run left RUNNING by a process that died is over: record it as KILLED."""
-    if get_run(run_id).info.status == "RUNNING":
-        MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+def holds_logged_model(run: Run, name: str) -> bool:
+    """Whether ``run`` logged a model named ``name`` whose upload finished (READY): a model whose
+    logging was cut short stays PENDING."""
+    return any(model.status == LoggedModelStatus.READY for model in _logged_models(run, name))
+
+
+def delete_models_cut_short(run: Run, name: str) -> None:
+    """Delete each model named ``name`` that ``run`` left PENDING: one whose logging a kill or a
+    lost store cut short would read as still uploading for ever. Only for a run that no process
+    is writing now, whose PENDING models are then all cut short."""
+    client = MlflowClient()
+    for model in _logged_models(run, name):
+        if model.status == LoggedModelStatus.PENDING:
+            client.delete_logged_model(model.model_id)
+
+
+@contextlib.contextmanager
+def new_logged_model(
+    run_id: str, name: str, model_params: Mapping[str, Any]
+) -> Iterator[LoggedModel]:
+    """A new PENDING model named ``name`` of run ``run_id``, for MLflow's ``Model.log`` to fill
+    (its ``model_id``); deleted if its logging fails or a Ctrl-C or SIGTERM cuts it short. A
+    write that a disk refuses, in the temporary folder where the model's files are gathered or in
+    a local artifact store, ends in one line naming both places.
+
+    MLflow would mark it FAILED, or leave it PENDING on a stop, and ``runs:/<run_id>/<name>``
+    reads the run's newest model of that name whatever its status: a stopped export made the
+    run's earlier whole model unreachable. Made here in the run's experiment, with the run's
+    params, as MLflow makes one for the active run (for a run that is not active it files the
+    model under the Default experiment), updated by ``model_params``: what the model itself was
+    made with.
+    """
+    run = get_run(run_id)
+    client = MlflowClient()
+    params = {**run.data.params, **{key: str(value) for key, value in model_params.items()}}
+    with _refused_store_writes_in_one_line():
+        model = client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=run_id, params=params
+        )
+    try:
+        with _refused_store_writes_in_one_line():
+            yield model
+    except BaseException as cut_short:
+        # A store that is lost or refuses writes takes no deletion either: the model stays
+        # PENDING, which a chain run again deletes (see :func:`delete_models_cut_short`).
+        if _store_unreachable(cut_short):
+            raise _lost_store_error(run_id, cut_short) from cut_short
+        if isinstance(cut_short, TrackingStoreError):
+            raise
+        client.delete_logged_model(model.model_id)
+        if isinstance(cut_short, KeyboardInterrupt):
+            logger.warning("stopped: model '%s' was not logged into run %s", name, run_id)
+        if isinstance(cut_short, OSError) and cut_short.errno in _REFUSED_WRITES:
+            # pyarrow's and shutil's errors name the file differently, or not at all.
+            raise ArtifactWriteError(
+                f"cannot write model '{name}' of run {run_id} ({os.strerror(cut_short.errno)}); "
+                f"free space in the temporary folder {tempfile.gettempdir()} (TMPDIR) and where "
+                f"the model's files go, {model.artifact_location}, then run the command again"
+            ) from cut_short
+        raise
+
+
+def _logged_models(run: Run, name: str) -> list[LoggedModel]:
+    # Not filtered by status: MLflow 3.17's sqlite store matches no model by status.
+    return MlflowClient().search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
+    )
