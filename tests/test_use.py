@@ -971,7 +971,7 @@ def test_export_leaves_its_run_as_it_was_and_a_stopped_one_leaves_no_model(train
 
 
 @pytest.mark.parametrize("carried_as", ["settings file", "model_config"])
-def test_a_served_model_searches_with_the_settings_it_was_logged_with(
+def test_a_served_model_loads_the_settings_it_was_logged_with(
     trained, taxonomy, tmp_path, carried_as
 ):
     """Models logged before 2026-12-06 carry their search settings as MLflow's model_config,
