@@ -643,14 +643,15 @@ def _load_engine(reference: str, trust_checkpoint: bool, config_path: str, downl
 @_config_option
 @_reports_user_errors
 def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -> None:
-    """Lorentz embeddings of all 2,125 codes to parquet (code, level, title, embedding); logged
-    to the checkpoint's run when the reference names one."""
+    """Lorentz embeddings of all 2,125 codes to parquet (code as the Census writes it, level,
+    title, embedding); logged to the checkpoint's run when the reference names one."""
     import tempfile
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from naics_mlflow import tracking
+    from naics_mlflow.data.taxonomy import display_code
     from naics_mlflow.files import check_output, write_output
 
     if out.suffix.lower() != ".parquet":
@@ -662,7 +663,7 @@ def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -
         )
     table = pa.table(
         {
-            "code": taxonomy.codes,
+            "code": [display_code(code) for code in taxonomy.codes],
             "level": pa.array(taxonomy.levels.tolist(), type=pa.int8()),
             "title": taxonomy.titles,
             "embedding": pa.array(

@@ -34,6 +34,7 @@ from naics_mlflow.data.tokenization import (
 from naics_mlflow.evaluation import retrieval
 from naics_mlflow.evaluation.evaluate import QuerySet, evaluate
 from naics_mlflow.evaluation.lexical import LexicalIndex
+from naics_mlflow.evaluation.queries import code_written_as
 from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine
 from naics_mlflow.model import merged
 from naics_mlflow.model.checkpoint import CheckpointError
@@ -459,6 +460,80 @@ def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapte
     best = (by_embedding[MAX_LEVEL] + 3.0 * nearest[:, engine.candidates(MAX_LEVEL)]).max(dim=1)
     found = engine.search(texts, top_k=1)
     assert [matches[0].score for matches in found] == pytest.approx(best.values.tolist())
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("441120", "441120"),
+        (" 4411\n", "4411"),
+        ("11", "11"),
+        ("32", "31"),  # a range sector by any of its prefixes
+        ("31-33", "31"),
+        ("44-45", "44"),
+        ("31-32", None),
+        ("4411201", None),
+        ("441120 car dealer", None),
+        ("7", None),
+    ],
+)
+def test_a_code_is_read_as_people_write_it(text, code):
+    assert code_written_as(text) == code
+
+
+def test_a_query_that_is_a_code_is_answered_by_the_code_and_its_nearest_codes(
+    trained_adapters, taxonomy, caplog
+):
+    module, *_ = trained_adapters
+    settings = search_settings(lexical_weight=32.0, item_weight=10.0)
+    engine = SearchEngine.build(module, taxonomy, settings)
+    texts = ["441120", "retail bakery", "4411", "31-33"]
+    with caplog.at_level(logging.WARNING, logger=retrieval.__name__):
+        national, any_level = (engine.search(texts, top_k=4, level=level) for level in (6, None))
+    assert not caplog.records
+    used_cars = national[0]
+    assert (used_cars[0].code, used_cars[0].distance, used_cars[0].score) == ("441120", 0, 0)
+    assert used_cars[0].margin == pytest.approx(-used_cars[1].score)
+    # The rest by the model's logit alone: the lexical and item signals read words.
+    rows = engine.candidates(MAX_LEVEL)
+    position = taxonomy.positions["441120"]
+    distances = engine.distances(engine.code_embeddings[position : position + 1], rows)[0]
+    distances[rows == position] = 0
+    nearest = distances.sort(stable=True)
+    temperature = module.config.loss.temperature
+    expected = [
+        (engine.codes[rows[j]], d)
+        for j, d in zip(nearest.indices[:4].tolist(), nearest.values[:4].tolist(), strict=True)
+    ]
+    assert [m.code for m in used_cars] == [code for code, _ in expected]
+    assert [m.distance for m in used_cars] == pytest.approx([d for _, d in expected], abs=1e-5)
+    assert [m.score for m in used_cars] == pytest.approx([-d / temperature for _, d in expected])
+    # A code of another level answers the codes nearest it at the level searched, and itself
+    # first where that level holds it; the description between them ranks as it does alone.
+    assert [m.code for m in any_level[2][:1] + any_level[3][:1]] == ["4411", "31-33"]
+    assert national[2][0].code != "4411" and national[2][0].level == MAX_LEVEL
+    (alone,) = engine.search(["retail bakery"], top_k=4)
+    assert [m.code for m in national[1]] == [m.code for m in alone]
+
+
+def test_a_number_that_is_not_a_code_is_searched_as_text_with_one_warning(
+    trained_adapters, taxonomy, caplog
+):
+    module, *_ = trained_adapters
+    engine = SearchEngine.build(module, taxonomy, search_settings(lexical_weight=32.0))
+    texts = ["441110", "999999", "1990", "retail bakery"]  # 441110 is a 2022 code too
+    with caplog.at_level(logging.WARNING, logger=retrieval.__name__):
+        found = engine.search(texts, top_k=3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "2 of 4 queries are numbers that are not NAICS 2022 codes ('999999' first); they are "
+        "read as business descriptions"
+    ]
+    assert found[0][0].code == "441110"
+    queries = engine.read_queries(texts[1:2])
+    scores, _ = engine.ranking(queries, 1, MAX_LEVEL)
+    best = scores[0].sort(descending=True, stable=True).indices[:3]
+    rows = engine.candidates(MAX_LEVEL)
+    assert [m.code for m in found[1]] == [engine.codes[rows[j]] for j in best]
 
 
 def test_search_ranks_many_texts_in_blocks_as_it_ranks_them_at_once(

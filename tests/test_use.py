@@ -88,6 +88,9 @@ def test_embed_writes_every_code_on_the_manifold(trained):
     assert len(table["code"]) == 2125
     assert set(table["level"]) == {2, 3, 4, 5, 6}
     assert table["title"][table["code"].index("111110")] == "Soybean Farming"
+    assert (
+        table["title"][table["code"].index("31-33")] == "Manufacturing"
+    )  # as the Census writes it
     embeddings = torch.tensor(np.asarray(table["embedding"], dtype=np.float32))
     assert embeddings.shape == (2125, 17)
     assert manifold_violation(embeddings, 1.0).max() < 1e-4

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL
+from naics_mlflow.data.census import RANGE_SECTORS
+from naics_mlflow.data.taxonomy import MAX_LEVEL, MIN_LEVEL, sector_of
 from naics_mlflow.errors import UserError, first_line
 from naics_mlflow.files import check_output, write_output
 
@@ -42,10 +44,23 @@ MATCH_FILE_WRITERS = {
 }
 # The rows of an Excel sheet below its header row.
 SHEET_ROWS = 1_048_575
+# A query that is nothing but digits, as many as a code has.
+CODE_ALONE = re.compile(r"\d{2,6}")
 
 
 class QueryError(UserError):
     """A search request that cannot be answered as asked."""
+
+
+def code_written_as(text: str) -> str | None:
+    """The code that ``text`` is, where it holds nothing but one as people write them:
+    ``441120``, and a range sector by its range or any of its prefixes (``31-33``, ``32`` ->
+    ``31``); None for any other text. Whether the taxonomy has the code is the caller's question.
+    """
+    written = text.strip()
+    if CODE_ALONE.fullmatch(written):
+        return sector_of(written) if len(written) == MIN_LEVEL else written
+    return RANGE_SECTORS.get(written)
 
 
 @dataclass(frozen=True)

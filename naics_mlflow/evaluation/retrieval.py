@@ -17,7 +17,8 @@ activities. The weights are
 embedding alone. Codes of levels 2-5 have no examples of their own, so they are ranked by the
 embedding alone. A query of several sentences gives each code the best score of its sentences,
 each read as a query of its own, and a sentence with a misspelt word is read a second time as
-corrected (:meth:`SearchEngine.read_queries`).
+corrected (:meth:`SearchEngine.read_queries`). A query that is nothing but a code ("441120") is
+that code's embedding, so ``search`` answers the code and its nearest neighbours.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from naics_mlflow.config import SearchConfig
 from naics_mlflow.data.disk_cache import read_cached, source_digest, write_cached
 from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE, CodeFeatures
 from naics_mlflow.data.pretrained import load_tokenizer
-from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy
+from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy, display_code
 from naics_mlflow.data.tokenization import (
     QUERY_CHANNELS,
     TextBatch,
@@ -57,7 +58,7 @@ from naics_mlflow.evaluation.lexical import (
     six_digit_rows,
     whole_words,
 )
-from naics_mlflow.evaluation.queries import Match, check_request
+from naics_mlflow.evaluation.queries import Match, check_request, code_written_as
 from naics_mlflow.model.checkpoint import weights_digest
 from naics_mlflow.model.head import EncoderHead
 from naics_mlflow.model.lorentz import pairwise_distance
@@ -261,8 +262,10 @@ class SearchEngine:
     items: IndexItems  # moved to the embedder's device
     settings: SearchConfig  # search.*: the signals' weights, the backbone's dtype and device
     backbone: MergedBackbone = field(init=False)  # the embedder's, adapters merged, for queries
+    rows_of_codes: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.rows_of_codes = {code: row for row, code in enumerate(self.codes)}
         device = self.embedder.device
         self.code_embeddings = self.code_embeddings.to(device)
         self.items = self.items.to(device)
@@ -441,20 +444,58 @@ class SearchEngine:
         at_best = torch.where(scores == best[owners], distances, math.inf)
         return best, -queries.best(-at_best, count)
 
+    def named_codes(self, texts: list[str]) -> list[int | None]:
+        """The row of the code each text is, where it is nothing but a NAICS 2022 code
+        (:func:`code_written_as`), else None. One warning counts the texts written as codes that
+        2022 does not have ("441110", a 2017 code; "1990"), which are read as descriptions."""
+        written = [code_written_as(text) for text in texts]
+        named = [self.rows_of_codes.get(code) if code else None for code in written]
+        unknown = [
+            text
+            for text, code, row in zip(texts, written, named, strict=True)
+            if code and row is None
+        ]
+        if unknown:
+            logger.warning(
+                "%d of %d queries are numbers that are not NAICS 2022 codes (%r first); they are "
+                "read as business descriptions",
+                len(unknown),
+                len(texts),
+                unknown[0].strip(),
+            )
+        return named
+
+    def around_code(self, row: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C,)`` distances and scores of the candidates at ``rows`` for a query that names
+        the code at ``row``: the code's own embedding is the query, scored by the model's logit
+        alone (no words to read), and the code is at distance 0 from itself. Computed, that
+        distance comes out near 0.1: far from the origin a point's coordinates are large, and
+        float32 cancels most of the digits of their squares."""
+        distances = self.distances(self.code_embeddings[row : row + 1], rows)[0]
+        distances[torch.from_numpy(rows == row).to(distances.device)] = 0.0
+        # + 0.0 turns the code's own -0.0 into 0.0, which prints without a minus sign.
+        return distances, -distances / self.embedder.config.loss.temperature + 0.0
+
     def search(
         self, texts: list[str], top_k: int = 5, level: int | None = MAX_LEVEL
     ) -> list[list[Match]]:
-        """The ``top_k`` best codes (at ``level``, or any level for None) for each text.
+        """The ``top_k`` best codes (at ``level``, or any level for None) for each text. A text
+        that is nothing but a NAICS 2022 code ("441120") is answered by the codes nearest that
+        code, itself first where ``level`` holds it (:meth:`around_code`).
 
         The texts are read together (:meth:`read_queries`) and ranked ``QUERY_BLOCK`` at a time,
         so that the (queries, codes) score matrices stay small however many texts come."""
         check_request(texts, top_k, level)
         rows = self.candidates(level)
         queries = self.read_queries(texts)
+        named = self.named_codes(texts)
         matches = []
         for start in range(0, len(texts), QUERY_BLOCK):
             stop = min(start + QUERY_BLOCK, len(texts))
             scores, distances = self.ranking(queries.of_queries(start, stop), stop - start, level)
+            for query, row in enumerate(named[start:stop]):
+                if row is not None:
+                    distances[query], scores[query] = self.around_code(row, rows)
             # One more than asked, for the last match's margin. A stable sort, not topk, so that
             # codes with equal scores come in taxonomy order on every device.
             best = scores.sort(dim=1, descending=True, stable=True)
@@ -469,7 +510,7 @@ class SearchEngine:
                 matches.append(
                     [
                         Match(
-                            self.codes[rows[j]],
+                            display_code(self.codes[rows[j]]),
                             self.titles[rows[j]],
                             int(self.levels[rows[j]]),
                             distance,
