@@ -42,6 +42,7 @@ from mlflow.entities import (
 )
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import DBAPIError
 
@@ -611,6 +612,36 @@ def download_best_so_far(run_id: str, download_dir: Path) -> Path | None:
     if not any(artifact.path == logged for artifact in listed):
         return None
     return _download_logged(get_run(run_id), logged, download_dir)
+
+
+def drop_best_so_far(run_id: str) -> None:
+    """Delete the finished run's ``resume/best.ckpt``: its best epoch is under ``ckpt/`` by now,
+    and only an interrupted run is resumed, so the copy would take a checkpoint's space in the
+    store for ever (27 MB for a MiniLM stage). A store that refuses the deletion keeps the copy,
+    with one line that says so: the stage's record is whole either way."""
+    with _store_in_use(run_id):
+        listed = MlflowClient().list_artifacts(run_id, BEST_SO_FAR_ARTIFACT_PATH)
+        artifact_uri = get_run(run_id).info.artifact_uri
+    if not listed:
+        return
+    try:
+        get_artifact_repository(artifact_uri).delete_artifacts(BEST_SO_FAR_ARTIFACT_PATH)
+    except (MlflowException, requests.RequestException, OSError) as exc:
+        logger.warning(
+            "run %s keeps %s/%s, a copy of its best epoch for a resume, which the store would "
+            "not delete (%s); deleting it by hand loses nothing",
+            run_id,
+            BEST_SO_FAR_ARTIFACT_PATH,
+            BEST_SO_FAR,
+            first_line(exc),
+        )
+        return
+    logger.info(
+        "run %s: deleted %s/%s, the copy of its best epoch kept for a resume",
+        run_id,
+        BEST_SO_FAR_ARTIFACT_PATH,
+        BEST_SO_FAR,
+    )
 
 
 def _download_logged(run: Run, logged: str, download_dir: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 import signal
@@ -383,41 +384,44 @@ def _stage_runs(workdir: Path, stage: str) -> list:
     return _runs(workdir, f"tags.stage = '{stage}'")
 
 
-def _wait_for_logged_last_checkpoint(
-    workdir: Path, process: subprocess.Popen, stage_dir: Path
+def _wait_for_logged_checkpoint(
+    workdir: Path, process: subprocess.Popen, stage_dir: Path, logged: str = "ckpt/last.ckpt"
 ) -> None:
-    """Until the run of the stage whose checkpoints go to ``stage_dir`` has logged a last.ckpt.
-    The store is only asked once the stage has written its first local one (the upload follows),
-    and then only for that run's artifacts (a new run's folder is named by its id): each question
-    is quick, so that the stage is stopped in the epochs that follow, not after its last."""
+    """Until the run of the stage whose checkpoints go to ``stage_dir`` has logged the artifact
+    ``logged``. The store is only asked once the stage has written its first local last.ckpt
+    (the uploads follow), and then only for that run's artifacts (a new run's folder is named by
+    its id): each question is quick, so that the stage is stopped in the epochs that follow, not
+    after its last."""
     client = _client(workdir)
+    folder = logged.rpartition("/")[0]
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         written = [path.parent.name for path in stage_dir.glob(f"*/{tracking.LAST_CHECKPOINT}")]
-        if written and any(
-            a.path == "ckpt/last.ckpt" for a in client.list_artifacts(written[0], "ckpt")
-        ):
+        if written and any(a.path == logged for a in client.list_artifacts(written[0], folder)):
             return
         time.sleep(0.2)
     assert process.poll() is None, "the chain ended before it could be stopped"
-    raise AssertionError(f"no last.ckpt logged from {stage_dir} in 300 s")
+    raise AssertionError(f"no {logged} logged from {stage_dir} in 300 s")
 
 
 @pytest.mark.parametrize(
     "stop", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"]
 )
 def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
+    # A learning rate too small to change a weight: no epoch's val_loss beats the first's, so
+    # every later epoch's end uploads that epoch's file as resume/best.ckpt.
     _write_chain(
         workdir,
         "chain_kill",
-        "  - name: 01_stage\n    max_epochs: 1\n  - name: 02_stage\n    max_epochs: 6\n",
+        "  - name: 01_stage\n    max_epochs: 1\n"
+        "  - name: 02_stage\n    max_epochs: 6\n    learning_rate: 1.0e-30\n",
     )
     log = workdir / "chain.log"
     process = start_cli(workdir, "train-curriculum", "--chain", "chain_kill", output=log)
     client = _client(workdir)
     stage_dir = workdir / "checkpoints" / "sequential_01-02_chain_kill" / "02_stage"
     try:
-        _wait_for_logged_last_checkpoint(workdir, process, stage_dir)
+        _wait_for_logged_checkpoint(workdir, process, stage_dir, "resume/best.ckpt")
         os.killpg(process.pid, stop)  # Ctrl-C reaches the whole foreground process group
         stopped = time.monotonic()
         process.wait(timeout=90)
@@ -443,6 +447,11 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
     else:
         assert killed.info.status == "RUNNING"  # what a dead process leaves behind
     (stage_one,) = _stage_runs(workdir, "01_stage")
+    # What a resume on another machine would need: the best epoch so far, the first.
+    best_so_far = client.download_artifacts(
+        killed.info.run_id, "resume/best.ckpt", str(workdir / "dl")
+    )
+    assert torch.load(best_so_far, weights_only=True)["epoch"] == 0
 
     ok(run_cli(workdir, "train-curriculum", "--chain", "chain_kill"))
     assert [r.info.run_id for r in _stage_runs(workdir, "01_stage")] == [stage_one.info.run_id]
@@ -455,6 +464,10 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
     assert resumed.data.tags["mlflow.parentRunId"] == old.data.tags["mlflow.parentRunId"]
     epochs = [m.value for m in client.get_metric_history(resumed.info.run_id, "epoch")]
     assert min(epochs) >= 1 and max(epochs) == 5  # continued, not restarted
+    assert resumed.data.tags["best_checkpoint"].startswith("02_stage-epoch=00")
+    # Its best epoch is in ckpt/ now, so neither run keeps a copy for a resume.
+    assert client.list_artifacts(old.info.run_id, "resume") == []
+    assert client.list_artifacts(resumed.info.run_id, "resume") == []
     (parent,) = _runs(workdir, "tags.role = 'chain'")
     assert parent.info.status == "FINISHED"
 
@@ -530,7 +543,7 @@ def test_a_killed_stage_resumes_on_another_machine_from_its_last_epoch(workdir):
     process = start_cli(workdir, "train-curriculum", "--chain", "chain_moved")
     stage_dir = workdir / "checkpoints" / "sequential_01-02_chain_moved" / "02_stage"
     try:
-        _wait_for_logged_last_checkpoint(workdir, process, stage_dir)
+        _wait_for_logged_checkpoint(workdir, process, stage_dir)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     finally:
@@ -600,9 +613,15 @@ def test_a_stage_stopped_after_its_last_epoch_ends_on_another_machine(workdir, b
     client.delete_tag(stopped.info.run_id, "best_checkpoint")
     for run in (stopped, *_runs(workdir, "tags.role = 'chain'")):
         client.set_terminated(run.info.run_id, "KILLED")
+    if best_so_far_logged:
+        # The copy of the best epoch that the last epoch's end uploaded, which only the stage's
+        # own end deletes: a stop before then leaves it in the store.
+        (best_file,) = (workdir / "checkpoints").rglob(best_before)
+        copy = workdir / "uploaded" / tracking.BEST_SO_FAR
+        copy.parent.mkdir()
+        shutil.copyfile(best_file, copy)
+        client.log_artifact(stopped.info.run_id, str(copy), tracking.BEST_SO_FAR_ARTIFACT_PATH)
     shutil.rmtree(workdir / "checkpoints")
-    if not best_so_far_logged:
-        shutil.rmtree(Path(urlparse(stopped.info.artifact_uri).path) / "resume")
 
     elsewhere = workdir / "machine_b"
     moved = [f"dirs.checkpoints={elsewhere / 'checkpoints'}", f"dirs.outputs={elsewhere / 'out'}"]
@@ -751,7 +770,7 @@ def test_a_second_command_resuming_the_chain_while_the_first_reads_the_store_is_
     stage_dir = workdir / "checkpoints" / "sequential_01-02_chain_race" / "02_stage"
     interrupted = start_cli(workdir, *command[3:])
     try:
-        _wait_for_logged_last_checkpoint(workdir, interrupted, stage_dir)
+        _wait_for_logged_checkpoint(workdir, interrupted, stage_dir)
     finally:
         os.killpg(interrupted.pid, signal.SIGKILL)
         interrupted.wait()
@@ -950,6 +969,34 @@ def test_a_best_checkpoint_the_store_cannot_hand_over_ends_in_one_line(store, tm
     with pytest.raises(tracking.TrackingStoreError) as error:
         tracking.download_best_so_far(interrupted, tmp_path / "downloads")
     assert _one_line(error).startswith(f"cannot read resume/best.ckpt of run {interrupted} from ")
+
+
+def test_a_copy_for_a_resume_the_store_will_not_delete_is_kept_with_one_warning(
+    store, tmp_path, caplog
+):
+    """A finished stage deletes its ``resume/best.ckpt`` (tested where stages finish); a store
+    that refuses leaves the stage finished, with one line that says what is left."""
+    run_id = _interrupted_run(store, tmp_path, _checkpoint_at(4))
+    (tmp_path / "best.ckpt").write_bytes(_checkpoint_at(2))
+    store.log_artifact(run_id, str(tmp_path / "best.ckpt"), "resume")
+    logged = Path(urlparse(store.get_run(run_id).info.artifact_uri).path) / "resume/best.ckpt"
+    # Undeletable even by root, where the file system and the process's rights allow the flag.
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(logged)]).returncode:
+        pytest.skip("chattr +i is not available or not permitted here")
+    try:
+        with caplog.at_level(logging.WARNING, logger=tracking.__name__):
+            tracking.drop_best_so_far(run_id)
+    finally:
+        subprocess.run(["chattr", "-i", str(logged)], check=True)
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert warning.startswith(
+        f"run {run_id} keeps resume/best.ckpt, a copy of its best epoch for a resume, which the "
+        "store would not delete ("
+    )
+    assert warning.endswith("); deleting it by hand loses nothing")
+    assert [a.path for a in store.list_artifacts(run_id, "resume")] == ["resume/best.ckpt"]
+    tracking.drop_best_so_far(run_id)
+    assert store.list_artifacts(run_id, "resume") == []
 
 
 def test_a_run_the_store_fails_ends_failed_not_finished(store, tmp_path):
