@@ -392,6 +392,19 @@ def _process_identity(pid: int) -> str | None:
     return f"{socket.gethostname()}:{pid}:{start}"
 
 
+def _this_process() -> str:
+    """This process's ``PROCESS_TAG`` value."""
+    return _process_identity(os.getpid()) or socket.gethostname()
+
+
+def _died_on_this_machine(process: str) -> bool:
+    """Whether the process that ``PROCESS_TAG`` value ``process`` names ran on this machine and
+    has ended; False for one on another machine, which cannot be asked, or no value."""
+    host, _, pid = process.partition(":")
+    pid = pid.partition(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and _process_identity(int(pid)) != process
+
+
 def live_writer(run: Run) -> int | None:
     """The pid of another process on this machine that is writing ``run`` now, else None: a
     RUNNING run whose process died, or that runs on another machine (which cannot be asked), is
@@ -421,7 +434,7 @@ def run(
             run_id=reopen_run_id,
             experiment_id=None if reopen_run_id else experiment_id,
             run_name=None if reopen_run_id else run_name,
-            tags={**tags, PROCESS_TAG: _process_identity(os.getpid()) or socket.gethostname()},
+            tags={**tags, PROCESS_TAG: _this_process()},
             nested=parent_run_id is not None,
             parent_run_id=parent_run_id,
         )
@@ -995,8 +1008,13 @@ def new_logged_model(
     client = MlflowClient()
     params = {**run.data.params, **{key: str(value) for key, value in model_params.items()}}
     with _refused_store_writes_in_one_line():
+        _delete_models_of_dead_writers(run, name)
         model = client.create_logged_model(
-            run.info.experiment_id, name=name, source_run_id=run_id, params=params
+            run.info.experiment_id,
+            name=name,
+            source_run_id=run_id,
+            params=params,
+            tags={PROCESS_TAG: _this_process()},
         )
     try:
         with _refused_store_writes_in_one_line():
@@ -1019,6 +1037,24 @@ def new_logged_model(
                 f"the model's files go, {model.artifact_location}, then run the command again"
             ) from cut_short
         raise
+
+
+def _delete_models_of_dead_writers(run: Run, name: str) -> None:
+    """Delete each model named ``name`` that ``run`` holds PENDING and whose writer, a process on
+    this machine, has died: a SIGKILL cannot delete its own, which would read as still uploading
+    for ever. A model being written from another machine cannot be told from one whose writer
+    died there, and one logged before 2026-12-06 names no writer: both are kept."""
+    for model in _logged_models(run, name):
+        if model.status == LoggedModelStatus.PENDING and _died_on_this_machine(
+            model.tags.get(PROCESS_TAG, "")
+        ):
+            MlflowClient().delete_logged_model(model.model_id)
+            logger.warning(
+                "deleted model %s of run %s: left PENDING by a process that died while it logged "
+                "it",
+                model.model_id,
+                run.info.run_id,
+            )
 
 
 def _logged_models(run: Run, name: str) -> list[LoggedModel]:

@@ -28,7 +28,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
 
-from naics_mlflow import serving
+from naics_mlflow import serving, tracking
 from naics_mlflow.cli import SEARCH_CHUNK
 from naics_mlflow.config import SearchConfig
 from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
@@ -949,21 +949,9 @@ def test_export_leaves_its_run_as_it_was_and_a_stopped_one_leaves_no_model(train
         "search.lexical_weight": str(config["search"]["lexical_weight"]),
     }
 
-    log = workdir / "stopped_export.log"
-    process = start_cli(workdir, "export", "--from-checkpoint", "quickstart", output=log)
-    try:
-        # Stopped while its model is being written (made PENDING, filled, then marked READY).
-        while not any(m.status == LoggedModelStatus.PENDING for m in _models_of(client, run)):
-            assert process.poll() is None, f"the export ended before the stop: {log.read_text()}"
-            time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert process.returncode == -signal.SIGINT
-    assert f"stopped: model 'model' was not logged into run {run.info.run_id}" in log.read_text()
+    _export_stopped_while_pending(workdir, client, run, signal.SIGINT)
+    said = f"stopped: model 'model' was not logged into run {run.info.run_id}"
+    assert said in (workdir / "stopped_export.log").read_text()
 
     after = client.get_run(run.info.run_id).info
     assert (after.status, after.end_time) == ("FINISHED", run.info.end_time)
@@ -971,6 +959,45 @@ def test_export_leaves_its_run_as_it_was_and_a_stopped_one_leaves_no_model(train
     monkeypatch.setenv("MLFLOW_TRACKING_URI", client.tracking_uri)
     assert get_model_info(f"runs:/{run.info.run_id}/model").model_id == whole.model_id
     ok(run_cli(workdir, "search", "grow soybeans", "--from-checkpoint", "quickstart"))
+
+    # A SIGKILL cannot delete its model. The next export deletes it, its writer being dead, and
+    # keeps those whose writer lives (this process) or ran on another machine.
+    killed = _export_stopped_while_pending(workdir, client, run, signal.SIGKILL)
+    (left,) = [m for m in _models_of(client, run) if m.status == LoggedModelStatus.PENDING]
+    assert left.tags["process"].split(":")[1] == str(killed)
+    kept = [
+        client.create_logged_model(
+            run.info.experiment_id, name="model", source_run_id=run.info.run_id, tags=tags
+        )
+        for tags in ({"process": tracking._process_identity(os.getpid())}, {"process": "far:1:2"})
+    ]
+    exported = ok(run_cli(workdir, "export", "--from-checkpoint", "quickstart"))
+    said = f"deleted model {left.model_id} of run {run.info.run_id}: left PENDING by a process"
+    assert said in exported.stderr
+    pending = {m.model_id for m in _models_of(client, run) if m.status == LoggedModelStatus.PENDING}
+    assert pending == {model.model_id for model in kept}
+    for model in kept:
+        client.delete_logged_model(model.model_id)
+    assert _models_of(client, run)[0].status == LoggedModelStatus.READY
+
+
+def _export_stopped_while_pending(workdir: Path, client: MlflowClient, run, stop: int) -> int:
+    """The pid of an export stopped by ``stop`` while its model was being written (made
+    PENDING, filled, then marked READY)."""
+    log = workdir / "stopped_export.log"
+    process = start_cli(workdir, "export", "--from-checkpoint", "quickstart", output=log)
+    try:
+        while not any(m.status == LoggedModelStatus.PENDING for m in _models_of(client, run)):
+            assert process.poll() is None, f"the export ended before the stop: {log.read_text()}"
+            time.sleep(0.02)
+        os.killpg(process.pid, stop)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == -stop
+    return process.pid
 
 
 @pytest.mark.parametrize("carried_as", ["settings file", "model_config"])
