@@ -521,11 +521,12 @@ def test_a_number_that_is_not_a_code_is_searched_as_text_with_one_warning(
 ):
     module, *_ = trained_adapters
     engine = SearchEngine.build(module, taxonomy, search_settings(lexical_weight=32.0))
-    texts = ["441110", "999999", "1990", "retail bakery"]  # 441110 is a 2022 code too
+    # 441110 is a 2022 code too; 454110 was 2017's Electronic Shopping and Mail-Order Houses.
+    texts = ["441110", "454110", "1990", "retail bakery"]
     with caplog.at_level(logging.WARNING, logger=retrieval.__name__):
         found = engine.search(texts, top_k=3)
     assert [r.getMessage() for r in caplog.records] == [
-        "2 of 4 queries are numbers that are not NAICS 2022 codes ('999999' first); they are "
+        "2 of 4 queries are numbers that are not NAICS 2022 codes ('454110' first); they are "
         "read as business descriptions"
     ]
     assert found[0][0].code == "441110"

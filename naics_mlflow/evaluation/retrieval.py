@@ -447,7 +447,7 @@ class SearchEngine:
     def named_codes(self, texts: list[str]) -> list[int | None]:
         """The row of the code each text is, where it is nothing but a NAICS 2022 code
         (:func:`code_written_as`), else None. One warning counts the texts written as codes that
-        2022 does not have ("441110", a 2017 code; "1990"), which are read as descriptions."""
+        2022 does not have ("454110", a 2017 code; "1990"), which are read as descriptions."""
         written = [code_written_as(text) for text in texts]
         named = [self.rows_of_codes.get(code) if code else None for code in written]
         unknown = [
