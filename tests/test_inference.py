@@ -514,6 +514,11 @@ def test_a_query_that_is_a_code_is_answered_by_the_code_and_its_nearest_codes(
     assert national[2][0].code != "4411" and national[2][0].level == MAX_LEVEL
     (alone,) = engine.search(["retail bakery"], top_k=4)
     assert [m.code for m in national[1]] == [m.code for m in alone]
+    # The served model's embedding of such a text is the code's, as search reads it.
+    embedded = engine.encode_queries(texts).embeddings
+    assert torch.equal(embedded[0], engine.code_embeddings[position])
+    (bakery,) = engine.encode_queries(texts[1:2]).embeddings
+    torch.testing.assert_close(embedded[1], bakery, **TOLERANCE)
 
 
 def test_a_number_that_is_not_a_code_is_searched_as_text_with_one_warning(

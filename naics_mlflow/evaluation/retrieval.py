@@ -331,9 +331,14 @@ class SearchEngine:
 
     def encode_queries(self, texts: list[str]) -> EncodedQueries:
         """Free-text queries, each read whole, as Lorentz embeddings and as the examples channel
-        reads them: what the served model's ``output="embedding"`` gives."""
+        reads them: what the served model's ``output="embedding"`` gives. A text that is nothing
+        but a code is that code's embedding, as :meth:`search` reads it."""
         self._say_how_many_are_cut(texts, list(range(len(texts))), len(texts))
-        return self._encode(texts)
+        encoded = self._encode(texts)
+        for query, row in enumerate(self.named_codes(texts)):
+            if row is not None:
+                encoded.embeddings[query] = self.code_embeddings[row]
+        return encoded
 
     def read_queries(self, texts: list[str]) -> QueryPieces:
         """Queries as ranking reads them: sentence by sentence (:func:`sentences`), each sentence
