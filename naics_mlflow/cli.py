@@ -263,7 +263,7 @@ def _readable_copy(path: Path, trust_checkpoint: bool, download_dir: Path) -> Pa
     "from_checkpoint",
     default="",
     help="Initialise from a stage name (its best run), a runs:/<run_id>/ckpt or "
-    "models:/<name>/<version> URI, or a .ckpt file.",
+    "models:/<name>/<version> (or models:/<name>@<alias>) URI, or a .ckpt file.",
 )
 @_trust_option
 @_raw_dir_option
@@ -421,7 +421,7 @@ _BEST_EPOCH_COLUMNS = (
     "from_checkpoint",
     default="",
     help="Start stage 1 from a stage name, a runs:/<run_id>/ckpt or models:/<name>/<version> "
-    "URI, or a .ckpt file.",
+    "(or models:/<name>@<alias>) URI, or a .ckpt file.",
 )
 @_trust_option
 @_raw_dir_option
@@ -571,7 +571,7 @@ def _checkpoint_option(command: Callable[..., Any]) -> Callable[..., Any]:
         "reference",
         required=True,
         help="A stage name (its best run), a runs:/<run_id>/ckpt or models:/<name>/<version> "
-        "URI (a registered model), or a .ckpt file.",
+        "URI (a registered model; models:/<name>@<alias> too), or a .ckpt file.",
     )(command)
 
 

@@ -792,8 +792,8 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained, taxonomy):
         "3 ['text', 'rank', 'code', 'title', 'level', 'distance', 'score', 'margin'] 17",
         "(0, 8) (0, 2)",  # an empty batch is answered with no rows
     ]
-    registered = MlflowClient(f"sqlite:///{workdir}/mlflow.db").get_registered_model("naics")
-    assert registered.name == "naics"
+    store = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    assert store.get_registered_model("naics").name == "naics"
 
     port = _free_port()
     server = subprocess.Popen(
@@ -847,19 +847,17 @@ def test_exported_model_loads_in_a_fresh_process_and_serves(trained, taxonomy):
         assert [(p["code"], f"{p['score']:.3f}") for p in body["predictions"]] == [
             (row[1], row[2]) for row in rows
         ]
-        # The registered model names the same checkpoint for the commands.
-        by_registry = ok(
-            run_cli(
-                workdir,
-                "search",
-                query,
-                "--top",
-                "2",
-                "--from-checkpoint",
-                "models:/naics/1",
+        # The registered model names the same checkpoint for the commands, by its version or
+        # by an alias, the registry's way to name the model a team ships.
+        store.set_registered_model_alias("naics", "champion", "1")
+        for registered_as in ("models:/naics/1", "models:/naics@champion"):
+            by_registry = ok(
+                run_cli(
+                    *(workdir, "search", query, "--top", "2"),
+                    *("--from-checkpoint", registered_as),
+                )
             )
-        )
-        assert by_registry.stdout == searched.stdout
+            assert by_registry.stdout == searched.stdout
         # level 0 ranks the codes of every level, as `search --level any` does.
         status, body = _post(
             f"http://127.0.0.1:{port}/invocations",
