@@ -173,8 +173,8 @@ def train_stage(
         log_verified_checkpoint(run_id, best)
         log_verified_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)
         # The interrupted run's copy too: it is resumed no more once this run has finished.
-        for finished in filter(None, (run_id, resumed_run_id)):
-            tracking.drop_best_so_far(finished)
+        for stage_run_id in filter(None, (run_id, resumed_run_id)):
+            tracking.drop_best_so_far(stage_run_id)
         metrics = best_epoch_metrics(checkpoint, checkpoint_figures(best))
         tracking.set_tags({"best_checkpoint": best.name})
         # Again at the end, for a resumed run that had no epoch left to train.
