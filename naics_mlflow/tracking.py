@@ -631,8 +631,8 @@ def drop_best_so_far(run_id: str) -> None:
     """Delete the run's ``resume/best.ckpt`` once its stage has finished (in this run, or in one
     that resumed it): the best epoch is under ``ckpt/`` by then, and a finished stage is not
     resumed, so the copy would take a checkpoint's space in the store for ever (27 MB for a
-    MiniLM stage). A store that refuses the deletion keeps the copy,
-    with one line that says so: the stage's record is whole either way."""
+    MiniLM stage). A store that refuses the deletion keeps the copy, with one line that says
+    so: the stage's record is whole either way."""
     with _store_in_use(run_id):
         listed = MlflowClient().list_artifacts(run_id, BEST_SO_FAR_ARTIFACT_PATH)
         artifact_uri = get_run(run_id).info.artifact_uri
