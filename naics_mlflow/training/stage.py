@@ -172,13 +172,14 @@ def train_stage(
         best = Path(checkpoint.best_model_path)
         log_verified_checkpoint(run_id, best)
         log_verified_checkpoint(run_id, checkpoint_dir / tracking.LAST_CHECKPOINT)
-        # The interrupted run's copy too: it is resumed no more once this run has finished.
-        for stage_run_id in filter(None, (run_id, resumed_run_id)):
-            tracking.drop_best_so_far(stage_run_id)
         metrics = best_epoch_metrics(checkpoint, checkpoint_figures(best))
         tracking.set_tags({"best_checkpoint": best.name})
         # Again at the end, for a resumed run that had no epoch left to train.
         tracking.log_metric_batch(run_id, metrics, trainer.global_step)
+        # Last, once the run's record is whole; the interrupted run's copy too: it is resumed no
+        # more once this run has finished.
+        for stage_run_id in filter(None, (run_id, resumed_run_id)):
+            tracking.drop_best_so_far(stage_run_id)
     return StageResult(
         run_id=run_id,
         stage=curriculum.name,
