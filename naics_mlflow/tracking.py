@@ -397,12 +397,19 @@ def _this_process() -> str:
     return _process_identity(os.getpid()) or socket.gethostname()
 
 
+def _pid_in(process: str) -> int | None:
+    """The pid in a ``PROCESS_TAG`` value ``host:pid:start``; None for any other value (a bare
+    host name, where /proc could not be read)."""
+    parts = process.split(":")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
 def _died_on_this_machine(process: str) -> bool:
     """Whether the process that ``PROCESS_TAG`` value ``process`` names ran on this machine and
     has ended; False for one on another machine, which cannot be asked, or no value."""
-    host, _, pid = process.partition(":")
-    pid = pid.partition(":")[0]
-    return host == socket.gethostname() and pid.isdigit() and _process_identity(int(pid)) != process
+    pid = _pid_in(process)
+    on_this_machine = process.startswith(f"{socket.gethostname()}:")
+    return pid is not None and on_this_machine and _process_identity(pid) != process
 
 
 def live_writer(run: Run) -> int | None:
@@ -410,10 +417,10 @@ def live_writer(run: Run) -> int | None:
     RUNNING run whose process died, or that runs on another machine (which cannot be asked), is
     None."""
     tag = run.data.tags.get(PROCESS_TAG, "")
-    pid = tag.split(":")[1] if tag.count(":") == 2 else ""
-    if run.info.status != "RUNNING" or not pid.isdigit() or int(pid) == os.getpid():
+    pid = _pid_in(tag)
+    if run.info.status != "RUNNING" or pid is None or pid == os.getpid():
         return None
-    return int(pid) if _process_identity(int(pid)) == tag else None
+    return pid if _process_identity(pid) == tag else None
 
 
 @contextlib.contextmanager
