@@ -723,7 +723,8 @@ def search(
     """The NAICS codes that best match each business description TEXT (or each row of
     --input): ranked by score (the model's logit plus, for national industries, the lexical and
     nearest-item signals; see docs/using.md), with each code's Lorentz distance from the text.
-    A TEXT that is a NAICS code (441120, 31-33) lists that code and the codes nearest it."""
+    A TEXT that is a NAICS code (441120, 31-33) lists that code, the codes above and below it,
+    then the codes nearest it."""
     import tempfile
 
     import pandas as pd

@@ -35,7 +35,7 @@ from naics_mlflow.evaluation import retrieval
 from naics_mlflow.evaluation.evaluate import QuerySet, evaluate
 from naics_mlflow.evaluation.lexical import LexicalIndex
 from naics_mlflow.evaluation.queries import code_written_as
-from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine
+from naics_mlflow.evaluation.retrieval import IndexItems, SearchEngine, query_batches
 from naics_mlflow.model import merged
 from naics_mlflow.model.checkpoint import CheckpointError
 from naics_mlflow.model.module import NaicsEmbedder
@@ -482,15 +482,23 @@ def test_a_code_is_read_as_people_write_it(text, code):
 
 
 def test_a_query_that_is_a_code_is_answered_by_the_code_and_its_nearest_codes(
-    trained_adapters, taxonomy, caplog
+    trained_adapters, taxonomy, caplog, monkeypatch
 ):
     module, *_ = trained_adapters
     settings = search_settings(lexical_weight=32.0, item_weight=10.0)
     engine = SearchEngine.build(module, taxonomy, settings)
     texts = ["441120", "retail bakery", "4411", "31-33"]
+    encoded = []
+
+    def recorded_query_batches(*arguments):
+        encoded.extend(arguments[-1])
+        return query_batches(*arguments)
+
+    monkeypatch.setattr(retrieval, "query_batches", recorded_query_batches)
     with caplog.at_level(logging.WARNING, logger=retrieval.__name__):
         national, any_level = (engine.search(texts, top_k=4, level=level) for level in (6, None))
     assert not caplog.records
+    assert set(encoded) == {"retail bakery"}  # a code needs no pass through the backbone
     used_cars = national[0]
     assert (used_cars[0].code, used_cars[0].distance, used_cars[0].score) == ("441120", 0, 0)
     assert used_cars[0].margin == pytest.approx(-used_cars[1].score)
@@ -508,10 +516,15 @@ def test_a_query_that_is_a_code_is_answered_by_the_code_and_its_nearest_codes(
     assert [m.code for m in used_cars] == [code for code, _ in expected]
     assert [m.distance for m in used_cars] == pytest.approx([d for _, d in expected], abs=1e-5)
     assert [m.score for m in used_cars] == pytest.approx([-d / temperature for _, d in expected])
-    # A code of another level answers the codes nearest it at the level searched, and itself
-    # first where that level holds it; the description between them ranks as it does alone.
+    # A code of another level answers its lineage first, itself first where the level searched
+    # holds it: 4411's two national industries, manufacturing's for 31-33, and at every level
+    # 441120's four ancestors after it. The description between them ranks as it does alone.
     assert [m.code for m in any_level[2][:1] + any_level[3][:1]] == ["4411", "31-33"]
-    assert national[2][0].code != "4411" and national[2][0].level == MAX_LEVEL
+    assert {m.code for m in national[2][:2]} == {"441110", "441120"}
+    assert national[2][0].score >= national[2][1].score
+    assert all(m.code[:2] in ("31", "32", "33") for m in national[3])
+    assert any_level[0][0].code == "441120"
+    assert {m.code for m in any_level[0][1:]} < {"44112", "4411", "441", "44-45"}
     (alone,) = engine.search(["retail bakery"], top_k=4)
     assert [m.code for m in national[1]] == [m.code for m in alone]
     # The served model's embedding of such a text is the code's, as search reads it.

@@ -42,7 +42,13 @@ from naics_mlflow.config import SearchConfig
 from naics_mlflow.data.disk_cache import read_cached, source_digest, write_cached
 from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE, CodeFeatures
 from naics_mlflow.data.pretrained import load_tokenizer
-from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy, display_code
+from naics_mlflow.data.taxonomy import (
+    MAX_LEVEL,
+    MIN_LEVEL,
+    Taxonomy,
+    ancestor_matrix,
+    display_code,
+)
 from naics_mlflow.data.tokenization import (
     QUERY_CHANNELS,
     TextBatch,
@@ -115,12 +121,14 @@ class QueryPieces(NamedTuple):
     texts: list[str]  # (P,) the pieces, each query's together and in query order
     owners: torch.Tensor  # (P,) int64 on the CPU: the query each piece belongs to
     encoded: EncodedQueries  # (P, ...) the pieces encoded
+    named: list[int | None]  # (Q,) the row of the code each query is nothing but, else None
 
     def of_queries(self, start: int, stop: int) -> QueryPieces:
         """The pieces of queries ``start`` to ``stop`` (excluded), owned from 0."""
         first, last = torch.searchsorted(self.owners, torch.tensor([start, stop])).tolist()
         encoded = EncodedQueries(*(tensor[first:last] for tensor in self.encoded))
-        return QueryPieces(self.texts[first:last], self.owners[first:last] - start, encoded)
+        owners = self.owners[first:last] - start
+        return QueryPieces(self.texts[first:last], owners, encoded, self.named[start:stop])
 
     def best(self, values: torch.Tensor, count: int) -> torch.Tensor:
         """``(count, C)``: for each of ``count`` queries, the largest of its pieces' ``(P, C)``
@@ -263,9 +271,11 @@ class SearchEngine:
     settings: SearchConfig  # search.*: the signals' weights, the backbone's dtype and device
     backbone: MergedBackbone = field(init=False)  # the embedder's, adapters merged, for queries
     rows_of_codes: dict[str, int] = field(init=False)
+    ancestors: np.ndarray = field(init=False)  # (N, 5), see ancestor_matrix
 
     def __post_init__(self) -> None:
         self.rows_of_codes = {code: row for row, code in enumerate(self.codes)}
+        self.ancestors = ancestor_matrix(self.codes)
         device = self.embedder.device
         self.code_embeddings = self.code_embeddings.to(device)
         self.items = self.items.to(device)
@@ -334,11 +344,7 @@ class SearchEngine:
         reads them: what the served model's ``output="embedding"`` gives. A text that is nothing
         but a code is that code's embedding, as :meth:`search` reads it."""
         self._say_how_many_are_cut(texts, list(range(len(texts))), len(texts))
-        encoded = self._encode(texts)
-        for query, row in enumerate(self.named_codes(texts)):
-            if row is not None:
-                encoded.embeddings[query] = self.code_embeddings[row]
-        return encoded
+        return self._encode(texts, self.named_codes(texts))
 
     def read_queries(self, texts: list[str]) -> QueryPieces:
         """Queries as ranking reads them: sentence by sentence (:func:`sentences`), each sentence
@@ -354,20 +360,25 @@ class SearchEngine:
         slip, two words run together) is read a second time as corrected, another piece of the
         same query: dev items with a slip ranked their code first 0.77-0.79 of the time read as
         written, 0.80-0.82 with the corrected reading beside it (docs/results.md).
+
+        A text that is nothing but a code (:meth:`named_codes`) is one piece, the code's
+        embedding, and does not pass through the backbone.
         """
+        named = self.named_codes(texts)
         pieces: list[str] = []
         owners: list[int] = []
-        for query, text in enumerate(texts):
-            read = sentences(text)
+        for query, (text, row) in enumerate(zip(texts, named, strict=True)):
+            read = [text] if row is not None else sentences(text)
             read += [
                 fixed
                 for sentence in read
-                if (fixed := self.lexical.corrected(sentence)) != sentence
+                if row is None and (fixed := self.lexical.corrected(sentence)) != sentence
             ]
             pieces += read
             owners += [query] * len(read)
         self._say_how_many_are_cut(pieces, owners, len(texts))
-        return QueryPieces(pieces, torch.tensor(owners, dtype=torch.long), self._encode(pieces))
+        encoded = self._encode(pieces, [named[owner] for owner in owners])
+        return QueryPieces(pieces, torch.tensor(owners, dtype=torch.long), encoded, named)
 
     def _say_how_many_are_cut(self, pieces: list[str], owners: list[int], count: int) -> None:
         """One line, where some of ``count`` queries have a piece (``owners`` says whose) longer
@@ -388,17 +399,28 @@ class SearchEngine:
             )
 
     @torch.no_grad()
-    def _encode(self, texts: list[str]) -> EncodedQueries:
-        """Each text cut at ``search.query_max_length`` tokens; see :func:`query_batches`."""
+    def _encode(self, texts: list[str], named: list[int | None]) -> EncodedQueries:
+        """Each text cut at ``search.query_max_length`` tokens (see :func:`query_batches`), but
+        a text that ``named`` gives a code's row for: that code's embedding, with no examples
+        feature (zeros), as it has no words for the nearest item to read."""
         encoder = self.embedder.encoder
         embeddings = torch.empty((len(texts), self.code_embeddings.shape[1]))
-        examples = torch.empty((len(texts), encoder.hidden_size))
+        examples = torch.zeros((len(texts), encoder.hidden_size))
+        read = [query for query, row in enumerate(named) if row is None]
         batches = query_batches(
-            encoder, self.backbone, self.tokenizer, self.settings.query_max_length, texts
+            encoder,
+            self.backbone,
+            self.tokenizer,
+            self.settings.query_max_length,
+            [texts[query] for query in read],
         )
         for rows, features in batches:
-            embeddings[rows] = encoder.head(features).embeddings.cpu()
-            examples[rows] = features["examples"].float().cpu()
+            queries = [read[row] for row in rows]
+            embeddings[queries] = encoder.head(features).embeddings.cpu()
+            examples[queries] = features["examples"].float().cpu()
+        for query, row in enumerate(named):
+            if row is not None:
+                embeddings[query] = self.code_embeddings[row].cpu()
         device = self.embedder.device
         return EncodedQueries(embeddings.to(device), examples.to(device))
 
@@ -470,42 +492,64 @@ class SearchEngine:
             )
         return named
 
-    def around_code(self, row: int, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(C,)`` distances and scores of the candidates at ``rows`` for a query that names
-        the code at ``row``: the code's own embedding is the query, scored by the model's logit
-        alone (no words to read), and the code is at distance 0 from itself. Computed, that
-        distance comes out near 0.1: far from the origin a point's coordinates are large, and
-        float32 cancels most of the digits of their squares."""
+    def lineage(self, row: int, rows: np.ndarray) -> np.ndarray:
+        """``(C,)`` bool: which of the codes at ``rows`` are the code at ``row``, one of its
+        descendants or one of its ancestors."""
+        level = int(self.levels[row])
+        below = self.ancestors[rows, level - MIN_LEVEL] == row
+        return below | np.isin(rows, self.ancestors[row])
+
+    def around_code(
+        self, row: int, rows: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(C,)`` distances, scores and ranking order of the candidates at ``rows`` for a
+        query that names the code at ``row``.
+
+        The code's own embedding is the query, scored by the model's logit alone (no words to
+        read), and the code is at distance 0 from itself. Computed, that distance comes out near
+        0.1: far from the origin a point's coordinates are large, and float32 cancels most of
+        the digits of their squares.
+
+        The code's :meth:`lineage` comes first, nearest first, then the other codes, nearest
+        first: someone who types "4411" at the national industries asks for 441110 and 441120
+        before any neighbour the model puts nearer. A match's margin over the next may then be
+        negative, where the next is outside the lineage and nearer.
+        """
         distances = self.distances(self.code_embeddings[row : row + 1], rows)[0]
         distances[torch.from_numpy(rows == row).to(distances.device)] = 0.0
         # + 0.0 turns the code's own -0.0 into 0.0, which prints without a minus sign.
-        return distances, -distances / self.embedder.config.loss.temperature + 0.0
+        scores = -distances / self.embedder.config.loss.temperature + 0.0
+        # lexsort is stable and sorts by its last key first: the lineage, then the score.
+        order = np.lexsort((-scores.cpu().numpy(), ~self.lineage(row, rows)))
+        return distances, scores, torch.from_numpy(order).to(distances.device)
 
     def search(
         self, texts: list[str], top_k: int = 5, level: int | None = MAX_LEVEL
     ) -> list[list[Match]]:
         """The ``top_k`` best codes (at ``level``, or any level for None) for each text. A text
         that is nothing but a NAICS 2022 code ("441120") is answered by the codes nearest that
-        code, itself first where ``level`` holds it (:meth:`around_code`).
+        code, its lineage first (:meth:`around_code`).
 
         The texts are read together (:meth:`read_queries`) and ranked ``QUERY_BLOCK`` at a time,
         so that the (queries, codes) score matrices stay small however many texts come."""
         check_request(texts, top_k, level)
         rows = self.candidates(level)
         queries = self.read_queries(texts)
-        named = self.named_codes(texts)
         matches = []
         for start in range(0, len(texts), QUERY_BLOCK):
             stop = min(start + QUERY_BLOCK, len(texts))
-            scores, distances = self.ranking(queries.of_queries(start, stop), stop - start, level)
-            for query, row in enumerate(named[start:stop]):
+            block = queries.of_queries(start, stop)
+            scores, distances = self.ranking(block, stop - start, level)
+            # A stable sort, not topk, so that codes with equal scores come in taxonomy order on
+            # every device.
+            order = scores.argsort(dim=1, descending=True, stable=True)
+            for query, row in enumerate(block.named):
                 if row is not None:
-                    distances[query], scores[query] = self.around_code(row, rows)
-            # One more than asked, for the last match's margin. A stable sort, not topk, so that
-            # codes with equal scores come in taxonomy order on every device.
-            best = scores.sort(dim=1, descending=True, stable=True)
+                    distances[query], scores[query], order[query] = self.around_code(row, rows)
+            # One more than asked, for the last match's margin.
             kept = min(top_k + 1, len(rows))
-            best_values, best_indices = best.values[:, :kept], best.indices[:, :kept]
+            best_indices = order[:, :kept]
+            best_values = scores.gather(1, best_indices)
             shown = min(top_k, len(rows))
             best_distances = distances.gather(1, best_indices).tolist()
             for values, indices, lengths in zip(
