@@ -516,6 +516,7 @@ def test_a_query_that_is_a_code_is_answered_by_the_code_and_its_nearest_codes(
     assert [m.code for m in used_cars] == [code for code, _ in expected]
     assert [m.distance for m in used_cars] == pytest.approx([d for _, d in expected], abs=1e-5)
     assert [m.score for m in used_cars] == pytest.approx([-d / temperature for _, d in expected])
+    assert engine.search(texts[:1], top_k=4) == [used_cars]  # codes alone: no text to encode
     # A code of another level answers its lineage first, itself first where the level searched
     # holds it: 4411's two national industries, manufacturing's for 31-33, and at every level
     # 441120's four ancestors after it. The description between them ranks as it does alone.

@@ -203,8 +203,10 @@ def query_batches(
 
     Queries run shortest first, each batch one pass of the merged ``backbone`` for every query
     channel that reads differently, of at most :func:`pass_tokens` tokens: many queries cost
-    little padding and few passes.
+    little padding and few passes. No texts, no batches (the tokenizer refuses an empty list).
     """
+    if not texts:
+        return
     ids = query_ids(texts, tokenizer, max_length)
     device = backbone.device
     budget = pass_tokens(device) // len({backbone.reading[channel] for channel in QUERY_CHANNELS})
