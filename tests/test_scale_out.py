@@ -597,7 +597,7 @@ def test_a_tracking_server_lost_between_stages_ends_in_one_line(tmp_path, tracki
         stderr.strip()
         .splitlines()[-1]
         .startswith(
-            "naics_mlflow.tracking.TrackingStoreError: lost the MLflow tracking store "
+            "naics_mlflow.tracking.store.TrackingStoreError: lost the MLflow tracking store "
             f"{tracking_server.uri} while logging to run "
         )
     )

@@ -28,7 +28,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.models import get_model_info
 from mlflow.tracking import MlflowClient
 
-from naics_mlflow import serving, tracking
+from naics_mlflow import serving
 from naics_mlflow.cli import SEARCH_CHUNK
 from naics_mlflow.config import SearchConfig
 from naics_mlflow.evaluation.lexical import LexicalIndex, code_documents, six_digit_rows
@@ -42,6 +42,7 @@ from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model.lorentz import distance, distance_to_origin, manifold_violation
 from naics_mlflow.model.merged import dtype_name, inference_device, inference_dtype
 from naics_mlflow.model.trained import load_embedder
+from naics_mlflow.tracking.runs import process_identity
 from tests.commands import (
     environment,
     error_line,
@@ -967,7 +968,7 @@ def test_export_leaves_its_run_as_it_was_and_a_stopped_one_leaves_no_model(train
         client.create_logged_model(
             run.info.experiment_id, name="model", source_run_id=run.info.run_id, tags=tags
         )
-        for tags in ({"process": tracking._process_identity(os.getpid())}, {"process": "far:1:2"})
+        for tags in ({"process": process_identity(os.getpid())}, {"process": "far:1:2"})
     ]
     exported = ok(run_cli(workdir, "export", "--from-checkpoint", "quickstart"))
     said = f"deleted model {left.model_id} of run {run.info.run_id}: left PENDING by a process"

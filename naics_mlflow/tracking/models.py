@@ -1,0 +1,134 @@
+"""Logged models (``export``): made PENDING, deleted when their logging is cut short, and
+registered-model names checked before any work."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from mlflow.entities import LoggedModel, LoggedModelStatus, Run
+from mlflow.tracking import MlflowClient
+
+from naics_mlflow.errors import UserError
+from naics_mlflow.tracking.artifacts import REFUSED_WRITES, ArtifactWriteError
+from naics_mlflow.tracking.runs import PROCESS_TAG, died_on_this_machine, get_run, this_process
+from naics_mlflow.tracking.store import (
+    TrackingStoreError,
+    lost_store_error,
+    refused_store_writes_in_one_line,
+    store_unreachable,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ModelNameError(UserError):
+    """A registered-model name the model registry would refuse."""
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, before any work, a registered-model name the registry would refuse only after the
+    model is logged: empty, a path step (``.``, ``..``), or holding ``/`` or ``:`` (MLflow's
+    rule)."""
+    if not name.strip() or name.strip() in (".", "..") or any(c in name for c in "/:"):
+        raise ModelNameError(
+            f"--register {name!r} is not a name the model registry accepts; give a non-empty "
+            "name without '/' or ':'"
+        )
+
+
+def holds_logged_model(run: Run, name: str) -> bool:
+    """Whether ``run`` logged a model named ``name`` whose upload finished (READY): a model whose
+    logging was cut short stays PENDING."""
+    return any(model.status == LoggedModelStatus.READY for model in _logged_models(run, name))
+
+
+def delete_models_cut_short(run: Run, name: str) -> None:
+    """Delete each model named ``name`` that ``run`` left PENDING: one whose logging a kill or a
+    lost store cut short would read as still uploading for ever. Only for a run that no process
+    is writing now, whose PENDING models are then all cut short."""
+    client = MlflowClient()
+    for model in _logged_models(run, name):
+        if model.status == LoggedModelStatus.PENDING:
+            client.delete_logged_model(model.model_id)
+
+
+@contextlib.contextmanager
+def new_logged_model(
+    run_id: str, name: str, model_params: Mapping[str, Any]
+) -> Iterator[LoggedModel]:
+    """A new PENDING model named ``name`` of run ``run_id``, for MLflow's ``Model.log`` to fill
+    (its ``model_id``); deleted if its logging fails or a Ctrl-C or SIGTERM cuts it short. A
+    write that a disk refuses, in the temporary folder where the model's files are gathered or in
+    a local artifact store, ends in one line naming both places.
+
+    MLflow would mark it FAILED, or leave it PENDING on a stop, and ``runs:/<run_id>/<name>``
+    reads the run's newest model of that name whatever its status: a stopped export made the
+    run's earlier whole model unreachable. Made here in the run's experiment, with the run's
+    params, as MLflow makes one for the active run (for a run that is not active it files the
+    model under the Default experiment), updated by ``model_params``: what the model itself was
+    made with.
+    """
+    run = get_run(run_id)
+    client = MlflowClient()
+    params = {**run.data.params, **{key: str(value) for key, value in model_params.items()}}
+    with refused_store_writes_in_one_line():
+        _delete_models_of_dead_writers(run, name)
+        model = client.create_logged_model(
+            run.info.experiment_id,
+            name=name,
+            source_run_id=run_id,
+            params=params,
+            tags={PROCESS_TAG: this_process()},
+        )
+    try:
+        with refused_store_writes_in_one_line():
+            yield model
+    except BaseException as cut_short:
+        # A store that is lost or refuses writes takes no deletion either: the model stays
+        # PENDING, which a chain run again deletes (see :func:`delete_models_cut_short`).
+        if store_unreachable(cut_short):
+            raise lost_store_error(run_id, cut_short) from cut_short
+        if isinstance(cut_short, TrackingStoreError):
+            raise
+        client.delete_logged_model(model.model_id)
+        if isinstance(cut_short, KeyboardInterrupt):
+            logger.warning("stopped: model '%s' was not logged into run %s", name, run_id)
+        if isinstance(cut_short, OSError) and cut_short.errno in REFUSED_WRITES:
+            # pyarrow's and shutil's errors name the file differently, or not at all.
+            raise ArtifactWriteError(
+                f"cannot write model '{name}' of run {run_id} ({os.strerror(cut_short.errno)}); "
+                f"free space in the temporary folder {tempfile.gettempdir()} (TMPDIR) and where "
+                f"the model's files go, {model.artifact_location}, then run the command again"
+            ) from cut_short
+        raise
+
+
+def _delete_models_of_dead_writers(run: Run, name: str) -> None:
+    """Delete each model named ``name`` that ``run`` holds PENDING and whose writer, a process on
+    this machine, has died: a SIGKILL cannot delete its own, which would read as still uploading
+    for ever. A model being written from another machine cannot be told from one whose writer
+    died there, and one logged before 2026-12-06 names no writer: both are kept."""
+    for model in _logged_models(run, name):
+        if model.status == LoggedModelStatus.PENDING and died_on_this_machine(
+            model.tags.get(PROCESS_TAG, "")
+        ):
+            MlflowClient().delete_logged_model(model.model_id)
+            logger.warning(
+                "deleted model %s of run %s: left PENDING by a process that died while it logged "
+                "it",
+                model.model_id,
+                run.info.run_id,
+            )
+
+
+def _logged_models(run: Run, name: str) -> list[LoggedModel]:
+    # Not filtered by status: MLflow 3.17's sqlite store matches no model by status.
+    return MlflowClient().search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
+    )
