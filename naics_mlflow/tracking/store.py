@@ -230,7 +230,8 @@ def use_experiment(name: str) -> str:
     """Point MLflow at the tracking store and return the experiment's id, creating it if new.
 
     Under ``mlflow run`` the launcher has already chosen the experiment (and opened the run that
-    the first :func:`run` adopts), so its ``MLFLOW_EXPERIMENT_ID`` wins over the configured name.
+    the first :func:`~naics_mlflow.tracking.runs.run` adopts), so its ``MLFLOW_EXPERIMENT_ID``
+    wins over the configured name.
     """
     uri = connect()
     if os.environ.get("MLFLOW_RUN_ID") and os.environ.get("MLFLOW_EXPERIMENT_ID"):
