@@ -494,11 +494,21 @@ def test_a_query_that_is_a_code_is_answered_by_the_code_and_its_nearest_codes(
         encoded.extend(arguments[-1])
         return query_batches(*arguments)
 
+    lexically_scored = []
+    lexical_scores = engine.lexical.scores
+
+    def recorded_lexical_scores(texts):
+        lexically_scored.extend(texts)
+        return lexical_scores(texts)
+
     monkeypatch.setattr(retrieval, "query_batches", recorded_query_batches)
+    monkeypatch.setattr(engine.lexical, "scores", recorded_lexical_scores)
     with caplog.at_level(logging.WARNING, logger=retrieval.__name__):
         national, any_level = (engine.search(texts, top_k=4, level=level) for level in (6, None))
     assert not caplog.records
-    assert set(encoded) == {"retail bakery"}  # a code needs no pass through the backbone
+    # A code needs no pass through the backbone, and is not ranked as a text would be.
+    assert set(encoded) == {"retail bakery"}
+    assert lexically_scored == ["retail bakery"]
     used_cars = national[0]
     assert (used_cars[0].code, used_cars[0].distance, used_cars[0].score) == ("441120", 0, 0)
     assert used_cars[0].margin == pytest.approx(-used_cars[1].score)
@@ -562,9 +572,10 @@ def test_search_ranks_many_texts_in_blocks_as_it_ranks_them_at_once(
     module, *_ = trained_adapters
     settings = search_settings(lexical_weight=32.0, item_weight=10.0)
     engine = SearchEngine.build(module, taxonomy, settings)
-    texts = [*QUERIES, "dairy farm"]
+    # Codes and texts of several sentences in the same blocks, at different places.
+    texts = [*QUERIES, "441120", "We milk cows. Dairy farm.", "4411", "dairy farm"]
     at_once = engine.search(texts, top_k=4)
-    monkeypatch.setattr(retrieval, "QUERY_BLOCK", 2)  # blocks of 2, the last one short
+    monkeypatch.setattr(retrieval, "QUERY_BLOCK", 3)  # blocks of 3, the last one short
     in_blocks = engine.search(texts, top_k=4)
     assert len(in_blocks) == len(texts)
     for blocked, whole in zip(in_blocks, at_once, strict=True):

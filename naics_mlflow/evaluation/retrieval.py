@@ -123,12 +123,19 @@ class QueryPieces(NamedTuple):
     encoded: EncodedQueries  # (P, ...) the pieces encoded
     named: list[int | None]  # (Q,) the row of the code each query is nothing but, else None
 
-    def of_queries(self, start: int, stop: int) -> QueryPieces:
-        """The pieces of queries ``start`` to ``stop`` (excluded), owned from 0."""
-        first, last = torch.searchsorted(self.owners, torch.tensor([start, stop])).tolist()
-        encoded = EncodedQueries(*(tensor[first:last] for tensor in self.encoded))
-        owners = self.owners[first:last] - start
-        return QueryPieces(self.texts[first:last], owners, encoded, self.named[start:stop])
+    def of(self, queries: list[int]) -> QueryPieces:
+        """The pieces of ``queries`` (ascending), owned from 0 in that order."""
+        chosen = torch.tensor(queries, dtype=torch.long)
+        pieces = torch.isin(self.owners, chosen).nonzero().squeeze(1)
+        renumbered = torch.zeros(len(self.named), dtype=torch.long)
+        renumbered[chosen] = torch.arange(len(queries))
+        encoded = EncodedQueries(*(tensor[pieces.to(tensor.device)] for tensor in self.encoded))
+        return QueryPieces(
+            [self.texts[piece] for piece in pieces.tolist()],
+            renumbered[self.owners[pieces]],
+            encoded,
+            [self.named[query] for query in queries],
+        )
 
     def best(self, values: torch.Tensor, count: int) -> torch.Tensor:
         """``(count, C)``: for each of ``count`` queries, the largest of its pieces' ``(P, C)``
@@ -525,6 +532,26 @@ class SearchEngine:
         order = np.lexsort((-scores.cpu().numpy(), ~self.lineage(row, rows)))
         return distances, scores, torch.from_numpy(order).to(distances.device)
 
+    def ranked(
+        self, queries: QueryPieces, level: int | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each query's ``(C,)`` distances, scores and ranking order of the candidates at
+        ``level``: a text by :meth:`ranking`, a code by :meth:`around_code` (a text's ranking
+        would be thrown away, and took most of a code query's time)."""
+        rows = self.candidates(level)
+        read = [query for query, row in enumerate(queries.named) if row is None]
+        ranked = {}
+        if read:
+            scores, distances = self.ranking(queries.of(read), len(read), level)
+            # A stable sort, not topk, so that codes with equal scores come in taxonomy order on
+            # every device.
+            order = scores.argsort(dim=1, descending=True, stable=True)
+            ranked = dict(zip(read, zip(distances, scores, order, strict=True), strict=True))
+        return [
+            ranked[query] if row is None else self.around_code(row, rows)
+            for query, row in enumerate(queries.named)
+        ]
+
     def search(
         self, texts: list[str], top_k: int = 5, level: int | None = MAX_LEVEL
     ) -> list[list[Match]]:
@@ -539,15 +566,10 @@ class SearchEngine:
         queries = self.read_queries(texts)
         matches = []
         for start in range(0, len(texts), QUERY_BLOCK):
-            stop = min(start + QUERY_BLOCK, len(texts))
-            block = queries.of_queries(start, stop)
-            scores, distances = self.ranking(block, stop - start, level)
-            # A stable sort, not topk, so that codes with equal scores come in taxonomy order on
-            # every device.
-            order = scores.argsort(dim=1, descending=True, stable=True)
-            for query, row in enumerate(block.named):
-                if row is not None:
-                    distances[query], scores[query], order[query] = self.around_code(row, rows)
+            block = queries.of(list(range(start, min(start + QUERY_BLOCK, len(texts)))))
+            distances, scores, order = (
+                torch.stack(column) for column in zip(*self.ranked(block, level), strict=True)
+            )
             # One more than asked, for the last match's margin.
             kept = min(top_k + 1, len(rows))
             best_indices = order[:, :kept]
