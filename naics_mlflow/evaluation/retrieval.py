@@ -127,12 +127,10 @@ class QueryPieces(NamedTuple):
         """The pieces of ``queries`` (ascending), owned from 0 in that order."""
         chosen = torch.tensor(queries, dtype=torch.long)
         pieces = torch.isin(self.owners, chosen).nonzero().squeeze(1)
-        renumbered = torch.zeros(len(self.named), dtype=torch.long)
-        renumbered[chosen] = torch.arange(len(queries))
         encoded = EncodedQueries(*(tensor[pieces.to(tensor.device)] for tensor in self.encoded))
         return QueryPieces(
             [self.texts[piece] for piece in pieces.tolist()],
-            renumbered[self.owners[pieces]],
+            torch.searchsorted(chosen, self.owners[pieces]),
             encoded,
             [self.named[query] for query in queries],
         )
