@@ -102,7 +102,7 @@ def query_parts(engine: SearchEngine) -> dict[str, Callable[[str], object]]:
     rows = engine.candidates(MAX_LEVEL)
 
     def batch(query: str) -> TextBatch:
-        ids = query_ids([query], engine.tokenizer, engine.settings.query_max_length)
+        ids = query_ids([query], engine.tokenizer, engine.settings.query_max_length).ids
         ids = torch.from_numpy(ids[0])[None]
         texts = TextBatch(ids, torch.ones_like(ids), torch.zeros(1, dtype=torch.long))
         return TextBatch(*(t.to(engine.backbone.device) for t in texts))

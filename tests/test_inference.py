@@ -28,6 +28,7 @@ from naics_mlflow.data.tokenization import (
     TextBatch,
     TextRows,
     length_batches,
+    query_ids,
     tokenize_codes,
     tokenize_queries,
 )
@@ -394,15 +395,9 @@ def test_channels_that_read_alike_share_one_pass(tiny_overrides, moved):
     backbone = encoder.merged_backbone()
     rows_read = []
     backbone.layers[0].qkv.register_forward_pre_hook(lambda _, args: rows_read.append(len(args[0])))
-    batches = list(
-        retrieval.query_batches(
-            encoder,
-            backbone,
-            tokenizer,
-            config.data_loader.tokenization.examples_max_length,
-            QUERIES[:3],
-        )
-    )
+    limit = config.data_loader.tokenization.examples_max_length
+    ids = query_ids(QUERIES[:3], tokenizer, limit).ids
+    batches = list(query_batches(encoder, backbone, ids, tokenizer.pad_token_id))
     assert len(batches) == 1
     rows, features = batches[0]
     texts = [QUERIES[i] for i in rows]
@@ -490,9 +485,9 @@ def test_a_query_that_is_a_code_is_answered_by_the_code_and_its_nearest_codes(
     texts = ["441120", "retail bakery", "4411", "31-33"]
     encoded = []
 
-    def recorded_query_batches(*arguments):
-        encoded.extend(arguments[-1])
-        return query_batches(*arguments)
+    def recorded_query_ids(texts, *arguments):
+        encoded.extend(texts)
+        return query_ids(texts, *arguments)
 
     lexically_scored = []
     lexical_scores = engine.lexical.scores
@@ -501,7 +496,7 @@ def test_a_query_that_is_a_code_is_answered_by_the_code_and_its_nearest_codes(
         lexically_scored.extend(texts)
         return lexical_scores(texts)
 
-    monkeypatch.setattr(retrieval, "query_batches", recorded_query_batches)
+    monkeypatch.setattr(retrieval, "query_ids", recorded_query_ids)
     monkeypatch.setattr(engine.lexical, "scores", recorded_lexical_scores)
     with caplog.at_level(logging.WARNING, logger=retrieval.__name__):
         national, any_level = (engine.search(texts, top_k=4, level=level) for level in (6, None))
@@ -674,7 +669,7 @@ def test_a_misspelt_query_is_read_as_written_and_as_corrected(trained_adapters, 
 
 
 def test_a_query_sentence_is_read_to_search_query_max_length_tokens(
-    trained_adapters, taxonomy, caplog
+    trained_adapters, taxonomy, caplog, capfd, monkeypatch
 ):
     module, *_ = trained_adapters
     engines = {
@@ -688,14 +683,31 @@ def test_a_query_sentence_is_read_to_search_query_max_length_tokens(
     tokenizer = engines[32].tokenizer
     sentence = "family business and support activities for farming " * 5 + "soybeans"
     short = "soybean farming"
+    # As MiniLM's tokenizer says (the tiny backbone's sets no limit): the backbone's positions.
+    monkeypatch.setattr(tokenizer, "model_max_length", 512)
+    endless = " ".join(["soybean farming"] * 300)  # 600 words, past them
     assert 32 < len(tokenizer(sentence)["input_ids"]) <= 64
+    tokenized = []
+    tokenize = type(tokenizer).__call__
+
+    def recorded_tokenize(self, texts, **options):
+        tokenized.append(list(texts))
+        return tokenize(self, texts, **options)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", recorded_tokenize)
+    texts = [sentence, short, endless]
     with caplog.at_level(logging.WARNING, logger=retrieval.__name__):
-        read = {limit: engine.read_queries([sentence, short]) for limit, engine in engines.items()}
-    # Only the 32-token reading cut the sentence, and it says so in one line.
+        read = {limit: engine.read_queries(texts) for limit, engine in engines.items()}
+    # One tokenizer pass a reading both cuts the pieces and tells which were cut.
+    assert tokenized == [texts, texts]
+    # Each reading says in one line how many it cut: the 32-token one the sentence as well.
     assert [r.getMessage() for r in caplog.records] == [
-        "1 of 2 queries have a sentence longer than the model reads (32 tokens, "
+        f"{cut} of 3 queries have a sentence longer than the model reads ({limit} tokens, "
         "search.query_max_length); its beginning is used"
+        for cut, limit in ((2, 32), (1, 64))
     ]
+    # The tokenizer adds no line of its own about a text longer than the backbone reads.
+    assert "sequence length is longer" not in capfd.readouterr().err
     cut, whole = read[32].encoded.embeddings, read[64].encoded.embeddings
     assert not torch.allclose(cut[0], whole[0], atol=1e-4)
     torch.testing.assert_close(cut[1], whole[1], **TOLERANCE)

@@ -35,9 +35,9 @@ from naics_mlflow.data.tokenization import (
     CHANNELS,
     QUERY_CHANNELS,
     SEMANTIC_CHANNELS,
+    query_ids,
     tokenize_codes,
     tokenize_queries,
-    truncated_queries,
 )
 from naics_mlflow.model.checkpoint import (
     CheckpointError,
@@ -1338,7 +1338,12 @@ def test_queries_fill_the_query_channels_and_long_ones_are_flagged(tiny_setup):
         expected = [0, 1] if channel in QUERY_CHANNELS else []
         assert tokens.texts[channel].owner.tolist() == expected
     limit = config.search.query_max_length
-    assert truncated_queries(texts, datamodule.tokenizer, limit) == [False, True]
+    cut = query_ids(texts, datamodule.tokenizer, limit)
+    assert cut.cut == [False, True]
+    assert [len(ids) for ids in cut.ids] == [
+        len(datamodule.tokenizer(texts[0])["input_ids"]),
+        limit,
+    ]
 
 
 # --- head-only stages -----------------------------------------------------------------------

@@ -323,24 +323,37 @@ def query_tokens(ids: list[np.ndarray], pad_token_id: int) -> ChannelTokens:
     )
 
 
-def query_ids(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> list[np.ndarray]:
-    """Token ids of free-text queries, cut at ``max_length`` tokens."""
-    return _token_ids(texts, tokenizer, max_length)
+class QueryIds(NamedTuple):
+    ids: list[np.ndarray]  # each query's token ids, cut at the limit
+    cut: list[bool]  # whether each query was longer than the limit (only its beginning is read)
+
+
+def query_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> QueryIds:
+    """Token ids of free-text queries, cut at ``max_length`` tokens, and which were cut.
+
+    One tokenizer pass gives both: what a query holds past the limit comes back as further rows
+    of it (overflow). Tokenizing once more, uncut, to see which were long cost ``search`` up to a
+    tenth of a millisecond a query, and made the tokenizer warn about a query longer than the
+    backbone's 512 positions that was never going to be read whole.
+    """
+    if not texts:
+        return QueryIds([], [])  # the tokenizer refuses an empty list
+    encoded = tokenizer(
+        texts, truncation=True, max_length=max_length, return_overflowing_tokens=True
+    )
+    ids: list[np.ndarray | None] = [None] * len(texts)
+    cut = [False] * len(texts)
+    for row, query in zip(encoded["input_ids"], encoded["overflow_to_sample_mapping"], strict=True):
+        if ids[query] is None:
+            ids[query] = np.asarray(row, dtype=np.int64)
+        else:
+            cut[query] = True
+    return QueryIds(ids, cut)
 
 
 def tokenize_queries(
     texts: list[str], tokenizer: PreTrainedTokenizerBase, config: TokenizationConfig
 ) -> ChannelTokens:
     """Free-text queries as :func:`query_tokens` of their :func:`query_ids`."""
-    ids = query_ids(texts, tokenizer, config.examples_max_length)
+    ids = query_ids(texts, tokenizer, config.examples_max_length).ids
     return query_tokens(ids, tokenizer.pad_token_id)
-
-
-def truncated_queries(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> list[bool]:
-    """For each query, whether it is longer than ``max_length`` tokens (only its beginning is
-    read); a second tokenizer pass, so only ``search`` pays for it, not training."""
-    return [len(ids) > max_length for ids in tokenizer(texts)["input_ids"]]

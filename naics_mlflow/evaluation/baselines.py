@@ -25,7 +25,7 @@ from naics_mlflow.config import Config
 from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE
 from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import Taxonomy
-from naics_mlflow.data.tokenization import CHANNELS, tokenize_codes
+from naics_mlflow.data.tokenization import CHANNELS, query_ids, tokenize_codes
 from naics_mlflow.evaluation.metrics import ranking_metrics
 from naics_mlflow.evaluation.retrieval import IndexItems, query_batches
 from naics_mlflow.model.lorentz import pairwise_distance
@@ -62,9 +62,8 @@ class UntrainedBackbone:
         size = (len(texts), self.module.encoder.hidden_size)
         features = {c: torch.empty(size, device=self.module.device) for c in CHANNELS}
         encoder = self.module.encoder
-        for rows, batch in query_batches(
-            encoder, self.backbone, self.tokenizer, self.query_max_length, list(texts)
-        ):
+        ids = query_ids(list(texts), self.tokenizer, self.query_max_length).ids
+        for rows, batch in query_batches(encoder, self.backbone, ids, self.tokenizer.pad_token_id):
             for channel, values in batch.items():
                 features[channel][rows] = values
         return features

@@ -56,7 +56,6 @@ from naics_mlflow.data.tokenization import (
     pad,
     query_ids,
     tokenize_codes,
-    truncated_queries,
 )
 from naics_mlflow.evaluation.lexical import (
     LexicalIndex,
@@ -197,26 +196,19 @@ class IndexItems:
 
 
 def query_batches(
-    encoder: EncoderHead,
-    backbone: MergedBackbone,
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    texts: list[str],
+    encoder: EncoderHead, backbone: MergedBackbone, ids: list[np.ndarray], pad_token_id: int
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
-    """The channel features of free-text queries, each cut at ``max_length`` tokens, batch by
-    batch, with the positions of the queries each batch holds.
+    """The channel features of free-text queries, given as their token ids (:func:`query_ids`),
+    batch by batch, with the positions of the queries each batch holds.
 
     Queries run shortest first, each batch one pass of the merged ``backbone`` for every query
     channel that reads differently, of at most :func:`pass_tokens` tokens: many queries cost
-    little padding and few passes. No texts, no batches (the tokenizer refuses an empty list).
+    little padding and few passes.
     """
-    if not texts:
-        return
-    ids = query_ids(texts, tokenizer, max_length)
     device = backbone.device
     budget = pass_tokens(device) // len({backbone.reading[channel] for channel in QUERY_CHANNELS})
     for rows in length_batches([len(sequence) for sequence in ids], budget):
-        batch = pad([ids[i] for i in rows], list(range(len(rows))), tokenizer.pad_token_id)
+        batch = pad([ids[i] for i in rows], list(range(len(rows))), pad_token_id)
         yield rows, encoder.query_features(backbone, TextBatch(*(t.to(device) for t in batch)))
 
 
@@ -350,8 +342,7 @@ class SearchEngine:
         """Free-text queries, each read whole, as Lorentz embeddings and as the examples channel
         reads them: what the served model's ``output="embedding"`` gives. A text that is nothing
         but a code is that code's embedding, as :meth:`search` reads it."""
-        self._say_how_many_are_cut(texts, list(range(len(texts))), len(texts))
-        return self._encode(texts, self.named_codes(texts))
+        return self._encode(texts, self.named_codes(texts), list(range(len(texts))))
 
     def read_queries(self, texts: list[str]) -> QueryPieces:
         """Queries as ranking reads them: sentence by sentence (:func:`sentences`), each sentence
@@ -383,44 +374,38 @@ class SearchEngine:
             ]
             pieces += read
             owners += [query] * len(read)
-        self._say_how_many_are_cut(pieces, owners, len(texts))
-        encoded = self._encode(pieces, [named[owner] for owner in owners])
+        encoded = self._encode(pieces, [named[owner] for owner in owners], owners)
         return QueryPieces(pieces, torch.tensor(owners, dtype=torch.long), encoded, named)
 
-    def _say_how_many_are_cut(self, pieces: list[str], owners: list[int], count: int) -> None:
-        """One line, where some of ``count`` queries have a piece (``owners`` says whose) longer
-        than ``search.query_max_length``: only its beginning is read."""
-        limit = self.settings.query_max_length
-        cut = {
-            owners[piece]
-            for piece, long in enumerate(truncated_queries(pieces, self.tokenizer, limit))
-            if long
-        }
+    def _say_how_many_are_cut(self, cut: set[int], count: int) -> None:
+        """One line, where some (``cut``) of ``count`` queries have a piece longer than
+        ``search.query_max_length``: only its beginning is read."""
         if cut:
             logger.warning(
                 "%d of %d queries have a sentence longer than the model reads (%d tokens, "
                 "search.query_max_length); its beginning is used",
                 len(cut),
                 count,
-                limit,
+                self.settings.query_max_length,
             )
 
     @torch.no_grad()
-    def _encode(self, texts: list[str], named: list[int | None]) -> EncodedQueries:
-        """Each text cut at ``search.query_max_length`` tokens (see :func:`query_batches`), but
-        a text that ``named`` gives a code's row for: that code's embedding, with no examples
-        feature (zeros), as it has no words for the nearest item to read."""
+    def _encode(
+        self, texts: list[str], named: list[int | None], owners: list[int]
+    ) -> EncodedQueries:
+        """Each text cut at ``search.query_max_length`` tokens (see :func:`query_batches`; one
+        line says how many queries that cuts, ``owners`` giving each text's), but a text that
+        ``named`` gives a code's row for: that code's embedding, with no examples feature
+        (zeros), as it has no words for the nearest item to read."""
         encoder = self.embedder.encoder
         embeddings = torch.empty((len(texts), self.code_embeddings.shape[1]))
         examples = torch.zeros((len(texts), encoder.hidden_size))
         read = [query for query, row in enumerate(named) if row is None]
-        batches = query_batches(
-            encoder,
-            self.backbone,
-            self.tokenizer,
-            self.settings.query_max_length,
-            [texts[query] for query in read],
-        )
+        limit = self.settings.query_max_length
+        tokens = query_ids([texts[query] for query in read], self.tokenizer, limit)
+        cut = {owners[read[row]] for row, long in enumerate(tokens.cut) if long}
+        self._say_how_many_are_cut(cut, len(set(owners)))
+        batches = query_batches(encoder, self.backbone, tokens.ids, self.tokenizer.pad_token_id)
         for rows, features in batches:
             queries = [read[row] for row in rows]
             embeddings[queries] = encoder.head(features).embeddings.cpu()
