@@ -338,12 +338,12 @@ def _checked_checkpoint(
     of a data-parallel run uses the file rank 0 found."""
     if not reference:
         return None
-    from naics_mlflow import tracking
     from naics_mlflow.distributed import rank_zero_answer
     from naics_mlflow.model.checkpoint import check_compatible
+    from naics_mlflow.references import resolve_checkpoint
 
     def resolve() -> str:
-        path = tracking.resolve_checkpoint(
+        path = resolve_checkpoint(
             reference, download_dir, _comparable_tags(config, curricula_dir)
         ).path
         return str(_readable_copy(path, trust_checkpoint, download_dir))
@@ -591,15 +591,16 @@ def _resolve_model(
     command can check its inputs against the taxonomy before the long part."""
     import dataclasses
 
-    from naics_mlflow import tracking
-    from naics_mlflow.model.checkpoint import read_checkpoint
+    from naics_mlflow.references import resolve_checkpoint
 
-    resolved = tracking.resolve_checkpoint(
+    resolved = resolve_checkpoint(
         reference, download_dir, _comparable_tags(config, _curricula_dir(config_path))
     )
     resolved = dataclasses.replace(
         resolved, path=_readable_copy(resolved.path, trust_checkpoint, download_dir)
     )
+    from naics_mlflow.model.checkpoint import read_checkpoint
+
     read_checkpoint(resolved.path)  # a bad file fails before the model stack is imported
 
     from naics_mlflow.data.build import ensure_built
@@ -658,7 +659,6 @@ def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from naics_mlflow import tracking
     from naics_mlflow.data.taxonomy import display_code
     from naics_mlflow.files import check_output, write_output
 
@@ -681,6 +681,8 @@ def embed(reference: str, trust_checkpoint: bool, out: Path, config_path: str) -
     )
     write_output(out, functools.partial(pq.write_table, table))
     if resolved.run_id:
+        from naics_mlflow import tracking
+
         tracking.log_file_to_run(resolved.run_id, out, "embeddings")
     click.echo(
         f"{out}: {len(taxonomy.codes):,} codes, {engine.code_embeddings.shape[1]} coordinates"

@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from naics_mlflow import tracking
 from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT, weights_digest
+from naics_mlflow.references import CheckpointReferenceError, resolve_checkpoint
 from naics_mlflow.training.chain import read_chain_start, read_store_state
 from naics_mlflow.training.start import EarlierRun, How, StageStart, StoreState
 from tests.commands import (
@@ -959,7 +960,7 @@ def test_a_best_checkpoint_the_store_cannot_hand_over_ends_in_one_line(store, tm
     finished = _finished_stage_run(store, tmp_path, 0.5)
     _lose_logged_file(store, finished, "ckpt/best.ckpt")
     with pytest.raises(tracking.TrackingStoreError) as error:
-        tracking.resolve_checkpoint("03_stage", tmp_path / "downloads")
+        resolve_checkpoint("03_stage", tmp_path / "downloads")
     assert _one_line(error).startswith(f"cannot read ckpt/best.ckpt of run {finished} from ")
 
     interrupted = _interrupted_run(store, tmp_path, _checkpoint_at(4))
@@ -1107,7 +1108,7 @@ def test_the_store_state_holds_this_chains_runs_newest_first(store, tmp_path):
 def test_a_checkpoint_tag_cannot_reach_outside_the_download_folder(store, tmp_path):
     experiment = tracking.use_experiment("naics-embedder")
     run = store.get_run(store.create_run(experiment).info.run_id)
-    with pytest.raises(tracking.CheckpointReferenceError, match="not a file name"):
+    with pytest.raises(CheckpointReferenceError, match="not a file name"):
         tracking.download_checkpoint(run, "../../escaped.ckpt", tmp_path / "downloads")
     assert not list(tmp_path.rglob("escaped.ckpt"))
 
@@ -1115,7 +1116,7 @@ def test_a_checkpoint_tag_cannot_reach_outside_the_download_folder(store, tmp_pa
 def test_a_name_with_a_quote_cannot_change_a_run_search(store):
     experiment = tracking.use_experiment("naics-embedder")
     store.create_run(experiment, tags={"stage": "01_stage"})
-    with pytest.raises(tracking.CheckpointReferenceError, match="is not a stage name"):
+    with pytest.raises(CheckpointReferenceError, match="is not a stage name"):
         tracking.best_run_of_stage("x' OR tags.stage != '")
     with pytest.raises(UserError, match="is not a valid chain name"):
         tracking.tag_equals("chain", "a'b")
@@ -1195,7 +1196,7 @@ def test_discovery_takes_the_lowest_val_loss_among_comparable_runs_only(store, t
         "another protocol, 1 from before val_loss was comparable" in caplog.text
     )
     assert tracking.best_run_of_stage("03_stage").info.run_id not in {lowest, higher}
-    with pytest.raises(tracking.CheckpointReferenceError) as error:
+    with pytest.raises(CheckpointReferenceError) as error:
         tracking.best_run_of_stage("03_stage", {"data_digest": "d9", "val_protocol": "p1"})
     assert "no finished run of stage '03_stage'" in str(error.value)
     assert "(4 trained on other data, 1 from before val_loss was comparable)" in str(error.value)

@@ -142,3 +142,36 @@ def test_a_command_keeps_what_it_imported_out_of_the_collections_at_exit(tmp_pat
     counts = dict(line.split() for line in result.stdout.splitlines()[-2:])
     assert counts["during"] == "0"
     assert int(counts["after"]) > 100_000
+
+
+def test_a_checkpoint_file_needs_no_mlflow_and_a_missing_one_is_refused_at_once(tiny_workdir):
+    """Only a stage name or a URI needs the tracking store, and MLflow's import (about 1 s)."""
+    checkpoint = tiny_workdir / "model.ckpt"
+    checkpoint.write_bytes(b"read later, by the command")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from naics_mlflow.references import resolve_checkpoint\n"
+        f"print(resolve_checkpoint({str(checkpoint)!r}, Path('downloads')))\n"
+        "print('mlflow' in sys.modules)\n"
+    )
+    resolved = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert resolved.stdout.splitlines() == [
+        f"ResolvedCheckpoint(path={checkpoint!r}, run_id=None)",
+        "False",
+    ]
+    search = ["search", "a bakery", "--from-checkpoint", "missing/model.ckpt"]
+    refused = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "naics_mlflow", *search],
+        cwd=tiny_workdir,
+        env=environment(tiny_workdir),
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2
+    *imports, message = refused.stderr.splitlines()
+    assert message == "error: checkpoint file missing/model.ckpt does not exist"
+    imported = {line.rpartition("|")[2].strip() for line in imports}
+    assert not imported & {"torch", "mlflow"}

@@ -20,7 +20,7 @@ LAYERS = (
     ("naics_mlflow.data",),
     ("naics_mlflow.model",),
     ("naics_mlflow.evaluation",),
-    ("naics_mlflow.tracking",),
+    ("naics_mlflow.references", "naics_mlflow.tracking"),
     ("naics_mlflow.serving", "naics_mlflow.served_model"),
     ("naics_mlflow.training",),
     ("naics_mlflow.cli", "naics_mlflow.__main__"),

@@ -24,7 +24,6 @@ import scipy.stats
 import torch
 from mlflow.tracking import MlflowClient
 
-from naics_mlflow import tracking
 from naics_mlflow.config import Config, load_config, merge
 from naics_mlflow.data.build import MANIFEST_FILE
 from naics_mlflow.data.curriculum import load_curriculum
@@ -53,6 +52,7 @@ from naics_mlflow.model.lorentz import (
     pairwise_distance,
 )
 from naics_mlflow.model.module import NaicsEmbedder
+from naics_mlflow.references import resolve_checkpoint
 from naics_mlflow.training.callbacks import TaxonomyEvaluation
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.stage import resolve_precision, train_stage
@@ -286,7 +286,7 @@ def test_logged_checkpoint_reloads_to_the_same_embeddings(
 ):
     workdir, _, _, run, _ = cli_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
-    resolved = tracking.resolve_checkpoint(f"runs:/{run.info.run_id}/ckpt", tmp_path)
+    resolved = resolve_checkpoint(f"runs:/{run.info.run_id}/ckpt", tmp_path)
     assert resolved.run_id == run.info.run_id
     downloaded = resolved.path
     assert downloaded.name == run.data.tags["best_checkpoint"]

@@ -4,7 +4,8 @@
 - :mod:`~naics_mlflow.tracking.store`: which store, checked before any work; experiments;
 - :mod:`~naics_mlflow.tracking.runs`: runs opened and ended, their writer, params, metrics, tags;
 - :mod:`~naics_mlflow.tracking.artifacts`: checkpoints and other files runs log, and downloads;
-- :mod:`~naics_mlflow.tracking.discovery`: ``--from-checkpoint`` references, searches of runs;
+- :mod:`~naics_mlflow.tracking.discovery`: the runs and URIs ``--from-checkpoint`` names
+  (:mod:`naics_mlflow.references` reads a file itself), searches of runs;
 - :mod:`~naics_mlflow.tracking.models`: logged models (``export``).
 
 Each module turns what MLflow or a disk refuses into one line that says what to do.
@@ -25,12 +26,10 @@ from naics_mlflow.tracking.artifacts import (
     log_file_to_run,
 )
 from naics_mlflow.tracking.discovery import (
-    CheckpointReferenceError,
     best_run_of_stage,
     download_best_checkpoint,
     download_checkpoint,
     has_checkpoint,
-    resolve_checkpoint,
     search_runs,
     tag_equals,
     trashed_runs,
@@ -70,7 +69,6 @@ __all__ = [
     "EXPERIMENT_KIND_TAG",
     "LAST_CHECKPOINT",
     "ArtifactWriteError",
-    "CheckpointReferenceError",
     "TrackingStoreError",
     "best_run_of_stage",
     "check_model_name",
@@ -96,7 +94,6 @@ __all__ = [
     "mark_killed_if_running",
     "metric_history",
     "new_logged_model",
-    "resolve_checkpoint",
     "run",
     "search_runs",
     "set_tags",

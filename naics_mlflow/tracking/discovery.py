@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -15,6 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from naics_mlflow.errors import UserError, first_line
+from naics_mlflow.references import CheckpointReferenceError, ResolvedCheckpoint, is_uri
 from naics_mlflow.tracking.artifacts import (
     CHECKPOINT_ARTIFACT_PATH,
     LAST_CHECKPOINT,
@@ -46,10 +46,6 @@ SKIPPED_BECAUSE = {
 FILTER_VALUE = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-class CheckpointReferenceError(UserError):
-    """A ``--from-checkpoint`` reference that names no usable checkpoint."""
-
-
 def _best_in(folder: Path, reference: str) -> Path:
     """The best checkpoint in a downloaded ``ckpt/`` folder: the one that is not ``last.ckpt``."""
     candidates = sorted(p for p in folder.rglob("*.ckpt") if p.name != LAST_CHECKPOINT)
@@ -58,38 +54,20 @@ def _best_in(folder: Path, reference: str) -> Path:
     return candidates[0]
 
 
-@dataclass(frozen=True)
-class ResolvedCheckpoint:
-    path: Path  # a local checkpoint file
-    run_id: str | None  # the run that logged it, when the reference named one
-
-
-def resolve_checkpoint(
+def resolve_tracked_checkpoint(
     reference: str,
     download_dir: Path,
     comparable: Callable[[str], Mapping[str, str]] | None = None,
 ) -> ResolvedCheckpoint:
-    """The checkpoint a ``--from-checkpoint`` reference names: a stage name (its best run in the
-    store among those whose tags equal ``comparable(stage)``), a ``runs:/<id>/ckpt`` or other
-    artifact URI (``models:/<name>/<version>``, a registered model, holds its checkpoint), or a
-    path to a ``.ckpt`` file."""
-    if "://" in reference or reference.startswith(("runs:/", "models:/")):
+    """The checkpoint an artifact URI or a stage name names, downloaded into ``download_dir``
+    (see :func:`naics_mlflow.references.resolve_checkpoint`, which reads a file itself)."""
+    if is_uri(reference):
         named_run = re.match(r"runs:/([^/]+)", reference)
         path = _download_reference(reference, download_dir)
         run_id = named_run.group(1) if named_run else None
         if run_id is not None:
             _check_not_deleted(get_run(run_id))
         return ResolvedCheckpoint(path, run_id)
-    path = Path(reference)
-    if path.is_file():
-        return ResolvedCheckpoint(path, None)
-    if path.suffix == ".ckpt" or len(path.parts) > 1:
-        if path.is_dir():
-            raise CheckpointReferenceError(
-                f"{reference} is a folder; give a checkpoint file in it, a stage name or a "
-                "runs:/<run_id>/ckpt URI"
-            )
-        raise CheckpointReferenceError(f"checkpoint file {reference} does not exist")
     run = best_run_of_stage(reference, comparable(reference) if comparable else None)
     best = download_checkpoint(run, run.data.tags["best_checkpoint"], download_dir)
     return ResolvedCheckpoint(best, run.info.run_id)
