@@ -1,5 +1,6 @@
-"""Finding checkpoints: what a ``--from-checkpoint`` reference names (a stage's best comparable
-run, a ``runs:/`` or ``models:/`` URI, a file), and searches of runs by tag."""
+"""Finding checkpoints in the store: what a ``--from-checkpoint`` stage name (its best comparable
+run) or ``runs:/`` or ``models:/`` URI names (:mod:`naics_mlflow.references` reads a file), and
+searches of runs by tag."""
 
 from __future__ import annotations
 
