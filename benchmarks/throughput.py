@@ -87,13 +87,7 @@ from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.features import mean_pool, pool_by_owner
 from naics_mlflow.data.taxonomy import HOLDOUT_FILE
-from naics_mlflow.data.tokenization import (
-    CHANNELS,
-    ChannelTokens,
-    TextRows,
-    channel_texts,
-    padding_groups,
-)
+from naics_mlflow.data.tokenization import CHANNELS, ChannelTokens, channel_texts
 from naics_mlflow.evaluation.retrieval import SearchEngine
 from naics_mlflow.model import attention
 from naics_mlflow.model.attention import SHAPE_AGNOSTIC_BACKENDS
@@ -105,6 +99,13 @@ from naics_mlflow.model.encoder import (
 from naics_mlflow.model.lora import ChannelAdaptedBackbone
 from naics_mlflow.model.loss import pool_infonce
 from naics_mlflow.model.module import AUTOCAST_DTYPES, NaicsEmbedder
+from naics_mlflow.training.memory import (
+    GB,
+    MEMORY_SHARE,
+    activation_bytes,
+    available_bytes,
+    passes_activation_bytes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_MAX_LENGTH = 512
@@ -113,10 +114,6 @@ SEARCH_QUERIES = 200
 # together (57 with gpu_step.sh's flags), so that, as in a fit, no step repeats an earlier one's
 # batch and shapes.
 DISTINCT_BATCHES = 100
-# Share of the available memory a set-up may plan to use: the estimate is not exact, and the
-# allocator, the data and other processes need room too.
-MEMORY_SHARE = 0.8
-GB = 1e9
 
 
 @dataclasses.dataclass
@@ -236,35 +233,6 @@ def gpu_busy_fraction(
 # --- memory ------------------------------------------------------------------------------------
 
 
-def available_bytes(device: torch.device) -> int:
-    """Memory a set-up can still take: free GPU memory, or the kernel's MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as meminfo:
-        fields = dict(line.split(":", 1) for line in meminfo)
-    return int(fields["MemAvailable"].split()[0]) * 1024
-
-
-def activation_bytes(backbone_config, length: int, on_gpu: bool) -> int:
-    """Bytes autograd keeps for one sequence of ``length`` tokens through the backbone until
-    backward: per layer about 12 hidden-size and 3 intermediate-size vectors per token and, on a
-    CPU, the attention scores, probabilities and dropout mask (3 x heads x L^2), in float32.
-
-    For MiniLM at 512 tokens on a CPU that is 0.34 GB; one seed triplet with 8 negatives (40
-    sequences) then needs 13.5 GB, against 15.4 GB RSS measured for it with the process's own
-    2 GB (2026-11-26, 2-core CPU). On a GPU the step runs under bfloat16 autocast and the fused
-    attention kernels keep no score matrix: 2 bytes a value and no L^2 terms. The H200's peaks
-    were two thirds of that estimate at every set-up timed on 2026-12-04 (14.3 GB for 21.4 at
-    32 anchors in 4 passes), where the CPU's formula gave nearly four times them.
-    """
-    c = backbone_config
-    per_token = 12 * c.hidden_size + 3 * c.intermediate_size
-    if on_gpu:
-        return 2 * c.num_hidden_layers * length * per_token
-    per_layer = 3 * c.num_attention_heads * length**2 + length * per_token
-    return 4 * c.num_hidden_layers * per_layer
-
-
 def on_gpu(module: torch.nn.Module) -> bool:
     return next(module.parameters()).device.type == "cuda"
 
@@ -292,22 +260,13 @@ def project_bytes(
     config = module.encoder.backbone.config
     gpu = on_gpu(module)
     token_sets = [t for t in (batch["tokens"], batch.get("query_tokens")) if t is not None]
-    ways = []
+    ways = [passes_activation_bytes(token_sets, config, count, gpu) for count in pass_counts]
     if pass_per_channel:
         ways.append(
             sum(
                 texts.input_ids.shape[0] * activation_bytes(config, texts.input_ids.shape[1], gpu)
                 for tokens in token_sets
                 for texts in tokens.texts.values()
-            )
-        )
-    for count in pass_counts:
-        passes = [padding_groups(TextRows.of(tokens).lengths, count) for tokens in token_sets]
-        ways.append(
-            sum(
-                len(rows) * activation_bytes(config, longest, gpu)
-                for groups in passes
-                for rows, longest in groups
             )
         )
     return max(ways)

@@ -74,9 +74,10 @@ def taxonomy(data_dir: Path) -> Taxonomy:
     return load_taxonomy(data_dir)
 
 
-def make_tiny_backbone(folder: Path, taxonomy: Taxonomy) -> Path:
+def make_tiny_backbone(folder: Path, taxonomy: Taxonomy, **architecture: int) -> Path:
     """A randomly initialised 2-layer BERT (hidden size 32) with a vocabulary of the most
-    frequent words in the NAICS titles, saved like any Hugging Face model folder."""
+    frequent words in the NAICS titles, saved like any Hugging Face model folder.
+    ``architecture``: BertConfig settings that differ (``num_attention_heads=32``, say)."""
     import collections
     import re
 
@@ -98,14 +99,14 @@ def make_tiny_backbone(folder: Path, taxonomy: Taxonomy) -> Path:
     tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocabulary)})
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocabulary),
+    settings = dict(
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=256,
     )
+    config = BertConfig(vocab_size=len(vocabulary), **(settings | architecture))
     BertModel(config).save_pretrained(folder)
     return folder
 

@@ -45,6 +45,7 @@ from naics_mlflow.training.callbacks import (
     find_best_on_this_disk,
 )
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
+from naics_mlflow.training.memory import check_step_fits_memory
 from naics_mlflow.training.mlflow_logging import (
     EpochEndRecord,
     MetricsLogger,
@@ -116,9 +117,10 @@ def train_stage(
         return None
     if init_checkpoint is not None:
         load_trainable_weights(module, init_checkpoint)
-    # Data, curriculum and validation problems end here, before a run is opened.
+    # Data, curriculum, validation and memory problems end here, before a run is opened.
     datamodule.prepare_data()
     datamodule.setup()
+    check_step_fits_memory(config, datamodule, module.encoder.backbone.config)
     tags = {
         "stage": curriculum.name,
         "curriculum": curriculum.name,

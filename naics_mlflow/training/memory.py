@@ -1,0 +1,197 @@
+"""Whether a stage's training step fits in the machine's memory, judged before its run opens.
+
+A step that trains the adapters keeps every activation of the backbone until backward. On a CPU
+that memory is the machine's, and a step that needs more than there is gets the process killed by
+the kernel with no line at all, minutes into the stage. So a stage that trains adapters on the
+CPU first estimates its largest batch (:func:`activation_bytes` over the passes the step runs)
+and, where that cannot fit, refuses with one line that names a batch size that does.
+
+On a GPU, torch raises its own out-of-memory error instead, and the estimate (bfloat16, fused
+attention) is looser there, so no stage is refused on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from naics_mlflow.config import Config, TrainerConfig
+from naics_mlflow.data.datamodule import NaicsDataModule
+from naics_mlflow.data.tokenization import ChannelTokens, TextRows, padding_groups
+from naics_mlflow.errors import UserError
+
+GB = 1e9
+# Share of the available memory a planned step may take: the estimate is not exact, and the
+# allocator, the data and other processes need room too. A step that needs more than all of it
+# is refused; the batch size offered instead fits within this share.
+MEMORY_SHARE = 0.8
+# Enough of epoch 0 to meet its largest batches (a quick-start epoch of 111 batches varies by 9%
+# around its median), in about a second on a 2-core CPU.
+ESTIMATED_BATCHES = 256
+CGROUP = Path("/sys/fs/cgroup")
+
+
+class StepMemoryError(UserError):
+    """A stage whose training step needs more memory than the machine has available."""
+
+
+def meminfo_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """The kernel's estimate of the memory it can give processes without swapping."""
+    fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines())
+    return int(fields["MemAvailable"].split()[0]) * 1024
+
+
+def cgroup_headroom_bytes(root: Path = CGROUP) -> int | None:
+    """What this process's control group may still take before its limit (a container's
+    ``--memory``), or None where it has none. ``/proc/meminfo`` shows the whole host's memory
+    inside a container, whose limit the kernel enforces all the same.
+
+    Page cache counts as used in the group but is given back under pressure, so its inactive
+    part is left out of the usage (as ``docker stats`` does). cgroup v2 files first, then v1's.
+    """
+    layouts = (  # (limit, usage, statistics, inactive page cache's key)
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        (
+            "memory/memory.limit_in_bytes",
+            "memory/memory.usage_in_bytes",
+            "memory/memory.stat",
+            "total_inactive_file",
+        ),
+    )
+    for limit_file, usage_file, stat_file, inactive_key in layouts:
+        if not (root / limit_file).is_file() or not (root / usage_file).is_file():
+            continue
+        limit = (root / limit_file).read_text().strip()
+        # v1 writes "no limit" as the largest page-aligned 64-bit number.
+        if limit == "max" or int(limit) >= 2**62:
+            return None
+        stat_path = root / stat_file
+        stat = (
+            dict(line.split() for line in stat_path.read_text().splitlines())
+            if stat_path.is_file()
+            else {}
+        )
+        used = int((root / usage_file).read_text()) - int(stat.get(inactive_key, 0))
+        return max(int(limit) - used, 0)
+    return None
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a step can still take: free GPU memory, or on a CPU the kernel's MemAvailable,
+    or less where the process's control group leaves less."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    headroom = cgroup_headroom_bytes()
+    available = meminfo_available_bytes()
+    return available if headroom is None else min(available, headroom)
+
+
+def activation_bytes(backbone_config, length: int, on_gpu: bool) -> int:
+    """Bytes autograd keeps for one sequence of ``length`` tokens through the backbone until
+    backward: per layer about 12 hidden-size and 3 intermediate-size vectors per token and, on a
+    CPU, the attention scores, probabilities and dropout mask (3 x heads x L^2), in float32.
+
+    For MiniLM at 512 tokens on a CPU that is 0.34 GB; one seed triplet with 8 negatives (40
+    sequences) then needs 13.5 GB, against 15.4 GB RSS measured for it with the process's own
+    2 GB (2026-11-26, 2-core CPU). The project's own step at 8 and 16 anchors of the quick
+    start's curriculum: 6.2-7.1 and 11.7-13.7 GB over epoch 0's batches, against 7.3 and 13.7 GB
+    peak RSS with the process's own (2026-12-07). On a GPU the step runs under bfloat16 autocast
+    and the fused attention kernels keep no score matrix: 2 bytes a value and no L^2 terms. The
+    H200's peaks were two thirds of that estimate at every set-up timed on 2026-12-04 (14.3 GB
+    for 21.4 at 32 anchors in 4 passes), where the CPU's formula gave nearly four times them.
+    """
+    c = backbone_config
+    per_token = 12 * c.hidden_size + 3 * c.intermediate_size
+    if on_gpu:
+        return 2 * c.num_hidden_layers * length * per_token
+    per_layer = 3 * c.num_attention_heads * length**2 + length * per_token
+    return 4 * c.num_hidden_layers * per_layer
+
+
+def passes_activation_bytes(
+    token_sets: list[ChannelTokens], backbone_config, passes: int, on_gpu: bool
+) -> int:
+    """A step's activations when each of ``token_sets`` (a batch's codes, its queries) runs as
+    ``passes`` passes split where they pad least, as ``MultiChannelEncoder.encode_texts`` runs
+    them."""
+    return sum(
+        len(rows) * activation_bytes(backbone_config, int(longest), on_gpu)
+        for tokens in token_sets
+        for rows, longest in padding_groups(TextRows.of(tokens).lengths, passes)
+    )
+
+
+def largest_step_bytes(
+    datamodule: NaicsDataModule, batch_size: int, backbone_config, passes: int
+) -> int:
+    """The activations of the largest of epoch 0's first :data:`ESTIMATED_BATCHES` batches of
+    ``batch_size`` anchors on a CPU, drawn as a fit draws them."""
+    items = datamodule.training_items(epoch=0)
+    order = np.asarray(datamodule.epoch_order(items, epoch=0))
+    largest = 0
+    for start in range(0, min(len(order), ESTIMATED_BATCHES * batch_size), batch_size):
+        batch = datamodule.collate(items, order[start : start + batch_size])
+        token_sets = [batch["tokens"], *filter(None, [batch.get("query_tokens")])]
+        largest = max(largest, passes_activation_bytes(token_sets, backbone_config, passes, False))
+    return largest
+
+
+def trains_on_cpu(trainer: TrainerConfig) -> bool:
+    return trainer.accelerator == "cpu" or (
+        trainer.accelerator == "auto" and not torch.cuda.is_available()
+    )
+
+
+def processes_on_this_machine(trainer: TrainerConfig) -> int:
+    """Training processes that share this machine's memory: one per device on a CPU."""
+    return trainer.devices if isinstance(trainer.devices, int) else 1
+
+
+def check_step_fits_memory(
+    config: Config,
+    datamodule: NaicsDataModule,
+    backbone_config,
+    available: int | None = None,
+) -> None:
+    """Raise :class:`StepMemoryError` where a stage that trains the adapters on the CPU has a
+    batch whose step needs more than ``available`` bytes (by default what this machine has
+    available now, beyond what the process already holds). The line names the largest batch
+    size that fits within :data:`MEMORY_SHARE` of it, or head-only training where none does."""
+    trainer = config.training.trainer
+    if config.training.head_only or not trains_on_cpu(trainer):
+        return
+    if available is None:
+        available = available_bytes(torch.device("cpu"))
+    processes = processes_on_this_machine(trainer)
+    passes = config.model.length_buckets
+
+    def needed(batch_size: int) -> int:
+        return processes * largest_step_bytes(datamodule, batch_size, backbone_config, passes)
+
+    batch_size = config.data_loader.batch_size
+    need = needed(batch_size)
+    if need <= available:
+        return
+    # The largest batch size that fits with room to spare: a step's codes grow with its anchors,
+    # not in proportion.
+    fits, too_large = 0, batch_size
+    while too_large - fits > 1:
+        middle = (fits + too_large) // 2
+        if needed(middle) <= MEMORY_SHARE * available:
+            fits = middle
+        else:
+            too_large = middle
+    where = f" in {processes} processes" if processes > 1 else ""
+    remedy = (
+        f"set data_loader.batch_size={fits} (about {needed(fits) / GB:.1f} GB), "
+        if fits
+        else "no batch size fits; "
+    )
+    raise StepMemoryError(
+        f"stage {datamodule.curriculum.name} trains the backbone's adapters on the CPU{where}, "
+        f"and its largest batch of data_loader.batch_size={batch_size} needs about "
+        f"{need / GB:.1f} GB for the step where this machine has {available / GB:.1f} GB "
+        f"available; {remedy}set training.head_only=true, or train on a GPU"
+    )
