@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoConfig
 
@@ -177,38 +178,77 @@ def test_a_container_memory_limit_caps_what_a_step_may_take(tmp_path, files, hea
     assert cgroup_headroom_bytes(_write(tmp_path, files)) == headroom
 
 
-def test_train_stops_before_its_run_opens_where_the_step_cannot_fit(
-    tmp_path, taxonomy, tiny_overrides, release
-):
-    """Real MiniLM at the quick start's 32 anchors needs about 26 GB; a tiny backbone with 32
-    attention heads a layer and long texts in one batch of every anchor needs more than this
-    machine has, in seconds and without the real backbone's weights."""
+# A tiny backbone with 32 attention heads a layer, and long texts in one batch of every anchor: a
+# step that needs more than this machine has (the real MiniLM at the quick start's 32 anchors
+# needs about 26 GB), found in seconds and without the real backbone's weights.
+TOO_LARGE = {
+    "data_loader.batch_size": 4096,
+    "data_loader.tokenization.description_max_length": 256,
+    "data_loader.tokenization.excluded_max_length": 256,
+}
+REFUSAL = (
+    r"error: stage {stage} trains the backbone's adapters on the CPU, and its largest batch of "
+    r"data_loader\.batch_size=4096 needs about [\d.]+ GB for the step where this machine has "
+    r"[\d.]+ GB available; set data_loader\.batch_size=\d+ \(about [\d.]+ GB\), set "
+    r"training\.head_only=true, or train on a GPU"
+)
+
+
+@pytest.fixture()
+def wide_attention_workdir(tmp_path, taxonomy, tiny_overrides, release) -> Path:
+    """A working folder whose backbone needs more memory than this machine has at
+    ``TOO_LARGE``'s settings (the test is skipped on a machine with more)."""
     backbone = make_tiny_backbone(
         tmp_path / "wide-attention-bert", taxonomy, num_attention_heads=32, num_hidden_layers=4
     )
     workdir = tmp_path / "work"
     conf = write_tiny_conf(workdir, [*tiny_overrides, f"model.base_model_name={backbone}"])
-    overrides = [
-        "data_loader.batch_size=4096",
-        "data_loader.tokenization.description_max_length=256",
-        "data_loader.tokenization.excluded_max_length=256",
-    ]
+    overrides = [f"{key}={value}" for key, value in TOO_LARGE.items()]
     datamodule = NaicsDataModule(load_config(conf, overrides), load_curriculum(QUICKSTART), release)
     datamodule.setup()
-    need = _needed(datamodule, AutoConfig.from_pretrained(backbone), 4096)
+    need = _needed(
+        datamodule, AutoConfig.from_pretrained(backbone), TOO_LARGE["data_loader.batch_size"]
+    )
     if need <= available_bytes(torch.device("cpu")):
         pytest.skip(f"this machine has more than the {need / 1e9:.0f} GB the step needs")
+    return workdir
 
-    line = error_line(run_cli(workdir, "train", "-c", "quickstart", *overrides))
 
-    assert re.fullmatch(
-        r"error: stage quickstart trains the backbone's adapters on the CPU, and its largest "
-        r"batch of data_loader\.batch_size=4096 needs about [\d.]+ GB for the step where this "
-        r"machine has [\d.]+ GB available; set data_loader\.batch_size=\d+ \(about [\d.]+ GB\), "
-        r"set training\.head_only=true, or train on a GPU",
-        line,
-    ), line
+def _nothing_written(workdir: Path) -> bool:
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    assert client.search_runs(experiments) == []
-    assert not [p for p in (workdir / "checkpoints").rglob("*") if p.is_file()]
+    files = [p for p in (workdir / "checkpoints").rglob("*") if p.is_file()]
+    return client.search_runs(experiments) == [] and files == []
+
+
+def test_train_stops_before_its_run_opens_where_the_step_cannot_fit(wide_attention_workdir):
+    overrides = [f"{key}={value}" for key, value in TOO_LARGE.items()]
+    result = run_cli(wide_attention_workdir, "train", "-c", "quickstart", *overrides)
+    line = error_line(result)
+    assert re.fullmatch(REFUSAL.format(stage="quickstart"), line), line
+    assert _nothing_written(wide_attention_workdir)
+
+
+def test_a_chain_stops_before_its_first_stage_where_a_later_one_cannot_fit(
+    wide_attention_workdir,
+):
+    chain = {
+        "chain_name": "chain_head_then_too_large",
+        "stages": [
+            {
+                "name": "quickstart",
+                "max_epochs": 1,
+                "overrides": {"training.head_only": True, "data_loader.all_codes_in_batch": True},
+            },
+            {"name": "finetune", "max_epochs": 1, "overrides": TOO_LARGE},
+        ],
+    }
+    chains = wide_attention_workdir / "conf" / "text_curriculum"
+    (chains / "chain_head_then_too_large.yaml").write_text(yaml.safe_dump(chain))
+    result = run_cli(
+        wide_attention_workdir, "train-curriculum", "--chain", "chain_head_then_too_large"
+    )
+    line = error_line(result)
+    assert re.fullmatch(REFUSAL.format(stage="finetune"), line), line
+    assert "stage quickstart" not in result.stderr  # its features were never computed
+    assert _nothing_written(wide_attention_workdir)

@@ -24,6 +24,7 @@ from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weig
 from naics_mlflow.model.merged import inference_device
 from naics_mlflow.model.trained import load_embedder
 from naics_mlflow.serving import MODEL_NAME, log_search_model
+from naics_mlflow.training.memory import check_stage_fits_memory
 from naics_mlflow.training.mlflow_logging import SUMMARY_METRICS
 from naics_mlflow.training.plan import ChainPlan
 from naics_mlflow.training.stage import (
@@ -166,6 +167,9 @@ def _record_chain(
     download_dir: Path,
 ) -> ChainResult:
     """Rank 0's part of :func:`run_chain`: the parent run, the stage runs, the final model."""
+    for stage, stage_start in zip(plan.stages, start.stages, strict=True):
+        if stage_start.how is not How.REUSE:
+            check_stage_fits_memory(stage.config, stage.curriculum, release, raw_dir)
     experiment_id = tracking.use_experiment(plan.stages[0].config.mlflow.experiment_name)
     chain_tags = {"sequence": plan.sequence, "chain_hash": chain_hash}
     if plan.chain:

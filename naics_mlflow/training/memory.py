@@ -4,7 +4,8 @@ A step that trains the adapters keeps every activation of the backbone until bac
 that memory is the machine's, and a step that needs more than there is gets the process killed by
 the kernel with no line at all, minutes into the stage. So a stage that trains adapters on the
 CPU first estimates its largest batch (:func:`activation_bytes` over the passes the step runs)
-and, where that cannot fit, refuses with one line that names a batch size that does.
+and, where that cannot fit, refuses with one line that names a batch size that does. A chain
+asks it of every stage it will train before the first one starts.
 
 On a GPU, torch raises its own out-of-memory error instead, and the estimate (bfloat16, fused
 attention) is looser there, so no stage is refused on it.
@@ -16,9 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoConfig
 
 from naics_mlflow.config import Config, TrainerConfig
+from naics_mlflow.data.census import CensusRelease
+from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
+from naics_mlflow.data.pretrained import load_pretrained
 from naics_mlflow.data.tokenization import ChannelTokens, TextRows, padding_groups
 from naics_mlflow.errors import UserError
 
@@ -149,6 +154,26 @@ def processes_on_this_machine(trainer: TrainerConfig) -> int:
     return trainer.devices if isinstance(trainer.devices, int) else 1
 
 
+def keeps_backbone_activations_on_cpu(config: Config) -> bool:
+    """Whether a stage trains the adapters on the CPU: the only steps this module judges."""
+    return not config.training.head_only and trains_on_cpu(config.training.trainer)
+
+
+def check_stage_fits_memory(
+    config: Config, curriculum: CurriculumSpec, release: CensusRelease, raw_dir: str | None
+) -> None:
+    """:func:`check_step_fits_memory` for a stage not yet started: a chain asks it of every stage
+    it will train before the first one trains, so that a later stage that cannot fit stops the
+    chain in seconds, not after the hours its earlier stages take."""
+    if not keeps_backbone_activations_on_cpu(config):
+        return
+    datamodule = NaicsDataModule(config, curriculum, release, raw_dir)
+    datamodule.prepare_data()
+    datamodule.setup()
+    backbone_config = load_pretrained(AutoConfig, config.model.base_model_name)
+    check_step_fits_memory(config, datamodule, backbone_config)
+
+
 def check_step_fits_memory(
     config: Config,
     datamodule: NaicsDataModule,
@@ -160,7 +185,7 @@ def check_step_fits_memory(
     available now, beyond what the process already holds). The line names the largest batch
     size that fits within :data:`MEMORY_SHARE` of it, or head-only training where none does."""
     trainer = config.training.trainer
-    if config.training.head_only or not trains_on_cpu(trainer):
+    if not keeps_backbone_activations_on_cpu(config):
         return
     if available is None:
         available = available_bytes(torch.device("cpu"))
