@@ -88,7 +88,7 @@ def test_a_step_that_cannot_fit_is_refused_with_the_largest_batch_size_that_does
     assert "\n" not in line
     assert line.startswith("stage quickstart trains the backbone's adapters on the CPU, ")
     assert f"data_loader.batch_size={BATCH} needs about" in line
-    assert "set training.head_only=true" in line
+    assert "or training.head_only=true, or train on a GPU" in line
     offered = int(re.search(r"set data_loader\.batch_size=(\d+)", line).group(1))
     assert 0 < offered < BATCH
     assert _needed(datamodule, backbone_config, offered) <= MEMORY_SHARE * available
@@ -97,7 +97,9 @@ def test_a_step_that_cannot_fit_is_refused_with_the_largest_batch_size_that_does
 
 def test_where_no_batch_fits_the_line_says_so(lora_stage):
     datamodule, backbone_config = lora_stage
-    with pytest.raises(StepMemoryError, match=r"no batch size fits; set training\.head_only=true"):
+    with pytest.raises(
+        StepMemoryError, match=r"no batch size fits; set training\.head_only=true, or train"
+    ):
         check_step_fits_memory(datamodule.config, datamodule, backbone_config, available=1)
 
 
@@ -189,8 +191,8 @@ TOO_LARGE = {
 REFUSAL = (
     r"error: stage {stage} trains the backbone's adapters on the CPU, and its largest batch of "
     r"data_loader\.batch_size=4096 needs about [\d.]+ GB for the step where this machine has "
-    r"[\d.]+ GB available; set data_loader\.batch_size=\d+ \(about [\d.]+ GB\), set "
-    r"training\.head_only=true, or train on a GPU"
+    r"[\d.]+ GB available; set data_loader\.batch_size=\d+ \(about [\d.]+ GB\) or "
+    r"training\.head_only=true{where}, or train on a GPU"
 )
 
 
@@ -225,7 +227,7 @@ def test_train_stops_before_its_run_opens_where_the_step_cannot_fit(wide_attenti
     overrides = [f"{key}={value}" for key, value in TOO_LARGE.items()]
     result = run_cli(wide_attention_workdir, "train", "-c", "quickstart", *overrides)
     line = error_line(result)
-    assert re.fullmatch(REFUSAL.format(stage="quickstart"), line), line
+    assert re.fullmatch(REFUSAL.format(stage="quickstart", where=""), line), line
     assert _nothing_written(wide_attention_workdir)
 
 
@@ -249,6 +251,7 @@ def test_a_chain_stops_before_its_first_stage_where_a_later_one_cannot_fit(
         wide_attention_workdir, "train-curriculum", "--chain", "chain_head_then_too_large"
     )
     line = error_line(result)
-    assert re.fullmatch(REFUSAL.format(stage="finetune"), line), line
+    where = " in chain chain_head_then_too_large's file, under stage finetune's overrides"
+    assert re.fullmatch(REFUSAL.format(stage="finetune", where=where), line), line
     assert "stage quickstart" not in result.stderr  # its features were never computed
     assert _nothing_written(wide_attention_workdir)

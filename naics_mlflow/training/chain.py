@@ -169,7 +169,7 @@ def _record_chain(
     """Rank 0's part of :func:`run_chain`: the parent run, the stage runs, the final model."""
     for stage, stage_start in zip(plan.stages, start.stages, strict=True):
         if stage_start.how is not How.REUSE:
-            check_stage_fits_memory(stage.config, stage.curriculum, release, raw_dir)
+            check_stage_fits_memory(stage.config, stage.curriculum, release, raw_dir, plan.chain)
     experiment_id = tracking.use_experiment(plan.stages[0].config.mlflow.experiment_name)
     chain_tags = {"sequence": plan.sequence, "chain_hash": chain_hash}
     if plan.chain:

@@ -160,18 +160,23 @@ def keeps_backbone_activations_on_cpu(config: Config) -> bool:
 
 
 def check_stage_fits_memory(
-    config: Config, curriculum: CurriculumSpec, release: CensusRelease, raw_dir: str | None
+    config: Config,
+    curriculum: CurriculumSpec,
+    release: CensusRelease,
+    raw_dir: str | None,
+    chain: str | None,
 ) -> None:
     """:func:`check_step_fits_memory` for a stage not yet started: a chain asks it of every stage
     it will train before the first one trains, so that a later stage that cannot fit stops the
-    chain in seconds, not after the hours its earlier stages take."""
+    chain in seconds, not after the hours its earlier stages take. ``chain``: the ``chain_name``
+    of the chain file the stages come from, if they do."""
     if not keeps_backbone_activations_on_cpu(config):
         return
     datamodule = NaicsDataModule(config, curriculum, release, raw_dir)
     datamodule.prepare_data()
     datamodule.setup()
     backbone_config = load_pretrained(AutoConfig, config.model.base_model_name)
-    check_step_fits_memory(config, datamodule, backbone_config)
+    check_step_fits_memory(config, datamodule, backbone_config, chain=chain)
 
 
 def check_step_fits_memory(
@@ -179,17 +184,18 @@ def check_step_fits_memory(
     datamodule: NaicsDataModule,
     backbone_config,
     available: int | None = None,
+    chain: str | None = None,
 ) -> None:
     """Raise :class:`StepMemoryError` where a stage that trains the adapters on the CPU has a
     batch whose step needs more than ``available`` bytes (by default what this machine has
     available now, beyond what the process already holds). The line names the largest batch
-    size that fits within :data:`MEMORY_SHARE` of it, or head-only training where none does."""
-    trainer = config.training.trainer
+    size that fits within :data:`MEMORY_SHARE` of it, or head-only training where none does, to
+    be set under the stage's overrides in the file of ``chain`` where the stage is one of its."""
     if not keeps_backbone_activations_on_cpu(config):
         return
     if available is None:
         available = available_bytes(torch.device("cpu"))
-    processes = processes_on_this_machine(trainer)
+    processes = processes_on_this_machine(config.training.trainer)
     passes = config.model.length_buckets
 
     def needed(batch_size: int) -> int:
@@ -208,15 +214,15 @@ def check_step_fits_memory(
             fits = middle
         else:
             too_large = middle
-    where = f" in {processes} processes" if processes > 1 else ""
-    remedy = (
-        f"set data_loader.batch_size={fits} (about {needed(fits) / GB:.1f} GB), "
-        if fits
-        else "no batch size fits; "
-    )
+    stage = datamodule.curriculum.name
+    settings = [f"data_loader.batch_size={fits} (about {needed(fits) / GB:.1f} GB)"] if fits else []
+    settings.append("training.head_only=true")
+    remedy = ("" if fits else "no batch size fits; ") + "set " + " or ".join(settings)
+    if chain is not None:
+        remedy += f" in chain {chain}'s file, under stage {stage}'s overrides"
+    on = f"the CPU in {processes} processes" if processes > 1 else "the CPU"
     raise StepMemoryError(
-        f"stage {datamodule.curriculum.name} trains the backbone's adapters on the CPU{where}, "
-        f"and its largest batch of data_loader.batch_size={batch_size} needs about "
-        f"{need / GB:.1f} GB for the step where this machine has {available / GB:.1f} GB "
-        f"available; {remedy}set training.head_only=true, or train on a GPU"
+        f"stage {stage} trains the backbone's adapters on {on}, and its largest batch of "
+        f"data_loader.batch_size={batch_size} needs about {need / GB:.1f} GB for the step where "
+        f"this machine has {available / GB:.1f} GB available; {remedy}, or train on a GPU"
     )
