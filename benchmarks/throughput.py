@@ -100,6 +100,7 @@ from naics_mlflow.model.lora import ChannelAdaptedBackbone
 from naics_mlflow.model.loss import pool_infonce
 from naics_mlflow.model.module import AUTOCAST_DTYPES, NaicsEmbedder
 from naics_mlflow.training.memory import (
+    FIT_OVERHEAD,
     GB,
     MEMORY_SHARE,
     activation_bytes,
@@ -247,7 +248,7 @@ def seed_bytes(module: NaicsEmbedder, negatives: int) -> int:
     backbone = module.encoder.backbone
     sequences = (2 + negatives) * len(CHANNELS)
     return len(CHANNELS) * parameter_bytes(backbone) + sequences * activation_bytes(
-        backbone.config, SEED_MAX_LENGTH, on_gpu(module)
+        backbone.config, SEED_MAX_LENGTH, on_gpu(module), dropout=True
     )
 
 
@@ -256,20 +257,25 @@ def project_bytes(
 ) -> int:
     """The project's step beyond the process, padded as the most padded of the ways it is to
     run: every channel's texts in each of ``pass_counts`` passes, and one pass per channel if
-    ``pass_per_channel``."""
+    ``pass_per_channel``. On a CPU with what a fit holds beyond the activations
+    (``FIT_OVERHEAD``); the GPU's estimate is already above its peaks."""
     config = module.encoder.backbone.config
     gpu = on_gpu(module)
+    dropout = module.config.model.backbone_dropout
     token_sets = [t for t in (batch["tokens"], batch.get("query_tokens")) if t is not None]
-    ways = [passes_activation_bytes(token_sets, config, count, gpu) for count in pass_counts]
+    ways = [
+        passes_activation_bytes(token_sets, config, count, gpu, dropout) for count in pass_counts
+    ]
     if pass_per_channel:
         ways.append(
             sum(
-                texts.input_ids.shape[0] * activation_bytes(config, texts.input_ids.shape[1], gpu)
+                texts.input_ids.shape[0]
+                * activation_bytes(config, texts.input_ids.shape[1], gpu, dropout)
                 for tokens in token_sets
                 for texts in tokens.texts.values()
             )
         )
-    return max(ways)
+    return int(max(ways) * (1 if gpu else FIT_OVERHEAD))
 
 
 def seed_negatives_that_fit(module: NaicsEmbedder, negatives: int, budget: float) -> int:

@@ -32,6 +32,10 @@ GB = 1e9
 # allocator, the data and other processes need room too. A step that needs more than all of it
 # is refused; the batch size offered instead fits within this share.
 MEMORY_SHARE = 0.8
+# A fit's peak resident memory beyond the process, against the activations autograd keeps: the
+# step's transient buffers, the allocator's free lists and validation come on top. 1.1-1.6 in
+# the MiniLM steps and fits measured on 2026-12-07 (docs/results.md).
+FIT_OVERHEAD = 1.5
 # Enough of epoch 0 to meet its largest batches (a quick-start epoch of 111 batches varies by 9%
 # around its median), in about a second on a 2-core CPU.
 ESTIMATED_BATCHES = 256
@@ -93,36 +97,38 @@ def available_bytes(device: torch.device) -> int:
     return available if headroom is None else min(available, headroom)
 
 
-def activation_bytes(backbone_config, length: int, on_gpu: bool) -> int:
+def activation_bytes(backbone_config, length: int, on_gpu: bool, dropout: bool) -> int:
     """Bytes autograd keeps for one sequence of ``length`` tokens through the backbone until
-    backward: per layer about 12 hidden-size and 3 intermediate-size vectors per token and, on a
-    CPU, the attention scores, probabilities and dropout mask (3 x heads x L^2), in float32.
+    backward, ``dropout``: with the backbone's own dropout (``model.backbone_dropout``).
 
-    For MiniLM at 512 tokens on a CPU that is 0.34 GB; one seed triplet with 8 negatives (40
-    sequences) then needs 13.5 GB, against 15.4 GB RSS measured for it with the process's own
-    2 GB (2026-11-26, 2-core CPU). The project's own step at 8 and 16 anchors of the quick
-    start's curriculum: 6.2-7.1 and 11.7-13.7 GB over epoch 0's batches, against 7.3 and 13.7 GB
-    peak RSS with the process's own (2026-12-07). On a GPU the step runs under bfloat16 autocast
-    and the fused attention kernels keep no score matrix: 2 bytes a value and no L^2 terms. The
-    H200's peaks were two thirds of that estimate at every set-up timed on 2026-12-04 (14.3 GB
-    for 21.4 at 32 anchors in 4 passes), where the CPU's formula gave nearly four times them.
+    On a CPU, per layer and token six hidden-size and two intermediate-size float32 vectors and,
+    with dropout, the attention's scores, probabilities, dropout mask and dropped probabilities
+    (13 bytes a score and head); without it the CPU's fused attention kernel keeps no score
+    matrix. On MiniLM batches of 4 to 16 anchors of the quick start's relations that came within
+    2% of the tensors autograd saved (2026-12-07, docs/results.md).
+
+    On a GPU the step runs under bfloat16 autocast and the fused attention kernels keep no score
+    matrix: 2 bytes a value of 12 hidden-size and 3 intermediate-size vectors. The H200's peaks
+    were two thirds of that at every set-up timed on 2026-12-04 (14.3 GB for 21.4 at 32 anchors
+    in 4 passes).
     """
     c = backbone_config
-    per_token = 12 * c.hidden_size + 3 * c.intermediate_size
     if on_gpu:
-        return 2 * c.num_hidden_layers * length * per_token
-    per_layer = 3 * c.num_attention_heads * length**2 + length * per_token
-    return 4 * c.num_hidden_layers * per_layer
+        return 2 * c.num_hidden_layers * length * (12 * c.hidden_size + 3 * c.intermediate_size)
+    per_layer = 4 * length * (6 * c.hidden_size + 2 * c.intermediate_size)
+    if dropout:
+        per_layer += 13 * c.num_attention_heads * length**2
+    return c.num_hidden_layers * per_layer
 
 
 def passes_activation_bytes(
-    token_sets: list[ChannelTokens], backbone_config, passes: int, on_gpu: bool
+    token_sets: list[ChannelTokens], backbone_config, passes: int, on_gpu: bool, dropout: bool
 ) -> int:
     """A step's activations when each of ``token_sets`` (a batch's codes, its queries) runs as
     ``passes`` passes split where they pad least, as ``MultiChannelEncoder.encode_texts`` runs
     them."""
     return sum(
-        len(rows) * activation_bytes(backbone_config, int(longest), on_gpu)
+        len(rows) * activation_bytes(backbone_config, int(longest), on_gpu, dropout)
         for tokens in token_sets
         for rows, longest in padding_groups(TextRows.of(tokens).lengths, passes)
     )
@@ -133,13 +139,15 @@ def largest_step_bytes(
 ) -> int:
     """The activations of the largest of epoch 0's first :data:`ESTIMATED_BATCHES` batches of
     ``batch_size`` anchors on a CPU, drawn as a fit draws them."""
+    dropout = datamodule.config.model.backbone_dropout
     items = datamodule.training_items(epoch=0)
     order = np.asarray(datamodule.epoch_order(items, epoch=0))
     largest = 0
     for start in range(0, min(len(order), ESTIMATED_BATCHES * batch_size), batch_size):
         batch = datamodule.collate(items, order[start : start + batch_size])
         token_sets = [batch["tokens"], *filter(None, [batch.get("query_tokens")])]
-        largest = max(largest, passes_activation_bytes(token_sets, backbone_config, passes, False))
+        step = passes_activation_bytes(token_sets, backbone_config, passes, False, dropout)
+        largest = max(largest, step)
     return largest
 
 
@@ -199,7 +207,8 @@ def check_step_fits_memory(
     passes = config.model.length_buckets
 
     def needed(batch_size: int) -> int:
-        return processes * largest_step_bytes(datamodule, batch_size, backbone_config, passes)
+        activations = largest_step_bytes(datamodule, batch_size, backbone_config, passes)
+        return int(processes * FIT_OVERHEAD * activations)
 
     batch_size = config.data_loader.batch_size
     need = needed(batch_size)
