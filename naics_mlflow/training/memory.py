@@ -145,7 +145,7 @@ def largest_step_bytes(
     largest = 0
     for start in range(0, min(len(order), ESTIMATED_BATCHES * batch_size), batch_size):
         batch = datamodule.collate(items, order[start : start + batch_size])
-        token_sets = [batch["tokens"], *filter(None, [batch.get("query_tokens")])]
+        token_sets = [t for t in (batch["tokens"], batch.get("query_tokens")) if t is not None]
         step = passes_activation_bytes(token_sets, backbone_config, passes, False, dropout)
         largest = max(largest, step)
     return largest
