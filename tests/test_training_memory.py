@@ -34,6 +34,8 @@ from tests.conftest import make_tiny_backbone, write_tiny_conf
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "conf" / "text_curriculum" / "quickstart.yaml"
 BATCH = 16
+# The check judges CPU stages only; "auto" would train on a GPU where the tests run beside one.
+ON_CPU = ["training.trainer.accelerator=cpu"]
 
 
 def _datamodule(overrides: list[str], release) -> NaicsDataModule:
@@ -46,7 +48,7 @@ def _datamodule(overrides: list[str], release) -> NaicsDataModule:
 @pytest.fixture(scope="module")
 def lora_stage(tiny_overrides, tiny_backbone, release):
     """The quick start's relations, adapters trained, batches of 16 anchors, on the CPU."""
-    datamodule = _datamodule([*tiny_overrides, f"data_loader.batch_size={BATCH}"], release)
+    datamodule = _datamodule([*tiny_overrides, *ON_CPU, f"data_loader.batch_size={BATCH}"], release)
     return datamodule, AutoConfig.from_pretrained(tiny_backbone)
 
 
@@ -220,6 +222,7 @@ def test_a_container_memory_limit_caps_what_a_step_may_take(tmp_path, files, hea
 # step that needs more than this machine has (the real MiniLM at the quick start's 32 anchors
 # needs about 27 GB), found in seconds and without the real backbone's weights.
 TOO_LARGE = {
+    "training.trainer.accelerator": "cpu",
     "data_loader.batch_size": 4096,
     "data_loader.tokenization.description_max_length": 256,
     "data_loader.tokenization.excluded_max_length": 256,
