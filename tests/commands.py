@@ -15,6 +15,19 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 OWN_STORE = "own"
+# The command line with its address space capped at what it maps once its libraries are imported,
+# plus argv[1] bytes: an allocation past that is refused as on a machine with no more memory to
+# give, which the memory check (it reads the machine's) does not see coming.
+_CLI_WITH_CAPPED_MEMORY = """
+import resource, sys
+import lightning, mlflow, torch, transformers
+import naics_mlflow.cli, naics_mlflow.training.stage
+status = open("/proc/self/status").read().splitlines()
+mapped = int(next(line for line in status if line.startswith("VmSize")).split()[1]) * 1024
+_, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (mapped + int(sys.argv[1]), hard))
+naics_mlflow.cli.main(args=sys.argv[2:], prog_name="naics-embedder")
+"""
 
 
 def environment(workdir: Path, tracking_uri: str | None = OWN_STORE) -> dict[str, str]:
@@ -35,11 +48,19 @@ def run_cli(
     *args: str,
     tracking_uri: str | None = OWN_STORE,
     file_size_limit: int | None = None,
+    memory_beyond_imports: int | None = None,
 ) -> subprocess.CompletedProcess:
     """The command line run to its end. ``file_size_limit``: writes past that many bytes into
-    any one file are refused, as the kernel refuses them on a full disk (cut short, or EFBIG)."""
+    any one file are refused, as the kernel refuses them on a full disk (cut short, or EFBIG).
+    ``memory_beyond_imports``: allocations past that many bytes beyond what the command maps
+    once its libraries are imported are refused, as on a machine that has no more."""
+    command = (
+        ["-m", "naics_mlflow"]
+        if memory_beyond_imports is None
+        else ["-c", _CLI_WITH_CAPPED_MEMORY, str(memory_beyond_imports)]
+    )
     return subprocess.run(
-        [sys.executable, "-m", "naics_mlflow", *args],
+        [sys.executable, *command, *args],
         cwd=workdir,
         env=environment(workdir, tracking_uri),
         capture_output=True,

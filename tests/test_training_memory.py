@@ -1,6 +1,7 @@
 """A stage that trains the adapters on the CPU is stopped before its run opens where its step
 cannot fit in memory, with one line that names a batch size that does: the kernel would
-otherwise kill it minutes in, with no line at all."""
+otherwise kill it minutes in, with no line at all. A stage that runs out of memory all the same,
+on a GPU or past the estimate, ends in one line too."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from naics_mlflow.training.memory import (
     cgroup_headroom_bytes,
     check_step_fits_memory,
     largest_step_bytes,
+    out_of_memory_in_one_line,
     passes_activation_bytes,
 )
 from tests.commands import error_line, run_cli
@@ -294,3 +296,140 @@ def test_a_chain_stops_before_its_first_stage_where_a_later_one_cannot_fit(
     assert re.fullmatch(REFUSAL.format(stage="finetune", where=where), line), line
     assert "stage quickstart" not in result.stderr  # its features were never computed
     assert _nothing_written(wide_attention_workdir)
+
+
+# --- a stage that runs out of memory all the same ---------------------------------------------
+
+# The quick start's relations with texts up to 256 tokens in batches of 256 anchors: a step of
+# the tiny backbone that keeps about 6.5 GB for backward, which the check lets through on a
+# machine with 10 GB available.
+LARGE_STEP = {
+    "training.trainer.accelerator": "cpu",
+    "data_loader.batch_size": 256,
+    "data_loader.tokenization.description_max_length": 256,
+    "data_loader.tokenization.excluded_max_length": 256,
+}
+# What the command may map beyond its imported libraries: its set-up and a tiny stage's steps
+# (about 2 GB of address space: threads, MLflow, the data), not that step.
+MEMORY_BEYOND_IMPORTS = 3 * 10**9
+
+
+@pytest.mark.parametrize("in_chain", [False, True], ids=["train", "train-curriculum"])
+def test_a_step_refused_memory_as_it_trains_ends_in_one_line(
+    tmp_path, tiny_overrides, release, in_chain
+):
+    workdir = tmp_path / "work"
+    conf = write_tiny_conf(workdir, tiny_overrides)
+    overrides = [f"{key}={value}" for key, value in LARGE_STEP.items()]
+    datamodule = NaicsDataModule(load_config(conf, overrides), load_curriculum(QUICKSTART), release)
+    datamodule.setup()
+    backbone_config = AutoConfig.from_pretrained(datamodule.config.model.base_model_name)
+    need = _needed(datamodule, backbone_config, LARGE_STEP["data_loader.batch_size"])
+    assert need / FIT_OVERHEAD > 2 * MEMORY_BEYOND_IMPORTS
+    if need > available_bytes(torch.device("cpu")):
+        pytest.skip(
+            f"the check would refuse the step: this machine has less than {need / 1e9:.0f} GB"
+        )
+    if in_chain:
+        chain = {
+            "chain_name": "chain_large_step",
+            "stages": [{"name": "quickstart", "max_epochs": 1, "overrides": LARGE_STEP}],
+        }
+        chains = workdir / "conf" / "text_curriculum"
+        (chains / "chain_large_step.yaml").write_text(yaml.safe_dump(chain))
+        command = ["train-curriculum", "--chain", "chain_large_step"]
+        where = " in chain chain_large_step's file, under stage quickstart's overrides"
+    else:
+        command = ["train", "-c", "quickstart", *overrides]
+        where = ""
+
+    result = run_cli(workdir, *command, memory_beyond_imports=MEMORY_BEYOND_IMPORTS)
+
+    line = error_line(result)
+    assert re.fullmatch(
+        r"error: stage quickstart ran out of memory on the CPU while it trained at "
+        r"data_loader\.batch_size=256 \(torch asked for [\d.]+ GB more and was refused\); its "
+        r"MLflow run is FAILED; set a smaller data_loader\.batch_size \(128, say\) or "
+        rf"training\.head_only=true{re.escape(where)}, or train on a GPU",
+        line,
+    ), line
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {run.info.status for run in runs} == {"FAILED"}
+    (stage_run,) = [run for run in runs if run.data.tags.get("stage") == "quickstart"]
+    assert stage_run.data.tags["error"].startswith(
+        "StepMemoryError: stage quickstart ran out of memory"
+    )
+    assert [p for p in (workdir / "checkpoints").rglob("*") if p.is_file()] == []
+
+
+def _refused_by_the_cpu_allocator() -> None:
+    """A real refusal by torch's CPU allocator: a petabyte is past any process's address space."""
+    torch.empty(2**50, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    ("settings", "remedy"),
+    [
+        ([], "set a smaller data_loader.batch_size (16, say) or training.head_only=true"),
+        (["data_loader.batch_size=1"], "set training.head_only=true"),
+        (["data_loader.batch_size=1", "training.head_only=true"], "no smaller batch is left"),
+    ],
+)
+def test_the_line_names_the_settings_left_to_change(tiny_overrides, settings, remedy):
+    config = load_config(
+        REPO / "conf" / "config.yaml", [*tiny_overrides, "data_loader.batch_size=32", *settings]
+    )
+    with (
+        pytest.raises(StepMemoryError) as refused,
+        out_of_memory_in_one_line(config, "finetune", None),
+    ):
+        _refused_by_the_cpu_allocator()
+    assert str(refused.value).startswith("stage finetune ran out of memory on the CPU while it ")
+    assert str(refused.value).endswith(f"; {remedy}, or train on a GPU")
+
+
+def test_in_a_chain_the_line_names_the_stage_in_the_chain_file(tiny_overrides):
+    config = load_config(REPO / "conf" / "config.yaml", tiny_overrides)
+    with (
+        pytest.raises(StepMemoryError) as refused,
+        out_of_memory_in_one_line(config, "finetune", "chain_default"),
+    ):
+        _refused_by_the_cpu_allocator()
+    assert "(torch asked for 1125899.9 GB more and was refused)" in str(refused.value)
+    assert str(refused.value).endswith(
+        "or training.head_only=true in chain chain_default's file, under stage finetune's "
+        "overrides, or train on a GPU"
+    )
+
+
+def test_gpu_memory_refused_names_the_gpu_and_no_head_only_stage(tiny_overrides):
+    """torch's error as the CUDA caching allocator raises it (a real one: the GPU test in
+    test_training_stage.py)."""
+    config = load_config(
+        REPO / "conf" / "config.yaml", [*tiny_overrides, "data_loader.batch_size=64"]
+    )
+    cuda_says = (
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB "
+        "of which 1.06 GiB is free."
+    )
+    with (
+        pytest.raises(StepMemoryError) as refused,
+        out_of_memory_in_one_line(config, "finetune", None),
+    ):
+        raise torch.OutOfMemoryError(cuda_says)
+    assert str(refused.value) == (
+        "stage finetune ran out of GPU memory while it trained at data_loader.batch_size=64 "
+        "(torch asked for 2.00 GiB more and was refused); its MLflow run is FAILED; set a "
+        "smaller data_loader.batch_size (32, say), or train on a GPU with more memory"
+    )
+
+
+def test_other_errors_of_a_fit_keep_their_own_traceback(tiny_overrides):
+    config = load_config(REPO / "conf" / "config.yaml", tiny_overrides)
+    with (
+        pytest.raises(RuntimeError) as raised,
+        out_of_memory_in_one_line(config, "finetune", None),
+    ):
+        raise RuntimeError("a step that breaks")
+    assert type(raised.value) is RuntimeError and str(raised.value) == "a step that breaks"

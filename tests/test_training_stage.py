@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -55,6 +56,7 @@ from naics_mlflow.model.module import NaicsEmbedder
 from naics_mlflow.references import resolve_checkpoint
 from naics_mlflow.training.callbacks import TaxonomyEvaluation
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from naics_mlflow.training.memory import StepMemoryError
 from naics_mlflow.training.stage import resolve_precision, train_stage
 from tests.commands import (
     environment,
@@ -382,6 +384,45 @@ def test_failed_training_marks_the_run_failed(tmp_path, monkeypatch, tiny_overri
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == "RuntimeError: a step that breaks"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_stage_out_of_gpu_memory_ends_in_one_line(tmp_path, monkeypatch, tiny_overrides, release):
+    """A real CUDA out-of-memory error (``benchmarks/gpu_step.sh`` runs this on its GPU): the
+    process may use 0.2% of the GPU, about 160 MB of an H100, where the step needs gigabytes."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    config = load_config(
+        CONFIG,
+        [
+            *tiny_overrides,
+            "training.trainer.accelerator=gpu",
+            "training.trainer.devices=1",
+            "data_loader.batch_size=256",
+            "data_loader.tokenization.description_max_length=256",
+            "data_loader.tokenization.excluded_max_length=256",
+        ],
+    )
+    torch.cuda.set_per_process_memory_fraction(0.002)
+    try:
+        with pytest.raises(StepMemoryError) as refused:
+            train_stage(
+                config,
+                load_curriculum(REPO / "conf/text_curriculum/quickstart.yaml"),
+                run_group="out-of-gpu-memory",
+                release=release,
+            )
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert re.fullmatch(
+        r"stage quickstart ran out of GPU memory while it trained at data_loader\.batch_size=256 "
+        r"\(torch asked for [^)]+ more and was refused\); its MLflow run is FAILED; set "
+        r"a smaller data_loader\.batch_size \(128, say\), or train on a GPU with more memory",
+        str(refused.value),
+    ), refused.value
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
 
 
 def _train_01_stage(workdir: Path, tiny_overrides: list[str], *overrides: str):

@@ -155,6 +155,7 @@ def _train_without_record(
                 release=release,
                 raw_dir=raw_dir,
                 resume_checkpoint=_resume_checkpoint(stage_start),
+                chain=plan.chain,
             )
 
 
@@ -217,6 +218,7 @@ def _record_chain(
                 resumed_run_id=stage_start.run_id if stage_start.how is How.RESUME else None,
                 parent_run_id=parent.info.run_id,
                 extra_tags=extra_tags,
+                chain=plan.chain,
             )
             results.append(result)
             previous_best = result.best_checkpoint

@@ -7,12 +7,16 @@ CPU first estimates its largest batch (:func:`activation_bytes` over the passes 
 and, where that cannot fit, refuses with one line that names a batch size that does. A chain
 asks it of every stage it will train before the first one starts.
 
-On a GPU, torch raises its own out-of-memory error instead, and the estimate (bfloat16, fused
-attention) is looser there, so no stage is refused on it.
+On a GPU the estimate (bfloat16, fused attention) is looser, so no stage is refused on it. A
+step that runs out of memory anyway, on a GPU or where the estimate fell short on a CPU, ends in
+one line too (:func:`out_of_memory_in_one_line`), not torch's traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +44,10 @@ FIT_OVERHEAD = 1.5
 # around its median), in about a second on a 2-core CPU.
 ESTIMATED_BATCHES = 256
 CGROUP = Path("/sys/fs/cgroup")
+# How torch's CPU allocator says the kernel refused it memory (c10's alloc_cpu.cpp), and the size
+# that it, or the CUDA caching allocator, was asked for.
+CPU_ALLOCATION_REFUSED = "DefaultCPUAllocator: can't allocate memory"
+ASKED_FOR = re.compile(r"tried to allocate (\d+ bytes|[\d.]+ [KMGT]i?B)", re.IGNORECASE)
 
 
 class StepMemoryError(UserError):
@@ -234,4 +242,53 @@ def check_step_fits_memory(
         f"stage {stage} trains the backbone's adapters on {on}, and its largest batch of "
         f"data_loader.batch_size={batch_size} needs about {need / GB:.1f} GB for the step where "
         f"this machine has {available / GB:.1f} GB available; {remedy}, or train on a GPU"
+    )
+
+
+def allocation_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` says torch's allocator was refused memory: CUDA's out-of-memory error, or
+    the CPU allocator's, which torch raises as a plain RuntimeError."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and CPU_ALLOCATION_REFUSED in str(exc)
+    )
+
+
+@contextlib.contextmanager
+def out_of_memory_in_one_line(config: Config, stage: str, chain: str | None) -> Iterator[None]:
+    """Raise :class:`StepMemoryError` where the fit inside runs out of memory: the batch size is
+    the setting to change, and torch's traceback (pages of it, through Lightning's loops) does
+    not say so. ``chain``: as for :func:`check_step_fits_memory`."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not allocation_refused(exc):
+            raise
+        raise StepMemoryError(_out_of_memory_line(config, stage, chain, exc)) from exc
+
+
+def _out_of_memory_line(config: Config, stage: str, chain: str | None, exc: RuntimeError) -> str:
+    on_gpu = isinstance(exc, torch.OutOfMemoryError)
+    refused = ""
+    asked = ASKED_FOR.search(str(exc))
+    if asked:
+        amount = asked.group(1)
+        if amount.endswith(" bytes"):
+            amount = f"{int(amount.split()[0]) / GB:.1f} GB"
+        refused = f" (torch asked for {amount} more and was refused)"
+    batch_size = config.data_loader.batch_size
+    # Half is a first step down, not a promise: what a smaller batch needs depends on its texts.
+    settings = (
+        [f"a smaller data_loader.batch_size ({batch_size // 2}, say)"] if batch_size > 1 else []
+    )
+    if not on_gpu and not config.training.head_only:
+        settings.append("training.head_only=true")
+    remedy = "set " + " or ".join(settings) if settings else "no smaller batch is left"
+    if chain is not None and settings:
+        remedy += f" in chain {chain}'s file, under stage {stage}'s overrides"
+    where = "GPU memory" if on_gpu else "memory on the CPU"
+    bigger = "a GPU with more memory" if on_gpu else "a GPU"
+    return (
+        f"stage {stage} ran out of {where} while it trained at "
+        f"data_loader.batch_size={batch_size}{refused}; its MLflow run is FAILED; {remedy}, or "
+        f"train on {bigger}"
     )

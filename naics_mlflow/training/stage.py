@@ -45,7 +45,7 @@ from naics_mlflow.training.callbacks import (
     find_best_on_this_disk,
 )
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
-from naics_mlflow.training.memory import check_step_fits_memory
+from naics_mlflow.training.memory import check_step_fits_memory, out_of_memory_in_one_line
 from naics_mlflow.training.mlflow_logging import (
     EpochEndRecord,
     MetricsLogger,
@@ -93,13 +93,15 @@ def train_stage(
     resumed_run_id: str | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    chain: str | None = None,
 ) -> StageResult | None:
     """Train ``curriculum`` inside a new MLflow run and log its checkpoints under ``ckpt/``.
 
     It starts from scratch, from ``init_checkpoint``'s weights with a fresh optimiser and
     schedule, or continues the interrupted run ``resumed_run_id`` from ``resume_checkpoint`` (its
     ``last.ckpt``) with optimiser, schedule and epoch restored. Ranks other than 0 of a
-    data-parallel run only train, and return None.
+    data-parallel run only train, and return None. ``chain``: the ``chain_name`` of the chain
+    file the stage comes from, if it does, which a line about its settings names.
     """
     rank_zero = is_global_zero()
     stage_dir = stage_checkpoint_dir(config, run_group, curriculum.name)
@@ -113,14 +115,15 @@ def train_stage(
     if not rank_zero:
         # DDP copies rank 0's weights to every rank as training starts: no need to load them.
         # The checkpoint folder, too, is rank 0's (ModelCheckpoint broadcasts it).
-        _fit(config, module, datamodule, run_group, stage_dir, None, resume_checkpoint)
+        with out_of_memory_in_one_line(config, curriculum.name, chain):
+            _fit(config, module, datamodule, run_group, stage_dir, None, resume_checkpoint)
         return None
     if init_checkpoint is not None:
         load_trainable_weights(module, init_checkpoint)
     # Data, curriculum, validation and memory problems end here, before a run is opened.
     datamodule.prepare_data()
     datamodule.setup()
-    check_step_fits_memory(config, datamodule, module.encoder.backbone.config)
+    check_step_fits_memory(config, datamodule, module.encoder.backbone.config, chain=chain)
     tags = {
         "stage": curriculum.name,
         "curriculum": curriculum.name,
@@ -150,16 +153,17 @@ def train_stage(
         tracking.log_params(config.flat())
         tracking.log_params({f"curriculum.{k}": v for k, v in asdict(curriculum).items()})
         tracking.log_dict(config.to_dict(), "config.yaml")
-        trainer, checkpoint = _fit(
-            config,
-            module,
-            datamodule,
-            run_group,
-            checkpoint_dir,
-            run_id,
-            resume_checkpoint,
-            resumed_run_id=resumed_run_id,
-        )
+        with out_of_memory_in_one_line(config, curriculum.name, chain):
+            trainer, checkpoint = _fit(
+                config,
+                module,
+                datamodule,
+                run_group,
+                checkpoint_dir,
+                run_id,
+                resume_checkpoint,
+                resumed_run_id=resumed_run_id,
+            )
         # What makes this run's val_loss comparable with another's (tracking.best_run_of_stage);
         # the data is built by the time fitting ends.
         tracking.set_tags(
