@@ -159,10 +159,10 @@ def largest_step_bytes(
     return largest
 
 
-def trains_on_cpu(trainer: TrainerConfig) -> bool:
-    return trainer.accelerator == "cpu" or (
-        trainer.accelerator == "auto" and not torch.cuda.is_available()
-    )
+def trains_on_cpu(accelerator: str) -> bool:
+    """Whether a stage of ``training.trainer.accelerator`` trains on the CPU: asked to, or left
+    to ``auto`` where torch sees no GPU (one asked for where there is none is refused first)."""
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
 def processes_on_this_machine(trainer: TrainerConfig) -> int:
@@ -172,7 +172,7 @@ def processes_on_this_machine(trainer: TrainerConfig) -> int:
 
 def keeps_backbone_activations_on_cpu(config: Config) -> bool:
     """Whether a stage trains the adapters on the CPU: the only steps this module judges."""
-    return not config.training.head_only and trains_on_cpu(config.training.trainer)
+    return not config.training.head_only and trains_on_cpu(config.training.trainer.accelerator)
 
 
 def check_stage_fits_memory(

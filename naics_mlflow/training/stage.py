@@ -45,7 +45,11 @@ from naics_mlflow.training.callbacks import (
     find_best_on_this_disk,
 )
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO
-from naics_mlflow.training.memory import check_step_fits_memory, out_of_memory_in_one_line
+from naics_mlflow.training.memory import (
+    check_step_fits_memory,
+    out_of_memory_in_one_line,
+    trains_on_cpu,
+)
 from naics_mlflow.training.mlflow_logging import (
     EpochEndRecord,
     MetricsLogger,
@@ -66,8 +70,7 @@ def resolve_precision(requested: str | int, accelerator: str) -> str:
     slower than float32, so CPU runs train in float32 with one warning.
     """
     requested = str(requested)
-    on_cpu = accelerator == "cpu" or not torch.cuda.is_available()
-    if requested in _HALF_PRECISIONS and on_cpu:
+    if requested in _HALF_PRECISIONS and trains_on_cpu(accelerator):
         logger.warning("precision %s needs a CUDA GPU; training in 32-true on the CPU", requested)
         return "32-true"
     return requested
