@@ -316,6 +316,8 @@ _NON_NEGATIVE_KEYS = {
     "training.weight_decay",
     "training.warmup_steps",
     "training.max_nonfinite_steps",
+    # Lightning takes a negative clip as none at all, silently.
+    "training.trainer.gradient_clip_val",
 }
 _CHOICES = {
     "training.optimizer": ("adamw", "riemannian_adam"),
@@ -412,6 +414,15 @@ def _check_value(dotted: str, value: Any, annotation: Any, source: str) -> None:
             f"config key '{dotted}' in {source} must be {_type_name(annotation)}, "
             f"got {value!r} ({type(value).__name__})"
         )
+    # Lightning reads a string as GPU indices and -1 as every GPU, and fails on either on a CPU
+    # with a traceback; a count of processes per machine, or auto, is the one way here.
+    if dotted == "training.trainer.devices" and value != "auto":
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(
+                f"config key '{dotted}' in {source} must be a number of processes per machine "
+                f"(an int > 0) or auto, got {value!r}"
+            )
+        return
     if dotted in _CHOICES:
         if str(value) not in _CHOICES[dotted]:
             raise ConfigError(

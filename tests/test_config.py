@@ -85,6 +85,13 @@ def test_later_override_wins():
         ("training.trainer.accelerator=tpu", ["must be one of auto, cpu, gpu, cuda"]),
         ("training.trainer.strategy=ddpp", ["must be one of auto, ddp"]),
         ("data_loader.val_split=1.5", ["val_split"]),
+        (
+            "training.trainer.devices=0",
+            ["'training.trainer.devices'", "an int > 0) or auto, got 0"],
+        ),
+        ("training.trainer.devices=-1", ["an int > 0) or auto, got -1"]),
+        ("training.trainer.devices=0,1", ["an int > 0) or auto, got '0,1'"]),
+        ("training.trainer.gradient_clip_val=-1", ["'training.trainer.gradient_clip_val'", ">= 0"]),
         ("model=3", ["'model' must be a mapping"]),
         ("no_equals_sign", ["not KEY=VALUE"]),
     ],
