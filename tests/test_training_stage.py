@@ -39,6 +39,7 @@ from naics_mlflow.data.tokenization import (
     tokenize_codes,
     tokenize_queries,
 )
+from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import (
     CheckpointError,
     read_checkpoint,
@@ -57,7 +58,7 @@ from naics_mlflow.references import resolve_checkpoint
 from naics_mlflow.training.callbacks import TaxonomyEvaluation
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.memory import StepMemoryError
-from naics_mlflow.training.stage import resolve_precision, train_stage
+from naics_mlflow.training.stage import check_stage_can_start, resolve_precision, train_stage
 from tests.commands import (
     environment,
     error_line,
@@ -624,6 +625,36 @@ def test_gpus_the_machine_lacks_fail_before_any_run_is_opened(tmp_path, tiny_ove
         )
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_several_nodes_with_no_way_to_meet_fail_before_any_run_is_opened(tmp_path, tiny_overrides):
+    # Rank 0 would otherwise wait for the other node forever, printing nothing.
+    nodes = "training.trainer.num_nodes=2"
+    results = run_cli_concurrently(
+        tmp_path,
+        [
+            [*command, "--config", str(CONFIG), *tiny_overrides, nodes]
+            for command in (["train", "-c", "01_stage"], ["train-curriculum", "-c", "01_stage"])
+        ],
+    )
+    for result in results:
+        assert error_line(result) == (
+            "error: training.trainer.num_nodes is 2, but nothing tells this process where node 0 "
+            "is (no MASTER_ADDR, nor a SLURM, torchrun, LSF or MPI job), so it would wait for the "
+            "other nodes forever; start the command on every node with MASTER_ADDR (node 0's "
+            "address), MASTER_PORT and NODE_RANK set, or set training.trainer.num_nodes=1"
+        )
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_several_nodes_told_where_node_0_is_may_start(tmp_path, monkeypatch, tiny_overrides):
+    config = load_config(CONFIG, [*tiny_overrides, "training.trainer.num_nodes=2"])
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    check_stage_can_start(config, tmp_path / "checkpoints")
+    monkeypatch.delenv("MASTER_ADDR")
+    with pytest.raises(UserError, match="num_nodes is 2, but nothing tells this process"):
+        check_stage_can_start(config, tmp_path / "checkpoints")
 
 
 def test_a_checkpoint_write_cut_short_leaves_the_previous_one_whole(tmp_path):

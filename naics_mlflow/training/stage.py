@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -13,6 +14,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import (
+    LSFEnvironment,
+    MPIEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -220,9 +227,11 @@ class UnwritableFolderError(UserError):
 
 def check_stage_can_start(config: Config, checkpoint_dir: Path) -> None:
     """Raise a :class:`UserError` for what would stop the stage as it starts, before any run
-    opens: GPUs the machine does not have, or ``checkpoint_dir`` or ``dirs.outputs`` (the
-    TensorBoard logs) that cannot be made and written."""
+    opens: GPUs the machine does not have, nodes that cannot find each other, or
+    ``checkpoint_dir`` or ``dirs.outputs`` (the TensorBoard logs) that cannot be made and
+    written."""
     _check_gpus(config.training.trainer)
+    _check_nodes(config.training.trainer)
     _check_writable(checkpoint_dir, "checkpoints", "dirs.checkpoints")
     _check_writable(Path(config.dirs.outputs), "TensorBoard logs", "dirs.outputs")
 
@@ -242,6 +251,23 @@ def _check_gpus(trainer: TrainerConfig) -> None:
             f"training.trainer.devices is {trainer.devices}, but this machine has {available} "
             f"CUDA GPU(s); set it to {available} or fewer"
         )
+
+
+def _check_nodes(trainer: TrainerConfig) -> None:
+    """Several machines find node 0 through ``MASTER_ADDR`` or a job scheduler's environment;
+    with neither, Lightning's default (this machine) makes rank 0 wait for the others forever,
+    printing nothing."""
+    schedulers = (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment, MPIEnvironment)
+    if trainer.num_nodes == 1 or "MASTER_ADDR" in os.environ:
+        return
+    if any(scheduler.detect() for scheduler in schedulers):
+        return
+    raise UserError(
+        f"training.trainer.num_nodes is {trainer.num_nodes}, but nothing tells this process "
+        "where node 0 is (no MASTER_ADDR, nor a SLURM, torchrun, LSF or MPI job), so it would "
+        "wait for the other nodes forever; start the command on every node with MASTER_ADDR "
+        "(node 0's address), MASTER_PORT and NODE_RANK set, or set training.trainer.num_nodes=1"
+    )
 
 
 def _check_writable(folder: Path, what: str, setting: str) -> None:
