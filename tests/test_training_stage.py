@@ -607,43 +607,42 @@ def test_an_unwritable_folder_fails_before_any_run_is_opened(tmp_path, tiny_over
     assert blocker.read_text() == "not a folder"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for GPUs where there are none")
-def test_gpus_the_machine_lacks_fail_before_any_run_is_opened(tmp_path, tiny_overrides):
-    # Lightning would fail inside the run, leaving a FAILED run and a traceback.
-    gpu = "training.trainer.accelerator=gpu"
+@pytest.mark.parametrize(
+    ("setting", "refusal"),
+    [
+        # Lightning would fail inside the run, leaving a FAILED run and a traceback.
+        pytest.param(
+            "training.trainer.accelerator=gpu",
+            "training.trainer.accelerator is gpu, but torch sees no CUDA GPU on this machine; set "
+            "it to auto (a GPU where there is one, else the CPU) or cpu",
+            marks=pytest.mark.skipif(
+                torch.cuda.is_available(), reason="asks for GPUs where there are none"
+            ),
+            id="gpus-the-machine-lacks",
+        ),
+        # Rank 0 would otherwise wait for the other node forever, printing nothing.
+        pytest.param(
+            "training.trainer.num_nodes=2",
+            "training.trainer.num_nodes is 2, but nothing tells this process where node 0 is (no "
+            "MASTER_ADDR, nor a SLURM, torchrun, LSF or MPI job), so it would wait for the other "
+            "nodes forever; start the command on every node with MASTER_ADDR (node 0's address), "
+            "MASTER_PORT and NODE_RANK set, or set training.trainer.num_nodes=1",
+            id="nodes-with-no-way-to-meet",
+        ),
+    ],
+)
+def test_a_machine_that_cannot_run_the_stage_fails_before_any_run_is_opened(
+    tmp_path, tiny_overrides, setting, refusal
+):
     results = run_cli_concurrently(
         tmp_path,
         [
-            [*command, "--config", str(CONFIG), *tiny_overrides, gpu]
+            [*command, "--config", str(CONFIG), *tiny_overrides, setting]
             for command in (["train", "-c", "01_stage"], ["train-curriculum", "-c", "01_stage"])
         ],
     )
     for result in results:
-        assert error_line(result) == (
-            "error: training.trainer.accelerator is gpu, but torch sees no CUDA GPU on this "
-            "machine; set it to auto (a GPU where there is one, else the CPU) or cpu"
-        )
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
-
-
-def test_several_nodes_with_no_way_to_meet_fail_before_any_run_is_opened(tmp_path, tiny_overrides):
-    # Rank 0 would otherwise wait for the other node forever, printing nothing.
-    nodes = "training.trainer.num_nodes=2"
-    results = run_cli_concurrently(
-        tmp_path,
-        [
-            [*command, "--config", str(CONFIG), *tiny_overrides, nodes]
-            for command in (["train", "-c", "01_stage"], ["train-curriculum", "-c", "01_stage"])
-        ],
-    )
-    for result in results:
-        assert error_line(result) == (
-            "error: training.trainer.num_nodes is 2, but nothing tells this process where node 0 "
-            "is (no MASTER_ADDR, nor a SLURM, torchrun, LSF or MPI job), so it would wait for the "
-            "other nodes forever; start the command on every node with MASTER_ADDR (node 0's "
-            "address), MASTER_PORT and NODE_RANK set, or set training.trainer.num_nodes=1"
-        )
+        assert error_line(result) == f"error: {refusal}"
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
