@@ -54,15 +54,17 @@ def run_cli(
     any one file are refused, as the kernel refuses them on a full disk (cut short, or EFBIG).
     ``memory_beyond_imports``: allocations past that many bytes beyond what the command maps
     once its libraries are imported are refused, as on a machine that has no more."""
-    command = (
-        ["-m", "naics_mlflow"]
-        if memory_beyond_imports is None
-        else ["-c", _CLI_WITH_CAPPED_MEMORY, str(memory_beyond_imports)]
-    )
+    env = environment(workdir, tracking_uri)
+    command = ["-m", "naics_mlflow"]
+    if memory_beyond_imports is not None:
+        command = ["-c", _CLI_WITH_CAPPED_MEMORY, str(memory_beyond_imports)]
+        # glibc reserves 64 MB of address space for each thread's arena, up to eight a core: on
+        # a machine with many cores that alone could use up the margin.
+        env["MALLOC_ARENA_MAX"] = "2"
     return subprocess.run(
         [sys.executable, *command, *args],
         cwd=workdir,
-        env=environment(workdir, tracking_uri),
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
