@@ -233,6 +233,21 @@ def test_a_chain_whose_stages_differ_in_layer_sizes_stops_before_training(workdi
     assert _runs(workdir) == []
 
 
+def test_a_copied_stage_file_that_kept_its_name_stops_before_training(workdir):
+    """As the guide suggests, to train a stage again: copy its file under another name. One that
+    kept ``name: 01_stage`` inside ended in a traceback from the chain's plan."""
+    stages = workdir / "conf" / "text_curriculum"
+    shutil.copyfile(stages / "01_stage.yaml", stages / "01_again.yaml")
+    line = error_line(run_cli(workdir, "train-curriculum", "--curricula", "01_stage,01_again"))
+    assert line == (
+        "error: conf/text_curriculum/01_again.yaml: name is '01_stage', but the file is "
+        "01_again.yaml; "
+        "set name: 01_again, or name the file 01_stage.yaml (a stage's runs are named and found "
+        "by it)"
+    )
+    assert _runs(workdir) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_a_chain_whose_model_needs_a_missing_gpu_stops_before_training(workdir):
     _write_chain(workdir, "chain_one", "  - name: 01_stage\n    max_epochs: 1\n")

@@ -376,10 +376,26 @@ def test_curriculum_validation_errors(tmp_path: Path, text: str, message: str) -
 def test_curriculum_file_loads_with_null_and_omitted_filters(tmp_path: Path) -> None:
     spec = load_curriculum(
         write(
-            tmp_path, "name: s\ndescription: d\npositive_relation: [1, 2]\nnegative_level: null\n"
+            tmp_path,
+            "name: s\ndescription: d\npositive_relation: [1, 2]\nnegative_level: null\n",
+            "s.yaml",
         )
     )
     assert spec == CurriculumSpec(name="s", description="d", positive_relation=[1, 2])
+
+
+def test_a_stage_or_chain_named_otherwise_than_its_file_is_refused(tmp_path: Path) -> None:
+    """A copy that kept its original's name would train, and be found, as the original."""
+    copy = write(tmp_path, "name: 01_stage\n", "01_again.yaml")
+    with pytest.raises(CurriculumError) as refused:
+        load_curriculum(copy)
+    assert str(refused.value) == (
+        f"{copy}: name is '01_stage', but the file is 01_again.yaml; set name: 01_again, or name "
+        "the file 01_stage.yaml (a stage's runs are named and found by it)"
+    )
+    chain = write(tmp_path, CHAIN, "chain_mine.yaml")
+    with pytest.raises(CurriculumError, match=r"chain_name is 'c', but the file is chain_mine"):
+        load_chain(chain)
 
 
 CHAIN = """chain_name: c
@@ -394,7 +410,7 @@ stages:
 
 
 def test_chain_loads_exponent_learning_rates(tmp_path: Path) -> None:
-    chain = load_chain(write(tmp_path, CHAIN, "chain.yaml"))
+    chain = load_chain(write(tmp_path, CHAIN, "c.yaml"))
     assert chain.chain_name == "c"
     assert chain.stages == [
         ChainStage(name="01_stage", max_epochs=5, learning_rate=2e-4),
@@ -434,8 +450,8 @@ def test_chain_validation_errors(tmp_path: Path, text: str, message: str) -> Non
 
 
 def test_list_curricula_skips_chain_files(tmp_path: Path) -> None:
-    write(tmp_path, "name: b\n", "b_stage.yaml")
-    write(tmp_path, "name: a\n", "a_stage.yaml")
+    write(tmp_path, "name: b\n", "b.yaml")
+    write(tmp_path, "name: a\n", "a.yaml")
     write(tmp_path, CHAIN, "chain_x.yaml")
     assert [spec.name for spec in list_curricula(tmp_path)] == ["a", "b"]
 

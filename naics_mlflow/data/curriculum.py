@@ -212,9 +212,21 @@ def load_curriculum(path: str | Path) -> CurriculumSpec:
     _check_known(raw, _SPEC_FIELDS, str(path))
     _require(raw, "name", str(path), path.stem)
     try:
-        return CurriculumSpec(**raw)
+        spec = CurriculumSpec(**raw)
     except CurriculumError as exc:
         raise CurriculumError(f"{path}: {exc}") from None
+    _check_named_as_its_file(path, "name", spec.name, "a stage's runs are named and found by it")
+    return spec
+
+
+def _check_named_as_its_file(path: Path, field: str, name: str, why: str) -> None:
+    """A stage or chain is chosen by its file's name and recorded under its own: a copied file
+    that kept its original's would train as the original, and be found as it."""
+    if name != path.stem:
+        raise CurriculumError(
+            f"{path}: {field} is {name!r}, but the file is {path.name}; set {field}: "
+            f"{path.stem}, or name the file {name}.yaml ({why})"
+        )
 
 
 def list_curricula(directory: str | Path) -> list[CurriculumSpec]:
@@ -268,9 +280,12 @@ def load_chain(path: str | Path) -> ChainSpec:
         )
     parsed = [_chain_stage(stage, f"{path}: stages[{i}]") for i, stage in enumerate(stages)]
     try:
-        return ChainSpec(chain_name=raw["chain_name"], stages=parsed)
+        chain = ChainSpec(chain_name=raw["chain_name"], stages=parsed)
     except CurriculumError as exc:
         raise CurriculumError(f"{path}: {exc}") from None
+    why = "it names the chain's parent run and its chain tag, which runs --chain finds"
+    _check_named_as_its_file(path, "chain_name", chain.chain_name, why)
+    return chain
 
 
 @dataclass(frozen=True, eq=False)

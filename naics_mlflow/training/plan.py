@@ -126,7 +126,7 @@ def _check_stage_names(names: list[str]) -> None:
         raise CurriculumError(
             f"stage '{repeated}' is named more than once in {','.join(names)}; a chain trains "
             "each stage once (its runs are found by name): to train it again, copy its "
-            "curriculum file under another name"
+            "curriculum file under another name, and give its name field that name"
         )
 
 
