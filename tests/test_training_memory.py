@@ -5,6 +5,7 @@ on a GPU or past the estimate, ends in one line too."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from naics_mlflow.training.memory import (
     largest_step_bytes,
     out_of_memory_in_one_line,
     passes_activation_bytes,
+    system_available_bytes,
 )
 from tests.commands import error_line, run_cli
 from tests.conftest import make_tiny_backbone, write_tiny_conf
@@ -218,6 +220,15 @@ def _write(root: Path, files: dict[str, str]) -> Path:
 )
 def test_a_container_memory_limit_caps_what_a_step_may_take(tmp_path, files, headroom):
     assert cgroup_headroom_bytes(_write(tmp_path, files)) == headroom
+
+
+def test_the_system_says_what_memory_is_available_with_or_without_proc_meminfo(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    assert system_available_bytes(meminfo) == 20_000_000 * 1024
+    # macOS has no /proc/meminfo, where the check ended in a traceback: the free pages then.
+    without = system_available_bytes(tmp_path / "no-meminfo")
+    assert 0 < without <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # A tiny backbone with 32 attention heads a layer, and long texts in one batch of every anchor: a

@@ -15,6 +15,7 @@ one line too (:func:`out_of_memory_in_one_line`), not torch's traceback.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,7 @@ FIT_OVERHEAD = 1.5
 # around its median), in about a second on a 2-core CPU.
 ESTIMATED_BATCHES = 256
 CGROUP = Path("/sys/fs/cgroup")
+MEMINFO = Path("/proc/meminfo")
 # How torch's CPU allocator says the kernel refused it memory (c10's alloc_cpu.cpp), and the size
 # that it, or the CUDA caching allocator, was asked for.
 CPU_ALLOCATION_REFUSED = "DefaultCPUAllocator: can't allocate memory"
@@ -54,10 +56,16 @@ class StepMemoryError(UserError):
     """A stage whose training step needs more memory than the machine has available."""
 
 
-def meminfo_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
-    """The kernel's estimate of the memory it can give processes without swapping."""
-    fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines())
-    return int(fields["MemAvailable"].split()[0]) * 1024
+def system_available_bytes(meminfo: Path = MEMINFO) -> int:
+    """Linux's estimate of the memory it can give processes without swapping (``MemAvailable``).
+    Where there is no ``/proc/meminfo`` (macOS), the free pages, or where the system does not
+    count those either, all its memory: a step is then refused only where no memory of this
+    machine could hold it, never where it fits."""
+    if meminfo.is_file():
+        fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines())
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    pages = "SC_AVPHYS_PAGES" if "SC_AVPHYS_PAGES" in os.sysconf_names else "SC_PHYS_PAGES"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
 
 
 def cgroup_headroom_bytes(root: Path = CGROUP) -> int | None:
@@ -96,12 +104,12 @@ def cgroup_headroom_bytes(root: Path = CGROUP) -> int | None:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Memory a step can still take: free GPU memory, or on a CPU the kernel's MemAvailable,
+    """Memory a step can still take: free GPU memory, or on a CPU the system's available memory,
     or less where the process's control group leaves less."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     headroom = cgroup_headroom_bytes()
-    available = meminfo_available_bytes()
+    available = system_available_bytes()
     return available if headroom is None else min(available, headroom)
 
 
