@@ -125,8 +125,7 @@ def train_stage(
     if not rank_zero:
         # DDP copies rank 0's weights to every rank as training starts: no need to load them.
         # The checkpoint folder, too, is rank 0's (ModelCheckpoint broadcasts it).
-        with out_of_memory_in_one_line(config, curriculum.name, chain):
-            _fit(config, module, datamodule, run_group, stage_dir, None, resume_checkpoint)
+        _fit(config, module, datamodule, run_group, stage_dir, None, resume_checkpoint, chain=chain)
         return None
     if init_checkpoint is not None:
         load_trainable_weights(module, init_checkpoint)
@@ -163,17 +162,17 @@ def train_stage(
         tracking.log_params(config.flat())
         tracking.log_params({f"curriculum.{k}": v for k, v in asdict(curriculum).items()})
         tracking.log_dict(config.to_dict(), "config.yaml")
-        with out_of_memory_in_one_line(config, curriculum.name, chain):
-            trainer, checkpoint = _fit(
-                config,
-                module,
-                datamodule,
-                run_group,
-                checkpoint_dir,
-                run_id,
-                resume_checkpoint,
-                resumed_run_id=resumed_run_id,
-            )
+        trainer, checkpoint = _fit(
+            config,
+            module,
+            datamodule,
+            run_group,
+            checkpoint_dir,
+            run_id,
+            resume_checkpoint,
+            resumed_run_id=resumed_run_id,
+            chain=chain,
+        )
         # What makes this run's val_loss comparable with another's (tracking.best_run_of_stage);
         # the data is built by the time fitting ends.
         tracking.set_tags(
@@ -300,9 +299,11 @@ def _fit(
     resume_checkpoint: Path | None,
     *,
     resumed_run_id: str | None = None,
+    chain: str | None = None,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The configured Trainer, fitted; with a ``run_id`` (rank 0) it logs to that run, and
-    where it continues run ``resumed_run_id`` it first fetches what that one left."""
+    where it continues run ``resumed_run_id`` it first fetches what that one left. A fit out of
+    memory ends in one line that names the batch size (in ``chain``'s file, if given)."""
     name = datamodule.curriculum.name
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir,
@@ -379,7 +380,10 @@ def _fit(
         # says in one line what that costs, where Lightning's warning names both folders in full.
         warnings.filterwarnings("ignore", "The dirpath has changed from")
         # weights_only: a resumed checkpoint may come from a shared store; never unpickle code.
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint, weights_only=True)
+        with out_of_memory_in_one_line(config, name, chain):
+            trainer.fit(
+                module, datamodule=datamodule, ckpt_path=resume_checkpoint, weights_only=True
+            )
     return trainer, checkpoint
 
 
