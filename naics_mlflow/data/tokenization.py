@@ -275,7 +275,15 @@ _CACHE: dict[tuple, CodeTokens] = {}
 def _token_ids(
     texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> list[np.ndarray]:
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    # Neither mask nor token types is kept: building them as Python lists was a third of the
+    # time it took to tokenize every code's texts (0.36 of 1.18 s, docs/results.md).
+    encoded = tokenizer(
+        texts,
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )["input_ids"]
     return [np.asarray(ids, dtype=np.int64) for ids in encoded]
 
 
@@ -339,7 +347,12 @@ def query_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: 
     if not texts:
         return QueryIds([], [])  # the tokenizer refuses an empty list
     encoded = tokenizer(
-        texts, truncation=True, max_length=max_length, return_overflowing_tokens=True
+        texts,
+        truncation=True,
+        max_length=max_length,
+        return_overflowing_tokens=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
     )
     ids: list[np.ndarray | None] = [None] * len(texts)
     cut = [False] * len(texts)
