@@ -40,6 +40,7 @@ from naics_mlflow.training.memory import (
     FIT_OVERHEAD,
     GB,
     available_bytes,
+    batch_token_sets,
     passes_activation_bytes,
 )
 
@@ -76,9 +77,12 @@ def one_step(args: argparse.Namespace, batch_size: int, dropout: bool) -> dict:
     batch = datamodule.collate(
         items, np.asarray(datamodule.epoch_order(items, epoch=0))[:batch_size]
     )
-    token_sets = [t for t in (batch["tokens"], batch.get("query_tokens")) if t is not None]
     estimate = passes_activation_bytes(
-        token_sets, module.encoder.backbone.config, config.model.length_buckets, False, dropout
+        batch_token_sets(batch),
+        module.encoder.backbone.config,
+        config.model.length_buckets,
+        False,
+        dropout,
     )
     figures = {"batch_size": batch_size, "dropout": dropout, "estimate_gb": estimate / GB}
     available = available_bytes(torch.device("cpu"))

@@ -105,6 +105,7 @@ from naics_mlflow.training.memory import (
     MEMORY_SHARE,
     activation_bytes,
     available_bytes,
+    batch_token_sets,
     passes_activation_bytes,
 )
 
@@ -262,7 +263,7 @@ def project_bytes(
     config = module.encoder.backbone.config
     gpu = on_gpu(module)
     dropout = module.config.model.backbone_dropout
-    token_sets = [t for t in (batch["tokens"], batch.get("query_tokens")) if t is not None]
+    token_sets = batch_token_sets(batch)
     ways = [
         passes_activation_bytes(token_sets, config, count, gpu, dropout) for count in pass_counts
     ]

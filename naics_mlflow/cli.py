@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from naics_mlflow import stopping
-from naics_mlflow.errors import UserError
+from naics_mlflow.errors import UserError, gpu_memory_refused, memory_refused, refused_amount
 
 if TYPE_CHECKING:
     from naics_mlflow.config import Config
@@ -29,19 +29,41 @@ DEFAULT_CONFIG = "conf/config.yaml"
 
 
 def _reports_user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a :class:`UserError` as one ``error:`` line and exit 2 (traceback with --debug)."""
+    """Print a :class:`UserError` as one ``error:`` line and exit 2, and memory the machine
+    refused as one line and exit 1 (tracebacks with --debug)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        context = click.get_current_context()
+        debug = context.find_root().params.get("debug")
         try:
             return command(*args, **kwargs)
         except UserError as exc:
-            if click.get_current_context().find_root().params.get("debug"):
+            if debug:
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except (MemoryError, RuntimeError) as exc:
+            if debug or not memory_refused(exc):
+                raise
+            click.echo(f"error: {_out_of_memory_line(context.command_path, exc)}", err=True)
+            sys.exit(1)
 
     return wrapper
+
+
+def _out_of_memory_line(command: str, exc: MemoryError | RuntimeError) -> str:
+    """Memory refused outside a training step (whose own line names the batch size): what is
+    left to do is to free some or move."""
+    if gpu_memory_refused(exc):
+        return (
+            f"{command} ran out of GPU memory{refused_amount(exc)}; free the GPU (other "
+            "processes on it) or run it on a GPU with more memory"
+        )
+    return (
+        f"{command} ran out of memory{refused_amount(exc)}; free memory on this machine (other "
+        "programs, or other commands running) or run it on one with more"
+    )
 
 
 class _OneLineUsageError(click.ClickException):

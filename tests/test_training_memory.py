@@ -9,12 +9,14 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoConfig
 
+from naics_mlflow.cli import _out_of_memory_line
 from naics_mlflow.config import load_config
 from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule
@@ -389,7 +391,8 @@ def _refused_by_the_cpu_allocator() -> None:
 )
 def test_the_line_names_the_settings_left_to_change(tiny_overrides, settings, remedy):
     config = load_config(
-        REPO / "conf" / "config.yaml", [*tiny_overrides, "data_loader.batch_size=32", *settings]
+        REPO / "conf" / "config.yaml",
+        [*tiny_overrides, *ON_CPU, "data_loader.batch_size=32", *settings],
     )
     with (
         pytest.raises(StepMemoryError) as refused,
@@ -401,7 +404,7 @@ def test_the_line_names_the_settings_left_to_change(tiny_overrides, settings, re
 
 
 def test_in_a_chain_the_line_names_the_stage_in_the_chain_file(tiny_overrides):
-    config = load_config(REPO / "conf" / "config.yaml", tiny_overrides)
+    config = load_config(REPO / "conf" / "config.yaml", [*tiny_overrides, *ON_CPU])
     with (
         pytest.raises(StepMemoryError) as refused,
         out_of_memory_in_one_line(config, "finetune", "chain_default"),
@@ -436,6 +439,44 @@ def test_gpu_memory_refused_names_the_gpu_and_no_head_only_stage(tiny_overrides)
     )
 
 
+def _refused_by_numpy() -> None:
+    """A real refusal of an array's memory, as numpy words it: what a stage's data set-up meets."""
+    np.empty(2**50, dtype=np.uint8)
+
+
+def test_memory_numpy_is_refused_in_a_fit_ends_in_the_same_line(tiny_overrides):
+    config = load_config(REPO / "conf" / "config.yaml", [*tiny_overrides, *ON_CPU])
+    with (
+        pytest.raises(StepMemoryError) as refused,
+        out_of_memory_in_one_line(config, "finetune", None),
+    ):
+        _refused_by_numpy()
+    assert str(refused.value).startswith(
+        "stage finetune ran out of memory on the CPU while it trained at data_loader.batch_size="
+    )
+    assert "(numpy asked for 1.00 PiB more and was refused)" in str(refused.value)
+
+
+def test_a_stage_on_a_gpu_out_of_the_machines_memory_is_not_told_to_get_a_bigger_gpu(
+    tiny_overrides,
+):
+    config = load_config(
+        REPO / "conf" / "config.yaml",
+        [*tiny_overrides, "training.trainer.accelerator=gpu", "data_loader.batch_size=64"],
+    )
+    with (
+        pytest.raises(StepMemoryError) as refused,
+        out_of_memory_in_one_line(config, "finetune", None),
+    ):
+        _refused_by_numpy()
+    assert str(refused.value) == (
+        "stage finetune ran out of the machine's memory (not the GPU's) while it trained at "
+        "data_loader.batch_size=64 (numpy asked for 1.00 PiB more and was refused); its MLflow "
+        "run is FAILED; set a smaller data_loader.batch_size (32, say), or train on a machine "
+        "with more memory"
+    )
+
+
 def test_other_errors_of_a_fit_keep_their_own_traceback(tiny_overrides):
     config = load_config(REPO / "conf" / "config.yaml", tiny_overrides)
     with (
@@ -444,3 +485,38 @@ def test_other_errors_of_a_fit_keep_their_own_traceback(tiny_overrides):
     ):
         raise RuntimeError("a step that breaks")
     assert type(raised.value) is RuntimeError and str(raised.value) == "a step that breaks"
+
+
+# What the command may map beyond its imported libraries: less than a stage's data set-up needs
+# (its taxonomy, relations and tokens). Between about 200 and 350 MB here the refusal reaches
+# Python as a MemoryError; with much less, threads or BLAS buffers fail to start first, which
+# no program can report.
+ALMOST_NO_MEMORY = 250 * 10**6
+
+
+def test_a_command_short_of_memory_before_it_trains_ends_in_one_line(tmp_path, tiny_overrides):
+    workdir = tmp_path / "work"
+    write_tiny_conf(workdir, tiny_overrides)
+
+    result = run_cli(workdir, "train", "-c", "quickstart", memory_beyond_imports=ALMOST_NO_MEMORY)
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert re.fullmatch(
+        r"error: naics-embedder train ran out of memory"
+        r"( \(numpy asked for [\d.]+ [KMG]iB more and was refused\))?; free memory on this "
+        r"machine \(other programs, or other commands running\) or run it on one with more",
+        result.stderr.strip().splitlines()[-1],
+    ), result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_gpu_memory_refused_outside_a_step_names_the_gpu():
+    """torch's error as the CUDA caching allocator raises it, met outside a training step (an
+    ``embed`` on a GPU that other processes fill)."""
+    cuda_says = "CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has a total capacity"
+    assert _out_of_memory_line("naics-embedder embed", torch.OutOfMemoryError(cuda_says)) == (
+        "naics-embedder embed ran out of GPU memory (torch asked for 512.00 MiB more and was "
+        "refused); free the GPU (other processes on it) or run it on a GPU with more memory"
+    )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.pretrained import load_pretrained
 from naics_mlflow.data.tokenization import ChannelTokens, TextRows, padding_groups
-from naics_mlflow.errors import UserError
+from naics_mlflow.errors import UserError, gpu_memory_refused, memory_refused, refused_amount
 
 GB = 1e9
 # Share of the available memory a planned step may take: the estimate is not exact, and the
@@ -46,10 +45,6 @@ FIT_OVERHEAD = 1.5
 ESTIMATED_BATCHES = 256
 CGROUP = Path("/sys/fs/cgroup")
 MEMINFO = Path("/proc/meminfo")
-# How torch's CPU allocator says the kernel refused it memory (c10's alloc_cpu.cpp), and the size
-# that it, or the CUDA caching allocator, was asked for.
-CPU_ALLOCATION_REFUSED = "DefaultCPUAllocator: can't allocate memory"
-ASKED_FOR = re.compile(r"tried to allocate (\d+ bytes|[\d.]+ [KMGT]i?B)", re.IGNORECASE)
 
 
 class StepMemoryError(UserError):
@@ -137,6 +132,12 @@ def activation_bytes(backbone_config, length: int, on_gpu: bool, dropout: bool) 
     return c.num_hidden_layers * per_layer
 
 
+def batch_token_sets(batch: dict) -> list[ChannelTokens]:
+    """The texts a collated batch runs through the backbone: its codes' and, in a stage that
+    trains on queries, its query items'."""
+    return [tokens for tokens in (batch["tokens"], batch.get("query_tokens")) if tokens is not None]
+
+
 def passes_activation_bytes(
     token_sets: list[ChannelTokens], backbone_config, passes: int, on_gpu: bool, dropout: bool
 ) -> int:
@@ -161,8 +162,9 @@ def largest_step_bytes(
     largest = 0
     for start in range(0, min(len(order), ESTIMATED_BATCHES * batch_size), batch_size):
         batch = datamodule.collate(items, order[start : start + batch_size])
-        token_sets = [t for t in (batch["tokens"], batch.get("query_tokens")) if t is not None]
-        step = passes_activation_bytes(token_sets, backbone_config, passes, False, dropout)
+        step = passes_activation_bytes(
+            batch_token_sets(batch), backbone_config, passes, False, dropout
+        )
         largest = max(largest, step)
     return largest
 
@@ -253,14 +255,6 @@ def check_step_fits_memory(
     )
 
 
-def allocation_refused(exc: BaseException) -> bool:
-    """Whether ``exc`` says torch's allocator was refused memory: CUDA's out-of-memory error, or
-    the CPU allocator's, which torch raises as a plain RuntimeError."""
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and CPU_ALLOCATION_REFUSED in str(exc)
-    )
-
-
 @contextlib.contextmanager
 def out_of_memory_in_one_line(config: Config, stage: str, chain: str | None) -> Iterator[None]:
     """Raise :class:`StepMemoryError` where the fit inside runs out of memory: the batch size is
@@ -268,35 +262,37 @@ def out_of_memory_in_one_line(config: Config, stage: str, chain: str | None) -> 
     not say so. ``chain``: as for :func:`check_step_fits_memory`."""
     try:
         yield
-    except RuntimeError as exc:
-        if not allocation_refused(exc):
+    except (RuntimeError, MemoryError) as exc:
+        if not memory_refused(exc):
             raise
         raise StepMemoryError(_out_of_memory_line(config, stage, chain, exc)) from exc
 
 
-def _out_of_memory_line(config: Config, stage: str, chain: str | None, exc: RuntimeError) -> str:
-    on_gpu = isinstance(exc, torch.OutOfMemoryError)
-    refused = ""
-    asked = ASKED_FOR.search(str(exc))
-    if asked:
-        amount = asked.group(1)
-        if amount.endswith(" bytes"):
-            amount = f"{int(amount.split()[0]) / GB:.1f} GB"
-        refused = f" (torch asked for {amount} more and was refused)"
+def _out_of_memory_line(
+    config: Config, stage: str, chain: str | None, exc: RuntimeError | MemoryError
+) -> str:
+    # Which memory ran out is the error's to say: a stage on a GPU can run out of the machine's
+    # own memory too, where a bigger GPU would not help.
+    gpu_memory = gpu_memory_refused(exc)
+    on_cpu = not gpu_memory and trains_on_cpu(config.training.trainer.accelerator)
     batch_size = config.data_loader.batch_size
     # Half is a first step down, not a promise: what a smaller batch needs depends on its texts.
     settings = (
         [f"a smaller data_loader.batch_size ({batch_size // 2}, say)"] if batch_size > 1 else []
     )
-    if not on_gpu and not config.training.head_only:
+    if on_cpu and not config.training.head_only:
         settings.append("training.head_only=true")
     remedy = "set " + " or ".join(settings) if settings else "no smaller batch is left"
     if chain is not None and settings:
         remedy += f" in chain {chain}'s file, under stage {stage}'s overrides"
-    where = "GPU memory" if on_gpu else "memory on the CPU"
-    bigger = "a GPU with more memory" if on_gpu else "a GPU"
+    if gpu_memory:
+        where, elsewhere = "GPU memory", "a GPU with more memory"
+    elif on_cpu:
+        where, elsewhere = "memory on the CPU", "a GPU"
+    else:
+        where, elsewhere = "the machine's memory (not the GPU's)", "a machine with more memory"
     return (
         f"stage {stage} ran out of {where} while it trained at "
-        f"data_loader.batch_size={batch_size}{refused}; its MLflow run is FAILED; {remedy}, or "
-        f"train on {bigger}"
+        f"data_loader.batch_size={batch_size}{refused_amount(exc)}; its MLflow run is FAILED; "
+        f"{remedy}, or train on {elsewhere}"
     )
