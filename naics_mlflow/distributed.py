@@ -18,13 +18,18 @@ import os
 import signal
 import socket
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from naics_mlflow.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
 _RANK_ZERO_ANSWER = "NAICS_EMBEDDER_RANK_ZERO_{}"
+# How gloo (torch.distributed on CPUs) says the other end of a collective has gone: the process
+# of that rank has ended.
+PEER_CONNECTION_CLOSED = "Connection closed by peer"
 # Process ids of the ranks this process started, as :func:`note_launched_ranks` found them:
 # Lightning's launcher starts them at a chain's first fit, and its later fits find them running.
 _launched_ranks: list[int] = []
@@ -60,6 +65,27 @@ def rank_zero_answer(question: str, decide: Callable[[], Any]) -> Any:
     if is_global_zero():
         os.environ[variable] = json.dumps(answer)
     return answer
+
+
+class RankEndedError(UserError):
+    """Another process of a data-parallel fit ended, so this one cannot go on."""
+
+
+@contextlib.contextmanager
+def another_rank_ended_in_one_line(stage: str) -> Iterator[None]:
+    """Raise :class:`RankEndedError` where the fit inside stops because another rank's process
+    ended: that process has printed its own error (out of memory, say), and gloo's traceback
+    of the broken connection here, pages long, would bury it. On GPUs NCCL does not notice a
+    rank gone; Lightning's launcher kills the others instead."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if PEER_CONNECTION_CLOSED not in str(exc):
+            raise
+        raise RankEndedError(
+            f"stage {stage} stopped: another of its training processes ended, and this one "
+            "cannot go on without it; that process's own error says why"
+        ) from exc
 
 
 def world_size() -> int:

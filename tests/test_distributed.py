@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from naics_mlflow.distributed import (
+    another_rank_ended_in_one_line,
     is_global_zero,
     mean_over_ranks,
     rank_zero_answer,
@@ -153,3 +154,10 @@ def test_other_ranks_take_rank_zeros_answer(monkeypatch):
     assert rank_zero_answer("checkpoint", lambda: {"path": "a.ckpt"}) == {"path": "a.ckpt"}
     monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning starts, with rank 0's environment
     assert rank_zero_answer("checkpoint", lambda: {"path": "other.ckpt"}) == {"path": "a.ckpt"}
+
+
+def test_a_fit_s_other_errors_keep_their_own_traceback():
+    """Only gloo's word for a rank gone becomes the one line (tests/test_scale_out.py)."""
+    with pytest.raises(RuntimeError) as raised, another_rank_ended_in_one_line("01_stage"):
+        raise RuntimeError("a step that breaks")
+    assert type(raised.value) is RuntimeError and str(raised.value) == "a step that breaks"

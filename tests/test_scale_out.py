@@ -119,6 +119,57 @@ def test_two_process_chain_keeps_one_record_and_its_checkpoints_load_anywhere(ti
     assert len(found.stdout.strip().splitlines()) == 1 + 5
 
 
+# Imported by the process Lightning starts as rank 1, before the command runs: it imports what
+# the command will, then leaves it 250 MB more to map, less than its data's set-up takes. Rank 1
+# then runs out of memory for real as the fit starts, and rank 0 loses the process it waits for.
+_RANK_1_SHORT_OF_MEMORY = """
+import os
+if os.environ.get("LOCAL_RANK") == "1":
+    import resource
+    import lightning, mlflow, torch, transformers
+    import naics_mlflow.cli, naics_mlflow.training.stage
+    status = open("/proc/self/status").read().splitlines()
+    mapped = int(next(line for line in status if line.startswith("VmSize")).split()[1]) * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + 250 * 10**6, hard))
+"""
+
+
+def test_a_rank_that_fails_stops_the_leading_process_in_one_line(tiny_workdir, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_RANK_1_SHORT_OF_MEMORY)
+    env = environment(tiny_workdir)
+    env["PYTHONPATH"] = str(site)
+    env["MALLOC_ARENA_MAX"] = "2"  # as in run_cli's capped commands
+    # One tokenizer thread: threads that each allocate as they please make where rank 1 first
+    # meets its limit vary from run to run.
+    env["TOKENIZERS_PARALLELISM"] = "false"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "naics_mlflow", "train", "-c", "01_stage", *TWO_PROCESSES],
+        cwd=tiny_workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    # Lightning's launcher kills rank 0 once rank 1 has ended, which may come before its exit.
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    # Rank 1's own line is the memory check's (tests/test_training_memory.py); short of memory,
+    # the tokenizer's threads may instead abort it, with no line of ours.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[-1:] == [
+        "error: stage 01_stage stopped: another of its training processes ended, and this one "
+        "cannot go on without it; that process's own error says why"
+    ], result.stderr[-3000:]
+    (run,) = _all_runs(MlflowClient(f"sqlite:///{tiny_workdir}/mlflow.db"))
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("RankEndedError: stage 01_stage stopped")
+
+
 def test_sigterm_to_the_leading_process_stops_a_two_process_chain(tiny_workdir, tmp_path):
     """``kill PID``, ``timeout``, ``docker stop``: SIGTERM to rank 0 alone. Lightning's own
     handler broadcast from inside the signal handler while rank 1 waited in the step's

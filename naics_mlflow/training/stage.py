@@ -32,7 +32,7 @@ from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.validation import validation_protocol
-from naics_mlflow.distributed import is_global_zero
+from naics_mlflow.distributed import another_rank_ended_in_one_line, is_global_zero
 from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weights_digest
 from naics_mlflow.model.loading import load_trainable_weights
@@ -302,8 +302,9 @@ def _fit(
     chain: str | None = None,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The configured Trainer, fitted; with a ``run_id`` (rank 0) it logs to that run, and
-    where it continues run ``resumed_run_id`` it first fetches what that one left. A fit out of
-    memory ends in one line that names the batch size (in ``chain``'s file, if given)."""
+        where it continues run ``resumed_run_id`` it first fetches what that one left. A fit out of
+        memory ends in one line that names the batch size (in ``chain``'s file, if given), and one
+    that stops because another rank's process ended, in one line that points to that one's error."""
     name = datamodule.curriculum.name
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir,
@@ -380,7 +381,10 @@ def _fit(
         # says in one line what that costs, where Lightning's warning names both folders in full.
         warnings.filterwarnings("ignore", "The dirpath has changed from")
         # weights_only: a resumed checkpoint may come from a shared store; never unpickle code.
-        with out_of_memory_in_one_line(config, name, chain):
+        with (
+            another_rank_ended_in_one_line(name),
+            out_of_memory_in_one_line(config, name, chain),
+        ):
             trainer.fit(
                 module, datamodule=datamodule, ckpt_path=resume_checkpoint, weights_only=True
             )
