@@ -610,6 +610,20 @@ def test_a_sqlite_store_whose_file_refuses_writes_is_one_line_naming_it(tiny_wor
     assert "Traceback" not in refused.stderr
 
 
+def test_a_new_sqlite_store_its_disk_refuses_is_one_line_and_leaves_no_file(tiny_workdir):
+    """A first command on a full disk: MLflow's migrations, which make a new store's tables
+    (about 1 MB), raised SQLAlchemy's 'disk I/O error' with its traceback."""
+    store = tiny_workdir / "mlflow.db"
+    refused = run_cli(tiny_workdir, "train", "-c", "01_stage", file_size_limit=200_000)
+    assert error_line(refused) == (
+        f"error: cannot create the tracking store sqlite:///{store}: the disk refused to write "
+        f"{store} (disk I/O error); free space on its disk, or point MLFLOW_TRACKING_URI at a "
+        "store elsewhere"
+    )
+    assert "Traceback" not in refused.stderr
+    assert not [path for path in tiny_workdir.iterdir() if path.name.startswith("mlflow.db")]
+
+
 # A chain's parent run between its stages, as a script: it logs once the test has stopped the
 # server.
 _LOGGING_AFTER_THE_SERVER_STOPS = """

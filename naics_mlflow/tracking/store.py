@@ -131,7 +131,8 @@ def _check_store(uri: str) -> None:
     """Fail in one line where MLflow cannot use the store at ``uri``: a sqlite file in a folder
     that cannot be written (MLflow would retry it for minutes), a sqlite file that is not an
     MLflow store, a scheme MLflow does not know, a file store (which MLflow now refuses unless
-    told otherwise), a database without its driver, or one that refuses the connection."""
+    told otherwise), a database without its driver, or one that refuses the connection; a new
+    sqlite store whose disk refuses its tables."""
     database = sqlite_file(uri)
     if database is not None and (reason := why_unwritable(database)):
         raise TrackingStoreError(
@@ -139,7 +140,17 @@ def _check_store(uri: str) -> None:
             "a folder you can write, or unset it for sqlite:///mlflow.db here"
         )
     if database is not None and not database.exists():
-        _create_sqlite_store(database)
+        try:
+            _create_sqlite_store(database)
+        except (MlflowException, DBAPIError) as exc:
+            # MLflow lets SQLAlchemy's error through from the migrations that make the tables.
+            if (reason := sqlite_write_refused(exc)) is None:
+                raise
+            raise TrackingStoreError(
+                f"cannot create the tracking store {uri}: the disk refused to write "
+                f"{database.resolve()} ({reason}); free space on its disk, or point "
+                "MLFLOW_TRACKING_URI at a store elsewhere"
+            ) from exc
     elif database is not None:
         _check_sqlite_is_mlflows(uri, database)
     try:
