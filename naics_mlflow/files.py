@@ -50,14 +50,27 @@ def save_torch_whole(value: Any, target: Path) -> None:
         partial.write_bytes(serialised.getbuffer())
 
 
+# What a disk without room for a write says: full, over quota, or a file past the size limit.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def out_of_room(exc: OSError) -> bool:
+    """Whether a write failed for want of room on its disk: an errno that says so, or numpy's
+    short write (``N requested and M written``), which carries none."""
+    return exc.errno in NO_ROOM or ("requested and" in str(exc) and "written" in str(exc))
+
+
 class OutputError(UserError):
     """A command's ``--out`` that cannot be written."""
 
 
-def _output_error(target: Path, reason: str) -> OutputError:
-    return OutputError(
-        f"cannot write {target} ({reason}); give --out a path in a folder you can write"
+def _output_error(target: Path, reason: str, no_room: bool = False) -> OutputError:
+    remedy = (
+        "free space on its disk, or give --out a path on another"
+        if no_room
+        else "give --out a path in a folder you can write"
     )
+    return OutputError(f"cannot write {target} ({reason}); {remedy}")
 
 
 def why_unwritable(target: Path) -> str | None:
@@ -90,4 +103,4 @@ def write_output(target: Path, write: Callable[[Path], None]) -> None:
         # pyarrow's errors carry the errno with a message naming the partial file, which is
         # not the path the user gave.
         reason = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
-        raise _output_error(target, reason) from exc
+        raise _output_error(target, reason, out_of_room(exc)) from exc

@@ -40,7 +40,7 @@ from naics_mlflow.data.taxonomy import (
     cross_referenced_activities,
     index_split,
 )
-from tests.commands import run_cli
+from tests.commands import file_size_limited, run_cli
 from tests.conftest import REPO_ROOT
 
 
@@ -401,6 +401,17 @@ def test_a_file_where_a_folder_belongs_fails_in_one_line(raw_dir, tmp_path, rele
     )
     assert blocker.read_text() == "kept"
     assert not (tmp_path / "data").exists()
+
+
+def test_a_disk_without_room_for_the_build_says_to_free_space(raw_dir, tmp_path, release):
+    out = tmp_path / "data"
+    with pytest.raises(DataError) as refused, file_size_limited(50_000):
+        build_data(raw_dir, out, release)
+    assert str(refused.value).startswith(f"cannot write the data build to {out} (")
+    assert str(refused.value).endswith(
+        "); free space on its disk, or give --out (or dirs.data) a folder on another"
+    )
+    assert not out.exists() or list(out.iterdir()) == []  # nothing half-written
 
 
 # --- missing files: download ------------------------------------------------------------------

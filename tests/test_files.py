@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from naics_mlflow.files import OutputError, write_output
+from tests.commands import file_size_limited
 
 
 def test_an_output_whose_folder_goes_away_while_written_names_the_target_in_one_line(tmp_path):
@@ -26,3 +27,14 @@ def test_an_output_whose_folder_goes_away_while_written_names_the_target_in_one_
         "can write"
     )
     assert not target.parent.exists()
+
+
+def test_an_output_its_disk_has_no_room_for_says_to_free_space(tmp_path):
+    target = tmp_path / "embeddings.parquet"
+    with pytest.raises(OutputError) as refused, file_size_limited(10_000):
+        write_output(target, lambda path: path.write_bytes(bytes(100_000)))
+    assert str(refused.value) == (
+        f"cannot write {target} (File too large); free space on its disk, or give --out a path on "
+        "another"
+    )
+    assert list(tmp_path.iterdir()) == []

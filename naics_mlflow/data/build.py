@@ -37,6 +37,7 @@ from naics_mlflow.data.taxonomy import (
     RELATIONS_FILE,
     TRAINING,
 )
+from naics_mlflow.files import out_of_room
 
 logger = logging.getLogger(__name__)
 
@@ -453,7 +454,9 @@ def _write_atomically(out_dir: Path, writers: dict, manifest: dict) -> None:
 
 
 def _unwritable(out_dir: Path, exc: OSError) -> DataError:
-    return DataError(
-        f"cannot write the data build to {out_dir} ({exc.strerror or exc}); give --out "
-        "(or dirs.data) a folder you can write"
+    remedy = (
+        "free space on its disk, or give --out (or dirs.data) a folder on another"
+        if out_of_room(exc)
+        else "give --out (or dirs.data) a folder you can write"
     )
+    return DataError(f"cannot write the data build to {out_dir} ({exc.strerror or exc}); {remedy}")
