@@ -541,6 +541,26 @@ def test_a_sqlite_store_named_with_options_is_read(tiny_workdir):
     assert run.info.run_id[:12] in listed
 
 
+def test_a_store_another_process_keeps_locked_is_one_line_that_says_so(tiny_workdir):
+    """A program holding a write on the store (or a network share that cannot lock): the line
+    told the user to point MLFLOW_TRACKING_URI elsewhere, as for a store MLflow cannot use."""
+    store = tiny_workdir / "mlflow.db"
+    MlflowClient(f"sqlite:///{store}").search_experiments()
+    holder = sqlite3.connect(store, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        refused = run_cli(tiny_workdir, "runs")
+    finally:
+        holder.close()
+    assert error_line(refused) == (
+        f"error: the tracking store sqlite:///{store} is locked: another process has held it "
+        "for over 5 s (a command writing to it, a program that has it open), or its file system "
+        "cannot lock files (a network share); run the command again once that process is done, "
+        "or use a tracking server (mlflow server) for many commands at once or several machines"
+    )
+    ok(run_cli(tiny_workdir, "runs"))  # the lock released, the same store serves
+
+
 def test_commands_that_make_a_new_store_at_once_all_use_it(tmp_path):
     """Four processes opening a sqlite store that is not there yet, as a sweep started in a fresh
     folder does: every one goes on with one complete store (MLflow's own set-up interleaved

@@ -163,7 +163,19 @@ def _check_store(uri: str) -> None:
         ) from exc
 
 
+# sqlite's word for a lock it waited for in vain (5 s, Python's and SQLAlchemy's default).
+_SQLITE_LOCKED = "database is locked"
+
+
 def _unusable_store_error(uri: str, reason: str) -> TrackingStoreError:
+    if reason == _SQLITE_LOCKED:
+        # Pointing elsewhere, as below, would be the wrong advice: the store itself is fine.
+        return TrackingStoreError(
+            f"the tracking store {uri} is locked: another process has held it for over 5 s (a "
+            "command writing to it, a program that has it open), or its file system cannot lock "
+            "files (a network share); run the command again once that process is done, or use "
+            "a tracking server (mlflow server) for many commands at once or several machines"
+        )
     return TrackingStoreError(
         f"cannot use the MLflow tracking store {uri} ({reason}); point MLFLOW_TRACKING_URI at a "
         "server (http://...) or a database (sqlite:///path/mlflow.db), or unset it for the "
