@@ -928,7 +928,7 @@ def export(
     from naics_mlflow.serving import log_search_model
 
     if registered_name is not None:
-        tracking.check_model_name(registered_name)
+        tracking.check_registration(registered_name)
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         engine, _, resolved, config = _load_engine(
             reference, trust_checkpoint, config_path, Path(download_dir)

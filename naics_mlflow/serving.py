@@ -241,8 +241,9 @@ def log_search_model(
             input_example=INPUT_EXAMPLE,
             code_paths=[str(Path(naics_mlflow.__file__).parent)],
             pip_requirements=_requirements(),
-            registered_model_name=registered_name,
         )
+    if registered_name is not None:
+        tracking.register_logged_model(run_id, model, registered_name)
     return f"runs:/{run_id}/{MODEL_NAME}"
 
 

@@ -49,12 +49,14 @@ def run_cli(
     tracking_uri: str | None = OWN_STORE,
     file_size_limit: int | None = None,
     memory_beyond_imports: int | None = None,
+    more_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """The command line run to its end. ``file_size_limit``: writes past that many bytes into
     any one file are refused, as the kernel refuses them on a full disk (cut short, or EFBIG).
     ``memory_beyond_imports``: allocations past that many bytes beyond what the command maps
-    once its libraries are imported are refused, as on a machine that has no more."""
-    env = environment(workdir, tracking_uri)
+    once its libraries are imported are refused, as on a machine that has no more.
+    ``more_env``: environment variables set for the command besides."""
+    env = {**environment(workdir, tracking_uri), **(more_env or {})}
     command = ["-m", "naics_mlflow"]
     if memory_beyond_imports is not None:
         command = ["-c", _CLI_WITH_CAPPED_MEMORY, str(memory_beyond_imports)]

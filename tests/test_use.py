@@ -3,6 +3,7 @@ real subprocesses against a sqlite store, with a stage trained on the tiny backb
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -10,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -1027,6 +1029,46 @@ def test_a_served_model_loads_the_settings_it_was_logged_with(
     served = serving.NaicsSearchModel()
     served.load_context(mlflow.pyfunc.PythonModelContext(artifacts, model_config))
     assert served.engine.settings == settings
+
+
+def test_a_registry_that_fails_leaves_the_logged_model(trained, tmp_path):
+    """`export --register` with a registry of its own (MLFLOW_REGISTRY_URI). One that cannot be
+    used is refused before any model is built. One that refuses the new version once the model
+    is logged (here a sqlite trigger; a server gone since the check, in life) ends in one line
+    naming the model, which stays READY: registered inside MLflow's logging, its failure deleted
+    the finished model and ended in a traceback."""
+    workdir, client, run, _ = trained
+    before = [model.model_id for model in _models_of(client, run)]
+    unusable = f"sqlite:///{workdir / 'conf' / 'config.yaml'}/registry.db"  # under a file
+    refused = run_cli(
+        workdir,
+        *("export", "--from-checkpoint", "quickstart", "--register", "naics"),
+        more_env={"MLFLOW_REGISTRY_URI": unusable},
+    )
+    assert error_line(refused).startswith(f"error: cannot use the model registry {unusable} (")
+    assert refused.stderr.strip() == error_line(refused)  # before any model was built or logged
+    assert [model.model_id for model in _models_of(client, run)] == before
+
+    registry = f"sqlite:///{tmp_path / 'registry.db'}"
+    MlflowClient(registry_uri=registry).search_registered_models()
+    with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as database:
+        database.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON model_versions "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        database.commit()
+    failed = run_cli(
+        workdir,
+        *("export", "--from-checkpoint", "quickstart", "--register", "naics"),
+        more_env={"MLFLOW_REGISTRY_URI": registry},
+    )
+    assert error_line(failed).startswith(
+        f"error: model logged as runs:/{run.info.run_id}/model, but registering it as 'naics' in "
+        f"{registry} failed ("
+    )
+    logged, *_ = _models_of(client, run)
+    assert logged.model_id not in before and logged.status == LoggedModelStatus.READY
+    assert MlflowClient(registry_uri=registry).search_model_versions("name = 'naics'") == []
 
 
 def test_an_export_the_disk_refuses_is_one_line_and_leaves_no_model(trained):

@@ -35,10 +35,11 @@ from naics_mlflow.tracking.discovery import (
     trashed_runs,
 )
 from naics_mlflow.tracking.models import (
-    check_model_name,
+    check_registration,
     delete_models_cut_short,
     holds_logged_model,
     new_logged_model,
+    register_logged_model,
 )
 from naics_mlflow.tracking.runs import (
     get_run,
@@ -71,7 +72,7 @@ __all__ = [
     "ArtifactWriteError",
     "TrackingStoreError",
     "best_run_of_stage",
-    "check_model_name",
+    "check_registration",
     "delete_models_cut_short",
     "download_best_checkpoint",
     "download_best_so_far",
@@ -94,6 +95,7 @@ __all__ = [
     "mark_killed_if_running",
     "metric_history",
     "new_logged_model",
+    "register_logged_model",
     "run",
     "search_runs",
     "set_tags",

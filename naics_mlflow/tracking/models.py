@@ -1,5 +1,5 @@
 """Logged models (``export``): made PENDING, deleted when their logging is cut short, and
-registered-model names checked before any work."""
+registered only once logged, with the name and the registry checked before any work."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import mlflow
 from mlflow.entities import LoggedModel, LoggedModelStatus, Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import DBAPIError
 
-from naics_mlflow.errors import UserError
+from naics_mlflow.errors import UserError, first_line
 from naics_mlflow.tracking.artifacts import REFUSED_WRITES, ArtifactWriteError
 from naics_mlflow.tracking.runs import PROCESS_TAG, died_on_this_machine, get_run, this_process
 from naics_mlflow.tracking.store import (
     TrackingStoreError,
+    check_server,
     lost_store_error,
     refused_store_writes_in_one_line,
     store_unreachable,
@@ -26,19 +30,53 @@ from naics_mlflow.tracking.store import (
 logger = logging.getLogger(__name__)
 
 
-class ModelNameError(UserError):
-    """A registered-model name the model registry would refuse."""
+class RegistrationError(UserError):
+    """A model that cannot be registered: a name the model registry refuses, or a registry that
+    cannot be used."""
 
 
-def check_model_name(name: str) -> None:
-    """Refuse, before any work, a registered-model name the registry would refuse only after the
-    model is logged: empty, a path step (``.``, ``..``), or holding ``/`` or ``:`` (MLflow's
-    rule)."""
+def check_registration(name: str) -> None:
+    """Refuse, before any work, what would fail only once the model is logged: a registered-model
+    name the registry refuses (empty, a path step ``.`` or ``..``, or holding ``/`` or ``:``:
+    MLflow's rule), or a separate registry (``MLFLOW_REGISTRY_URI``) that cannot be used. Unset,
+    the registry is the tracking store, which every command checks as it connects."""
     if not name.strip() or name.strip() in (".", "..") or any(c in name for c in "/:"):
-        raise ModelNameError(
+        raise RegistrationError(
             f"--register {name!r} is not a name the model registry accepts; give a non-empty "
             "name without '/' or ':'"
         )
+    registry = os.environ.get("MLFLOW_REGISTRY_URI")
+    if not registry:
+        return
+    if registry.startswith(("http://", "https://")):
+        check_server(
+            registry, "model registry", "MLFLOW_REGISTRY_URI", "the tracking store's registry"
+        )
+        return
+    try:
+        MlflowClient(registry_uri=registry).search_registered_models(max_results=1)
+    except (MlflowException, DBAPIError, OSError, ImportError) as exc:
+        raise RegistrationError(
+            f"cannot use the model registry {registry} ({first_line(exc)[:300]}); point "
+            "MLFLOW_REGISTRY_URI at one you can use, unset it to register in the tracking "
+            "store, or leave out --register"
+        ) from exc
+
+
+def register_logged_model(run_id: str, model: LoggedModel, name: str) -> None:
+    """Register ``model``, logged and READY in run ``run_id``, as a new version of ``name``.
+
+    Apart from the logging, so that a registry failing now (a server gone since the check)
+    leaves the logged model as it is: registering inside MLflow's ``Model.log`` made the failure
+    the logging's, and the finished model was deleted."""
+    try:
+        mlflow.register_model(f"models:/{model.model_id}", name)
+    except (MlflowException, DBAPIError, OSError) as exc:
+        raise RegistrationError(
+            f"model logged as runs:/{run_id}/{model.name}, but registering it as '{name}' in "
+            f"{mlflow.get_registry_uri()} failed ({first_line(exc)[:300]}); once the registry "
+            "works, run the same command again (it logs the model anew and registers that)"
+        ) from exc
 
 
 def holds_logged_model(run: Run, name: str) -> bool:

@@ -91,21 +91,28 @@ def tracking_uri() -> str:
 
 
 @functools.cache
-def _check_server(uri: str) -> None:
-    """Fail in one line, within seconds, when the tracking server at ``uri`` does not answer."""
+def check_server(
+    uri: str,
+    role: str = "tracking server",
+    variable: str = "MLFLOW_TRACKING_URI",
+    when_unset: str = "the local sqlite store",
+) -> None:
+    """Fail in one line, within seconds, when the MLflow server at ``uri`` does not answer;
+    MLflow's own requests would retry for minutes. ``role``, ``variable`` and ``when_unset`` name
+    what the server is for, the variable that points at it, and what unsetting it gives."""
     health = f"{uri.rstrip('/')}/health"
     try:
         response = requests.get(health, timeout=SERVER_CHECK_TIMEOUT_S)
     except requests.RequestException as exc:
         reason = type(exc).__name__
         raise TrackingStoreError(
-            f"cannot reach the MLflow tracking server at {uri} ({reason}); start it, or point "
-            "MLFLOW_TRACKING_URI at a running one (unset it for the local sqlite store)"
+            f"cannot reach the MLflow {role} at {uri} ({reason}); start it, or point "
+            f"{variable} at a running one (unset it for {when_unset})"
         ) from exc
     if not response.ok:
         raise TrackingStoreError(
-            f"the MLflow tracking server at {uri} refused its health check {health} with HTTP "
-            f"{response.status_code}; check the server's log and MLFLOW_TRACKING_URI"
+            f"the MLflow {role} at {uri} refused its health check {health} with HTTP "
+            f"{response.status_code}; check the server's log and {variable}"
         )
 
 
@@ -238,7 +245,7 @@ def connect() -> str:
     """Point MLflow at the tracking store and return its URI; the store is checked once."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        _check_server(uri)
+        check_server(uri)
     else:
         _check_store(uri)
     mlflow.set_tracking_uri(uri)
