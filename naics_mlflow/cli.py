@@ -540,9 +540,12 @@ def train_curriculum(
 @click.option("--stage", default=None, help="Only runs of this stage, e.g. 03_stage.")
 @_reports_user_errors
 def runs(chain_name: str | None, stage: str | None) -> None:
-    """A table of stage runs in the tracking store: what the MLflow UI compares, in a terminal."""
+    """A table of stage runs in the tracking store: what the MLflow UI compares, in a terminal.
+    Runs left RUNNING by a process on this machine that has ended are recorded as KILLED first."""
     from naics_mlflow import tracking
 
+    for running in tracking.search_runs("attributes.status = 'RUNNING'"):
+        tracking.mark_killed_if_writer_died(running)
     conditions = ["tags.stage != ''"]
     if chain_name:
         conditions.append(tracking.tag_equals("chain", chain_name))

@@ -28,6 +28,7 @@ from naics_mlflow import tracking
 from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import CHECKPOINT_FORMAT, weights_digest
 from naics_mlflow.references import CheckpointReferenceError, resolve_checkpoint
+from naics_mlflow.tracking.runs import process_identity, this_process
 from naics_mlflow.training.chain import read_chain_start, read_store_state
 from naics_mlflow.training.start import EarlierRun, How, StageStart, StoreState
 from tests.commands import (
@@ -189,6 +190,51 @@ def test_command_line_overrides_beat_chain_values_and_runs_lists_the_stage(workd
     assert f"{child.data.metrics['best_val_loss']:.4f}" in rows[0]
     nothing = ok(run_cli(workdir, "runs", "--stage", "02_stage", "--chain", "chain_one")).stdout
     assert nothing.startswith("no runs of stage '02_stage' of chain 'chain_one' in sqlite")
+
+
+def test_runs_records_a_run_whose_process_died_as_killed(workdir):
+    """A process killed outright (SIGKILL, the kernel's out-of-memory killer) cannot end its run,
+    which `runs` and the MLflow UI showed RUNNING for ever. `runs` records it KILLED, ended at its
+    last metric, and leaves the runs of a live process or of another machine as they are."""
+    client = _client(workdir)
+    experiment = client.create_experiment("dead writers")
+    gone = subprocess.Popen(["sleep", "60"])
+    gone_identity = process_identity(gone.pid)
+    gone.kill()
+    gone.wait()
+
+    def running(stage: str, process: str) -> str:
+        return client.create_run(
+            experiment, start_time=1_000, tags={"stage": stage, "process": process}
+        ).info.run_id
+
+    died = running("01_stage", gone_identity)
+    client.log_metric(died, "val_loss", 2.0, timestamp=5_000)
+    client.log_metric(died, "val_loss", 1.5, timestamp=9_000, step=1)
+    died_before_logging = running("02_stage", gone_identity)
+    alive = running("01_stage", this_process())
+    elsewhere = running("01_stage", "another-machine:1:2")
+
+    listed = ok(run_cli(workdir, "runs"))
+    ended = {run_id: client.get_run(run_id).info for run_id in (died, died_before_logging)}
+    assert {(info.status, info.end_time) for info in ended.values()} == {
+        ("KILLED", 9_000),
+        ("KILLED", 1_000),
+    }
+    for run_id in (alive, elsewhere):
+        assert client.get_run(run_id).info.status == "RUNNING"
+    statuses = {line.split()[0]: line.split()[3] for line in listed.stdout.splitlines()[1:]}
+    assert statuses == {
+        died[:12]: "KILLED",
+        died_before_logging[:12]: "KILLED",
+        alive[:12]: "RUNNING",
+        elsewhere[:12]: "RUNNING",
+    }
+    pid = gone_identity.split(":")[1]
+    assert (
+        f"run {died} ({ended[died].run_name}) was RUNNING, but its process (pid {pid} on this "
+        "machine) has ended: recorded as KILLED"
+    ) in listed.stderr
 
 
 def test_a_chain_fine_tunes_the_adapters_of_the_head_only_stage_before_it(workdir):

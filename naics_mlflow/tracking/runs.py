@@ -176,8 +176,39 @@ def get_run(run_id: str) -> Run:
 
 def mark_killed_if_running(run_id: str) -> None:
     """A run left RUNNING by a process that died is over: record it as KILLED."""
-    if get_run(run_id).info.status == "RUNNING":
-        MlflowClient().set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    run = get_run(run_id)
+    if run.info.status == "RUNNING":
+        _record_killed(run)
+
+
+def mark_killed_if_writer_died(run: Run) -> None:
+    """Record ``run`` as KILLED where it is RUNNING and the process that wrote it, on this
+    machine, has ended: killed outright (SIGKILL, the kernel's out-of-memory killer, a rank that
+    Lightning's launcher stopped), it could not end its run, which the MLflow UI and ``runs``
+    would show RUNNING for ever. A run written from another machine cannot be asked about."""
+    process = run.data.tags.get(PROCESS_TAG, "")
+    if run.info.status != "RUNNING" or not died_on_this_machine(process):
+        return
+    _record_killed(run)
+    logger.warning(
+        "run %s (%s) was RUNNING, but its process (pid %s on this machine) has ended: recorded "
+        "as KILLED",
+        run.info.run_id,
+        run.info.run_name,
+        _pid_in(process),
+    )
+
+
+def _record_killed(run: Run) -> None:
+    """End ``run`` KILLED at the last metric it logged (at its start where it logged none): its
+    duration in the MLflow UI is then the time it ran, not the time until its death was
+    noticed."""
+    logged = [metric.timestamp for metric in run.data.to_proto().metrics]
+    MlflowClient().set_terminated(
+        run.info.run_id,
+        RunStatus.to_string(RunStatus.KILLED),
+        end_time=max(logged, default=run.info.start_time),
+    )
 
 
 def log_params(params: Mapping[str, Any]) -> None:
