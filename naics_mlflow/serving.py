@@ -11,6 +11,7 @@ backbone that is a local folder, that folder.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import tempfile
 from pathlib import Path
@@ -113,6 +114,11 @@ class NaicsSearchModel(mlflow.pyfunc.PythonModel):
                 query_max_length=int(settings.get("query_max_length", 32)),
             ),
         )
+        # What is loaded by now lives as long as the process: the libraries' objects (about
+        # 465,000 for torch, transformers and MLflow) and the model's. Out of the collector's
+        # sight, a full collection while serving scans only what requests made: 0.4 ms instead
+        # of about 245 ms, a pause a served model showed within its first 700 requests.
+        gc.freeze()
 
     def predict(
         self,
