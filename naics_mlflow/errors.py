@@ -10,9 +10,12 @@ import sys
 # How torch's CPU allocator says the kernel refused it memory (c10's alloc_cpu.cpp): a plain
 # RuntimeError.
 CPU_ALLOCATION_REFUSED = "DefaultCPUAllocator: can't allocate memory"
-# The size that torch's allocators ("Tried to allocate") or numpy ("Unable to allocate") were
-# asked for.
-ASKED_FOR = re.compile(r"(?:tried|unable) to allocate (\d+ bytes|[\d.]+ [KMGTP]i?B)", re.IGNORECASE)
+# The size that torch's allocators ("Tried to allocate 2.00 GiB"), numpy ("Unable to allocate
+# 1.00 PiB") or pyarrow ("realloc of size 4096 failed") were asked for.
+ASKED_FOR = re.compile(
+    r"(?:tried|unable) to allocate (\d+ bytes|[\d.]+ [KMGTP]i?B)|alloc of size (\d+) failed",
+    re.IGNORECASE,
+)
 
 
 class UserError(Exception):
@@ -53,8 +56,10 @@ def refused_amount(exc: BaseException) -> str:
     asked = ASKED_FOR.search(str(exc))
     if asked is None:
         return ""
-    amount = asked.group(1)
+    amount = asked.group(1) or f"{asked.group(2)} bytes"
     if amount.endswith(" bytes"):
         amount = f"{int(amount.split()[0]) / 1e9:.1f} GB"
-    asker = "numpy" if isinstance(exc, MemoryError) else "torch"
+    # torch's CPU allocator raises a plain RuntimeError; numpy's and pyarrow's errors are their own.
+    library = type(exc).__module__.split(".")[0]
+    asker = "torch" if library == "builtins" else library
     return f" ({asker} asked for {amount} more and was refused)"

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -455,6 +456,18 @@ def test_memory_numpy_is_refused_in_a_fit_ends_in_the_same_line(tiny_overrides):
         "stage finetune ran out of memory on the CPU while it trained at data_loader.batch_size="
     )
     assert "(numpy asked for 1.00 PiB more and was refused)" in str(refused.value)
+
+
+def test_memory_pyarrow_is_refused_in_a_fit_names_its_size(tiny_overrides):
+    """pyarrow words a refusal "realloc of size N failed": the line gives the size, and pyarrow
+    as the library that asked (it was said to be numpy's, or given no size)."""
+    config = load_config(REPO / "conf" / "config.yaml", [*tiny_overrides, *ON_CPU])
+    with (
+        pytest.raises(StepMemoryError) as refused,
+        out_of_memory_in_one_line(config, "finetune", None),
+    ):
+        pa.allocate_buffer(16, resizable=True).resize(2**50)
+    assert "(pyarrow asked for 1125899.9 GB more and was refused)" in str(refused.value)
 
 
 def test_a_stage_on_a_gpu_out_of_the_machines_memory_is_not_told_to_get_a_bigger_gpu(
