@@ -1040,10 +1040,11 @@ def test_a_served_model_loads_the_settings_it_was_logged_with(
 
 def test_a_registry_that_fails_leaves_the_logged_model(trained, tmp_path):
     """`export --register` with a registry of its own (MLFLOW_REGISTRY_URI). One that cannot be
-    used is refused before any model is built. One that refuses the new version once the model
-    is logged (here a sqlite trigger; a server gone since the check, in life) ends in one line
-    naming the model, which stays READY: registered inside MLflow's logging, its failure deleted
-    the finished model and ended in a traceback."""
+    used is refused before any model is built, and a `models:/` reference read from it names
+    it. One that refuses the new version once the model is logged (here a sqlite trigger; a
+    server gone since the check, in life) ends in one line naming the model, which stays READY:
+    registered inside MLflow's logging, its failure deleted the finished model and ended in a
+    traceback."""
     workdir, client, run, _ = trained
     before = [model.model_id for model in _models_of(client, run)]
     unusable = f"sqlite:///{workdir / 'conf' / 'config.yaml'}/registry.db"  # under a file
@@ -1055,6 +1056,15 @@ def test_a_registry_that_fails_leaves_the_logged_model(trained, tmp_path):
     assert error_line(refused).startswith(f"error: cannot use the model registry {unusable} (")
     assert refused.stderr.strip() == error_line(refused)  # before any model was built or logged
     assert [model.model_id for model in _models_of(client, run)] == before
+    # A registered model read from there names the registry, not the tracking store.
+    unread = run_cli(
+        workdir,
+        *("search", "grow soybeans", "--from-checkpoint", "models:/naics/1"),
+        more_env={"MLFLOW_REGISTRY_URI": unusable},
+    )
+    assert error_line(unread).startswith(
+        f"error: cannot download models:/naics/1 from the model registry {unusable} ("
+    )
 
     registry = f"sqlite:///{tmp_path / 'registry.db'}"
     MlflowClient(registry_uri=registry).search_registered_models()

@@ -26,6 +26,7 @@ from naics_mlflow.tracking.runs import get_run
 from naics_mlflow.tracking.store import (
     connect,
     deleted_experiment,
+    registry_uri,
     sqlite_file,
     store_is_missing,
     tracking_uri,
@@ -100,8 +101,14 @@ def _download_reference(reference: str, download_dir: Path) -> Path:
             mlflow.artifacts.download_artifacts(artifact_uri=reference, dst_path=str(download_dir))
         )
     except (MlflowException, OSError) as exc:
+        registry = registry_uri()
+        source = (
+            f"the model registry {registry}"
+            if reference.startswith("models:/") and registry is not None
+            else tracking_uri()
+        )
         raise CheckpointReferenceError(
-            f"cannot download {reference} from {tracking_uri()} ({first_line(exc)})"
+            f"cannot download {reference} from {source} ({first_line(exc)})"
         ) from exc
     return local if local.is_file() else _best_in(local, reference)
 

@@ -24,6 +24,7 @@ from naics_mlflow.tracking.store import (
     check_server,
     lost_store_error,
     refused_store_writes_in_one_line,
+    registry_uri,
     store_unreachable,
 )
 
@@ -45,8 +46,8 @@ def check_registration(name: str) -> None:
             f"--register {name!r} is not a name the model registry accepts; give a non-empty "
             "name without '/' or ':'"
         )
-    registry = os.environ.get("MLFLOW_REGISTRY_URI")
-    if not registry:
+    registry = registry_uri()
+    if registry is None:
         return
     if registry.startswith(("http://", "https://")):
         check_server(

@@ -90,6 +90,12 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def registry_uri() -> str | None:
+    """The model registry's URI where ``MLFLOW_REGISTRY_URI`` names one apart from the tracking
+    store; None where the registry is the tracking store's."""
+    return os.environ.get("MLFLOW_REGISTRY_URI") or None
+
+
 @functools.cache
 def check_server(
     uri: str,
