@@ -470,6 +470,14 @@ def test_search_adds_the_nearest_item_to_national_industries_only(trained_adapte
         ("4411201", None),
         ("441120 car dealer", None),
         ("7", None),
+        # Written after words that say it is a code, as a statistician might type it.
+        ("NAICS 441120", "441120"),
+        ("naics code: 4411", "4411"),
+        ("NAICS 2022 code 722511", "722511"),
+        ("Code #31-33", "31"),
+        ("code 7", None),
+        ("NAICS codes for bakeries", None),
+        ("barcode 441120", None),
     ],
 )
 def test_a_code_is_read_as_people_write_it(text, code):

@@ -46,6 +46,8 @@ MATCH_FILE_WRITERS = {
 SHEET_ROWS = 1_048_575
 # A query that is nothing but digits, as many as a code has.
 CODE_ALONE = re.compile(r"\d{2,6}")
+# A code after words that say it is one: "NAICS 441120", "naics code: 4411", "Code #31-33".
+CODE_NAMED = re.compile(r"(?:naics(?:\s*2022)?(?:\s*code)?|code)\s*[:#]?\s*(\S+)", re.IGNORECASE)
 
 
 class QueryError(UserError):
@@ -55,9 +57,12 @@ class QueryError(UserError):
 def code_written_as(text: str) -> str | None:
     """The code that ``text`` is, where it holds nothing but one as people write them:
     ``441120``, and a range sector by its range or any of its prefixes (``31-33``, ``32`` ->
-    ``31``); None for any other text. Whether the taxonomy has the code is the caller's question.
+    ``31``), alone or after "NAICS" or "code" (``NAICS 441120``); None for any other text.
+    Whether the taxonomy has the code is the caller's question.
     """
     written = text.strip()
+    if named := CODE_NAMED.fullmatch(written):
+        written = named.group(1)
     if CODE_ALONE.fullmatch(written):
         return sector_of(written) if len(written) == MIN_LEVEL else written
     return RANGE_SECTORS.get(written)
