@@ -7,6 +7,7 @@ Lightning and MLflow take seconds to import.
 from __future__ import annotations
 
 import atexit
+import datetime
 import functools
 import gc
 import logging
@@ -563,6 +564,8 @@ def runs(chain_name: str | None, stage: str | None) -> None:
         "stage",
         "parent",
         "status",
+        "started",
+        "duration",
         "epochs",
         *(label for label, _ in _BEST_EPOCH_COLUMNS),
         "checkpoint",
@@ -577,6 +580,8 @@ def runs(chain_name: str | None, stage: str | None) -> None:
                 tags["stage"],
                 tags.get("mlflow.parentRunId", "")[:12] or "-",
                 run.info.status,
+                _local_time(run.info.start_time),
+                "-" if run.info.end_time is None else _duration(run.info),
                 "-" if epoch is None else str(int(epoch) + 1),
                 *(_number(metrics.get(name)) for _, name in _BEST_EPOCH_COLUMNS),
                 f"runs:/{run.info.run_id}/{tracking.CHECKPOINT_ARTIFACT_PATH}"
@@ -591,6 +596,19 @@ def runs(chain_name: str | None, stage: str | None) -> None:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _local_time(milliseconds: int) -> str:
+    return datetime.datetime.fromtimestamp(milliseconds / 1000).strftime("%Y-%m-%d %H:%M")
+
+
+def _duration(info) -> str:
+    """``1h02m``, ``14m03s`` or ``45s``: a finished run's time from start to end."""
+    seconds = round((info.end_time - info.start_time) / 1000)
+    hours, minutes = divmod(seconds // 60, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
 
 
 # --- using a trained model ------------------------------------------------------------------

@@ -4,9 +4,11 @@ resumption, all against real sqlite stores and real subprocesses."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -192,16 +194,19 @@ def test_command_line_overrides_beat_chain_values_and_runs_lists_the_stage(workd
     assert nothing.startswith("no runs of stage '02_stage' of chain 'chain_one' in sqlite")
 
 
-def test_runs_records_a_run_whose_process_died_as_killed(workdir):
+def test_runs_shows_when_each_run_started_and_records_one_whose_process_died_as_killed(workdir):
     """A process killed outright (SIGKILL, the kernel's out-of-memory killer) cannot end its run,
     which `runs` and the MLflow UI showed RUNNING for ever. `runs` records it KILLED, ended at its
-    last metric, and leaves the runs of a live process or of another machine as they are."""
+    last metric, and leaves the runs of a live process or of another machine as they are. Each
+    row gives when the run started (local time) and, once it ended, how long it ran."""
     client = _client(workdir)
     experiment = client.create_experiment("dead writers")
     gone = subprocess.Popen(["sleep", "60"])
     gone_identity = process_identity(gone.pid)
     gone.kill()
     gone.wait()
+
+    started = datetime.datetime.fromtimestamp(1).strftime("%Y-%m-%d %H:%M")  # local time
 
     def running(stage: str, process: str) -> str:
         return client.create_run(
@@ -214,6 +219,11 @@ def test_runs_records_a_run_whose_process_died_as_killed(workdir):
     died_before_logging = running("02_stage", gone_identity)
     alive = running("01_stage", this_process())
     elsewhere = running("01_stage", "another-machine:1:2")
+    finished = {}
+    for seconds, shown in ((843, "14m03s"), (3_723, "1h02m")):
+        run_id = running("03_stage", this_process())
+        client.set_terminated(run_id, "FINISHED", end_time=1_000 + 1_000 * seconds)
+        finished[run_id[:12]] = ("FINISHED", started, shown)
 
     listed = ok(run_cli(workdir, "runs"))
     ended = {run_id: client.get_run(run_id).info for run_id in (died, died_before_logging)}
@@ -223,13 +233,22 @@ def test_runs_records_a_run_whose_process_died_as_killed(workdir):
     }
     for run_id in (alive, elsewhere):
         assert client.get_run(run_id).info.status == "RUNNING"
-    statuses = {line.split()[0]: line.split()[3] for line in listed.stdout.splitlines()[1:]}
-    assert statuses == {
-        died[:12]: "KILLED",
-        died_before_logging[:12]: "KILLED",
-        alive[:12]: "RUNNING",
-        elsewhere[:12]: "RUNNING",
+    header, *lines = listed.stdout.splitlines()
+    columns = re.split(r"\s{2,}", header)
+    rows = {
+        row["run_id"]: row
+        for row in (dict(zip(columns, re.split(r"\s{2,}", line), strict=False)) for line in lines)
     }
+    assert (
+        {run_id: (row["status"], row["started"], row["duration"]) for run_id, row in rows.items()}
+        == {
+            died[:12]: ("KILLED", started, "8s"),  # to its last metric
+            died_before_logging[:12]: ("KILLED", started, "0s"),
+            alive[:12]: ("RUNNING", started, "-"),
+            elsewhere[:12]: ("RUNNING", started, "-"),
+            **finished,
+        }
+    )
     pid = gone_identity.split(":")[1]
     assert (
         f"run {died} ({ended[died].run_name}) was RUNNING, but its process (pid {pid} on this "
