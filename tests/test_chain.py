@@ -256,6 +256,46 @@ def test_runs_shows_when_each_run_started_and_records_one_whose_process_died_as_
     ) in listed.stderr
 
 
+def test_a_live_process_that_proc_hides_is_not_taken_for_dead():
+    """Where /proc hides other users' processes (mounted hidepid=2, as on shared servers), a run
+    that another user's live process writes was taken for a dead one's: `runs` would end it
+    KILLED, and a chain would take it over. Checked as an unprivileged user under such a /proc,
+    in a mount namespace of its own."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a /proc that hides processes needs root")
+    alive = subprocess.Popen(["sleep", "60"])
+    gone = subprocess.Popen(["sleep", "60"])
+    try:
+        identities = [process_identity(alive.pid), process_identity(gone.pid)]
+        gone.kill()
+        gone.wait()
+        check = (
+            "from naics_mlflow.tracking.runs import died_on_this_machine, process_identity\n"
+            f"print(process_identity({alive.pid}), *map(died_on_this_machine, {identities!r}))"
+        )
+        result = subprocess.run(
+            [
+                *("unshare", "--mount", "sh", "-c"),
+                'mount -t proc -o hidepid=2 proc /proc && exec "$@"',
+                *("sh", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
+                *(sys.executable, "-c", check),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        alive.kill()
+        alive.wait()
+    refused = ("Operation not permitted", "Permission denied")
+    if result.returncode != 0 and any(reason in result.stderr for reason in refused):
+        # No mount namespace here, or a checkout that only its owner can read.
+        pytest.skip(f"cannot check as an unprivileged user here: {result.stderr.strip()[-300:]}")
+    assert result.returncode == 0, result.stderr
+    # Hidden from the checking user; the live one is not taken for dead, the ended one is.
+    assert result.stdout.split() == ["None", "False", "True"]
+
+
 def test_a_chain_fine_tunes_the_adapters_of_the_head_only_stage_before_it(workdir):
     """chain_default's shape: a head-only stage, then a stage that trains the adapters from its
     best checkpoint (their B still zero, so it starts where the head-only model ends)."""

@@ -81,12 +81,29 @@ def _pid_in(process: str) -> int | None:
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
+def _is_process(process: str, pid: int) -> bool:
+    """Whether ``process`` (a ``PROCESS_TAG`` value of this machine) is the live process ``pid``.
+    Where /proc hides another user's processes (mounted ``hidepid``), a process of that pid that
+    exists is taken to be it: its start time cannot be read, and taking a live writer for dead
+    would end or take over a run it is writing."""
+    identity = process_identity(pid)
+    if identity is not None:
+        return identity == process
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
 def died_on_this_machine(process: str) -> bool:
     """Whether the process that ``PROCESS_TAG`` value ``process`` names ran on this machine and
     has ended; False for one on another machine, which cannot be asked, or no value."""
     pid = _pid_in(process)
     on_this_machine = process.startswith(f"{socket.gethostname()}:")
-    return pid is not None and on_this_machine and process_identity(pid) != process
+    return pid is not None and on_this_machine and not _is_process(process, pid)
 
 
 def live_writer(run: Run) -> int | None:
@@ -97,7 +114,8 @@ def live_writer(run: Run) -> int | None:
     pid = _pid_in(tag)
     if run.info.status != "RUNNING" or pid is None or pid == os.getpid():
         return None
-    return pid if process_identity(pid) == tag else None
+    on_this_machine = tag.startswith(f"{socket.gethostname()}:")
+    return pid if on_this_machine and _is_process(tag, pid) else None
 
 
 @contextlib.contextmanager
