@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -141,3 +142,11 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     """The one line a user error ends with (exit status 2)."""
     assert result.returncode == 2, result.stderr[-3000:]
     return result.stderr.strip().splitlines()[-1]
+
+
+def runs_table(stdout: str) -> list[dict[str, str]]:
+    """The rows of what `naics-embedder runs` printed, by column name: its columns are two or
+    more spaces apart, and a start time holds one."""
+    header, *lines = stdout.strip().splitlines()
+    columns = re.split(r"\s{2,}", header)
+    return [dict(zip(columns, re.split(r"\s{2,}", line), strict=True)) for line in lines]

@@ -8,9 +8,9 @@ import datetime
 import io
 import logging
 import os
-import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -40,6 +40,7 @@ from tests.commands import (
     ok,
     run_cli,
     run_cli_concurrently,
+    runs_table,
     start_cli,
 )
 
@@ -233,12 +234,7 @@ def test_runs_shows_when_each_run_started_and_records_one_whose_process_died_as_
     }
     for run_id in (alive, elsewhere):
         assert client.get_run(run_id).info.status == "RUNNING"
-    header, *lines = listed.stdout.splitlines()
-    columns = re.split(r"\s{2,}", header)
-    rows = {
-        row["run_id"]: row
-        for row in (dict(zip(columns, re.split(r"\s{2,}", line), strict=False)) for line in lines)
-    }
+    rows = {row["run_id"]: row for row in runs_table(listed.stdout)}
     assert (
         {run_id: (row["status"], row["started"], row["duration"]) for run_id, row in rows.items()}
         == {
@@ -254,6 +250,31 @@ def test_runs_shows_when_each_run_started_and_records_one_whose_process_died_as_
         f"run {died} ({ended[died].run_name}) was RUNNING, but its process (pid {pid} on this "
         "machine) has ended: recorded as KILLED"
     ) in listed.stderr
+
+
+def test_runs_lists_a_dead_writers_run_that_the_store_refuses_to_end(workdir):
+    """A store this user may read but not write (another user's runs on a team server, a
+    read-only file; here a sqlite trigger refusing updates of runs) still lists its runs: the run
+    stays RUNNING, and one warning says why."""
+    client = _client(workdir)
+    experiment = client.create_experiment("read only")
+    gone = subprocess.Popen(["sleep", "60"])
+    gone_identity = process_identity(gone.pid)
+    gone.kill()
+    gone.wait()
+    tags = {"stage": "01_stage", "process": gone_identity}
+    run_id = client.create_run(experiment, tags=tags).info.run_id
+    with contextlib.closing(sqlite3.connect(workdir / "mlflow.db")) as database:
+        database.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE ON runs BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        database.commit()
+    listed = ok(run_cli(workdir, "runs"))
+    (row,) = runs_table(listed.stdout)
+    assert (row["run_id"], row["status"]) == (run_id[:12], "RUNNING")
+    assert f"run {run_id} " in listed.stderr
+    assert "has ended; the store refused to record it as KILLED (" in listed.stderr
+    assert client.get_run(run_id).info.status == "RUNNING"
 
 
 def test_a_live_process_that_proc_hides_is_not_taken_for_dead():

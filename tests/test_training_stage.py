@@ -66,6 +66,7 @@ from tests.commands import (
     ok,
     run_cli,
     run_cli_concurrently,
+    runs_table,
 )
 from tests.reads_back import ReadsBack
 
@@ -156,8 +157,10 @@ def test_a_stage_reports_the_figures_of_the_epoch_it_ships(cli_run):
     printed = result.stdout.splitlines()
     assert f"{'best/epoch':<24} {best_epoch}" in printed
     assert f"{'best/val/spearman':<24} {figures['val/spearman']:.4f}" in printed
-    (listed,) = ok(run_cli(workdir, "runs", tracking_uri=None)).stdout.splitlines()[1:]
-    assert listed.split()[6:8] == [f"{figures[name]:.4f}" for name in list(figures)[:2]]
+    (listed,) = runs_table(ok(run_cli(workdir, "runs", tracking_uri=None)).stdout)
+    assert [listed["spearman"], listed["ndcg_at_10"]] == [
+        f"{figures[name]:.4f}" for name in list(figures)[:2]
+    ]
 
 
 def test_a_log_without_a_terminal_gets_one_line_per_epoch(cli_run):

@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from naics_mlflow.errors import first_line
 from naics_mlflow.tracking.store import (
     TrackingStoreError,
     give_up_on_the_store,
@@ -207,14 +208,16 @@ def mark_killed_if_writer_died(run: Run) -> None:
     process = run.data.tags.get(PROCESS_TAG, "")
     if run.info.status != "RUNNING" or not died_on_this_machine(process):
         return
-    _record_killed(run)
-    logger.warning(
-        "run %s (%s) was RUNNING, but its process (pid %s on this machine) has ended: recorded "
-        "as KILLED",
-        run.info.run_id,
-        run.info.run_name,
-        _pid_in(process),
-    )
+    ended = f"run {run.info.run_id} ({run.info.run_name}) was RUNNING, but its process (pid "
+    ended += f"{_pid_in(process)} on this machine) has ended"
+    try:
+        _record_killed(run)
+    except MlflowException as exc:
+        # A store this user may read but not write (another user's run, a read-only file) still
+        # lists its runs.
+        logger.warning("%s; the store refused to record it as KILLED (%s)", ended, first_line(exc))
+        return
+    logger.warning("%s: recorded as KILLED", ended)
 
 
 def _record_killed(run: Run) -> None:
