@@ -195,6 +195,16 @@ def test_command_line_overrides_beat_chain_values_and_runs_lists_the_stage(workd
     assert nothing.startswith("no runs of stage '02_stage' of chain 'chain_one' in sqlite")
 
 
+def _identity_of_an_ended_process() -> str:
+    """The ``process`` tag a run written by a process of this machine that has since ended holds:
+    one started and killed here."""
+    gone = subprocess.Popen(["sleep", "60"])
+    identity = process_identity(gone.pid)
+    gone.kill()
+    gone.wait()
+    return identity
+
+
 def test_runs_shows_when_each_run_started_and_records_one_whose_process_died_as_killed(workdir):
     """A process killed outright (SIGKILL, the kernel's out-of-memory killer) cannot end its run,
     which `runs` and the MLflow UI showed RUNNING for ever. `runs` records it KILLED, ended at its
@@ -202,10 +212,7 @@ def test_runs_shows_when_each_run_started_and_records_one_whose_process_died_as_
     row gives when the run started (local time) and, once it ended, how long it ran."""
     client = _client(workdir)
     experiment = client.create_experiment("dead writers")
-    gone = subprocess.Popen(["sleep", "60"])
-    gone_identity = process_identity(gone.pid)
-    gone.kill()
-    gone.wait()
+    gone_identity = _identity_of_an_ended_process()
 
     started = datetime.datetime.fromtimestamp(1).strftime("%Y-%m-%d %H:%M")  # local time
 
@@ -258,10 +265,7 @@ def test_runs_lists_a_dead_writers_run_that_the_store_refuses_to_end(workdir):
     stays RUNNING, and one warning says why."""
     client = _client(workdir)
     experiment = client.create_experiment("read only")
-    gone = subprocess.Popen(["sleep", "60"])
-    gone_identity = process_identity(gone.pid)
-    gone.kill()
-    gone.wait()
+    gone_identity = _identity_of_an_ended_process()
     tags = {"stage": "01_stage", "process": gone_identity}
     run_id = client.create_run(experiment, tags=tags).info.run_id
     with contextlib.closing(sqlite3.connect(workdir / "mlflow.db")) as database:
@@ -285,11 +289,8 @@ def test_a_live_process_that_proc_hides_is_not_taken_for_dead():
     if os.geteuid() != 0:
         pytest.skip("mounting a /proc that hides processes needs root")
     alive = subprocess.Popen(["sleep", "60"])
-    gone = subprocess.Popen(["sleep", "60"])
     try:
-        identities = [process_identity(alive.pid), process_identity(gone.pid)]
-        gone.kill()
-        gone.wait()
+        identities = [process_identity(alive.pid), _identity_of_an_ended_process()]
         check = (
             "from naics_mlflow.tracking.runs import died_on_this_machine, process_identity\n"
             f"print(process_identity({alive.pid}), *map(died_on_this_machine, {identities!r}))"

@@ -302,9 +302,10 @@ def _fit(
     chain: str | None = None,
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """The configured Trainer, fitted; with a ``run_id`` (rank 0) it logs to that run, and
-        where it continues run ``resumed_run_id`` it first fetches what that one left. A fit out of
-        memory ends in one line that names the batch size (in ``chain``'s file, if given), and one
-    that stops because another rank's process ended, in one line that points to that one's error."""
+    where it continues run ``resumed_run_id`` it first fetches what that one left. A fit out of
+    memory ends in one line that names the batch size (in ``chain``'s file, if given), and one
+    that stops because another rank's process ended, in one line that points to that one's
+    error."""
     name = datamodule.curriculum.name
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir,
