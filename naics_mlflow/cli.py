@@ -330,6 +330,7 @@ def train(
     import tempfile
     import time
 
+    _check_tracking_store()
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         init = _checked_checkpoint(
             from_checkpoint,
@@ -351,6 +352,18 @@ def train(
         )
     if result is not None:  # rank 0 reports for every process
         _print_summary(result)
+
+
+def _check_tracking_store() -> None:
+    """Rank 0 checks the tracking store before the training stack is imported: a store that
+    cannot be used (a mistyped URI, a server that is down) then fails within seconds, where the
+    import alone takes five or more."""
+    from naics_mlflow.distributed import is_global_zero
+
+    if is_global_zero():
+        from naics_mlflow import tracking
+
+        tracking.connect()
 
 
 def _checked_checkpoint(
@@ -509,6 +522,7 @@ def train_curriculum(
 
     from naics_mlflow import tracking
 
+    _check_tracking_store()
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         init = _checked_checkpoint(
             from_checkpoint, trust_checkpoint, plan.stages[0].config, Path(download_dir), directory

@@ -595,6 +595,8 @@ def test_stopped_chain_resumes_where_it_stopped(workdir, stop):
         killed.info.run_id, "resume/best.ckpt", str(workdir / "dl")
     )
     assert torch.load(best_so_far, weights_only=True)["epoch"] == 0
+    if stop == signal.SIGINT:
+        return  # it left what SIGTERM leaves (checked above), whose resume is checked below
 
     ok(run_cli(workdir, "train-curriculum", "--chain", "chain_kill"))
     assert [r.info.run_id for r in _stage_runs(workdir, "01_stage")] == [stage_one.info.run_id]

@@ -397,11 +397,25 @@ def refusing_server():
     server.shutdown()
 
 
-def test_a_tracking_server_that_is_down_or_refuses_fails_in_one_line(tiny_workdir, refusing_server):
+@pytest.fixture()
+def no_training_stack(tmp_path: Path) -> dict[str, str]:
+    """An environment in which importing Lightning fails: a command run in it that refuses the
+    store in one line refused it before importing the training stack (five seconds or more)."""
+    package = tmp_path / "no_training_stack" / "lightning"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('the training stack was imported')")
+    return {"PYTHONPATH": str(package.parent)}
+
+
+def test_a_tracking_server_that_is_down_or_refuses_fails_in_one_line(
+    tiny_workdir, refusing_server, no_training_stack
+):
     down = f"http://127.0.0.1:{_free_port()}"
-    for command in (["runs"], ["train", "-c", "01_stage"]):
+    for command in (["runs"], ["train", "-c", "01_stage"], ["train-curriculum"]):
         started = time.monotonic()
-        line = error_line(run_cli(tiny_workdir, *command, tracking_uri=down))
+        line = error_line(
+            run_cli(tiny_workdir, *command, tracking_uri=down, more_env=no_training_stack)
+        )
         assert time.monotonic() - started < 30
         assert line.startswith(f"error: cannot reach the MLflow tracking server at {down} ")
     line = error_line(run_cli(tiny_workdir, "runs", tracking_uri=refusing_server))
@@ -409,7 +423,9 @@ def test_a_tracking_server_that_is_down_or_refuses_fails_in_one_line(tiny_workdi
     assert "HTTP 503" in line
 
 
-def test_a_tracking_store_mlflow_cannot_use_fails_in_one_line(tiny_workdir, tmp_path):
+def test_a_tracking_store_mlflow_cannot_use_fails_in_one_line(
+    tiny_workdir, tmp_path, no_training_stack
+):
     blocker = tmp_path / "a-file"
     blocker.write_text("kept")
     not_a_database = tmp_path / "notes.db"
@@ -427,7 +443,8 @@ def test_a_tracking_store_mlflow_cannot_use_fails_in_one_line(tiny_workdir, tmp_
     ]
     for uri, start, reason in cases:
         for command in (["runs"], ["train", "-c", "01_stage"]):
-            line = error_line(run_cli(tiny_workdir, *command, tracking_uri=uri))
+            result = run_cli(tiny_workdir, *command, tracking_uri=uri, more_env=no_training_stack)
+            line = error_line(result)
             assert line.startswith(f"error: {start} {uri} ") and reason in line, line
     assert blocker.read_text() == "kept"
     assert not_a_database.read_text() == "kept too"

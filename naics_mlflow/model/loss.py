@@ -10,7 +10,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
 from torch import Tensor
 
 from naics_mlflow.distributed import gather_pool_across_ranks
@@ -174,6 +173,9 @@ def kmeans_clusters(embeddings_tangent: Tensor, num_clusters: int, seed: int) ->
             f"num_clusters must be between 1 and the number of points ({len(points)}), "
             f"got {num_clusters}"
         )
+    # Imported here: scikit-learn takes 0.2 s to import, and only stages that cluster need it.
+    from sklearn.cluster import KMeans
+
     labels = KMeans(n_clusters=num_clusters, n_init=1, random_state=seed).fit_predict(points)
     return torch.from_numpy(labels.astype("int64")).to(embeddings_tangent.device)
 

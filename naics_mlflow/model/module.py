@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import geoopt
 import lightning as L
 import torch
 from transformers import get_cosine_schedule_with_warmup
@@ -255,6 +254,9 @@ class NaicsEmbedder(L.LightningModule):
         training = self.config.training
         parameters = [p for p in self.parameters() if p.requires_grad]
         if training.optimizer == "riemannian_adam":
+            # Imported here: geoopt takes 0.2 s to import, and only this optimiser needs it.
+            import geoopt
+
             optimizer = geoopt.optim.RiemannianAdam(
                 parameters, lr=training.learning_rate, weight_decay=training.weight_decay
             )

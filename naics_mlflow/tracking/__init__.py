@@ -59,6 +59,7 @@ from naics_mlflow.tracking.store import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     TrackingStoreError,
+    connect,
     tracking_uri,
     use_experiment,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "TrackingStoreError",
     "best_run_of_stage",
     "check_registration",
+    "connect",
     "delete_models_cut_short",
     "download_best_checkpoint",
     "download_best_so_far",
