@@ -330,7 +330,6 @@ def train(
     import tempfile
     import time
 
-    _check_tracking_store()
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         init = _checked_checkpoint(
             from_checkpoint,
@@ -339,6 +338,7 @@ def train(
             Path(download_dir),
             _curricula_dir(config_path),
         )
+        _check_tracking_store()
         from naics_mlflow.distributed import rank_zero_answer
         from naics_mlflow.training.stage import train_stage
 
@@ -357,7 +357,8 @@ def train(
 def _check_tracking_store() -> None:
     """Rank 0 checks the tracking store before the training stack is imported: a store that
     cannot be used (a mistyped URI, a server that is down) then fails within seconds, where the
-    import alone takes five or more."""
+    import alone takes five or more. After ``--from-checkpoint`` is looked up, which refuses a
+    missing store rather than create an empty one."""
     from naics_mlflow.distributed import is_global_zero
 
     if is_global_zero():
@@ -522,11 +523,11 @@ def train_curriculum(
 
     from naics_mlflow import tracking
 
-    _check_tracking_store()
     with tempfile.TemporaryDirectory(prefix="naics-ckpt-") as download_dir:
         init = _checked_checkpoint(
             from_checkpoint, trust_checkpoint, plan.stages[0].config, Path(download_dir), directory
         )
+        _check_tracking_store()
         from naics_mlflow.training.chain import run_chain
 
         result = run_chain(
