@@ -551,6 +551,34 @@ def test_a_nonfinite_step_changes_neither_weights_nor_optimiser_state(tiny_overr
     assert trainer.callback_metrics["train/nonfinite_steps"] == 2
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "library"), [("adamw", "torch.optim"), ("riemannian_adam", "geoopt.optim")]
+)
+def test_each_optimiser_steps_the_adapters(tiny_overrides, release, optimizer, library):
+    config = load_config(
+        CONFIG,
+        [*tiny_overrides, "data_loader.batch_size=4", f"training.optimizer={optimizer}"],
+    )
+    datamodule = NaicsDataModule(
+        config, load_curriculum(REPO / "conf/text_curriculum/01_stage.yaml"), release
+    )
+    module = NaicsEmbedder(config.to_dict())
+    initial = _trainable_weights(module)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert type(trainer.optimizers[0]).__module__.startswith(library)
+    assert not _same_tensors(_trainable_weights(module), initial)
+
+
 def test_an_unknown_backbone_offline_fails_in_one_line(tmp_path, tiny_overrides):
     result = _train_01_stage(
         tmp_path,
