@@ -16,6 +16,7 @@ import subprocess
 import sys
 import termios
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import mlflow
@@ -513,6 +514,19 @@ def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
     return a.keys() == b.keys() and all(a[key].equal(b[key]) for key in a)
 
 
+def _bare_trainer(**settings: Any) -> L.Trainer:
+    """A CPU Trainer with no logger, checkpoints, progress bar or model summary: a fit or
+    validation run in this process, with ``settings`` besides."""
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **settings,
+    )
+
+
 def test_a_nonfinite_step_changes_neither_weights_nor_optimiser_state(tiny_overrides, release):
     """Three steps through a Trainer: 0 and 2 have a NaN loss and are skipped, 1 steps. At
     training.max_nonfinite_steps=1, finishing also shows that the finite step reset the run of
@@ -526,16 +540,8 @@ def test_a_nonfinite_step_changes_neither_weights_nor_optimiser_state(tiny_overr
     module = NaicsEmbedder(config.to_dict())
     initial = _trainable_weights(module)
     recorder = _DivergingBatches(config)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[recorder],
+    trainer = _bare_trainer(
+        max_epochs=1, limit_train_batches=3, limit_val_batches=0, callbacks=[recorder]
     )
     trainer.fit(module, datamodule=datamodule)
 
@@ -564,16 +570,7 @@ def test_each_optimiser_steps_the_adapters(tiny_overrides, release, optimizer, l
     )
     module = NaicsEmbedder(config.to_dict())
     initial = _trainable_weights(module)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = _bare_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)
     assert type(trainer.optimizers[0]).__module__.startswith(library)
     assert not _same_tensors(_trainable_weights(module), initial)
@@ -848,18 +845,11 @@ def test_all_codes_in_batch_needs_a_head_only_stage(tmp_path, tiny_overrides):
 
 
 def _validate(module: NaicsEmbedder, overrides: list[str], release) -> dict[str, float]:
-    import lightning as L
-
     config = load_config(CONFIG, overrides)
     datamodule = NaicsDataModule(
         config, load_curriculum(REPO / "conf/text_curriculum/03_stage.yaml"), release
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = _bare_trainer(
         limit_val_batches=config.training.trainer.limit_val_batches,
         callbacks=[TaxonomyEvaluation()],
     )
