@@ -621,10 +621,11 @@ def test_an_artifact_write_the_disk_refuses_is_one_line_naming_where(tmp_path, m
         run_id = active.info.run_id
         with file_size_limited(100_000), pytest.raises(ArtifactWriteError) as refused:
             tracking.log_checkpoint(run_id, checkpoint)
-    assert str(refused.value).startswith(
+    assert str(refused.value) == (
         f"cannot write the artifacts of run {run_id} to "
         f"{(tmp_path / 'mlartifacts').as_uri()}/{run_id}/artifacts (File too large); free space "
-        "there, then run the command again"
+        "there, then run the same command again (train-curriculum resumes a chain from its last "
+        "checkpoint)"
     )
 
 
@@ -641,8 +642,8 @@ def test_a_sqlite_store_whose_file_refuses_writes_is_one_line_naming_it(tiny_wor
     # one refused whole; which comes first depends on its pages.
     assert line.startswith(f"error: the tracking store sqlite:///{store} cannot write {store} (")
     assert line.endswith(
-        "); free space on its disk, then run the command again (a chain resumes from its last "
-        "checkpoint)"
+        "); free space on its disk, then run the same command again (train-curriculum resumes a "
+        "chain from its last checkpoint)"
     )
     assert "Traceback" not in refused.stderr
 

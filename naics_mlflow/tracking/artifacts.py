@@ -22,7 +22,12 @@ from mlflow.tracking import MlflowClient
 
 from naics_mlflow.errors import UserError, first_line
 from naics_mlflow.tracking.runs import get_run
-from naics_mlflow.tracking.store import TrackingStoreError, store_in_use, tracking_uri
+from naics_mlflow.tracking.store import (
+    RERUN_RESUMES_A_CHAIN,
+    TrackingStoreError,
+    store_in_use,
+    tracking_uri,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +72,7 @@ def _artifacts_written(run_id: str) -> Iterator[None]:
         location = MlflowClient().get_run(run_id).info.artifact_uri
         raise ArtifactWriteError(
             f"cannot write the artifacts of run {run_id} to {location} ({exc.strerror}); free "
-            "space there, then run the command again (a chain resumes from its last checkpoint, "
-            "which is kept on local disk)"
+            f"space there, then run the same command again ({RERUN_RESUMES_A_CHAIN})"
         ) from exc
 
 

@@ -39,6 +39,10 @@ EXPERIMENT_KIND = "custom_model_development"
 # down when a command starts.
 SERVER_CHECK_TIMEOUT_S = 10
 
+# What running a command again after a refused write does, said so that it reads true whichever
+# command wrote: every one redoes its work, and only train-curriculum has training to pick up.
+RERUN_RESUMES_A_CHAIN = "train-curriculum resumes a chain from its last checkpoint"
+
 
 class TrackingStoreError(UserError):
     """The tracking store cannot be reached."""
@@ -81,8 +85,7 @@ def refused_store_writes_in_one_line() -> Iterator[None]:
         uri = tracking_uri()
         raise TrackingStoreError(
             f"the tracking store {uri} cannot write {sqlite_file(uri).resolve()} ({reason}); "
-            "free space on its disk, then run the command again (a chain resumes from its last "
-            "checkpoint)"
+            f"free space on its disk, then run the same command again ({RERUN_RESUMES_A_CHAIN})"
         ) from exc
 
 
