@@ -5,6 +5,7 @@ on a GPU or past the estimate, ends in one line too."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -23,6 +24,7 @@ from naics_mlflow.data.curriculum import load_curriculum
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.model.module import NaicsEmbedder
 from naics_mlflow.training.memory import (
+    ESTIMATED_BATCHES,
     FIT_OVERHEAD,
     MEMORY_SHARE,
     StepMemoryError,
@@ -116,6 +118,35 @@ def test_the_estimate_follows_what_autograd_keeps_for_backward(
         dropout,
     )
     assert 0.8 < estimate / sum(saved.values()) < 1.1
+
+
+@pytest.mark.parametrize("limit", ["2", "0.25", "1.0"])
+def test_the_estimate_draws_no_more_batches_than_a_fit_trains_on(
+    limit, lora_stage, tiny_overrides, monkeypatch
+):
+    """A fit of ``limit_train_batches`` trains on that many of an epoch's batches (a number, or
+    a fraction of them); the estimate collated up to 256 whatever it was, seconds of a smoke
+    run's set-up."""
+    datamodule, backbone_config = lora_stage
+    config = load_config(
+        REPO / "conf" / "config.yaml",
+        [*tiny_overrides, *ON_CPU, f"training.trainer.limit_train_batches={limit}"],
+    )
+    monkeypatch.setattr(datamodule, "config", config)
+    collated = []
+    collate = datamodule.collate
+    monkeypatch.setattr(
+        datamodule,
+        "collate",
+        lambda items, rows: collated.append(len(rows)) or collate(items, rows),
+    )
+    largest_step_bytes(datamodule, BATCH, backbone_config, config.model.length_buckets)
+    every = min(
+        ESTIMATED_BATCHES, math.ceil(len(datamodule.training_items(epoch=0).anchor) / BATCH)
+    )
+    expected = {"2": 2, "0.25": every // 4, "1.0": every}[limit]
+    assert len(collated) == expected
+    assert collated[:-1] == [BATCH] * (expected - 1)
 
 
 def test_a_step_that_fits_is_let_through(lora_stage):

@@ -15,6 +15,7 @@ one line too (:func:`out_of_memory_in_one_line`), not torch's traceback.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,18 +156,29 @@ def largest_step_bytes(
     datamodule: NaicsDataModule, batch_size: int, backbone_config, passes: int
 ) -> int:
     """The activations of the largest of epoch 0's first :data:`ESTIMATED_BATCHES` batches of
-    ``batch_size`` anchors on a CPU, drawn as a fit draws them."""
+    ``batch_size`` anchors on a CPU, drawn as a fit draws them, and of no more batches than the
+    fit trains on an epoch (``training.trainer.limit_train_batches``)."""
     dropout = datamodule.config.model.backbone_dropout
     items = datamodule.training_items(epoch=0)
     order = np.asarray(datamodule.epoch_order(items, epoch=0))
+    limit = datamodule.config.training.trainer.limit_train_batches
+    batches = min(ESTIMATED_BATCHES, batches_trained(limit, math.ceil(len(order) / batch_size)))
     largest = 0
-    for start in range(0, min(len(order), ESTIMATED_BATCHES * batch_size), batch_size):
+    for start in range(0, batches * batch_size, batch_size):
         batch = datamodule.collate(items, order[start : start + batch_size])
         step = passes_activation_bytes(
             batch_token_sets(batch), backbone_config, passes, False, dropout
         )
         largest = max(largest, step)
     return largest
+
+
+def batches_trained(limit: int | float, batches: int) -> int:
+    """How many of an epoch's ``batches`` a fit trains on under ``limit``, Lightning's
+    ``limit_train_batches``: a number of batches, or a fraction of the epoch (at least one)."""
+    if isinstance(limit, float):
+        return max(1, int(batches * limit))
+    return min(limit, batches)
 
 
 def trains_on_cpu(accelerator: str) -> bool:
