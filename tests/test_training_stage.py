@@ -193,6 +193,7 @@ def _train_on_a_terminal(workdir: Path, overrides: list[str], results: str) -> t
         [
             *(sys.executable, "-m", "naics_mlflow", "train", "-c", "01_stage"),
             *("--config", str(CONFIG), *overrides, "training.trainer.max_epochs=1"),
+            "training.trainer.limit_train_batches=3",
         ],
         cwd=workdir,
         env=environment(workdir),
@@ -249,6 +250,7 @@ def test_data_built_by_other_code_is_named_once_a_command(tmp_path, data_dir, ti
             *tiny_overrides,
             f"dirs.data={data}",
             "training.trainer.max_epochs=1",
+            "training.trainer.limit_train_batches=1",
         )
     )
     said = f"{data} was built by another version of naics-embedder"
@@ -326,6 +328,7 @@ def test_mlflow_run_stage_entry_point(tmp_path, tiny_overrides):
     overrides = [
         *tiny_overrides,
         "training.trainer.max_epochs=1",
+        "training.trainer.limit_train_batches=2",
         f"dirs.checkpoints={tmp_path}/checkpoints",
         f"dirs.outputs={tmp_path}/outputs",
     ]
@@ -450,6 +453,8 @@ def test_loader_workers_change_nothing_but_where_batches_are_collated(tmp_path, 
                 tiny_overrides,
                 f"data_loader.num_workers={workers}",
                 "training.trainer.log_every_n_steps=1",
+                # Enough batches for each worker to collate several in every epoch.
+                "training.trainer.limit_train_batches=6",
             )
         )
         client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
