@@ -59,7 +59,8 @@ from naics_mlflow.references import resolve_checkpoint
 from naics_mlflow.training.callbacks import TaxonomyEvaluation
 from naics_mlflow.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from naics_mlflow.training.memory import StepMemoryError
-from naics_mlflow.training.stage import check_stage_can_start, resolve_precision, train_stage
+from naics_mlflow.training.preflight import check_stage_can_start
+from naics_mlflow.training.stage import resolve_precision, train_stage
 from tests.commands import (
     environment,
     error_line,
@@ -618,13 +619,10 @@ def test_an_unwritable_folder_fails_before_any_run_is_opened(tmp_path, tiny_over
     train = ["train", "-c", "01_stage"]
     chain = ["train-curriculum", "--curricula", "01_stage"]
     cases = [
-        (train, "checkpoints", f"checkpoints to {blocker}/checkpoints/single_"),
-        (train, "outputs", f"TensorBoard logs to {blocker}/outputs ("),
-        (chain, "checkpoints", f"checkpoints to {blocker}/checkpoints ("),
-        (chain, "outputs", f"TensorBoard logs to {blocker}/outputs ("),
+        (command, key, f"{what} to {blocker}/{key} (")
+        for command in (train, chain)
+        for key, what in (("checkpoints", "checkpoints"), ("outputs", "TensorBoard logs"))
     ]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    client.search_experiments()  # the store made once, not by four processes at a time
     results = run_cli_concurrently(
         tmp_path,
         [
@@ -636,7 +634,7 @@ def test_an_unwritable_folder_fails_before_any_run_is_opened(tmp_path, tiny_over
         line = error_line(result)
         assert line.startswith(f"error: cannot write {written}"), line
         assert line.endswith(f"(Not a directory); set dirs.{key} to a writable folder"), line
-    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the store was opened
     assert blocker.read_text() == "not a folder"
 
 
@@ -676,17 +674,17 @@ def test_a_machine_that_cannot_run_the_stage_fails_before_any_run_is_opened(
     )
     for result in results:
         assert error_line(result) == f"error: {refusal}"
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the store was opened
 
 
 def test_several_nodes_told_where_node_0_is_may_start(tmp_path, monkeypatch, tiny_overrides):
-    config = load_config(CONFIG, [*tiny_overrides, "training.trainer.num_nodes=2"])
+    folders = [f"dirs.{key}={tmp_path / key}" for key in ("checkpoints", "outputs")]
+    config = load_config(CONFIG, [*tiny_overrides, *folders, "training.trainer.num_nodes=2"])
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
-    check_stage_can_start(config, tmp_path / "checkpoints")
+    check_stage_can_start(config)
     monkeypatch.delenv("MASTER_ADDR")
     with pytest.raises(UserError, match="num_nodes is 2, but nothing tells this process"):
-        check_stage_can_start(config, tmp_path / "checkpoints")
+        check_stage_can_start(config)
 
 
 def test_a_checkpoint_write_cut_short_leaves_the_previous_one_whole(tmp_path):

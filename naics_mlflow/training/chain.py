@@ -29,7 +29,6 @@ from naics_mlflow.training.mlflow_logging import SUMMARY_METRICS
 from naics_mlflow.training.plan import ChainPlan
 from naics_mlflow.training.stage import (
     StageResult,
-    check_stage_can_start,
     run_checkpoint_dir,
     stage_checkpoint_dir,
     train_stage,
@@ -74,9 +73,7 @@ def run_chain(
     # after hours of training.
     inference_device(plan.stages[-1].config.search.device)
     chain_hash = ""  # rank 0 alone reads and writes the store
-    if is_global_zero():  # nor a folder it cannot write, before the parent run is opened
-        for stage in plan.stages:
-            check_stage_can_start(stage.config, Path(stage.config.dirs.checkpoints))
+    if is_global_zero():
         starting_weights = (
             weights_digest(read_checkpoint(init_checkpoint)["state_dict"])
             if init_checkpoint

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -13,27 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
-from lightning.fabric.plugins.environments import (
-    LSFEnvironment,
-    MPIEnvironment,
-    SLURMEnvironment,
-    TorchElasticEnvironment,
-)
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 from mlflow.entities import Run
 
 from naics_mlflow import tracking
-from naics_mlflow.config import Config, TrainerConfig
+from naics_mlflow.config import Config
 from naics_mlflow.data.build import data_digest
 from naics_mlflow.data.census import CensusRelease
 from naics_mlflow.data.curriculum import CurriculumSpec
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.validation import validation_protocol
 from naics_mlflow.distributed import another_rank_ended_in_one_line, is_global_zero
-from naics_mlflow.errors import UserError
 from naics_mlflow.model.checkpoint import CheckpointError, read_checkpoint, weights_digest
 from naics_mlflow.model.loading import load_trainable_weights
 from naics_mlflow.model.module import NaicsEmbedder
@@ -115,10 +106,7 @@ def train_stage(
     """
     rank_zero = is_global_zero()
     stage_dir = stage_checkpoint_dir(config, run_group, curriculum.name)
-    # The store and the folder first: either failing should cost seconds, not a trained epoch.
     experiment_id = tracking.use_experiment(config.mlflow.experiment_name) if rank_zero else None
-    if rank_zero:
-        check_stage_can_start(config, stage_dir)
     L.seed_everything(config.training.seed, workers=True)
     datamodule = NaicsDataModule(config, curriculum, release, raw_dir)
     module = NaicsEmbedder(config.to_dict())
@@ -218,69 +206,6 @@ def run_checkpoint_dir(stage_dir: Path, run: Run) -> Path:
     if Path(folder).name != folder or folder in (".", ".."):
         folder = run.info.run_id
     return stage_dir / folder
-
-
-class UnwritableFolderError(UserError):
-    """A folder a stage writes to (checkpoints, logs) that cannot be made or written."""
-
-
-def check_stage_can_start(config: Config, checkpoint_dir: Path) -> None:
-    """Raise a :class:`UserError` for what would stop the stage as it starts, before any run
-    opens: GPUs the machine does not have, nodes that cannot find each other, or
-    ``checkpoint_dir`` or ``dirs.outputs`` (the TensorBoard logs) that cannot be made and
-    written."""
-    _check_gpus(config.training.trainer)
-    _check_nodes(config.training.trainer)
-    _check_writable(checkpoint_dir, "checkpoints", "dirs.checkpoints")
-    _check_writable(Path(config.dirs.outputs), "TensorBoard logs", "dirs.outputs")
-
-
-def _check_gpus(trainer: TrainerConfig) -> None:
-    """Lightning would fail inside the run, with a traceback, on GPUs that are not there."""
-    asks_for_gpus = trainer.accelerator in ("gpu", "cuda")
-    available = torch.cuda.device_count()
-    if asks_for_gpus and available == 0:
-        raise UserError(
-            f"training.trainer.accelerator is {trainer.accelerator}, but torch sees no CUDA GPU "
-            "on this machine; set it to auto (a GPU where there is one, else the CPU) or cpu"
-        )
-    on_gpus = asks_for_gpus or (trainer.accelerator == "auto" and available > 0)
-    if on_gpus and isinstance(trainer.devices, int) and trainer.devices > available:
-        raise UserError(
-            f"training.trainer.devices is {trainer.devices}, but this machine has {available} "
-            f"CUDA GPU(s); set it to {available} or fewer"
-        )
-
-
-def _check_nodes(trainer: TrainerConfig) -> None:
-    """Several machines find node 0 through ``MASTER_ADDR`` or a job scheduler's environment;
-    with neither, Lightning's default (this machine) makes rank 0 wait for the others forever,
-    printing nothing."""
-    schedulers = (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment, MPIEnvironment)
-    if trainer.num_nodes == 1 or "MASTER_ADDR" in os.environ:
-        return
-    if any(scheduler.detect() for scheduler in schedulers):
-        return
-    raise UserError(
-        f"training.trainer.num_nodes is {trainer.num_nodes}, but nothing tells this process "
-        "where node 0 is (no MASTER_ADDR, nor a SLURM, torchrun, LSF or MPI job), so it would "
-        "wait for the other nodes forever; start the command on every node with MASTER_ADDR "
-        "(node 0's address), MASTER_PORT and NODE_RANK set, or set training.trainer.num_nodes=1"
-    )
-
-
-def _check_writable(folder: Path, what: str, setting: str) -> None:
-    """Make ``folder`` and write a file in it: a folder the stage cannot use should cost seconds,
-    not a trained epoch and a FAILED run."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise UnwritableFolderError(
-            f"cannot write {what} to {folder} ({exc.strerror or type(exc).__name__}); set "
-            f"{setting} to a writable folder"
-        ) from exc
 
 
 def _unless_every_batch(batches: int | float) -> int | float | None:
