@@ -326,7 +326,11 @@ def train(
     config = load_config(config_path, [*split_overrides(overrides_string), *overrides])
     curriculum = _load_stage_curriculum(config_path, curriculum_name)
     release = load_release(_census_sources(config_path))
-    _check_stages_can_start([config])
+    from naics_mlflow.distributed import is_global_zero
+    from naics_mlflow.training.preflight import check_stage_can_start
+
+    if is_global_zero():  # before the store is opened and the training stack imported
+        check_stage_can_start(config)
 
     import tempfile
     import time
@@ -353,18 +357,6 @@ def train(
         )
     if result is not None:  # rank 0 reports for every process
         _print_summary(result)
-
-
-def _check_stages_can_start(configs: list[Config]) -> None:
-    """Rank 0 checks that the machine can run each stage and write its folders before the
-    tracking store is opened and the training stack imported: such a refusal then takes a
-    couple of seconds and leaves no store behind."""
-    from naics_mlflow.distributed import is_global_zero
-    from naics_mlflow.training.preflight import check_stage_can_start
-
-    if is_global_zero():
-        for config in configs:
-            check_stage_can_start(config)
 
 
 def _check_tracking_store() -> None:
@@ -531,7 +523,11 @@ def train_curriculum(
 
     plan = plan_chain(config_path, directory, chain, names, override_items)
     release = load_release(_census_sources(config_path))
-    _check_stages_can_start([stage.config for stage in plan.stages])
+    from naics_mlflow.distributed import is_global_zero
+    from naics_mlflow.training.preflight import check_chain_can_start
+
+    if is_global_zero():  # before the store is opened and the training stack imported
+        check_chain_can_start([stage.config for stage in plan.stages])
 
     import tempfile
 

@@ -69,9 +69,6 @@ def run_chain(
     Ranks other than 0 of a data-parallel run train the same stages from the same starts, keep
     no record and return None.
     """
-    # The chain ends by building its model for search; a device that cannot fails here, not
-    # after hours of training.
-    inference_device(plan.stages[-1].config.search.device)
     chain_hash = ""  # rank 0 alone reads and writes the store
     if is_global_zero():
         starting_weights = (

@@ -1,12 +1,13 @@
-"""What would stop a stage as it starts, checked by the command line before the training stack
-(Lightning, MLflow, transformers: about ten seconds of imports) is loaded and before the tracking
-store is opened: a setting this machine cannot run, or a folder it cannot write, then fails in
-a couple of seconds and leaves no store, run or folder behind."""
+"""What would stop a stage or a chain as it starts, checked by the command line before the
+training stack (Lightning and MLflow: several seconds of imports) is loaded and before the
+tracking store is opened: a setting this machine cannot run, or a folder it cannot write, then
+fails in a couple of seconds and leaves no store or run behind."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +28,17 @@ def check_stage_can_start(config: Config) -> None:
     _check_nodes(config.training.trainer)
     _check_writable(Path(config.dirs.checkpoints), "checkpoints", "dirs.checkpoints")
     _check_writable(Path(config.dirs.outputs), "TensorBoard logs", "dirs.outputs")
+
+
+def check_chain_can_start(configs: Sequence[Config]) -> None:
+    """:func:`check_stage_can_start` for each stage's config, in order, and the device the last
+    one's ``search.device`` names: the chain ends by building its model for search there, and a
+    device that cannot should fail now, not after hours of training."""
+    from naics_mlflow.model.merged import inference_device  # loads transformers: chains only
+
+    for config in configs:
+        check_stage_can_start(config)
+    inference_device(configs[-1].search.device)
 
 
 def _check_gpus(trainer: TrainerConfig) -> None:
