@@ -102,7 +102,8 @@ def train_stage(
     schedule, or continues the interrupted run ``resumed_run_id`` from ``resume_checkpoint`` (its
     ``last.ckpt``) with optimiser, schedule and epoch restored. Ranks other than 0 of a
     data-parallel run only train, and return None. ``chain``: the ``chain_name`` of the chain
-    file the stage comes from, if it does, which a line about its settings names.
+    file the stage comes from, if it does, which a line about its settings names. The command
+    line has checked the machine and the folders first (``training/preflight.py``).
     """
     rank_zero = is_global_zero()
     stage_dir = stage_checkpoint_dir(config, run_group, curriculum.name)
