@@ -39,6 +39,7 @@ from naics_mlflow.data.taxonomy import (
     cross_reference_parts,
     cross_referenced_activities,
     index_split,
+    submatrix,
 )
 from tests.commands import file_size_limited, run_cli
 from tests.conftest import REPO_ROOT
@@ -230,6 +231,22 @@ def test_tree_distance_and_relation(taxonomy, a, b, distance, relation):
     i, j = taxonomy.positions[a], taxonomy.positions[b]
     assert taxonomy.distance[i, j] == taxonomy.distance[j, i] == distance
     assert taxonomy.relation[i, j] == taxonomy.relation[j, i] == relation
+
+
+@pytest.mark.parametrize("rows", ["all in order", "all shuffled", "some", "some shuffled"])
+def test_a_submatrix_is_the_block_among_its_rows_and_a_copy(taxonomy, rows):
+    rng = np.random.default_rng(0)
+    chosen = {
+        "all in order": np.arange(taxonomy.size),
+        "all shuffled": rng.permutation(taxonomy.size),
+        "some": np.sort(rng.choice(taxonomy.size, 700, replace=False)),
+        "some shuffled": rng.choice(taxonomy.size, 700, replace=False),
+    }[rows]
+    matrix = taxonomy.distance.copy()
+    block = submatrix(matrix, chosen)
+    assert np.array_equal(block, taxonomy.distance[np.ix_(chosen, chosen)])
+    block += 1  # a batch's matrix that is written to leaves the taxonomy's as it was
+    assert np.array_equal(matrix, taxonomy.distance)
 
 
 def test_matrices_are_consistent(taxonomy, data_dir):

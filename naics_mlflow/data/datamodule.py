@@ -33,7 +33,7 @@ from naics_mlflow.data.curriculum import (
     EpochSample,
 )
 from naics_mlflow.data.features import CodeFeatures
-from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy, load_taxonomy
+from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy, load_taxonomy, submatrix
 from naics_mlflow.data.tokenization import CodeTokens, query_tokens, tokenize_codes
 from naics_mlflow.data.validation import VALIDATION_SEED, ValidationSet
 from naics_mlflow.data.pretrained import load_tokenizer
@@ -242,7 +242,7 @@ class NaicsDataModule(L.LightningDataModule):
             "positive": torch.from_numpy(local[positives]),
             "anchor_rows": torch.from_numpy(anchors.astype(np.int64)),
             "positive_rows": torch.from_numpy(positives.astype(np.int64)),
-            "tree_distance": torch.from_numpy(taxonomy.distance[np.ix_(rows, rows)]),
+            "tree_distance": torch.from_numpy(submatrix(taxonomy.distance, rows)),
             "parent": torch.from_numpy(np.where(parents >= 0, local[parents], -1)),
         }
         # Seeded by the batch's first item, so a batch brings the same queries every time.

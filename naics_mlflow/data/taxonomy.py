@@ -257,6 +257,19 @@ class Taxonomy:
         return matrix
 
 
+def submatrix(matrix: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``(R, R)`` copy of the square ``(N, N)`` ``matrix`` (tree distances, relations) among
+    ``rows`` ``(R,)``: ``matrix[np.ix_(rows, rows)]``, made faster.
+
+    Taken rows first, then columns: numpy's ``np.ix_`` gather of the same block took 3-4 times as
+    long (24 ms for all 2,125 codes on a 2-core CPU, a tenth of the quick start's step, whose
+    every batch holds every code). All rows in order are copied whole (0.4 ms).
+    """
+    if np.array_equal(rows, np.arange(len(matrix))):
+        return matrix.copy()
+    return matrix[rows][:, rows]
+
+
 def load_taxonomy(data_dir: str | Path) -> Taxonomy:
     """Read what ``data build`` wrote to ``data_dir``."""
     data_dir = Path(data_dir)

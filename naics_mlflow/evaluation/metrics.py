@@ -19,7 +19,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from naics_mlflow.data.taxonomy import sector_of
+from naics_mlflow.data.taxonomy import sector_of, submatrix
 from naics_mlflow.model.lorentz import (
     distance_to_origin,
     logmap0,
@@ -211,7 +211,7 @@ def hierarchy_metrics(
     if len(rows) < 2:
         raise ValueError(f"hierarchy metrics need at least 2 codes, got {len(rows)}")
     points = embeddings[torch.from_numpy(rows).to(embeddings.device)].float()
-    tree = tree_distance[np.ix_(rows, rows)]
+    tree = submatrix(tree_distance, rows)
     levels = levels[rows]
 
     embedding_distance = pairwise_distance(points, points, curvature)

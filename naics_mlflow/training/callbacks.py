@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from naics_mlflow import stopping, tracking
 from naics_mlflow.data.datamodule import NaicsDataModule
 from naics_mlflow.data.features import CHANNEL_FEATURES_CACHE
-from naics_mlflow.data.taxonomy import MIN_LEVEL
+from naics_mlflow.data.taxonomy import MIN_LEVEL, submatrix
 from naics_mlflow.data.validation import VALIDATION_TEMPERATURE
 from naics_mlflow.distributed import note_launched_ranks, stop_launched_ranks
 from naics_mlflow.evaluation.metrics import hierarchy_metrics, sample_codes
@@ -127,7 +127,7 @@ class TaxonomyEvaluation(L.Callback):
 
         metrics = hierarchy_metrics(
             embeddings_of(sample),
-            taxonomy.distance[np.ix_(sample, sample)],
+            submatrix(taxonomy.distance, sample),
             taxonomy.levels[sample],
             config.loss.curvature,
         )
