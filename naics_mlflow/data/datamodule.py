@@ -33,13 +33,12 @@ from naics_mlflow.data.curriculum import (
     EpochSample,
 )
 from naics_mlflow.data.features import CodeFeatures
+from naics_mlflow.data.pretrained import load_tokenizer
 from naics_mlflow.data.taxonomy import MAX_LEVEL, Taxonomy, load_taxonomy, submatrix
 from naics_mlflow.data.tokenization import CodeTokens, query_tokens, tokenize_codes
 from naics_mlflow.data.validation import VALIDATION_SEED, ValidationSet
-from naics_mlflow.data.pretrained import load_tokenizer
 
 logger = logging.getLogger(__name__)
-
 
 
 class TripletItems:
@@ -86,7 +85,10 @@ class TripletItems:
         keep = sample.positive_mask if keep_pair is None else sample.positive_mask & keep_pair
         rows, columns = np.nonzero(keep)
         return cls(
-            sample.anchors[rows], sample.positives[rows, columns], sample.negatives[rows], query_seed
+            sample.anchors[rows],
+            sample.positives[rows, columns],
+            sample.negatives[rows],
+            query_seed,
         )
 
 
@@ -156,7 +158,9 @@ class NaicsDataModule(L.LightningDataModule):
                 f"data_loader.val_split={self.config.data_loader.val_split:g} "
                 f"({validation_sample.positive_mask.sum()} pairs in all); raise val_split"
             )
-        self.validation_set = ValidationSet.from_pairs(items.anchor, items.positive, items.negatives)
+        self.validation_set = ValidationSet.from_pairs(
+            items.anchor, items.positive, items.negatives
+        )
         self._validation_pair_keys = self._pair_keys(
             self._validation_items.anchor, self._validation_items.positive
         )
@@ -219,12 +223,13 @@ class NaicsDataModule(L.LightningDataModule):
         Keys: ``rows`` (U,) code rows, the pool the contrastive loss draws negatives from (each
         anchor's sampled negatives are in it); ``tokens`` (or ``features`` in a head-only stage);
         ``anchor``, ``positive`` (B,) local indices and ``anchor_rows``, ``positive_rows`` (B,)
-        code rows; ``tree_distance`` (U, U) and ``parent`` (U,) local index of each code's parent, -1 when it
-        is not in the batch. When ``loss.query_weight`` > 0 and some six-digit code has training
-        index items: ``query_tokens`` (or ``query_features``) of one item of each such code,
-        ``query_targets`` (Q,) the local index of its code and ``query_negatives`` (Q, U) bool,
-        True at the batch's other six-digit codes (the candidates a search ranks; with
-        ``data_loader.all_codes_in_batch`` the batch holds every code).
+        code rows; ``tree_distance`` (U, U) and ``parent`` (U,) local index of each code's
+        parent, -1 when it is not in the batch. When ``loss.query_weight`` > 0 and some six-digit
+        code has training index items: ``query_tokens`` (or ``query_features``) of one item of
+        each such code, ``query_targets`` (Q,) the local index of its code and
+        ``query_negatives`` (Q, U) bool, True at the batch's other six-digit codes (the
+        candidates a search ranks; with ``data_loader.all_codes_in_batch`` the batch holds every
+        code).
         """
         taxonomy = self.taxonomy
         anchors = items.anchor[indices]

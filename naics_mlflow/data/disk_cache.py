@@ -55,8 +55,8 @@ def read_cached(path: Path | None, what: str) -> dict[str, torch.Tensor] | None:
 
 
 def write_cached(path: Path | None, tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Save ``tensors`` at ``path`` whole or not at all (:func:`save_torch_whole`); a file system that
-    refuses it costs one warning, not the command."""
+    """Save ``tensors`` at ``path`` whole or not at all (:func:`save_torch_whole`); a file system
+    that refuses it costs one warning, not the command."""
     if path is None:
         return
     try:

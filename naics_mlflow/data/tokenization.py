@@ -14,6 +14,7 @@ a training step at ~30 tokens per title instead of a fixed 512.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -116,9 +117,7 @@ class TextRows(NamedTuple):
             input_ids=torch.cat([widened(b.input_ids) for b in batches]),
             attention_mask=torch.cat([widened(b.attention_mask) for b in batches]),
             # Filled on the device: a tensor of the counts copied there would wait for its queue.
-            channel=torch.cat(
-                [torch.full((n,), i, device=device) for i, n in enumerate(counts)]
-            ),
+            channel=torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(counts)]),
             counts=counts,
             lengths=np.concatenate([tokens.lengths[c] for c in CHANNELS]).astype(np.int64),
         )
@@ -156,8 +155,7 @@ def padding_groups(lengths: np.ndarray, count: int) -> list[tuple[np.ndarray, in
         bounds.append(int(split[bounds[-1] - 1]))
     bounds = sorted({0, *bounds})
     return [
-        (order[starts[i] : ends[j - 1]], int(values[j - 1]))
-        for i, j in zip(bounds[:-1], bounds[1:], strict=True)
+        (order[starts[i] : ends[j - 1]], int(values[j - 1])) for i, j in itertools.pairwise(bounds)
     ]
 
 
@@ -299,7 +297,11 @@ def tokenize_codes(
     for channel, texts in channel_texts(taxonomy).items():
         present = [i for i, text in enumerate(texts) if text]
         column: list[np.ndarray | None] = [None] * len(texts)
-        for i, seq in zip(present, _token_ids([texts[i] for i in present], tokenizer, limits[channel]), strict=True):
+        for i, seq in zip(
+            present,
+            _token_ids([texts[i] for i in present], tokenizer, limits[channel]),
+            strict=True,
+        ):
             column[i] = seq
         ids[channel] = column
     item_index: dict[str, int] = {}
