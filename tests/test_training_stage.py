@@ -787,6 +787,24 @@ def test_the_examples_channel_reads_a_sample_of_items_never_the_query(tiny_setup
         ]
 
 
+def test_each_code_draws_its_query_item_in_row_order(tiny_setup):
+    """The draw that decides a batch's queries is fixed: one uniform draw an eligible code, in row
+    order, from the batch's generator. A run resumed by other code meets the same batches."""
+    _, datamodule = tiny_setup
+    taxonomy, code_items = datamodule.taxonomy, datamodule.tokens.code_items
+    for rows in (_fixed_batch(datamodule)["rows"].numpy(), np.arange(taxonomy.size)):
+        drawn, expected = np.random.default_rng(3), np.random.default_rng(3)
+        chosen = datamodule._query_items(rows, drawn)
+        eligible = [
+            i for i, row in enumerate(rows) if taxonomy.levels[row] == 6 and len(code_items[row])
+        ]
+        assert np.flatnonzero(chosen >= 0).tolist() == eligible
+        assert [chosen[i] for i in eligible] == [
+            code_items[rows[i]][expected.integers(len(code_items[rows[i]]))] for i in eligible
+        ]
+        assert drawn.random() == expected.random()  # and the same draws left for the examples
+
+
 def test_batch_codes_bring_their_index_items_as_queries(tiny_setup):
     config, datamodule = tiny_setup
     taxonomy = datamodule.taxonomy

@@ -114,6 +114,7 @@ class NaicsDataModule(L.LightningDataModule):
         self._validation_items: TripletItems
         self.validation_set: ValidationSet  # what val_loss scores, the same for every run
         self._always_in: np.ndarray  # rows every batch holds (see setup)
+        self._query_item_counts: np.ndarray  # (N,) items a code may bring as a query
         self._validation_pair_keys: np.ndarray  # anchor * N + positive of each validation item
 
     def prepare_data(self) -> None:
@@ -133,6 +134,9 @@ class NaicsDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(self.config.model.base_model_name)
         self.tokens = tokenize_codes(
             self.taxonomy, self.tokenizer, self.config.data_loader.tokenization
+        )
+        self._query_item_counts = np.where(
+            self.taxonomy.levels == MAX_LEVEL, [len(items) for items in self.tokens.code_items], 0
         )
         # Codes every batch holds besides its items' own (data_loader.all_codes_in_batch).
         self._always_in = (
@@ -285,10 +289,15 @@ class NaicsDataModule(L.LightningDataModule):
         chosen = np.full(len(rows), -1, dtype=np.int64)
         if self.config.loss.query_weight == 0:
             return chosen
+        counts = self._query_item_counts[rows]
+        bringing = np.flatnonzero(counts)
+        # One draw for all, which numpy takes as it took one draw a code in row order: the same
+        # items, in 0.2 ms instead of 5 for a batch of every code.
+        picks = rng.integers(counts[bringing])
         code_items = self.tokens.code_items
-        for i, row in enumerate(rows):
-            if self.taxonomy.levels[row] == MAX_LEVEL and len(code_items[row]):
-                chosen[i] = code_items[row][rng.integers(len(code_items[row]))]
+        chosen[bringing] = [
+            code_items[row][pick] for row, pick in zip(rows[bringing], picks, strict=True)
+        ]
         return chosen
 
     def _examples_read(
